@@ -1,0 +1,102 @@
+"""The rolling-buffer KV cache (Mistral 7B, arXiv 2310.06825, §2 "Rolling Buffer Cache").
+
+W slots per layer; the token at absolute position p lives in slot p % W, its key stored after RoPE, so a slot
+is simply overwritten once its token has left every future query's window. Where the model has no sliding
+window, W is the maximum sequence length and writing past it is an error instead of a wrap.
+
+Speculation needs one more thing: a block of new tokens (a prefill chunk, a draft chain, a draft tree) is run
+against the committed slots WITHOUT being written into them. Its keys and values go to a scratch area beside
+the ring (slots W ... W + T - 1 of the same buffer, so attention reads one contiguous [W + T] range and nothing
+is concatenated), and `commit(rows)` then copies only the chosen rows into their ring slots. A block that is
+never committed leaves the ring bit-identical, also when its positions would have wrapped around the ring.
+"""
+import numpy as np
+
+
+class RollingCache:
+    def __init__(self, n_layers, n_kv_heads, head_dim, slots, xp, dtype, ring=True, scratch=None):
+        self.W, self.ring, self.xp = slots, ring, xp
+        self.L, self.Hkv, self.Dh = n_layers, n_kv_heads, head_dim
+        self.pos = 0                         # committed tokens = the next token's absolute position
+        self.block_len = 0                   # rows of the last block waiting in scratch
+        self.scratch = scratch if scratch is not None else min(slots, 512)
+        shape = (n_layers, n_kv_heads, slots + self.scratch, head_dim)   # [L, Hkv, W + scratch, Dh]
+        self._k, self._v = xp.zeros(shape, dtype=dtype), xp.zeros(shape, dtype=dtype)
+
+    def _grow_scratch(self, T):
+        """Room for a block larger than any before (a big tree): new buffers, the ring copied over."""
+        shape = (self.L, self.Hkv, self.W + T, self.Dh)
+        k, v = self.xp.zeros(shape, dtype=self._k.dtype), self.xp.zeros(shape, dtype=self._v.dtype)
+        k[:, :, :self.W], v[:, :, :self.W] = self.keys, self.values
+        self._k, self._v, self.scratch = k, v, T
+
+    # ---- what a block forward reads -------------------------------------------------------------------------
+    @property
+    def keys(self):
+        """The committed ring, [L, Hkv, W, Dh] (a view)."""
+        return self._k[:, :, :self.W]
+
+    @property
+    def values(self):
+        return self._v[:, :, :self.W]
+
+    def slot_positions(self):
+        """Absolute position held by each slot, -1 for a slot never written.   -> int64 [W] (host)"""
+        s = np.arange(self.W)
+        if not self.ring:
+            return np.where(s < self.pos, s, -1)
+        last = self.pos - 1                                              # newest committed position
+        p = last - ((last - s) % self.W)                                 # the latest p <= last with p % W == s
+        return np.where(p >= 0, p, -1)
+
+    def begin_block(self, T):
+        """Make room for a block of T rows in scratch (called once per block forward)."""
+        if T > self.scratch:
+            self._grow_scratch(T)
+        if not self.ring and self.pos + T > self.W:
+            raise ValueError(f"cache full: {self.pos} + {T} tokens exceed max_seq_len = {self.W} "
+                             f"(the model has no sliding window, so the cache cannot wrap)")
+        self.block_len = T
+
+    def layer_kv(self, layer, T):
+        """Ring + the block's scratch rows of one layer: [Hkv, W + T, Dh] views for attention."""
+        return self._k[layer, :, :self.W + T], self._v[layer, :, :self.W + T]
+
+    def write_block(self, layer, k, v):
+        """Put a block's keys/values [Hkv, T, Dh] in scratch (never in the ring)."""
+        T = k.shape[1]
+        self._k[layer, :, self.W:self.W + T] = k
+        self._v[layer, :, self.W:self.W + T] = v
+
+    # ---- commit -------------------------------------------------------------------------------------------------
+    def commit(self, rows=None):
+        """Copy block rows (indices into the last block, in order; default all) to the ring at the next positions.
+
+        The rows must be the tokens that follow the committed ones, in order: a prefill chunk, or a draft's
+        accepted root-to-node path. Their keys were computed at those positions, so nothing is recomputed.
+        """
+        rows = np.arange(self.block_len) if rows is None else np.asarray(rows, dtype=np.int64)
+        n = len(rows)
+        if n == 0:
+            return
+        if rows.min() < 0 or rows.max() >= self.block_len:
+            raise IndexError(f"commit rows {rows.tolist()} outside the last block of {self.block_len} rows")
+        if n > self.W:          # only the last W rows can still be seen; the ring keeps those
+            rows, skipped = rows[-self.W:], n - self.W
+        else:
+            skipped = 0
+        dest = (self.pos + skipped + np.arange(len(rows))) % self.W if self.ring else self.pos + np.arange(len(rows))
+        src = self.W + rows
+        xp = self.xp
+        src_d, dest_d = xp.asarray(src), xp.asarray(dest)
+        self._k[:, :, dest_d] = self._k[:, :, src_d]
+        self._v[:, :, dest_d] = self._v[:, :, src_d]
+        self.pos += n
+        self.block_len = 0
+
+    def copy(self):
+        """An independent copy (for tests and what-if decoding)."""
+        c = RollingCache.__new__(RollingCache)
+        c.__dict__.update(self.__dict__)
+        c._k, c._v = self._k.copy(), self._v.copy()
+        return c

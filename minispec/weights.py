@@ -1,0 +1,197 @@
+"""Checkpoint loading: safetensors files (read here, memory-mapped), two name maps, one RoPE permutation.
+
+Layouts read:
+  * Hugging Face: config.json + model.safetensors, or shards listed in model.safetensors.index.json
+  * Mistral consolidated: params.json + consolidated.safetensors
+Pickle-based files (.bin, .pt, .pth) are refused: unpickling runs arbitrary code, and minispec never does it.
+
+Canonical names are Mistral's (`layers.{i}.attention.wq.weight`, ...); each foreign layout has one explicit
+map to them. Canonical q/k rows follow HF's rotate-half RoPE order, so consolidated wq/wk go through
+`interleaved_to_half_rope` once at load. Every expected tensor must be present exactly once with the shape the
+config implies, else one error naming the file, the key and both shapes.
+
+The safetensors format is small enough to read directly: 8 bytes little-endian header length N, N bytes of
+JSON {name: {dtype, shape, data_offsets: [begin, end]}}, then the raw little-endian data. Reading it here lets
+BF16 (which NumPy lacks) be widened to float32 by a 16-bit shift, and keeps big files memory-mapped.
+"""
+import json
+import struct
+from pathlib import Path
+
+import numpy as np
+
+from .config import MistralConfig
+
+_DTYPES = {"F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": np.uint16,
+           "I64": np.int64, "I32": np.int32, "I16": np.int16, "I8": np.int8, "U8": np.uint8, "BOOL": np.bool_}
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint file or tensor is missing, duplicated, unexpected or misshaped."""
+
+
+# ---------------------------------------------------------------------------------------------------------
+# safetensors, read by hand
+# ---------------------------------------------------------------------------------------------------------
+def read_safetensors(path):
+    """{name: array} for one .safetensors file; arrays are read-only memory-mapped views (BF16 widened)."""
+    path = Path(path)
+    refuse_pickle(path)
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        head = f.read(8)
+        if len(head) < 8:
+            raise CheckpointError(f"{path}: not a safetensors file (shorter than its 8-byte header length)")
+        (n,) = struct.unpack("<Q", head)
+        if n > size - 8:
+            raise CheckpointError(f"{path}: header length {n} runs past the end of the file ({size} bytes)")
+        try:
+            header = json.loads(f.read(n))
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise CheckpointError(f"{path}: header is not valid JSON ({e})") from None
+    header.pop("__metadata__", None)
+    raw = np.memmap(path, dtype=np.uint8, mode="r", offset=8 + n) if size > 8 + n else np.zeros(0, np.uint8)
+    out = {}
+    for name, info in header.items():
+        dtype = _DTYPES.get(info.get("dtype"))
+        if dtype is None:
+            raise CheckpointError(f"{path}: tensor {name!r} has unsupported dtype {info.get('dtype')!r}")
+        shape, (begin, end) = tuple(info["shape"]), info["data_offsets"]
+        nbytes = int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize
+        if end - begin != nbytes or end > raw.size:
+            raise CheckpointError(f"{path}: tensor {name!r} of shape {list(shape)} {info['dtype']} needs {nbytes} "
+                                  f"bytes but its offsets say [{begin}, {end}) in a {raw.size}-byte data section")
+        arr = raw[begin:end].view(dtype).reshape(shape)
+        out[name] = bf16_to_float32(arr) if info["dtype"] == "BF16" else arr
+    return out
+
+
+def bf16_to_float32(bits):
+    """bfloat16 is the top half of a float32: shift the 16 stored bits up and reinterpret."""
+    return (bits.astype(np.uint32) << 16).view(np.float32)
+
+
+def refuse_pickle(path):
+    if Path(path).suffix in PICKLE_SUFFIXES:
+        raise CheckpointError(
+            f"{path}: refusing a pickle-based checkpoint. Unpickling can run arbitrary code, so minispec never "
+            f"does it. Convert it once, in a trusted environment, to safetensors (e.g. with torch: "
+            f"safetensors.torch.save_file(torch.load(path, weights_only=True), 'model.safetensors')).")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Name maps (foreign -> canonical) and the RoPE permutation
+# ---------------------------------------------------------------------------------------------------------
+def canonical_names(cfg):
+    """{canonical name: expected shape (as stored, (out, in) for matrices)} for this config."""
+    D, F, V, Dh = cfg.dim, cfg.hidden_dim, cfg.vocab_size, cfg.head_dim
+    H, Hkv = cfg.n_heads, cfg.n_kv_heads
+    names = {"tok_embeddings.weight": (V, D), "norm.weight": (D,)}
+    if not cfg.tie_embeddings:
+        names["output.weight"] = (V, D)
+    for i in range(cfg.n_layers):
+        p = f"layers.{i}."
+        names.update({p + "attention.wq.weight": (H * Dh, D), p + "attention.wk.weight": (Hkv * Dh, D),
+                      p + "attention.wv.weight": (Hkv * Dh, D), p + "attention.wo.weight": (D, H * Dh),
+                      p + "feed_forward.w1.weight": (F, D), p + "feed_forward.w2.weight": (D, F),
+                      p + "feed_forward.w3.weight": (F, D),
+                      p + "attention_norm.weight": (D,), p + "ffn_norm.weight": (D,)})
+    return names
+
+
+def hf_to_canonical(name):
+    """HF MistralForCausalLM name -> canonical name (None for names that are not weights of the model)."""
+    fixed = {"model.embed_tokens.weight": "tok_embeddings.weight", "model.norm.weight": "norm.weight",
+             "lm_head.weight": "output.weight"}
+    if name in fixed:
+        return fixed[name]
+    parts = name.split(".")
+    if len(parts) == 6 and parts[:2] == ["model", "layers"]:
+        i, group, proj = parts[2], parts[3], parts[4]
+        sub = {("self_attn", "q_proj"): "attention.wq", ("self_attn", "k_proj"): "attention.wk",
+               ("self_attn", "v_proj"): "attention.wv", ("self_attn", "o_proj"): "attention.wo",
+               ("mlp", "gate_proj"): "feed_forward.w1", ("mlp", "down_proj"): "feed_forward.w2",
+               ("mlp", "up_proj"): "feed_forward.w3"}.get((group, proj))
+        if sub and parts[5] == "weight":
+            return f"layers.{i}.{sub}.weight"
+    if len(parts) == 5 and parts[:2] == ["model", "layers"] and parts[4] == "weight" \
+            and parts[3] in ("input_layernorm", "post_attention_layernorm"):
+        return f"layers.{parts[2]}." + {"input_layernorm": "attention_norm", "post_attention_layernorm": "ffn_norm"}[parts[3]] + ".weight"
+    return name    # unknown names pass through and are then reported as unexpected
+
+
+def interleaved_to_half_rope(w, n_heads):
+    """Reorder the rows of a q/k projection from interleaved RoPE pairs to rotate-half pairs.
+
+    Mistral/Meta rotate pairs (x[2i], x[2i+1]) of each head; HF rotates (x[i], x[i + Dh/2]). Rows [out, in] of
+    each head are permuted so that row 2i -> i and row 2i+1 -> i + Dh/2; q·k is unchanged because q and k get
+    the same permutation. It is the permutation transformers' convert_mistral_weights_to_hf applies (`permute`).
+    """
+    out_dim, in_dim = w.shape
+    Dh = out_dim // n_heads
+    # [n, Dh/2, 2, in] -> [n, 2, Dh/2, in]: the even rows first, then the odd rows, per head
+    return w.reshape(n_heads, Dh // 2, 2, in_dim).transpose(0, 2, 1, 3).reshape(out_dim, in_dim)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Folder readers
+# ---------------------------------------------------------------------------------------------------------
+def _safetensors_files(folder):
+    index = folder / "model.safetensors.index.json"
+    if index.exists():
+        weight_map = json.loads(index.read_text())["weight_map"]
+        return [folder / f for f in sorted(set(weight_map.values()))]
+    for name in ("model.safetensors", "consolidated.safetensors"):
+        if (folder / name).exists():
+            return [folder / name]
+    found = sorted(folder.glob("*.safetensors"))
+    if found:
+        return found
+    pickles = [p.name for p in folder.iterdir() if p.suffix in PICKLE_SUFFIXES]
+    if pickles:
+        refuse_pickle(folder / pickles[0])
+    raise CheckpointError(f"{folder}: no model.safetensors, model.safetensors.index.json or consolidated.safetensors")
+
+
+def load_config(folder):
+    """(config, layout) of a model folder; layout is 'hf' or 'mistral'."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise CheckpointError(f"{folder}: not a folder")
+    if (folder / "config.json").exists():
+        return MistralConfig.from_hf_config(folder / "config.json"), "hf"
+    if (folder / "params.json").exists():
+        return MistralConfig.from_params_json(folder / "params.json"), "mistral"
+    raise CheckpointError(f"{folder}: neither config.json (Hugging Face) nor params.json (Mistral) found")
+
+
+def load_tensors(folder, cfg=None, layout=None):
+    """Canonical {name: array (out, in), float32/float64/float16 as stored, bf16 widened} of a model folder."""
+    folder = Path(folder)
+    if cfg is None:
+        cfg, layout = load_config(folder)
+    expected = canonical_names(cfg)
+    tensors, where = {}, {}
+    for file in _safetensors_files(folder):
+        for name, arr in read_safetensors(file).items():
+            key = hf_to_canonical(name) if layout == "hf" else name
+            if key in tensors:
+                raise CheckpointError(f"{file}: tensor {name!r} is duplicated (also in {where[key]})")
+            if key not in expected:
+                if layout == "hf" and name.endswith("rotary_emb.inv_freq"):
+                    continue            # old HF checkpoints store the RoPE table; it is recomputed here
+                raise CheckpointError(f"{file}: unexpected tensor {name!r} (shape {list(arr.shape)})")
+            if tuple(arr.shape) != expected[key]:
+                raise CheckpointError(f"{file}: tensor {name!r} has shape {list(arr.shape)}, "
+                                      f"expected {list(expected[key])} from the config")
+            tensors[key], where[key] = arr, file
+    missing = [k for k in expected if k not in tensors]
+    if missing:
+        raise CheckpointError(f"{folder}: missing tensor(s) {missing[:4]}{' ...' if len(missing) > 4 else ''} "
+                              f"(canonical names; expected shape of the first {list(expected[missing[0]])})")
+    if layout == "mistral":
+        for i in range(cfg.n_layers):
+            for key, n in ((f"layers.{i}.attention.wq.weight", cfg.n_heads), (f"layers.{i}.attention.wk.weight", cfg.n_kv_heads)):
+                tensors[key] = interleaved_to_half_rope(tensors[key], n)
+    return tensors

@@ -1,0 +1,40 @@
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))   # tests/hostguard.py
+
+from minispec.config import MistralConfig        # noqa: E402
+from minispec.weights import canonical_names     # noqa: E402
+
+FIXTURES = Path(__file__).parent / "fixtures"
+REPO = Path(__file__).parent.parent
+SHIPPED = REPO / "weights" / "stdlib-mistral"
+
+
+def random_tensors(cfg, seed=0, scale=0.3):
+    """Canonical tensors of a random model whose logits are far from uniform (norm weights around 1)."""
+    rng = np.random.default_rng(seed)
+    return {k: (1 + 0.1 * rng.standard_normal(s) if len(s) == 1 else scale * rng.standard_normal(s)).astype(np.float32)
+            for k, s in canonical_names(cfg).items()}
+
+
+def tiny_config(**kw):
+    base = dict(dim=32, n_layers=2, head_dim=8, hidden_dim=48, n_heads=4, n_kv_heads=2, vocab_size=61,
+                sliding_window=6, max_seq_len=256)
+    base.update(kw)
+    return MistralConfig(**base)
+
+
+def rel_err(a, b):
+    """max |a - b| / max |b|: the error measure every logit comparison in these tests uses."""
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    return float(np.abs(a - b).max() / np.abs(b).max())
+
+
+@pytest.fixture
+def tiny():
+    cfg = tiny_config()
+    return cfg, random_tensors(cfg)
