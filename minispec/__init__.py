@@ -1,6 +1,7 @@
 """minispec: Mistral inference and speculative decoding, array by array in NumPy (CuPy on a GPU)."""
 from .config import MistralConfig
+from .generate import generate
 from .model import Model, load
 
-__all__ = ["MistralConfig", "Model", "load"]
+__all__ = ["MistralConfig", "Model", "generate", "load"]
 __version__ = "0.1.0"

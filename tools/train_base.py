@@ -249,6 +249,9 @@ def main():
                             lr=args.lr, betas=(0.9, 0.95), eps=1e-8)
     ckpt, log_path = work / "ckpt.safetensors", work / "log.jsonl"
     step = load_checkpoint(ckpt, model, opt) if args.resume and ckpt.exists() else 0
+    if log_path.exists():   # keep the log consistent with the checkpoint: drop records written after it
+        recs = [ln for ln in log_path.read_text().splitlines() if json.loads(ln)["step"] <= step]
+        log_path.write_text("".join(r + "\n" for r in recs))
     print(f"params {n_params:,}  train tokens {len(train):,}  heldout tokens {len(held):,}  "
           f"tokens/step {args.batch * args.ctx:,}  device {device}  start step {step}")
 

@@ -1,0 +1,81 @@
+"""The command line: `minispec generate`, `minispec bench` (python -m minispec works too)."""
+import argparse
+import sys
+import time
+from pathlib import Path
+
+DEFAULT_MODEL = Path(__file__).resolve().parent.parent / "weights" / "stdlib-mistral"
+
+
+def _model_arg(p):
+    p.add_argument("--model", default=str(DEFAULT_MODEL),
+                   help="model folder (HF or Mistral layout); default: the shipped weights/stdlib-mistral")
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    p.add_argument("--dtype", default="float32", choices=["float32", "float64"])
+
+
+def cmd_generate(args):
+    from .generate import generate
+    from .model import load
+    from .tokenizer import Tokenizer
+
+    model = load(args.model, dtype=args.dtype, device=args.device)
+    tok = Tokenizer.from_dir(args.model)
+    ids = tok.encode(args.prompt, bos=True)
+    stream = tok.stream()
+    for t in ids[1:]:               # show the prompt as the tokenizer will continue it
+        stream.push(t)
+    sys.stdout.write(args.prompt)
+    sys.stdout.flush()
+
+    def on_token(t):
+        sys.stdout.write(stream.push(t))
+        sys.stdout.flush()
+
+    out = generate(model, ids, decoder=args.decoder, max_new_tokens=args.n, temperature=args.temperature,
+                   top_k=args.top_k, top_p=args.top_p, seed=args.seed, eos_id=tok.eos_id, on_token=on_token)
+    sys.stdout.write(stream.flush() + "\n")
+    s = out.stats
+    print(f"[{args.decoder}] {s.new_tokens} tokens in {s.decode_time:.2f} s: {s.tokens_per_s:.1f} tokens/s "
+          f"(prefill {len(ids)} tokens in {s.prefill_time:.2f} s), {s.steps} steps, "
+          f"tau = {s.tau:.2f} tokens/step, device {model.device}", file=sys.stderr)
+
+
+def cmd_bench(args):
+    from . import bench
+    if args.what == "forward":
+        bench.bench_forward(args.model, n_tokens=args.n, runs=args.runs, device=args.device, dtype=args.dtype,
+                            compare_hf=not args.no_hf)
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(prog="minispec", description="Mistral inference and speculative decoding in NumPy")
+    sub = ap.add_subparsers(dest="cmd", required=True)
+
+    g = sub.add_parser("generate", help="generate text from a prompt, streaming")
+    _model_arg(g)
+    g.add_argument("--prompt", default="def ")
+    g.add_argument("-n", type=int, default=64, help="new tokens at most")
+    g.add_argument("--decoder", default="ar", help="ar (plain) or a speculative decoder")
+    g.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
+    g.add_argument("--top-k", type=int, default=0)
+    g.add_argument("--top-p", type=float, default=1.0)
+    g.add_argument("--seed", type=int, default=0)
+    g.set_defaults(func=cmd_generate)
+
+    b = sub.add_parser("bench", help="honest benchmarks (median of runs after a warm-up, environment printed)")
+    b.add_argument("what", choices=["forward"])
+    _model_arg(b)
+    b.add_argument("-n", type=int, default=64, help="generated tokens per run")
+    b.add_argument("--runs", type=int, default=5)
+    b.add_argument("--no-hf", action="store_true", help="skip the HF transformers comparison")
+    b.set_defaults(func=cmd_bench)
+
+    args = ap.parse_args(argv)
+    t0 = time.perf_counter()
+    args.func(args)
+    return time.perf_counter() - t0
+
+
+if __name__ == "__main__":
+    main()
