@@ -71,6 +71,15 @@ class Autoregressive:
 DECODERS = {"ar": Autoregressive}
 
 
+def _medusa(model, **options):
+    """Decoder "medusa" (minispec.medusa.MedusaProposer), imported on first use."""
+    from .medusa import MedusaProposer
+    return MedusaProposer(model, **options)
+
+
+DECODERS["medusa"] = _medusa
+
+
 def make_rule(params, acceptance, rng):
     """The acceptance rule: greedy for temperature 0, lossless tree rejection sampling otherwise ("typical" on
     request: Medusa's lossy rule)."""

@@ -1,0 +1,357 @@
+"""Medusa heads and the Medusa proposer (Cai et al. 2024, arXiv 2401.10774, §2.1.1 "Medusa heads", §2.1.2).
+
+K extra decoding heads read the base model's last hidden state h_t (the final-RMSNorm output, [D]). The base
+LM head predicts the token at t+1; head k (0-based) predicts the token at t+k+2. Each head is a small residual
+MLP followed by a vocabulary projection (paper eq. 1, FasterDecoding's `ResBlock` + `nn.Linear`):
+
+    x_0 = h_t,    x_l = x_{l-1} + silu(x_{l-1} W_l + b_l)   (l = 1 .. num_layers),    logits_k = x_L P_k
+
+W_l and b_l start at zero, so an untrained head is the identity followed by P_k. Two versions:
+    "v1"  P_k [D, V] is the head's own projection, initialised from the base output layer (Medusa's choice):
+          an untrained v1 head predicts exactly what the base LM head predicts.
+    "v2"  P_k = the base model's output layer, shared and frozen (the head owns only its residual blocks).
+          "v2" is minispec's name; FasterDecoding has no such flag: a v2 file is one WITHOUT projection keys.
+
+The proposer takes each head's top-k tokens at the last verified position and places them on a static tree
+(minispec.tree, Medusa's "choices"); the shared verifier (minispec.verify) checks the whole tree in one forward.
+
+Files. minispec's own format, a folder:  medusa_config.json + medusa_heads.safetensors.
+FasterDecoding's format (FasterDecoding/Medusa), a folder:  config.json (medusa_num_heads, medusa_num_layers,
+base_model_name_or_path) + medusa_lm_head.safetensors. Both use FasterDecoding's tensor names in Hugging Face
+(out, in) orientation:
+    {head}.{layer}.linear.weight  [D, D]     {head}.{layer}.linear.bias  [D]     {head}.{num_layers}.weight  [V, D] (v1)
+Shapes: K heads, L = num_layers, T tokens, D dim, V vocab.
+"""
+import json
+from pathlib import Path
+
+import numpy as np
+
+from .backend import array_module, to_device, to_host
+from .layers import silu
+from .tree import Tree
+from .weights import PICKLE_SUFFIXES, CheckpointError, read_safetensors
+
+CONFIG_NAME, WEIGHTS_NAME = "medusa_config.json", "medusa_heads.safetensors"
+FD_CONFIG_NAME, FD_WEIGHTS_NAME = "config.json", "medusa_lm_head.safetensors"
+VERSIONS = ("v1", "v2")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# One head: residual blocks, then the vocabulary projection
+# ---------------------------------------------------------------------------------------------------------
+def res_block(x, W, b):
+    """Medusa's ResBlock (§2.1.1 eq. 1): x + silu(x W + b).   x [T, D], W [D, D] (in, out), b [D] -> [T, D]"""
+    return x + silu(x @ W + b)
+
+
+def head_forward(h, Ws, bs, P, keep=False):
+    """One Medusa head: num_layers residual blocks, then the projection.
+
+    h [T, D], Ws [L, D, D] (in, out), bs [L, D], P [D, V] -> logits [T, V].
+    keep=True also returns what the backward pass needs (minispec.train_heads.head_backward):
+    xs = [x_0 .. x_L] (each [T, D]) and zs = [z_1 .. z_L], z_l = x_{l-1} W_l + b_l, the pre-activations.
+    """
+    xs, zs, x = [h], [], h
+    for W, b in zip(Ws, bs):
+        z = x @ W + b                                                        # [T, D]
+        x = x + silu(z)                                                      # [T, D]
+        if keep:
+            xs.append(x)
+            zs.append(z)
+    logits = x @ P                                                           # [T, V]
+    return (logits, (xs, zs)) if keep else logits
+
+
+def topk_ids(logits, k):
+    """Indices of the k largest logits along the last axis, by decreasing logit.  [..., V] -> [..., k] (device).
+
+    A partial selection (argpartition) then a sort of the k survivors: O(V) instead of a full O(V log V) sort.
+    Exact ties come out in an unspecified order."""
+    xp = array_module(logits)
+    V = logits.shape[-1]
+    if k >= V:
+        return xp.argsort(-logits, axis=-1)
+    part = xp.argpartition(-logits, k - 1, axis=-1)[..., :k]                 # [..., k] the k largest, unordered
+    vals = xp.take_along_axis(logits, part, axis=-1)                         # [..., k]
+    return xp.take_along_axis(part, xp.argsort(-vals, axis=-1), axis=-1)     # [..., k] by decreasing logit
+
+
+# ---------------------------------------------------------------------------------------------------------
+# K heads
+# ---------------------------------------------------------------------------------------------------------
+class MedusaHeads:
+    """K Medusa heads on a model's device, in its dtype.
+
+    W [K, L, D, D] (in, out), b [K, L, D], proj [K, D, V] for v1 or None for v2 (then `base_output`, the
+    model's own [D, V] output layer, is every head's projection). `choices` is the tree stored with the heads
+    (Medusa's list of rank paths), `accuracies` the measured top-k accuracies [K][k] it was built from.
+    """
+
+    def __init__(self, W, b, proj, base_output, version, choices=(), accuracies=None, base_model=None):
+        if version not in VERSIONS:
+            raise ValueError(f"Medusa version must be one of {VERSIONS}, not {version!r}")
+        if (proj is None) != (version == "v2"):
+            raise ValueError(f"Medusa {version}: " + ("v1 heads need their own projection [K, D, V]" if proj is None
+                                                      else "v2 heads share the base output layer; proj must be None"))
+        self.W, self.b, self.proj, self.base_output, self.version = W, b, proj, base_output, version
+        self.choices = [list(map(int, c)) for c in choices]
+        self.accuracies = accuracies
+        self.base_model = base_model
+
+    @property
+    def K(self):
+        return self.W.shape[0]
+
+    @property
+    def L(self):
+        return self.W.shape[1]
+
+    @property
+    def D(self):
+        return self.W.shape[2]
+
+    @property
+    def V(self):
+        return self.base_output.shape[1]
+
+    def projection(self, k):
+        """Head k's vocabulary projection [D, V]."""
+        return self.base_output if self.proj is None else self.proj[k]
+
+    # ---- construction -------------------------------------------------------------------------------------
+    @classmethod
+    def create(cls, model, num_heads=4, num_layers=1, version="v1"):
+        """Untrained heads: W = b = 0 (FasterDecoding's ResBlock zero-inits its linear layer), so every block is
+        the identity; v1 projections are copies of the base output layer."""
+        if num_heads < 1 or num_layers < 0:
+            raise ValueError(f"Medusa: need num_heads >= 1 and num_layers >= 0, got {num_heads}, {num_layers}")
+        xp, dt, D = model.xp, model.dtype, model.config.dim
+        W = xp.zeros((num_heads, num_layers, D, D), dtype=dt)                    # [K, L, D, D]
+        b = xp.zeros((num_heads, num_layers, D), dtype=dt)                       # [K, L, D]
+        proj = None
+        if version == "v1":
+            proj = xp.empty((num_heads,) + tuple(model.output.shape), dtype=dt)  # [K, D, V]
+            proj[...] = model.output[None]
+        return cls(W, b, proj, model.output, version, base_model=_model_name(model))
+
+    @classmethod
+    def from_state_dict(cls, model, tensors, num_heads, num_layers, version=None, source="state dict"):
+        """Heads from FasterDecoding-named host tensors in (out, in) orientation; transposed once to (in, out).
+
+        version None: v1 if head 0's projection key is present, else v2. Every expected key must be present with
+        its shape (one error naming the key and both shapes); any other key is an error too."""
+        D, V = model.config.dim, model.config.vocab_size
+        if version is None:
+            version = "v1" if f"0.{num_layers}.weight" in tensors else "v2"
+        expected = state_dict_shapes(num_heads, num_layers, D, V, version)
+        for name, shape in expected.items():
+            if name not in tensors:
+                raise CheckpointError(f"{source}: missing tensor {name!r} (expected shape {list(shape)}; Medusa "
+                                      f"{version}, {num_heads} heads x {num_layers} layers, D={D}, V={V})")
+            if tuple(tensors[name].shape) != shape:
+                raise CheckpointError(f"{source}: tensor {name!r} has shape {list(tensors[name].shape)}, expected "
+                                      f"{list(shape)} (Medusa {version}, D={D}, V={V} from the base model)")
+        extra = sorted(set(tensors) - set(expected))
+        if extra:
+            raise CheckpointError(f"{source}: unexpected tensor {extra[0]!r} (shape {list(tensors[extra[0]].shape)}) "
+                                  f"for Medusa {version} with {num_heads} heads x {num_layers} layers")
+        xp, dt = model.xp, model.dtype
+        K, L = num_heads, num_layers
+        W, b = np.empty((K, L, D, D), dt), np.empty((K, L, D), dt)               # host staging, then one copy
+        for k in range(K):
+            for layer in range(L):
+                W[k, layer] = np.asarray(tensors[f"{k}.{layer}.linear.weight"], dt).T     # (out, in) -> (in, out)
+                b[k, layer] = np.asarray(tensors[f"{k}.{layer}.linear.bias"], dt)
+        proj = None
+        if version == "v1":
+            proj = np.empty((K, D, V), dt)
+            for k in range(K):
+                proj[k] = np.asarray(tensors[f"{k}.{L}.weight"], dt).T                   # [V, D] -> [D, V]
+        put = lambda a: None if a is None else to_device(xp, np.ascontiguousarray(a))    # noqa: E731
+        return cls(put(W), put(b), put(proj), model.output, version, base_model=_model_name(model))
+
+    def state_dict(self, dtype=np.float32):
+        """{FasterDecoding name: host array in (out, in) orientation}."""
+        W, b = to_host(self.W), to_host(self.b)
+        out = {}
+        for k in range(self.K):
+            for layer in range(self.L):
+                out[f"{k}.{layer}.linear.weight"] = np.ascontiguousarray(W[k, layer].T, dtype=dtype)
+                out[f"{k}.{layer}.linear.bias"] = np.ascontiguousarray(b[k, layer], dtype=dtype)
+            if self.proj is not None:
+                out[f"{k}.{self.L}.weight"] = np.ascontiguousarray(to_host(self.proj[k]).T, dtype=dtype)
+        return out
+
+    # ---- inference ----------------------------------------------------------------------------------------
+    def logits(self, hidden, num_heads=None):
+        """Every head's logits: hidden [T, D] -> [K, T, V], or [D] -> [K, V]. num_heads: only the first ones."""
+        xp = array_module(hidden)
+        single = hidden.ndim == 1
+        h = hidden[None] if single else hidden                                  # [T, D]
+        K = self.K if num_heads is None else num_heads
+        out = xp.empty((K, h.shape[0], self.V), dtype=h.dtype)                   # [K, T, V]
+        for k in range(K):
+            out[k] = head_forward(h, self.W[k], self.b[k], self.projection(k))
+        return out[:, 0] if single else out
+
+    def topk(self, hidden, k, num_heads=None):
+        """Top-k token ids of each head for one hidden state [D] -> host int64 [K, k], by decreasing logit."""
+        return to_host(topk_ids(self.logits(hidden, num_heads), k)).astype(np.int64)
+
+    # ---- files --------------------------------------------------------------------------------------------
+    def config(self):
+        return {"kind": "medusa", "version": self.version, "num_heads": self.K, "num_layers": self.L,
+                "hidden_size": self.D, "vocab_size": self.V, "tree": self.choices, "accuracies": self.accuracies,
+                "base_model": self.base_model}
+
+    def save(self, folder, extra=None):
+        """minispec's format: folder/medusa_config.json (+ `extra` entries, e.g. a training record) and
+        folder/medusa_heads.safetensors (float32)."""
+        from safetensors.numpy import save_file
+        folder = Path(folder)
+        folder.mkdir(parents=True, exist_ok=True)
+        save_file(self.state_dict(), str(folder / WEIGHTS_NAME))
+        cfg = {**self.config(), **(extra or {})}
+        lines = [f"  {json.dumps(k)}: {json.dumps(v)}" for k, v in cfg.items()]   # one line per key: readable tree
+        (folder / CONFIG_NAME).write_text("{\n" + ",\n".join(lines) + "\n}\n")
+
+    @classmethod
+    def load(cls, folder, model):
+        """Heads saved by `save`, onto the model's device and dtype (the sizes must match the model)."""
+        folder = Path(folder)
+        cfg = json.loads((folder / CONFIG_NAME).read_text())
+        if cfg.get("kind") != "medusa":
+            raise CheckpointError(f"{folder / CONFIG_NAME}: kind is {cfg.get('kind')!r}, expected 'medusa'")
+        for key, have in (("hidden_size", model.config.dim), ("vocab_size", model.config.vocab_size)):
+            if cfg[key] != have:
+                raise CheckpointError(f"{folder / CONFIG_NAME}: {key} = {cfg[key]}, but the base model has {have}")
+        heads = cls.from_state_dict(model, read_safetensors(folder / WEIGHTS_NAME), cfg["num_heads"],
+                                    cfg["num_layers"], cfg["version"], source=str(folder / WEIGHTS_NAME))
+        heads.choices = [list(c) for c in cfg.get("tree") or []]
+        heads.accuracies, heads.base_model = cfg.get("accuracies"), cfg.get("base_model")
+        return heads
+
+
+def state_dict_shapes(num_heads, num_layers, D, V, version):
+    """{FasterDecoding tensor name: (out, in) shape} of K heads."""
+    shapes = {}
+    for k in range(num_heads):
+        for layer in range(num_layers):
+            shapes[f"{k}.{layer}.linear.weight"] = (D, D)
+            shapes[f"{k}.{layer}.linear.bias"] = (D,)
+        if version == "v1":
+            shapes[f"{k}.{num_layers}.weight"] = (V, D)
+    return shapes
+
+
+def _model_name(model):
+    return Path(model.path).name if getattr(model, "path", None) else None
+
+
+# ---------------------------------------------------------------------------------------------------------
+# FasterDecoding/Medusa interoperability
+# ---------------------------------------------------------------------------------------------------------
+def _refuse_pickle(path):
+    raise CheckpointError(
+        f"{path}: refusing a pickle-based file (FasterDecoding ships medusa_lm_head.pt). Unpickling can run "
+        f"arbitrary code, so minispec never does it. Convert it once, in a trusted environment, with torch:\n"
+        f"    import torch, safetensors.torch\n"
+        f"    safetensors.torch.save_file(torch.load({str(path)!r}, weights_only=True), 'medusa_lm_head.safetensors')\n"
+        f"and put medusa_lm_head.safetensors next to its config.json.")
+
+
+def read_fasterdecoding(folder, model):
+    """Heads from a FasterDecoding/Medusa folder: config.json (medusa_num_heads, medusa_num_layers) +
+    medusa_lm_head.safetensors, onto `model`'s device (the model supplies D, V and, for v2, the output layer).
+
+    A file without the projection keys ({head}.{num_layers}.weight) is read as minispec "v2": heads that share
+    the base model's output layer. A .pt/.bin file is refused with the one-line torch conversion. Tensor names
+    may carry the `medusa_head.` prefix of full-model Medusa checkpoints."""
+    folder = Path(folder)
+    if folder.suffix in PICKLE_SUFFIXES:
+        _refuse_pickle(folder)
+    weights = folder / FD_WEIGHTS_NAME
+    if not weights.exists():
+        for suffix in PICKLE_SUFFIXES:
+            if (folder / f"medusa_lm_head{suffix}").exists():
+                _refuse_pickle(folder / f"medusa_lm_head{suffix}")
+        raise CheckpointError(f"{folder}: no {FD_WEIGHTS_NAME}")
+    cfg = json.loads((folder / FD_CONFIG_NAME).read_text())
+    for key in ("medusa_num_heads", "medusa_num_layers"):
+        if key not in cfg:
+            raise CheckpointError(f"{folder / FD_CONFIG_NAME}: no {key!r} (not a FasterDecoding Medusa config)")
+    tensors = read_safetensors(weights)
+    if tensors and all(n.startswith("medusa_head.") for n in tensors):
+        tensors = {n[len("medusa_head."):]: a for n, a in tensors.items()}
+    heads = MedusaHeads.from_state_dict(model, tensors, int(cfg["medusa_num_heads"]), int(cfg["medusa_num_layers"]),
+                                        source=str(weights))
+    heads.base_model = cfg.get("base_model_name_or_path", heads.base_model)
+    return heads
+
+
+def write_fasterdecoding(heads, folder):
+    """Write FasterDecoding's layout: config.json + medusa_lm_head.safetensors (float32; v2: no projection keys,
+    so FasterDecoding itself cannot run a v2 file: its heads always own a projection)."""
+    from safetensors.numpy import save_file
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    save_file(heads.state_dict(), str(folder / FD_WEIGHTS_NAME))
+    cfg = {"medusa_num_heads": heads.K, "medusa_num_layers": heads.L, "base_model_name_or_path": heads.base_model}
+    (folder / FD_CONFIG_NAME).write_text(json.dumps(cfg, indent=1) + "\n")
+
+
+def load_heads(folder, model):
+    """Heads from a folder in either format (minispec's medusa_config.json, or FasterDecoding's config.json)."""
+    folder = Path(folder)
+    if (folder / CONFIG_NAME).exists():
+        return MedusaHeads.load(folder, model)
+    if (folder / FD_CONFIG_NAME).exists():
+        return read_fasterdecoding(folder, model)
+    raise CheckpointError(f"{folder}: neither {CONFIG_NAME} (minispec) nor {FD_CONFIG_NAME} (FasterDecoding) found")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The proposer: decoder "medusa" of minispec.generate
+# ---------------------------------------------------------------------------------------------------------
+class MedusaProposer:
+    """Draft = a static tree whose node at depth d takes a top-k token of head d-1 (Medusa §2.1.2).
+
+    heads: MedusaHeads, default <model.path>/medusa/; tree: a minispec.tree.Tree or a choices list, default the
+    tree stored with the heads (the chain of K tokens when none is stored); top_k: candidates read per head,
+    default what the tree needs (its largest rank + 1).
+    """
+    name = "medusa"
+
+    def __init__(self, model, heads=None, tree=None, top_k=None):
+        if heads is None:
+            heads = self._heads_next_to(model)
+        if tree is None:
+            tree = heads.choices or Tree.chain(heads.K)
+        if not isinstance(tree, Tree):
+            tree = Tree.from_choices(tree, n_heads=heads.K)
+        if tree.max_depth > heads.K:
+            raise ValueError(f"medusa: the tree is {tree.max_depth} deep, but there are only {heads.K} heads")
+        need = int(tree.rank.max()) + 1 if tree.N > 1 else 1
+        top_k = need if top_k is None else top_k
+        if top_k < need:
+            raise ValueError(f"medusa: the tree uses rank {need - 1}, so top_k must be >= {need}, got {top_k}")
+        self.heads, self.tree, self.top_k = heads, tree, top_k
+        self.root_only = Tree.from_choices([])
+
+    @staticmethod
+    def _heads_next_to(model):
+        path = getattr(model, "path", None)
+        folder = Path(path) / "medusa" if path else None
+        if folder is None or not folder.is_dir():
+            raise FileNotFoundError(f"no Medusa heads next to {path}: train them with "
+                                    f"`minispec train-heads --kind medusa --model {path}`")
+        return load_heads(folder, model)
+
+    def propose(self, root, hidden):
+        """(tree, tokens [N]) for the next step; tokens[0] = root. hidden: [D] at the last verified position,
+        None before anything is verified (then only the root is proposed)."""
+        if hidden is None or self.tree.N == 1:
+            return self.root_only, [root]
+        ids = self.heads.topk(hidden, self.top_k, num_heads=self.tree.max_depth)   # [depth, top_k] host
+        return self.tree, self.tree.candidates(root, ids)
