@@ -1,4 +1,4 @@
-"""The command line: `minispec generate`, `minispec bench` (python -m minispec works too)."""
+"""The command line: `minispec generate`, `minispec bench`, `minispec train-heads` (python -m minispec works too)."""
 import argparse
 import sys
 import time
@@ -48,6 +48,14 @@ def cmd_bench(args):
                             compare_hf=not args.no_hf)
 
 
+def cmd_train_heads(args):
+    from .train_heads import train_medusa
+    train_medusa(args.model, out=args.out, version=args.version, num_heads=args.heads, num_layers=args.layers,
+                 data=args.data, text=args.text, n_tokens=args.tokens, seq_len=args.seq_len, epochs=args.epochs,
+                 lr=args.lr, batch=args.batch, budget=args.budget, top_k=args.top_k, seed=args.seed,
+                 device=args.device, dtype=args.dtype)
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(prog="minispec", description="Mistral inference and speculative decoding in NumPy")
     sub = ap.add_subparsers(dest="cmd", required=True)
@@ -70,6 +78,28 @@ def main(argv=None):
     b.add_argument("--runs", type=int, default=5)
     b.add_argument("--no-hf", action="store_true", help="skip the HF transformers comparison")
     b.set_defaults(func=cmd_bench)
+
+    t = sub.add_parser("train-heads", help="train speculative-decoding heads on the frozen model (NumPy)")
+    t.add_argument("--kind", default="medusa", choices=["medusa"])
+    _model_arg(t)
+    t.add_argument("--version", default="v1", choices=["v1", "v2"],
+                   help="v1: each head owns a vocabulary projection; v2: heads share the model's output layer")
+    t.add_argument("--heads", type=int, default=4, help="K heads (head k predicts the token k + 2 ahead)")
+    t.add_argument("--layers", type=int, default=1, help="residual blocks per head")
+    t.add_argument("--data", default="corpus", choices=["corpus", "self"],
+                   help="corpus: labels are corpus tokens; self: the model's own greedy continuations")
+    t.add_argument("--text", default=None, help="corpus text file (documents separated by \\n\\0\\n); "
+                                                "default data/corpus/train.txt")
+    t.add_argument("--tokens", type=int, default=100_000, help="tokens of training + held-out data")
+    t.add_argument("--seq-len", type=int, default=512, help="tokens per training sequence")
+    t.add_argument("--epochs", type=int, default=1)
+    t.add_argument("--lr", type=float, default=1e-3, help="peak learning rate (warm-up, then cosine)")
+    t.add_argument("--batch", type=int, default=256, help="positions per step")
+    t.add_argument("--budget", type=int, default=10, help="tree nodes (root excluded) of the stored tree")
+    t.add_argument("--top-k", type=int, default=10, help="ranks whose accuracy is measured per head")
+    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--out", default=None, help="output folder; default MODEL/medusa")
+    t.set_defaults(func=cmd_train_heads)
 
     args = ap.parse_args(argv)
     t0 = time.perf_counter()
