@@ -108,3 +108,106 @@ def bench_forward(model_dir, n_tokens=64, runs=5, device="auto", dtype="float32"
           f"(runs {', '.join(f'{r:.0f}' for r in hrates)})")
     print(f"ratio minispec / HF: {med / hmed:.2f}x")
     return {"minispec": med, "hf": hmed}
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Speculative decoding: tau, tokens/s and wall speedup vs AR in one run; the verify cost curve c(T)
+# ---------------------------------------------------------------------------------------------------------
+def heldout_prompts(model_dir, tok, n_prompts=8, prompt_tokens=48):
+    """Prompts cut from the shipped held-out files (heldout_sample.txt next to the weights): each starts at
+    a line start and holds ~prompt_tokens tokens. Falls back to a fixed code prompt where there is no sample."""
+    from pathlib import Path
+    sample = Path(model_dir) / "heldout_sample.txt"
+    if not sample.exists():
+        return [tok.encode("def quicksort(arr):\n")] * n_prompts
+    lines = sample.read_text(encoding="utf-8").replace("\0", "").split("\n")
+    prompts, step = [], max(1, len(lines) // n_prompts)
+    for i in range(n_prompts):
+        ids, j = [tok.bos_id], i * step
+        while len(ids) < prompt_tokens and j < len(lines):
+            ids += tok.encode(lines[j] + "\n", bos=False)
+            j += 1
+        prompts.append(ids[:prompt_tokens])
+    return prompts
+
+
+def cost_curve(model, sizes=(1, 2, 4, 8, 16, 32, 64), reps=15, context=200):
+    """c(T) = time of one block forward of T tokens / time for 1 token, against a cache holding `context`
+    tokens (median of reps). Speculation pays only where c(T) stays well under the accepted tokens per step."""
+    cache = model.new_cache()
+    model.forward(np.arange(context) % model.config.vocab_size, cache)
+    times = {}
+    for T in sizes:
+        ids = np.arange(T) % model.config.vocab_size
+        model.forward_block(ids, cache)                         # warm-up
+        ts = []
+        for _ in range(reps):
+            t0 = time.perf_counter()
+            out = model.forward_block(ids, cache)
+            to_host(out.logits[-1, :1])                         # wait for the device
+            ts.append(time.perf_counter() - t0)
+        times[T] = statistics.median(ts)
+    return {T: times[T] / times[1] for T in sizes}, times[1]
+
+
+def pick_budget(accuracies, costs):
+    """The tree budget (nodes besides the root) maximising expected tau / c(budget + 1) on this backend,
+    interpolating c between measured sizes."""
+    from .tree import build_tree
+    sizes = sorted(costs)
+    best = (0.0, 0)
+    for budget in range(1, sizes[-1]):
+        _, tau = build_tree(accuracies, budget)
+        c = float(np.interp(budget + 1, sizes, [costs[s] for s in sizes]))
+        best = max(best, (tau / c, budget))
+    return best[1], best[0]
+
+
+def bench_decode(model_dir, decoders=("ar", "medusa"), n_tokens=128, n_prompts=8, runs=2, device="auto",
+                 dtype="float32"):
+    from .generate import generate
+    from .tokenizer import Tokenizer
+    print("environment:", environment())
+    model = load(model_dir, dtype=dtype, device=device)
+    tok = Tokenizer.from_dir(model_dir)
+    prompts = heldout_prompts(model_dir, tok, n_prompts)
+    print(f"model {model_dir} on {model.device} ({dtype}); {len(prompts)} held-out prompts of {len(prompts[0])} "
+          f"tokens, {n_tokens} new tokens each, greedy; median of {runs} runs after a warm-up")
+    generate(model, prompts[0], decoder="ar", max_new_tokens=8)             # warm-up
+    results, reference = {}, None
+    for name in decoders:
+        generate(model, prompts[0], decoder=name, max_new_tokens=16)        # warm-up (loads heads, trees)
+        rates, outs, hist, steps, new = [], [], None, 0, 0
+        for r in range(runs):
+            t_dec, n_new, outs = 0.0, 0, []
+            for p in prompts:
+                o = generate(model, p, decoder=name, max_new_tokens=n_tokens, eos_id=None)
+                t_dec += o.stats.decode_time
+                n_new += o.stats.new_tokens
+                outs.append(o.tokens)
+                if r == 0:
+                    h = o.stats.histogram
+                    hist = h if hist is None else np.pad(hist, (0, max(0, len(h) - len(hist)))) + np.pad(h, (0, max(0, len(hist) - len(h))))
+                    steps += o.stats.steps
+                    new += o.stats.new_tokens
+            rates.append(n_new / t_dec)
+        if reference is None:
+            reference = outs
+        same = outs == reference
+        results[name] = statistics.median(rates)
+        print(f"{name:>8}: {results[name]:7.1f} tokens/s  tau = {new / steps:.2f} tokens/step  "
+              f"speedup vs {decoders[0]} {results[name] / results[decoders[0]]:.2f}x  "
+              f"identical output: {'yes' if same else 'NO'}  histogram (tokens/step: steps) "
+              f"{ {i: int(c) for i, c in enumerate(hist) if c} }")
+    costs, t1 = cost_curve(model)
+    print(f"verify cost curve on {model.device}: c(T) = time(T tokens) / time(1 token = {t1 * 1e3:.2f} ms): "
+          + ", ".join(f"c({T})={c:.2f}" for T, c in costs.items()))
+    if "medusa" in decoders:
+        from .medusa import load_heads
+        from pathlib import Path
+        heads = load_heads(Path(model_dir) / "medusa", model)
+        if heads.accuracies is not None:
+            budget, ratio = pick_budget(np.asarray(heads.accuracies), costs)
+            print(f"tree budget maximising expected tau / c(T) here: {budget} nodes (expected tau/c = {ratio:.2f}); "
+                  f"the shipped tree has {len(heads.choices)} nodes")
+    return results, costs

@@ -46,6 +46,9 @@ def cmd_bench(args):
     if args.what == "forward":
         bench.bench_forward(args.model, n_tokens=args.n, runs=args.runs, device=args.device, dtype=args.dtype,
                             compare_hf=not args.no_hf)
+    else:
+        bench.bench_decode(args.model, decoders=args.decoders.split(","), n_tokens=args.n, n_prompts=args.prompts,
+                           runs=args.runs, device=args.device, dtype=args.dtype)
 
 
 def cmd_train_heads(args):
@@ -72,11 +75,14 @@ def main(argv=None):
     g.set_defaults(func=cmd_generate)
 
     b = sub.add_parser("bench", help="honest benchmarks (median of runs after a warm-up, environment printed)")
-    b.add_argument("what", choices=["forward"])
+    b.add_argument("what", choices=["forward", "decode"],
+                   help="forward: decode tokens/s vs HF transformers; decode: speculative decoders vs AR")
     _model_arg(b)
     b.add_argument("-n", type=int, default=64, help="generated tokens per run")
     b.add_argument("--runs", type=int, default=5)
     b.add_argument("--no-hf", action="store_true", help="skip the HF transformers comparison")
+    b.add_argument("--decoders", default="ar,medusa", help="bench decode: comma-separated, the first is the baseline")
+    b.add_argument("--prompts", type=int, default=8, help="bench decode: held-out prompts")
     b.set_defaults(func=cmd_bench)
 
     t = sub.add_parser("train-heads", help="train speculative-decoding heads on the frozen model (NumPy)")

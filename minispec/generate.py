@@ -128,12 +128,10 @@ def generate(model, ids, decoder="ar", max_new_tokens=64, temperature=0.0, top_k
     t0 = time.perf_counter()
     while len(out) < max_new_tokens:
         tree, tokens = proposer.propose(root, hidden)
-        step = verify(model, cache, tree, tokens, rule)
+        step = verify(model, cache, tree, tokens, rule, limit=max_new_tokens - len(out), eos_id=eos_id)
         stats.steps += 1
         stats.forward_calls += 1
-        new = step.tokens[:max_new_tokens - len(out)]
-        if eos_id is not None and eos_id in new:
-            new = new[:new.index(eos_id) + 1]
+        new = step.tokens
         stats.accepted.append(len(new))
         out += new
         for t in new:

@@ -18,14 +18,22 @@ class Verified:
     tokens: list        # tokens emitted this step: the accepted draft tokens after the root, then the bonus
 
 
-def verify(model, cache, tree, tokens, accept):
+def verify(model, cache, tree, tokens, accept, limit=None, eos_id=None):
     """Run the draft `tokens` [N] (tree node order, tokens[0] = root) and commit the accepted path.
 
     accept(tree, tokens, logits [N, V]) -> (path, bonus) is one of minispec.sampling's rules (bound to its
-    parameters). Returns a Verified.
+    parameters). The emitted tokens stop after `limit` tokens and after eos_id; only what precedes the last
+    emitted token is committed (root included), so the cache always holds exactly the sequence minus its
+    newest token, whether or not the step was cut short. Returns a Verified.
     """
     out = model.forward_block(tokens, cache, depths=tree.depths, parents_mask=tree.mask)
     path, bonus = accept(tree, tokens, out.logits)
+    emitted = [int(tokens[i]) for i in path[1:]] + [int(bonus)]
+    if eos_id is not None and eos_id in emitted:
+        emitted = emitted[:emitted.index(eos_id) + 1]
+    if limit is not None:
+        emitted = emitted[:limit]
+    path = list(path[:max(1, len(emitted))])     # emitted[i] follows path[i]: commit the nodes before the last
     cache.commit(path)
-    return Verified(path=list(path), bonus=int(bonus), hidden=out.hidden[path[-1]],
-                    tokens=[int(tokens[i]) for i in path[1:]] + [int(bonus)])
+    return Verified(path=path, bonus=emitted[-1] if emitted else int(bonus), hidden=out.hidden[path[-1]],
+                    tokens=emitted)
