@@ -83,6 +83,19 @@ def attention(q, k, v, mask):
     return (p @ v).reshape(H, T, Dh)                                # [H, T, Dh]
 
 
+# NumPy + OpenBLAS: for 2+ rows x @ W takes the GEMM path, which repacks the whole weight matrix first (~0.6 ms
+# for a 192 x 4096 matrix, vs 0.08 ms for one row's gemv); a stack of per-row gemv calls is several times cheaper
+# up to about a dozen rows, and speculative verification lives exactly there (DESIGN.md, "Performance facts").
+GEMV_ROWS = 12
+
+
+def linear(x, w):
+    """x [T, in] @ w [in, out] -> [T, out]; on NumPy with 2..GEMV_ROWS rows, one gemv per row (same result)."""
+    if 1 < x.shape[0] <= GEMV_ROWS and array_module(x) is np:
+        return (x[:, None, :] @ w)[:, 0]                            # [T, 1, in] @ [in, out] -> [T, out]
+    return x @ w
+
+
 def silu(x):
     """x · sigmoid(x), with sigmoid written through tanh so that large |x| cannot overflow exp."""
     xp = array_module(x)
@@ -96,5 +109,5 @@ def swiglu(x, w13, w2):
     x [T, D], w13 [D, 2F], w2 [F, D] -> [T, D]
     """
     F = w2.shape[0]
-    gu = x @ w13                                                    # [T, 2F]
-    return (silu(gu[:, :F]) * gu[:, F:]) @ w2                       # [T, F] -> [T, D]
+    gu = linear(x, w13)                                             # [T, 2F]
+    return linear(silu(gu[:, :F]) * gu[:, F:], w2)                  # [T, F] -> [T, D]

@@ -16,7 +16,7 @@ import numpy as np
 
 from .backend import resolve_device, to_device, to_host
 from .cache import RollingCache
-from .layers import apply_rope, attention, rms_norm, rope_tables, sliding_window_mask, swiglu
+from .layers import apply_rope, attention, linear, rms_norm, rope_tables, sliding_window_mask, swiglu
 from .weights import load_config, load_tensors
 
 DTYPES = {"float32": np.float32, "float64": np.float64}
@@ -112,7 +112,7 @@ class Model:
         x = self.tok_embeddings[xp.asarray(ids)]                                             # [T, D]
         for i, lw in enumerate(self.layers):
             h = rms_norm(x, lw["attention_norm"], c.norm_eps)                                # [T, D]
-            qkv = h @ lw["wqkv"]                                                             # [T, (H+2Hkv)Dh]
+            qkv = linear(h, lw["wqkv"])                                                      # [T, (H+2Hkv)Dh]
             q = qkv[:, :H * Dh].reshape(T, H, Dh).transpose(1, 0, 2)                         # [H, T, Dh]
             k = qkv[:, H * Dh:(H + Hkv) * Dh].reshape(T, Hkv, Dh).transpose(1, 0, 2)         # [Hkv, T, Dh]
             v = qkv[:, (H + Hkv) * Dh:].reshape(T, Hkv, Dh).transpose(1, 0, 2)               # [Hkv, T, Dh]
@@ -121,10 +121,10 @@ class Model:
                 cache.write_block(i, k, v)
                 k, v = cache.layer_kv(i, T)                                                  # [Hkv, W + T, Dh]
             o = attention(q, k, v, mask)                                                     # [H, T, Dh]
-            x = x + o.transpose(1, 0, 2).reshape(T, H * Dh) @ lw["wo"]                       # [T, D]
+            x = x + linear(o.transpose(1, 0, 2).reshape(T, H * Dh), lw["wo"])                # [T, D]
             x = x + swiglu(rms_norm(x, lw["ffn_norm"], c.norm_eps), lw["w13"], lw["w2"])     # [T, D]
         hidden = rms_norm(x, self.norm, c.norm_eps)                                          # [T, D]
-        return BlockOutput(logits=hidden @ self.output, hidden=hidden)                       # [T, V]
+        return BlockOutput(logits=linear(hidden, self.output), hidden=hidden)                # [T, V]
 
 
 def load(path, dtype="float32", device="auto"):

@@ -109,3 +109,14 @@ def test_silu_does_not_overflow_for_large_negative_inputs():
     with np.errstate(all="raise"):
         y = silu(np.array([-1000.0, -80.0, 0.0, 80.0], dtype=np.float32))
     np.testing.assert_allclose(y, [0.0, -80.0 / (1 + np.exp(80.0)), 0.0, 80.0], atol=1e-30)
+
+
+@pytest.mark.parametrize("T", [1, 2, 5, 12, 13, 40])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_linear_equals_the_matrix_product_for_every_row_count(T, dtype):
+    from minispec.layers import linear
+    rng = np.random.default_rng(T)
+    x, w = rng.standard_normal((T, 7)).astype(dtype), rng.standard_normal((7, 5)).astype(dtype)
+    y = linear(x, w)
+    assert y.shape == (T, 5) and y.dtype == dtype
+    np.testing.assert_allclose(y, x.astype(np.float64) @ w, rtol=1e-5 if dtype == np.float32 else 1e-13, atol=1e-5)
