@@ -205,13 +205,13 @@ class MedusaHeads:
                 "hidden_size": self.D, "vocab_size": self.V, "tree": self.choices, "accuracies": self.accuracies,
                 "base_model": self.base_model}
 
-    def save(self, folder, extra=None):
+    def save(self, folder, extra=None, dtype=np.float32):
         """minispec's format: folder/medusa_config.json (+ `extra` entries, e.g. a training record) and
-        folder/medusa_heads.safetensors (float32)."""
+        folder/medusa_heads.safetensors (float32, or float16 to halve the file; widened again at load)."""
         from safetensors.numpy import save_file
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
-        save_file(self.state_dict(), str(folder / WEIGHTS_NAME))
+        save_file(self.state_dict(dtype), str(folder / WEIGHTS_NAME))
         cfg = {**self.config(), **(extra or {})}
         lines = [f"  {json.dumps(k)}: {json.dumps(v)}" for k, v in cfg.items()]   # one line per key: readable tree
         (folder / CONFIG_NAME).write_text("{\n" + ",\n".join(lines) + "\n}\n")
