@@ -174,7 +174,7 @@ def bench_decode(model_dir, decoders=("ar", "medusa"), n_tokens=128, n_prompts=8
     print(f"model {model_dir} on {model.device} ({dtype}); {len(prompts)} held-out prompts of {len(prompts[0])} "
           f"tokens, {n_tokens} new tokens each, greedy; median of {runs} runs after a warm-up")
     generate(model, prompts[0], decoder="ar", max_new_tokens=8)             # warm-up
-    results, reference = {}, None
+    results, results_tau, reference = {}, {}, None
     for name in decoders:
         generate(model, prompts[0], decoder=name, max_new_tokens=16)        # warm-up (loads heads, trees)
         rates, outs, hist, steps, new = [], [], None, 0, 0
@@ -195,6 +195,7 @@ def bench_decode(model_dir, decoders=("ar", "medusa"), n_tokens=128, n_prompts=8
             reference = outs
         same = outs == reference
         results[name] = statistics.median(rates)
+        results_tau[name] = new / steps
         print(f"{name:>8}: {results[name]:7.1f} tokens/s  tau = {new / steps:.2f} tokens/step  "
               f"speedup vs {decoders[0]} {results[name] / results[decoders[0]]:.2f}x  "
               f"identical output: {'yes' if same else 'NO'}  histogram (tokens/step: steps) "
@@ -207,6 +208,11 @@ def bench_decode(model_dir, decoders=("ar", "medusa"), n_tokens=128, n_prompts=8
         from pathlib import Path
         heads = load_heads(Path(model_dir) / "medusa", model)
         if heads.accuracies is not None:
+            from .tree import build_tree
+            _, expected = build_tree(np.asarray(heads.accuracies), len(heads.choices))
+            measured = results_tau.get("medusa")
+            print(f"medusa tree of {len(heads.choices)} nodes: expected tau {expected:.2f} (from the heads' held-out "
+                  f"top-k accuracies, assumed independent) vs measured {measured:.2f}")
             budget, ratio = pick_budget(np.asarray(heads.accuracies), costs)
             print(f"tree budget maximising expected tau / c(T) here: {budget} nodes (expected tau/c = {ratio:.2f}); "
                   f"the shipped tree has {len(heads.choices)} nodes")
