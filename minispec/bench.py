@@ -150,16 +150,17 @@ def cost_curve(model, sizes=(1, 2, 4, 8, 16, 32, 64), reps=15, context=200):
     return {T: times[T] / times[1] for T in sizes}, times[1]
 
 
-def pick_budget(accuracies, costs):
-    """The tree budget (nodes besides the root) maximising expected tau / c(budget + 1) on this backend,
-    interpolating c between measured sizes."""
+def pick_budget(accuracies, costs, proposal_cost=0.0):
+    """The tree budget (nodes besides the root) maximising the expected speedup over AR on this backend,
+    tau(budget) / (c(budget + 1) + proposal_cost), with c interpolated between measured sizes and
+    proposal_cost the drafting time per step in units of one AR step. Returns (budget, expected speedup)."""
     from .tree import build_tree
     sizes = sorted(costs)
     best = (0.0, 0)
     for budget in range(1, sizes[-1]):
         _, tau = build_tree(accuracies, budget)
         c = float(np.interp(budget + 1, sizes, [costs[s] for s in sizes]))
-        best = max(best, (tau / c, budget))
+        best = max(best, (tau / (c + proposal_cost), budget))
     return best[1], best[0]
 
 
@@ -213,7 +214,16 @@ def bench_decode(model_dir, decoders=("ar", "medusa"), n_tokens=128, n_prompts=8
             measured = results_tau.get("medusa")
             print(f"medusa tree of {len(heads.choices)} nodes: expected tau {expected:.2f} (from the heads' held-out "
                   f"top-k accuracies, assumed independent) vs measured {measured:.2f}")
-            budget, ratio = pick_budget(np.asarray(heads.accuracies), costs)
-            print(f"tree budget maximising expected tau / c(T) here: {budget} nodes (expected tau/c = {ratio:.2f}); "
-                  f"the shipped tree has {len(heads.choices)} nodes")
+            hidden = model.forward([1], model.new_cache(), return_hidden=True)[1][0]
+            heads.topk(hidden, 3)
+            ts = []
+            for _ in range(20):
+                t0 = time.perf_counter()
+                heads.topk(hidden, 3)
+                ts.append(time.perf_counter() - t0)
+            proposal = statistics.median(ts) / t1
+            budget, ratio = pick_budget(np.asarray(heads.accuracies), costs, proposal)
+            print(f"medusa heads cost {proposal:.2f} AR steps per step; the tree budget maximising the expected "
+                  f"speedup tau / (c(budget + 1) + heads) here is {budget} nodes (expected {ratio:.2f}x); the "
+                  f"shipped tree has {len(heads.choices)} nodes")
     return results, costs
