@@ -96,6 +96,7 @@ class MedusaHeads:
                                                       else "v2 heads share the base output layer; proj must be None"))
         self.W, self.b, self.proj, self.base_output, self.version = W, b, proj, base_output, version
         self.choices = [list(map(int, c)) for c in choices]
+        self.choices_cuda = None        # a larger tree for GPUs, where verifying N tokens costs ~1 step
         self.accuracies = accuracies
         self.base_model = base_model
 
@@ -208,8 +209,8 @@ class MedusaHeads:
     # ---- files --------------------------------------------------------------------------------------------
     def config(self):
         return {"kind": "medusa", "version": self.version, "num_heads": self.K, "num_layers": self.L,
-                "hidden_size": self.D, "vocab_size": self.V, "tree": self.choices, "accuracies": self.accuracies,
-                "base_model": self.base_model}
+                "hidden_size": self.D, "vocab_size": self.V, "tree": self.choices, "tree_cuda": self.choices_cuda,
+                "accuracies": self.accuracies, "base_model": self.base_model}
 
     def save(self, folder, extra=None, dtype=np.float32):
         """minispec's format: folder/medusa_config.json (+ `extra` entries, e.g. a training record) and
@@ -235,6 +236,7 @@ class MedusaHeads:
         heads = cls.from_state_dict(model, read_safetensors(folder / WEIGHTS_NAME), cfg["num_heads"],
                                     cfg["num_layers"], cfg["version"], source=str(folder / WEIGHTS_NAME))
         heads.choices = [list(c) for c in cfg.get("tree") or []]
+        heads.choices_cuda = [list(c) for c in cfg["tree_cuda"]] if cfg.get("tree_cuda") else None
         heads.accuracies, heads.base_model = cfg.get("accuracies"), cfg.get("base_model")
         return heads
 
@@ -324,8 +326,9 @@ class MedusaProposer:
     """Draft = a static tree whose node at depth d takes a top-k token of head d-1 (Medusa §2.1.2).
 
     heads: MedusaHeads, default <model.path>/medusa/; tree: a minispec.tree.Tree or a choices list, default the
-    tree stored with the heads (the chain of K tokens when none is stored); top_k: candidates read per head,
-    default what the tree needs (its largest rank + 1).
+    tree stored with the heads for this backend ("tree_cuda" on a GPU when stored, where a verify of N tokens
+    costs about one step; else "tree", sized from the CPU's cost curve c(T)), the chain of K tokens when none
+    is stored; top_k: candidates read per head, default what the tree needs (its largest rank + 1).
     """
     name = "medusa"
 
@@ -333,7 +336,8 @@ class MedusaProposer:
         if heads is None:
             heads = self._heads_next_to(model)
         if tree is None:
-            tree = heads.choices or Tree.chain(heads.K)
+            gpu = getattr(model, "device", None) == "cuda" and heads.choices_cuda
+            tree = (heads.choices_cuda if gpu else heads.choices) or Tree.chain(heads.K)
         if not isinstance(tree, Tree):
             tree = Tree.from_choices(tree, n_heads=heads.K)
         if tree.max_depth > heads.K:

@@ -190,14 +190,16 @@ def test_fasterdecoding_format_round_trips_with_its_names_and_orientation(tmp_pa
 def test_minispec_format_keeps_the_tree_and_the_accuracies(tmp_path, fixture_model):
     heads = random_heads(fixture_model, num_heads=2, version="v2")
     heads.choices, heads.accuracies = [[0], [1], [0, 0]], [[0.5, 0.2], [0.3, 0.1]]
+    heads.choices_cuda = [[0], [1], [0, 0], [0, 1]]
     heads.save(tmp_path)
     cfg = json.loads((tmp_path / "medusa_config.json").read_text())
     assert cfg == {"kind": "medusa", "version": "v2", "num_heads": 2, "num_layers": 1, "hidden_size": 48,
-                   "vocab_size": 256, "tree": [[0], [1], [0, 0]], "accuracies": [[0.5, 0.2], [0.3, 0.1]],
-                   "base_model": "gqa4_hd"}
+                   "vocab_size": 256, "tree": [[0], [1], [0, 0]], "tree_cuda": [[0], [1], [0, 0], [0, 1]],
+                   "accuracies": [[0.5, 0.2], [0.3, 0.1]], "base_model": "gqa4_hd"}
     back = MedusaHeads.load(tmp_path, fixture_model)
     assert back.choices == heads.choices and rel_err(back.W, heads.W) < 1e-6
-    assert MedusaProposer(fixture_model, back).tree.paths == ((), (0,), (1,), (0, 0))
+    assert back.choices_cuda == heads.choices_cuda
+    assert MedusaProposer(fixture_model, back).tree.paths == ((), (0,), (1,), (0, 0))    # CPU model: "tree"
 
 
 def test_a_pickle_file_is_refused_with_the_torch_conversion_line(tmp_path, fixture_model):
