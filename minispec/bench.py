@@ -150,6 +150,18 @@ def cost_curve(model, sizes=(1, 2, 4, 8, 16, 32, 64), reps=15, context=200):
     return {T: times[T] / times[1] for T in sizes}, times[1]
 
 
+def heads_cost(model, heads, t1, top_k=3, reps=20):
+    """Median time of one Medusa proposal (all heads' top-k on one hidden state), in units of t1 (one AR step)."""
+    hidden = model.forward([1], model.new_cache(), return_hidden=True)[1][0]
+    heads.topk(hidden, top_k)
+    ts = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        heads.topk(hidden, top_k)
+        ts.append(time.perf_counter() - t0)
+    return statistics.median(ts) / t1
+
+
 def pick_budget(accuracies, costs, proposal_cost=0.0):
     """The tree budget (nodes besides the root) maximising the expected speedup over AR on this backend,
     tau(budget) / (c(budget + 1) + proposal_cost), with c interpolated between measured sizes and
@@ -209,19 +221,12 @@ def bench_decode(model_dir, decoders=("ar", "medusa"), n_tokens=128, n_prompts=8
         from pathlib import Path
         heads = load_heads(Path(model_dir) / "medusa", model)
         if heads.accuracies is not None:
-            from .tree import build_tree
-            _, expected = build_tree(np.asarray(heads.accuracies), len(heads.choices))
+            acc = np.asarray(heads.accuracies)
+            expected = 1 + sum(np.prod([acc[d][r] for d, r in enumerate(path)]) for path in heads.choices)
             measured = results_tau.get("medusa")
             print(f"medusa tree of {len(heads.choices)} nodes: expected tau {expected:.2f} (from the heads' held-out "
                   f"top-k accuracies, assumed independent) vs measured {measured:.2f}")
-            hidden = model.forward([1], model.new_cache(), return_hidden=True)[1][0]
-            heads.topk(hidden, 3)
-            ts = []
-            for _ in range(20):
-                t0 = time.perf_counter()
-                heads.topk(hidden, 3)
-                ts.append(time.perf_counter() - t0)
-            proposal = statistics.median(ts) / t1
+            proposal = heads_cost(model, heads, t1)
             budget, ratio = pick_budget(np.asarray(heads.accuracies), costs, proposal)
             print(f"medusa heads cost {proposal:.2f} AR steps per step; the tree budget maximising the expected "
                   f"speedup tau / (c(budget + 1) + heads) here is {budget} nodes (expected {ratio:.2f}x); the "

@@ -9,16 +9,14 @@ step there, so the tree is simply grown to --gpu-budget nodes. The heads are rew
 """
 import argparse
 import json
-import statistics
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import minispec                                       # noqa: E402
-from minispec.bench import cost_curve, pick_budget    # noqa: E402
+from minispec.bench import cost_curve, heads_cost, pick_budget    # noqa: E402
 from minispec.medusa import load_heads                # noqa: E402
 from minispec.tree import build_tree                  # noqa: E402
 
@@ -36,13 +34,7 @@ def main():
     heads = load_heads(folder, model)
     acc = np.asarray(heads.accuracies)
     costs, t1 = cost_curve(model, sizes=(1, 2, 3, 4, 6, 8, 12, 16, 24, 32))
-    hidden = model.forward([1], model.new_cache(), return_hidden=True)[1][0]
-    ts = []
-    for _ in range(30):
-        t0 = time.perf_counter()
-        heads.topk(hidden, 3)
-        ts.append(time.perf_counter() - t0)
-    proposal = statistics.median(ts) / t1
+    proposal = heads_cost(model, heads, t1, reps=30)
     budget, speedup = pick_budget(acc, costs, proposal)
     cpu_tree, cpu_tau = build_tree(acc, budget)
     gpu_tree, gpu_tau = build_tree(acc, args.gpu_budget)
