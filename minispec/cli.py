@@ -1,7 +1,6 @@
 """The command line: `minispec generate`, `minispec bench`, `minispec train-heads` (python -m minispec works too)."""
 import argparse
 import sys
-import time
 from pathlib import Path
 
 DEFAULT_MODEL = Path(__file__).resolve().parent.parent / "weights" / "stdlib-mistral"
@@ -108,9 +107,7 @@ def main(argv=None):
     t.set_defaults(func=cmd_train_heads)
 
     args = ap.parse_args(argv)
-    t0 = time.perf_counter()
     args.func(args)
-    return time.perf_counter() - t0
 
 
 if __name__ == "__main__":

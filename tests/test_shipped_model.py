@@ -88,3 +88,15 @@ def test_greedy_medusa_on_the_shipped_model_equals_ar_across_the_window_with_the
     assert c_md.pos == c_ar.pos == len(prompt) + n - 1
     assert rel_err(c_md.keys, c_ar.keys) < 1e-5 and rel_err(c_md.values, c_ar.values) < 1e-5
     assert md.stats.tau > 1.2 and md.stats.steps < ar.stats.steps
+
+
+def test_the_readme_command_streams_text_and_reports_tau_and_speed(capsys):
+    """`minispec generate` (the README's main job) on the shipped model: streamed text, then the statistics."""
+    import subprocess
+    import sys
+    r = subprocess.run([sys.executable, "-m", "minispec", "generate", "--decoder", "medusa", "--device", "cpu",
+                        "--prompt", "def quicksort(arr):", "-n", "24", "--temperature", "0.7", "--top-p", "0.9"],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.startswith("def quicksort(arr):") and len(r.stdout) > len("def quicksort(arr):") + 10
+    assert "[medusa] 24 tokens" in r.stderr and "tau = " in r.stderr and "tokens/s" in r.stderr
