@@ -185,31 +185,32 @@ def bench_decode(model_dir, decoders=("ar", "medusa"), n_tokens=128, n_prompts=8
     tok = Tokenizer.from_dir(model_dir)
     prompts = heldout_prompts(model_dir, tok, n_prompts)
     print(f"model {model_dir} on {model.device} ({dtype}); {len(prompts)} held-out prompts of {len(prompts[0])} "
-          f"tokens, {n_tokens} new tokens each, greedy; median of {runs} runs after a warm-up")
-    generate(model, prompts[0], decoder="ar", max_new_tokens=8)             # warm-up
-    results, results_tau, reference = {}, {}, None
+          f"tokens, {n_tokens} new tokens each, greedy; median of {runs} interleaved runs after a warm-up")
     for name in decoders:
         generate(model, prompts[0], decoder=name, max_new_tokens=16)        # warm-up (loads heads, trees)
-        rates, outs, hist, steps, new = [], [], None, 0, 0
-        for r in range(runs):
-            t_dec, n_new, outs = 0.0, 0, []
-            for p in prompts:
+    # runs interleave the decoders (prompt by prompt), so that a slow phase of a shared machine hits all alike
+    times = {name: [0.0] * runs for name in decoders}
+    outs = {name: [] for name in decoders}
+    stats = {name: [] for name in decoders}
+    for r in range(runs):
+        for p in prompts:
+            for name in decoders:
                 o = generate(model, p, decoder=name, max_new_tokens=n_tokens, eos_id=None)
-                t_dec += o.stats.decode_time
-                n_new += o.stats.new_tokens
-                outs.append(o.tokens)
+                times[name][r] += o.stats.decode_time
                 if r == 0:
-                    h = o.stats.histogram
-                    hist = h if hist is None else np.pad(hist, (0, max(0, len(h) - len(hist)))) + np.pad(h, (0, max(0, len(hist) - len(h))))
-                    steps += o.stats.steps
-                    new += o.stats.new_tokens
-            rates.append(n_new / t_dec)
-        if reference is None:
-            reference = outs
-        same = outs == reference
-        results[name] = statistics.median(rates)
+                    outs[name].append(o.tokens)
+                    stats[name].append(o.stats)
+    results, results_tau = {}, {}
+    for name in decoders:
+        new = sum(s.new_tokens for s in stats[name])
+        steps = sum(s.steps for s in stats[name])
+        hist = np.zeros(max(len(s.histogram) for s in stats[name]), np.int64)
+        for s in stats[name]:
+            hist[:len(s.histogram)] += s.histogram
+        results[name] = statistics.median(new / t for t in times[name])
         results_tau[name] = new / steps
-        print(f"{name:>8}: {results[name]:7.1f} tokens/s  tau = {new / steps:.2f} tokens/step  "
+        same = outs[name] == outs[decoders[0]]
+        print(f"{name:>8}: {results[name]:7.1f} tokens/s  tau = {results_tau[name]:.2f} tokens/step  "
               f"speedup vs {decoders[0]} {results[name] / results[decoders[0]]:.2f}x  "
               f"identical output: {'yes' if same else 'NO'}  histogram (tokens/step: steps) "
               f"{ {i: int(c) for i, c in enumerate(hist) if c} }")

@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 
 from .backend import array_module, to_device, to_host
-from .layers import silu
+from .layers import linear, silu
 from .tree import Tree
 from .weights import PICKLE_SUFFIXES, CheckpointError, read_safetensors
 
@@ -197,7 +197,7 @@ class MedusaHeads:
         for layer in range(self.L):
             x = x + silu(x @ self.W[:K, layer] + self.b[:K, layer, None, :])    # [K, T, D] @ [K, D, D]
         if self.proj is None:                                                   # v2: the base output layer
-            out = (x.reshape(K * h.shape[0], self.D) @ self.base_output).reshape(K, h.shape[0], self.V)
+            out = linear(x.reshape(K * h.shape[0], self.D), self.base_output).reshape(K, h.shape[0], self.V)
         else:
             out = x @ self.proj[:K]                                             # [K, T, D] @ [K, D, V]
         return out[:, 0] if single else out
