@@ -121,7 +121,7 @@ def generate(model, ids, decoder="ar", max_new_tokens=64, temperature=0.0, top_k
     t0 = time.perf_counter()
     if len(ids) > 1:          # the last prompt token is the first root: it is verified (and committed) by step 1
         model.forward(ids[:-1], cache)
-        stats.forward_calls += -(-(len(ids) - 1) // min(cache.W, cache.scratch))
+        stats.forward_calls += -(-(len(ids) - 1) // model.prefill_chunk(cache))
     stats.prefill_time = time.perf_counter() - t0
 
     out, root, hidden = [], ids[-1], None

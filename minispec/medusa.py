@@ -356,7 +356,10 @@ class MedusaProposer:
         if folder is None or not folder.is_dir():
             raise FileNotFoundError(f"no Medusa heads next to {path}: train them with "
                                     f"`minispec train-heads --kind medusa --model {path}`")
-        return load_heads(folder, model)
+        cached = getattr(model, "_medusa_heads", None)      # one load per model, not one per generate() call
+        if cached is None or cached[0] != folder:
+            model._medusa_heads = cached = (folder, load_heads(folder, model))
+        return cached[1]
 
     def propose(self, root, hidden):
         """(tree, tokens [N]) for the next step; tokens[0] = root. hidden: [D] at the last verified position,

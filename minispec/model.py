@@ -72,7 +72,7 @@ class Model:
             mask = sliding_window_mask(pos, pos, self.config.sliding_window)                 # [T, T]
             out = self._run(ids, pos, self.xp.asarray(mask), cache=None)
             return (out.logits, out.hidden) if return_hidden else out.logits
-        chunk = min(cache.W, cache.scratch) if cache.ring else cache.scratch
+        chunk = self.prefill_chunk(cache)
         logits, hidden = [], []
         for s in range(0, len(ids), chunk):
             out = self.forward_block(ids[s:s + chunk], cache)
@@ -83,6 +83,12 @@ class Model:
         logits = logits[0] if len(logits) == 1 else xp.concatenate(logits)
         hidden = hidden[0] if len(hidden) == 1 else xp.concatenate(hidden)
         return (logits, hidden) if return_hidden else logits
+
+    @staticmethod
+    def prefill_chunk(cache):
+        """Tokens per prefill chunk: at most W (so a chunk never overwrites slots it still reads) and at most
+        the cache's scratch rows."""
+        return min(cache.W, cache.scratch)
 
     def forward_block(self, ids, cache, depths=None, parents_mask=None):
         """Run a block of T tokens against the committed cache WITHOUT writing it (K/V wait in scratch).
