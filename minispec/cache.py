@@ -93,10 +93,3 @@ class RollingCache:
         self._v[:, :, dest_d] = self._v[:, :, src_d]
         self.pos += n
         self.block_len = 0
-
-    def copy(self):
-        """An independent copy (for tests and what-if decoding)."""
-        c = RollingCache.__new__(RollingCache)
-        c.__dict__.update(self.__dict__)
-        c._k, c._v = self._k.copy(), self._v.copy()
-        return c
