@@ -4,9 +4,18 @@
     out.tokens            # the new token ids (never past max_new_tokens, never past the first EOS)
     out.stats             # steps, tokens per step (histogram, tau), forward calls, times, tokens/s
 
-A decoder is a proposer: given the current root token and the hidden state at the last accepted node, it
-returns a Tree and the tokens of its nodes. "ar" proposes nothing (the root-only tree), so plain decoding is the
-verifier's degenerate case and every decoder shares exactly the same verification and commit code.
+A decoder is a proposer, an object with two methods:
+
+    propose(ctx) -> Draft      ctx: a Context (the root token, the hidden state at the last accepted node, the
+                               model's cache, the sampling parameters, the rng, the running Stats);
+                               Draft: a Tree, its node tokens, and for sampled drafts the draft's distributions q
+    observe(step) -> None      called after every verification with the Verified step (the accepted path, its
+                               hidden states, the tokens emitted), so that a proposer with state of its own
+                               (Hydra++'s prefix cache, Draft & Verify's threshold) can update it
+
+"ar" proposes nothing (the root-only tree), so plain decoding is the verifier's degenerate case and every decoder
+shares exactly the same verification and commit code. A proposer may count its own work in ctx.stats.counters
+(e.g. head calls, draft forwards) and its time is measured as stats.propose_time.
 """
 import time
 from dataclasses import dataclass, field
@@ -14,9 +23,10 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from .backend import to_host
-from .sampling import SamplingParams, greedy_accept, target_probs, tree_rejection_accept, typical_accept
+from .sampling import (SamplingParams, chain_rejection_accept, greedy_accept, target_probs, tree_rejection_accept,
+                       typical_accept)
 from .tree import Tree
-from .verify import verify
+from .verify import Draft, count, verify  # noqa: F401  (count: for proposers)
 
 
 @dataclass
@@ -26,6 +36,10 @@ class Stats:
     forward_calls: int = 0                          # model forwards, prefill chunks included
     prefill_time: float = 0.0
     decode_time: float = 0.0                        # from the first step to the last token
+    propose_time: float = 0.0                       # of decode_time: inside proposer.propose / observe
+    verify_time: float = 0.0                        # of decode_time: inside verify (one forward + accept + commit)
+    drafted: list = field(default_factory=list)     # draft tokens proposed per step (tree nodes after the root)
+    counters: dict = field(default_factory=dict)    # the proposer's own counts (head calls, draft forwards, ...)
 
     @property
     def new_tokens(self):
@@ -57,6 +71,18 @@ class Output:
     stats: Stats
 
 
+@dataclass
+class Context:
+    """What a proposer sees before each step (the arguments of propose)."""
+    root: int               # the newest token: chosen, not yet in the cache; the draft's node 0
+    hidden: object          # [D] final hidden state at the last accepted node; None before the first step
+    model: object
+    cache: object           # the committed cache (cache.pos tokens); a proposer must not commit to it
+    params: SamplingParams
+    rng: object             # numpy Generator shared with the acceptance rule
+    stats: Stats
+
+
 class Autoregressive:
     """The empty draft: every step verifies only the root, i.e. one ordinary decoding step."""
     name = "ar"
@@ -64,8 +90,11 @@ class Autoregressive:
     def __init__(self, model):
         self.tree = Tree.from_choices([])
 
-    def propose(self, root, hidden):
-        return self.tree, [root]
+    def propose(self, ctx):
+        return Draft(self.tree, [ctx.root])
+
+    def observe(self, step):
+        pass
 
 
 DECODERS = {"ar": Autoregressive}
@@ -80,19 +109,32 @@ def _medusa(model, **options):
 DECODERS["medusa"] = _medusa
 
 
+def rejection_accept(draft, target, rng):
+    """Lossless rejection sampling of a draft against the target distributions target [N, V]: chain rejection
+    sampling with the draft's own q when the draft was sampled (draft.q is set; the tree must be a chain),
+    recursive rejection sampling of point-mass candidates otherwise. Returns (path, bonus)."""
+    if draft.q is None:
+        return tree_rejection_accept(draft.tree, draft.tokens, target, rng)
+    K = draft.tree.N - 1
+    if draft.tree.max_depth != K:
+        raise ValueError("a draft with q (sampled tokens) must be a chain")
+    n, bonus = chain_rejection_accept(draft.tokens[1:], draft.q, target, rng)
+    return list(range(n + 1)), bonus        # a chain's nodes are 0..K in order
+
+
 def make_rule(params, acceptance, rng):
-    """The acceptance rule: greedy for temperature 0, lossless tree rejection sampling otherwise ("typical" on
-    request: Medusa's lossy rule)."""
+    """The acceptance rule, rule(draft, logits [N, V]) -> (path, bonus): greedy for temperature 0, lossless
+    rejection sampling otherwise ("typical" on request: Medusa's lossy rule)."""
     if acceptance is None:
         acceptance = "greedy" if params.greedy else "rejection"
     if acceptance == "greedy":
         if not params.greedy:
             raise ValueError("acceptance='greedy' needs temperature=0")
-        return greedy_accept
+        return lambda draft, logits: greedy_accept(draft.tree, draft.tokens, logits)
     if acceptance == "rejection":
-        return lambda tree, tokens, logits: tree_rejection_accept(tree, tokens, target_probs(logits, params), rng)
+        return lambda draft, logits: rejection_accept(draft, target_probs(logits, params), rng)
     if acceptance == "typical":
-        return lambda tree, tokens, logits: typical_accept(tree, tokens, logits, params, rng=rng)
+        return lambda draft, logits: typical_accept(draft.tree, draft.tokens, logits, params, rng=rng)
     raise ValueError(f"acceptance must be 'greedy', 'rejection' or 'typical', not {acceptance!r}")
 
 
@@ -125,14 +167,22 @@ def generate(model, ids, decoder="ar", max_new_tokens=64, temperature=0.0, top_k
     stats.prefill_time = time.perf_counter() - t0
 
     out, root, hidden = [], ids[-1], None
-    t0 = time.perf_counter()
+    clock = time.perf_counter
+    t0 = clock()
     while len(out) < max_new_tokens:
-        tree, tokens = proposer.propose(root, hidden)
-        step = verify(model, cache, tree, tokens, rule, limit=max_new_tokens - len(out), eos_id=eos_id)
+        t1 = clock()
+        draft = proposer.propose(Context(root, hidden, model, cache, params, rng, stats))
+        t2 = clock()
+        step = verify(model, cache, draft, rule, limit=max_new_tokens - len(out), eos_id=eos_id)
+        t3 = clock()
+        proposer.observe(step)
+        stats.propose_time += (t2 - t1) + (clock() - t3)
+        stats.verify_time += t3 - t2
         stats.steps += 1
         stats.forward_calls += 1
         new = step.tokens
         stats.accepted.append(len(new))
+        stats.drafted.append(step.drafted)
         out += new
         for t in new:
             if on_token:

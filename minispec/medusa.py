@@ -30,6 +30,7 @@ import numpy as np
 from .backend import array_module, to_device, to_host
 from .layers import linear, silu
 from .tree import Tree
+from .verify import Draft, count
 from .weights import PICKLE_SUFFIXES, CheckpointError, read_safetensors
 
 CONFIG_NAME, WEIGHTS_NAME = "medusa_config.json", "medusa_heads.safetensors"
@@ -361,10 +362,14 @@ class MedusaProposer:
             model._medusa_heads = cached = (folder, load_heads(folder, model))
         return cached[1]
 
-    def propose(self, root, hidden):
-        """(tree, tokens [N]) for the next step; tokens[0] = root. hidden: [D] at the last verified position,
-        None before anything is verified (then only the root is proposed)."""
-        if hidden is None or self.tree.N == 1:
-            return self.root_only, [root]
-        ids = self.heads.topk(hidden, self.top_k, num_heads=self.tree.max_depth)   # [depth, top_k] host
-        return self.tree, self.tree.candidates(root, ids)
+    def propose(self, ctx):
+        """Draft(tree, tokens [N]) for the next step; tokens[0] = ctx.root. ctx.hidden: [D] at the last verified
+        position, None before anything is verified (then only the root is proposed)."""
+        if ctx.hidden is None or self.tree.N == 1:
+            return Draft(self.root_only, [ctx.root])
+        ids = self.heads.topk(ctx.hidden, self.top_k, num_heads=self.tree.max_depth)   # [depth, top_k] host
+        count(ctx.stats, "head_calls", self.tree.max_depth)
+        return Draft(self.tree, self.tree.candidates(ctx.root, ids))
+
+    def observe(self, step):
+        pass

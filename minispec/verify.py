@@ -9,6 +9,25 @@ therefore never touches the ring, also when the step crosses the ring's wrap.
 """
 from dataclasses import dataclass
 
+import numpy as np
+
+from .backend import to_device
+
+
+@dataclass
+class Draft:
+    """What a proposer hands the verifier.
+
+    tree: a minispec.tree.Tree (a chain is a tree; the root-only tree is plain decoding);
+    tokens [N]: host ints in tree node order, tokens[0] = the root (already chosen, not yet in the cache);
+    q [N - 1, V] or None: for a draft SAMPLED from a distribution (Draft & Verify's chain), row i is the draft's
+    distribution that tokens[i + 1] was drawn from; chain rejection sampling needs it. None for deterministic
+    candidates (Medusa's and Hydra's top-k), which tree rejection sampling treats as point-mass drafts.
+    """
+    tree: object
+    tokens: list
+    q: object = None
+
 
 @dataclass
 class Verified:
@@ -16,18 +35,26 @@ class Verified:
     bonus: int          # the target's token after the path (the next root)
     hidden: object      # [D] final hidden state at the last accepted node (the next proposal reads it)
     tokens: list        # tokens emitted this step: the accepted draft tokens after the root, then the bonus
+    path_hidden: object = None   # [len(path), D] final hidden states of the committed path's nodes, root first
+    drafted: int = 0    # draft tokens proposed this step (tree nodes after the root)
 
 
-def verify(model, cache, tree, tokens, accept, limit=None, eos_id=None):
-    """Run the draft `tokens` [N] (tree node order, tokens[0] = root) and commit the accepted path.
+def count(stats, name, n=1):
+    """stats.counters[name] += n: a proposer's bookkeeping (head calls, draft forwards), shown by bench."""
+    stats.counters[name] = stats.counters.get(name, 0) + n
 
-    accept(tree, tokens, logits [N, V]) -> (path, bonus) is one of minispec.sampling's rules (bound to its
-    parameters). The emitted tokens stop after `limit` tokens and after eos_id; only what precedes the last
-    emitted token is committed (root included), so the cache always holds exactly the sequence minus its
-    newest token, whether or not the step was cut short. Returns a Verified.
+
+def verify(model, cache, draft, accept, limit=None, eos_id=None):
+    """Run the draft (a Draft: tree, tokens [N] in tree node order, tokens[0] = root) and commit the accepted path.
+
+    accept(draft, logits [N, V]) -> (path, bonus) is one of minispec.sampling's rules bound to its parameters
+    (minispec.generate.make_rule). The emitted tokens stop after `limit` tokens and after eos_id; only what
+    precedes the last emitted token is committed (root included), so the cache always holds exactly the
+    sequence minus its newest token, whether or not the step was cut short. Returns a Verified.
     """
+    tree, tokens = draft.tree, draft.tokens
     out = model.forward_block(tokens, cache, depths=tree.depths, parents_mask=tree.mask)
-    path, bonus = accept(tree, tokens, out.logits)
+    path, bonus = accept(draft, out.logits)
     emitted = [int(tokens[i]) for i in path[1:]] + [int(bonus)]
     if eos_id is not None and eos_id in emitted:
         emitted = emitted[:emitted.index(eos_id) + 1]
@@ -36,4 +63,4 @@ def verify(model, cache, tree, tokens, accept, limit=None, eos_id=None):
     path = list(path[:max(1, len(emitted))])     # emitted[i] follows path[i]: commit the nodes before the last
     cache.commit(path)
     return Verified(path=path, bonus=emitted[-1] if emitted else int(bonus), hidden=out.hidden[path[-1]],
-                    tokens=emitted)
+                    tokens=emitted, path_hidden=out.hidden[to_device(model.xp, np.asarray(path, dtype=np.int64))], drafted=tree.N - 1)

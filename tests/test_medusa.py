@@ -9,6 +9,8 @@ from safetensors.numpy import load_file, save_file
 from conftest import FIXTURES, REPO, random_tensors, rel_err, tiny_config
 from hostguard import GUARD
 from minispec import generate
+from minispec.generate import Context, Stats
+from minispec.sampling import SamplingParams
 from minispec.medusa import (MedusaHeads, MedusaProposer, read_fasterdecoding, write_fasterdecoding)
 from minispec.model import Model, load
 from minispec.train_heads import (TrainConfig, hidden_states, make_labels, medusa_loss, heldout_loss,
@@ -227,13 +229,19 @@ def test_a_misshaped_or_missing_key_is_named_with_both_shapes(tmp_path, fixture_
 # ---------------------------------------------------------------------------------------------------------
 # The proposer and greedy losslessness
 # ---------------------------------------------------------------------------------------------------------
+def context(model, root, hidden):
+    """A generate.Context for calling a proposer by hand."""
+    return Context(root, hidden, model, model.new_cache(), SamplingParams(), np.random.default_rng(0), Stats())
+
+
 def test_the_proposer_drafts_the_root_first_and_head_d_at_depth_d_plus_1(fixture_model):
     heads = random_heads(fixture_model, num_heads=3)
     prop = MedusaProposer(fixture_model, heads, Tree.from_choices(BRANCHING[:7]))
-    tree, tokens = prop.propose(17, None)                                 # nothing verified yet: root only
-    assert tree.N == 1 and list(tokens) == [17]
+    d = prop.propose(context(fixture_model, 17, None))                    # nothing verified yet: root only
+    assert d.tree.N == 1 and list(d.tokens) == [17]
     _, hidden = fixture_model.forward([1, 2, 3], return_hidden=True)
-    tree, tokens = prop.propose(17, hidden[-1])
+    d = prop.propose(context(fixture_model, 17, hidden[-1]))
+    tree, tokens = d.tree, d.tokens
     top = np.argsort(-heads.logits(hidden[-1]), axis=-1)                   # [K, V]
     assert tokens[0] == 17 and len(tokens) == 8
     for node, path in enumerate(tree.paths[1:], start=1):
