@@ -4,8 +4,12 @@
     out.tokens            # the new token ids (never past max_new_tokens, never past the first EOS)
     out.stats             # steps, tokens per step (histogram, tau), forward calls, times, tokens/s
 
-A decoder is a proposer, an object with two methods:
+A decoder is a proposer, an object with three methods:
 
+    start(ctx, prompt_hidden)  once, after the prefill: prompt_hidden [len(ids) - 1, D] are the final hidden states
+                               of the prefilled prompt tokens (all but the last, which is the first root), so that
+                               a proposer with a cache of its own (Hydra++'s prefix layer) can fill it; a proposer
+                               with per-generation state resets it here
     propose(ctx) -> Draft      ctx: a Context (the root token, the hidden state at the last accepted node, the
                                model's cache, the sampling parameters, the rng, the running Stats);
                                Draft: a Tree, its node tokens, and for sampled drafts the draft's distributions q
@@ -90,6 +94,9 @@ class Autoregressive:
     def __init__(self, model):
         self.tree = Tree.from_choices([])
 
+    def start(self, ctx, prompt_hidden):
+        pass
+
     def propose(self, ctx):
         return Draft(self.tree, [ctx.root])
 
@@ -160,14 +167,19 @@ def generate(model, ids, decoder="ar", max_new_tokens=64, temperature=0.0, top_k
     stats = Stats()
     cache = model.new_cache() if cache is None else cache
 
-    t0 = time.perf_counter()
+    clock = time.perf_counter
+    t0 = clock()
     if len(ids) > 1:          # the last prompt token is the first root: it is verified (and committed) by step 1
-        model.forward(ids[:-1], cache)
+        _, prompt_hidden = model.forward(ids[:-1], cache, return_hidden=True)              # [len - 1, D]
         stats.forward_calls += -(-(len(ids) - 1) // model.prefill_chunk(cache))
-    stats.prefill_time = time.perf_counter() - t0
+    else:
+        prompt_hidden = model.xp.zeros((0, model.config.dim), dtype=model.dtype)            # [0, D]
+    stats.prefill_time = clock() - t0
+    t1 = clock()
+    proposer.start(Context(ids[-1], None, model, cache, params, rng, stats), prompt_hidden)
+    stats.propose_time += clock() - t1
 
     out, root, hidden = [], ids[-1], None
-    clock = time.perf_counter
     t0 = clock()
     while len(out) < max_new_tokens:
         t1 = clock()

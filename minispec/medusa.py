@@ -362,6 +362,9 @@ class MedusaProposer:
             model._medusa_heads = cached = (folder, load_heads(folder, model))
         return cached[1]
 
+    def start(self, ctx, prompt_hidden):
+        pass
+
     def propose(self, ctx):
         """Draft(tree, tokens [N]) for the next step; tokens[0] = ctx.root. ctx.hidden: [D] at the last verified
         position, None before anything is verified (then only the root is proposed)."""
