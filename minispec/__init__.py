@@ -2,6 +2,7 @@
 from .config import MistralConfig
 from .generate import generate
 from .model import Model, load
+from .tokenizer import Tokenizer
 
-__all__ = ["MistralConfig", "Model", "generate", "load"]
+__all__ = ["MistralConfig", "Model", "Tokenizer", "generate", "load"]
 __version__ = "0.1.0"

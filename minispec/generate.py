@@ -21,14 +21,17 @@ A decoder is a proposer, an object with three methods:
 shares exactly the same verification and commit code. A proposer may count its own work in ctx.stats.counters
 (e.g. head calls, draft forwards) and its time is measured as stats.propose_time.
 """
+import inspect
 import time
 from dataclasses import dataclass, field
 
 import numpy as np
 
 from .backend import to_host
+from .errors import UserError, check_token_ids, warn_if_past_max_positions
 from .sampling import (SamplingParams, chain_rejection_accept, greedy_accept, target_probs, tree_rejection_accept,
                        typical_accept)
+from .sampling import check_generation
 from .tree import Tree
 from .verify import Draft, count, verify  # noqa: F401  (count: for proposers)
 
@@ -107,13 +110,33 @@ class Autoregressive:
 DECODERS = {"ar": Autoregressive}
 
 
-def _medusa(model, **options):
-    """Decoder "medusa" (minispec.medusa.MedusaProposer), imported on first use."""
+def _medusa(model, heads=None, tree=None, top_k=None):
+    """Decoder "medusa" (minispec.medusa.MedusaProposer), imported on first use. heads: MedusaHeads or a folder."""
     from .medusa import MedusaProposer
-    return MedusaProposer(model, **options)
+    return MedusaProposer(model, heads=heads, tree=tree, top_k=top_k)
 
 
 DECODERS["medusa"] = _medusa
+
+
+def check_decoder(name, **options):
+    """The factory registered as `name`, or UserError listing the registered decoders; options the factory does
+    not take are refused by name (a factory that takes **options checks its own)."""
+    if name not in DECODERS:
+        raise UserError(f"decoder must be one of {', '.join(repr(d) for d in sorted(DECODERS))}, not {name!r}")
+    factory = DECODERS[name]
+    try:
+        inspect.signature(factory).bind(None, **options)
+    except TypeError as e:
+        raise UserError(f"decoder {name!r} does not take that option: {e}") from None
+    except ValueError:          # no signature (a builtin): nothing to check here
+        pass
+    return factory
+
+
+def make_proposer(name, model, **options):
+    """The proposer of registered decoder `name` for this model."""
+    return check_decoder(name, **options)(model, **options)
 
 
 def rejection_accept(draft, target, rng):
@@ -150,20 +173,12 @@ def generate(model, ids, decoder="ar", max_new_tokens=64, temperature=0.0, top_k
     """Decode up to max_new_tokens after the prompt ids with `decoder` ("ar" or a registered speculative one,
     or a proposer object). Stops at eos_id (included in the output; None disables it). on_token(id) is called
     for each new token as soon as it is final. Returns Output(tokens, stats)."""
-    ids = [int(t) for t in np.asarray(to_host(ids)).reshape(-1)]
-    if not ids:
-        raise ValueError("generate: the prompt must hold at least one token (e.g. BOS)")
-    if max_new_tokens < 0:
-        raise ValueError(f"generate: max_new_tokens must be >= 0, got {max_new_tokens}")
-    params = SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p)
+    ids = [int(t) for t in check_token_ids(ids, model.config.vocab_size, what="prompt")]
+    warn_if_past_max_positions(len(ids), model.config.max_seq_len, what=f"the prompt ({len(ids)} tokens)")
+    params = check_generation(temperature, top_k, top_p, seed, max_new_tokens)
     rng = np.random.default_rng(seed)
     rule = make_rule(params, acceptance, rng)
-    if isinstance(decoder, str):
-        if decoder not in DECODERS:
-            raise ValueError(f"decoder must be one of {sorted(DECODERS)}, not {decoder!r}")
-        proposer = DECODERS[decoder](model, **decoder_options)
-    else:
-        proposer = decoder
+    proposer = make_proposer(decoder, model, **decoder_options) if isinstance(decoder, str) else decoder
     stats = Stats()
     cache = model.new_cache() if cache is None else cache
 

@@ -28,6 +28,7 @@ from pathlib import Path
 import numpy as np
 
 from .backend import array_module, to_device, to_host
+from .errors import MissingFileError, check_finite, read_json
 from .layers import linear, silu
 from .tree import Tree
 from .verify import Draft, count
@@ -158,6 +159,8 @@ class MedusaHeads:
         if extra:
             raise CheckpointError(f"{source}: unexpected tensor {extra[0]!r} (shape {list(tensors[extra[0]].shape)}) "
                                   f"for Medusa {version} with {num_heads} heads x {num_layers} layers")
+        for name in expected:
+            check_finite(tensors[name], name, source)
         xp, dt = model.xp, model.dtype
         K, L = num_heads, num_layers
         W, b = np.empty((K, L, D, D), dt), np.empty((K, L, D), dt)               # host staging, then one copy
@@ -228,9 +231,12 @@ class MedusaHeads:
     def load(cls, folder, model):
         """Heads saved by `save`, onto the model's device and dtype (the sizes must match the model)."""
         folder = Path(folder)
-        cfg = json.loads((folder / CONFIG_NAME).read_text())
+        cfg = read_json(folder / CONFIG_NAME)
         if cfg.get("kind") != "medusa":
             raise CheckpointError(f"{folder / CONFIG_NAME}: kind is {cfg.get('kind')!r}, expected 'medusa'")
+        missing = [k for k in ("hidden_size", "vocab_size", "num_heads", "num_layers", "version") if k not in cfg]
+        if missing:
+            raise CheckpointError(f"{folder / CONFIG_NAME}: missing key(s) {missing}")
         for key, have in (("hidden_size", model.config.dim), ("vocab_size", model.config.vocab_size)):
             if cfg[key] != have:
                 raise CheckpointError(f"{folder / CONFIG_NAME}: {key} = {cfg[key]}, but the base model has {have}")
@@ -286,7 +292,7 @@ def read_fasterdecoding(folder, model):
             if (folder / f"medusa_lm_head{suffix}").exists():
                 _refuse_pickle(folder / f"medusa_lm_head{suffix}")
         raise CheckpointError(f"{folder}: no {FD_WEIGHTS_NAME}")
-    cfg = json.loads((folder / FD_CONFIG_NAME).read_text())
+    cfg = read_json(folder / FD_CONFIG_NAME)
     for key in ("medusa_num_heads", "medusa_num_layers"):
         if key not in cfg:
             raise CheckpointError(f"{folder / FD_CONFIG_NAME}: no {key!r} (not a FasterDecoding Medusa config)")
@@ -336,6 +342,8 @@ class MedusaProposer:
     def __init__(self, model, heads=None, tree=None, top_k=None):
         if heads is None:
             heads = self._heads_next_to(model)
+        elif isinstance(heads, (str, Path)):            # a folder of heads (e.g. `minispec generate --heads DIR`)
+            heads = self._heads_in(model, Path(heads))
         if tree is None:
             gpu = getattr(model, "device", None) == "cuda" and heads.choices_cuda
             tree = (heads.choices_cuda if gpu else heads.choices) or Tree.chain(heads.K)
@@ -355,8 +363,14 @@ class MedusaProposer:
         path = getattr(model, "path", None)
         folder = Path(path) / "medusa" if path else None
         if folder is None or not folder.is_dir():
-            raise FileNotFoundError(f"no Medusa heads next to {path}: train them with "
+            raise MissingFileError(f"no Medusa heads next to {path}: train them with "
                                     f"`minispec train-heads --kind medusa --model {path}`")
+        return MedusaProposer._heads_in(model, folder)
+
+    @staticmethod
+    def _heads_in(model, folder):
+        if not folder.is_dir():
+            raise MissingFileError(f"{folder}: no such folder of Medusa heads")
         cached = getattr(model, "_medusa_heads", None)      # one load per model, not one per generate() call
         if cached is None or cached[0] != folder:
             model._medusa_heads = cached = (folder, load_heads(folder, model))

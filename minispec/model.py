@@ -16,6 +16,7 @@ import numpy as np
 
 from .backend import resolve_device, to_device, to_host
 from .cache import RollingCache
+from .errors import check_token_ids, warn_if_past_max_positions
 from .layers import apply_rope, attention, linear, rms_norm, rope_tables, sliding_window_mask, swiglu
 from .weights import load_config, load_tensors
 
@@ -66,7 +67,9 @@ class Model:
     def forward(self, ids, cache=None, return_hidden=False):
         """Logits [T, V] for ids [T]. Without a cache: one pass over the whole sequence (positions 0..T-1).
         With a cache: positions continue after the cache; processed in chunks of at most W, each committed."""
-        ids = np.asarray(to_host(ids), dtype=np.int64).reshape(-1)
+        ids = check_token_ids(ids, self.config.vocab_size)                                    # [T] host int64
+        start = 0 if cache is None else cache.pos
+        warn_if_past_max_positions(start + len(ids), self.config.max_seq_len)
         if cache is None:
             pos = np.arange(len(ids))
             mask = sliding_window_mask(pos, pos, self.config.sliding_window)                 # [T, T]
@@ -98,7 +101,7 @@ class Model:
         itself, for a tree). The window applies on absolute positions, to cache slots and block tokens alike.
         Call `cache.commit(rows)` afterwards to keep some rows; otherwise the cache is unchanged.
         """
-        ids = np.asarray(to_host(ids), dtype=np.int64).reshape(-1)
+        ids = check_token_ids(ids, self.config.vocab_size)                                    # [T] host int64
         T, W = len(ids), cache.W
         depths = np.arange(T) if depths is None else np.asarray(to_host(depths), dtype=np.int64)
         block_visible = np.tril(np.ones((T, T), bool)) if parents_mask is None else np.asarray(to_host(parents_mask), bool)

@@ -1,4 +1,4 @@
-"""Sampling and the acceptance rules of speculative decoding (DESIGN.md, "Decoders").
+"""Sampling and the acceptance rules of speculative decoding (docs/design.md, "One verifier").
 
 Reading order: the target distribution (temperature, top-k, top-p), drawing one token from it, then the four
 acceptance rules a verifier can apply to a drafted chain or tree:
@@ -17,12 +17,12 @@ the same decisions (up to the rare uniform that lands within float rounding of a
 Trees are duck-typed: the rules read `tree.children` (and `tree.retrieve`, `tree.parents` for typical
 acceptance) of a minispec.tree.Tree; `Tree.chain(K)` is the chain case. Shapes: N tree nodes, V vocab, K draft.
 """
-import numbers
 from dataclasses import dataclass
 
 import numpy as np
 
 from .backend import array_module, to_device, to_host
+from .errors import check_int, check_real
 from .layers import softmax
 
 
@@ -31,24 +31,34 @@ class SamplingParams:
     """How the target distribution is shaped from logits. temperature 0 means greedy (argmax).
 
     top_k 0 means no top-k cut; top_p 1 means no nucleus cut. Applied in the order temperature, top-k, top-p,
-    as Hugging Face's logits warpers and vLLM do (top-p measures mass after the top-k cut).
+    as Hugging Face's logits warpers and vLLM do (top-p measures mass after the top-k cut). At temperature 0
+    the argmax is taken and top_k / top_p change nothing (they are still checked, with the same rules).
+    Invalid values raise minispec.errors.UserError naming the parameter (`check_generation` adds seed and
+    max_new_tokens: it is the one validator generate() and the command line share).
     """
     temperature: float = 0.0
     top_k: int = 0
     top_p: float = 1.0
 
     def __post_init__(self):
-        if not (isinstance(self.temperature, numbers.Real) and not isinstance(self.temperature, bool)
-                and np.isfinite(self.temperature) and self.temperature >= 0):
-            raise ValueError(f"SamplingParams: temperature must be a finite number >= 0, got {self.temperature!r}")
-        if not (isinstance(self.top_k, numbers.Integral) and not isinstance(self.top_k, bool) and self.top_k >= 0):
-            raise ValueError(f"SamplingParams: top_k must be an int >= 0 (0: no top-k cut), got {self.top_k!r}")
-        if not (isinstance(self.top_p, numbers.Real) and not isinstance(self.top_p, bool) and 0 < self.top_p <= 1):
-            raise ValueError(f"SamplingParams: top_p must be in (0, 1] (1: no nucleus cut), got {self.top_p!r}")
+        check_real("temperature", self.temperature, low=0, what=" (0: greedy)")
+        check_int("top_k", self.top_k, low=0, what=" (0: no top-k cut)")
+        check_real("top_p", self.top_p, low=0, high=1, low_open=True, what=" (1: no nucleus cut)")
 
     @property
     def greedy(self):
         return self.temperature == 0
+
+
+def check_generation(temperature=0.0, top_k=0, top_p=1.0, seed=0, max_new_tokens=64):
+    """The one check of generate()'s sampling arguments (the command line calls it before loading anything):
+    SamplingParams' rules, plus seed (None or an int >= 0, what numpy.random.default_rng accepts; None draws
+    fresh entropy) and max_new_tokens (an int >= 0; a float or a bool is refused, not truncated).
+    Returns the SamplingParams."""
+    if seed is not None:
+        check_int("seed", seed, low=0)
+    check_int("max_new_tokens", max_new_tokens, low=0)
+    return SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p)
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -14,6 +14,8 @@ from pathlib import Path
 
 import sentencepiece as spm
 
+from .errors import MissingFileError, UserError
+
 # Mistral's reference code names the file by tokenizer version; HF repos call it tokenizer.model.
 TOKENIZER_NAMES = ("tokenizer.model", "tokenizer.model.v3", "tokenizer.model.v1")
 REPLACEMENT_CHAR = "\ufffd"  # what SentencePiece decodes each byte of an incomplete UTF-8 sequence to
@@ -25,11 +27,11 @@ class Tokenizer:
     def __init__(self, path: str | Path):
         self.path = Path(path)
         if not self.path.is_file():
-            raise FileNotFoundError(f"tokenizer file not found: {self.path}")
+            raise MissingFileError(f"tokenizer file not found: {self.path}")
         try:
             self.sp = spm.SentencePieceProcessor(model_file=str(self.path))
         except (RuntimeError, OSError) as err:  # the C++ parser's "could not parse ModelProto" surfaces as these
-            raise ValueError(f"{self.path} is not a SentencePiece model: {err}") from err
+            raise UserError(f"{self.path} is not a SentencePiece model: {err}") from err
 
     @classmethod
     def from_dir(cls, model_dir: str | Path) -> Tokenizer:
@@ -38,9 +40,15 @@ class Tokenizer:
         for name in TOKENIZER_NAMES:
             if (model_dir / name).is_file():
                 return cls(model_dir / name)
-        raise FileNotFoundError(f"no tokenizer in {model_dir}: looked for {', '.join(TOKENIZER_NAMES)}")
+        raise MissingFileError(f"no tokenizer in {model_dir}: looked for {', '.join(TOKENIZER_NAMES)}")
 
     def encode(self, text: str, bos: bool = True, eos: bool = False) -> list[int]:
+        if not isinstance(text, str):
+            raise UserError(f"encode: text must be a str, got {type(text).__name__} (decode bytes first)")
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError as e:   # lone surrogates: undecodable bytes smuggled in (sys.argv does this)
+            raise UserError(f"encode: text is not valid UTF-8 (an undecodable byte at character {e.start})") from None
         return [self.bos_id] * bos + self.sp.encode(text) + [self.eos_id] * eos
 
     def decode(self, ids) -> str:

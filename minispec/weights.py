@@ -21,13 +21,14 @@ from pathlib import Path
 import numpy as np
 
 from .config import MistralConfig
+from .errors import MissingFileError, UserError, check_finite, read_json
 
 _DTYPES = {"F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": np.uint16,
            "I64": np.int64, "I32": np.int32, "I16": np.int16, "I8": np.int8, "U8": np.uint8, "BOOL": np.bool_}
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 
 
-class CheckpointError(ValueError):
+class CheckpointError(UserError):
     """A checkpoint file or tensor is missing, duplicated, unexpected or misshaped."""
 
 
@@ -140,7 +141,9 @@ def interleaved_to_half_rope(w, n_heads):
 def _safetensors_files(folder):
     index = folder / "model.safetensors.index.json"
     if index.exists():
-        weight_map = json.loads(index.read_text())["weight_map"]
+        weight_map = read_json(index).get("weight_map")
+        if not isinstance(weight_map, dict):
+            raise CheckpointError(f"{index}: no \"weight_map\" object ({{tensor name: shard file}})")
         return [folder / f for f in sorted(set(weight_map.values()))]
     for name in ("model.safetensors", "consolidated.safetensors"):
         if (folder / name).exists():
@@ -157,8 +160,12 @@ def _safetensors_files(folder):
 def load_config(folder):
     """(config, layout) of a model folder; layout is 'hf' or 'mistral'."""
     folder = Path(folder)
+    if not folder.exists():
+        raise MissingFileError(f"{folder}: no such model folder (--model / load() takes a folder with config.json "
+                               f"or params.json and *.safetensors)")
     if not folder.is_dir():
-        raise CheckpointError(f"{folder}: not a folder")
+        raise CheckpointError(f"{folder}: not a folder (--model / load() takes the model's folder, not a file "
+                              f"inside it)")
     if (folder / "config.json").exists():
         return MistralConfig.from_hf_config(folder / "config.json"), "hf"
     if (folder / "params.json").exists():
@@ -185,6 +192,7 @@ def load_tensors(folder, cfg=None, layout=None):
             if tuple(arr.shape) != expected[key]:
                 raise CheckpointError(f"{file}: tensor {name!r} has shape {list(arr.shape)}, "
                                       f"expected {list(expected[key])} from the config")
+            check_finite(arr, name, file)           # one sum per tensor: cheap (docs/errors.md)
             tensors[key], where[key] = arr, file
     missing = [k for k in expected if k not in tensors]
     if missing:

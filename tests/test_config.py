@@ -40,9 +40,9 @@ def test_config_is_frozen():
 
 
 @pytest.mark.parametrize("change,message", [
-    ({"num_key_value_heads": 3}, "multiple of n_kv_heads"),
+    ({"num_key_value_heads": 3}, "'num_attention_heads' \\(32\\) must be a multiple of 'num_key_value_heads' \\(3\\)"),
     ({"sliding_window": 0}, "sliding_window"),
-    ({"hidden_size": -1}, "dim"),
+    ({"hidden_size": -1}, "'hidden_size' must be a positive integer, got -1"),
     ({"rope_scaling": {"rope_type": "yarn", "factor": 4}}, "yarn"),
 ])
 def test_bad_configs_raise_one_error_naming_the_field(change, message):

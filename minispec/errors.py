@@ -1,0 +1,145 @@
+"""User mistakes: the error type they raise and the checks every entry point shares (docs/errors.md lists them).
+
+A `UserError` is a mistake in what was passed (a parameter out of range, a file that is not there, a config key
+of the wrong type): its message names the thing and says what would be right, in one line. The command line
+prints exactly that line (`minispec: error: ...`, exit status 2) and no traceback; any other exception is a bug
+of minispec and keeps its traceback. UserError subclasses ValueError, so `except ValueError` keeps working.
+
+The checks live here, once, and are called at the top of the public functions (model.forward, forward_block,
+generate, the config readers, the weight loader), so that a rule is the same wherever it applies.
+"""
+import json
+import numbers
+import warnings
+from pathlib import Path
+
+import numpy as np
+
+
+class UserError(ValueError):
+    """Bad input from a user: a parameter, a file, a key or a tensor. The message is one line naming it."""
+
+
+class MissingFileError(UserError, FileNotFoundError):
+    """A file or folder the user pointed to (or that should sit next to it) is not there."""
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Scalars
+# ---------------------------------------------------------------------------------------------------------
+def is_int(v):
+    """A true integer: Python or NumPy int, not a bool (True is an int to Python, never a count here)."""
+    return isinstance(v, numbers.Integral) and not isinstance(v, (bool, np.bool_))
+
+
+def is_real(v):
+    return isinstance(v, numbers.Real) and not isinstance(v, (bool, np.bool_))
+
+
+def check_int(name, v, low=None, what=""):
+    """v itself if it is an int >= low, else UserError naming `name`. what: the meaning, for the message."""
+    if not is_int(v) or (low is not None and v < low):
+        bound = f" >= {low}" if low is not None else ""
+        raise UserError(f"{name} must be an int{bound}{what}, got {v!r}")
+    return int(v)
+
+
+def check_real(name, v, low=None, high=None, low_open=False, high_open=False, what=""):
+    """float(v) if v is a finite real in the interval, else UserError naming `name` and the interval."""
+    ok = is_real(v) and np.isfinite(v)
+    if ok and low is not None:
+        ok = v > low if low_open else v >= low
+    if ok and high is not None:
+        ok = v < high if high_open else v <= high
+    if not ok:
+        if low is not None and high is not None:
+            rng = f" in {'(' if low_open else '['}{low:g}, {high:g}{')' if high_open else ']'}"
+        elif low is not None:
+            rng = f" {'>' if low_open else '>='} {low:g}"
+        else:
+            rng = ""
+        raise UserError(f"{name} must be a finite number{rng}{what}, got {v!r}")
+    return float(v)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Token ids (model.forward, forward_block, generate)
+# ---------------------------------------------------------------------------------------------------------
+def check_token_ids(ids, vocab_size, what="ids"):
+    """ids as a host int64 array [T], or UserError: a 1-D, non-empty sequence of integer ids in [0, V).
+
+    Refused rather than "fixed": a 2-D array (flattening it would silently join rows), floats and bools
+    (truncation and True == 1 hide a mistake), ids outside the vocabulary (a negative id would read another
+    row of the embedding). Cost: one min and one max over T ids.
+    """
+    if hasattr(ids, "get") and not isinstance(ids, np.ndarray):     # CuPy: one explicit copy to the host
+        ids = ids.get()
+    try:
+        a = np.asarray(ids)
+    except ValueError as e:             # ragged nested lists
+        raise UserError(f"{what} must be a 1-D sequence of token ids, got a ragged sequence ({e})") from None
+    if a.dtype == np.bool_ or not np.issubdtype(a.dtype, np.integer):
+        kind = "bool" if a.dtype == np.bool_ else a.dtype.name if a.dtype.kind != "O" else "object"
+        if a.size == 0 and a.ndim == 1:
+            raise UserError(f"{what} is empty: a prompt needs at least one token (e.g. BOS)")
+        raise UserError(f"{what} must hold integer token ids, got dtype {kind} (convert explicitly if intended)")
+    if a.ndim != 1:
+        raise UserError(f"{what} must be 1-D (one sequence of token ids), got shape {a.shape}")
+    if a.size == 0:
+        raise UserError(f"{what} is empty: a prompt needs at least one token (e.g. BOS)")
+    lo, hi = int(a.min()), int(a.max())
+    if lo < 0 or hi >= vocab_size:
+        bad = lo if lo < 0 else hi
+        at = int(np.flatnonzero(a == bad)[0])
+        raise UserError(f"{what}[{at}] = {bad} is not a token id: ids must be in [0, {vocab_size}) "
+                        f"(the model's vocab_size)")
+    return a.astype(np.int64, copy=False)
+
+
+def warn_if_past_max_positions(end, max_positions, what="the sequence"):
+    """A warning (not an error: RoPE still computes) when positions reach past max_position_embeddings."""
+    if end > max_positions:
+        warnings.warn(f"{what} reaches position {end}, past the model's max_position_embeddings "
+                      f"({max_positions}): the model was not trained that far, expect worse text", stacklevel=3)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Files
+# ---------------------------------------------------------------------------------------------------------
+def read_json(path, expect=dict):
+    """The JSON value in `path` (a dict unless told otherwise), or UserError naming the file and the line."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise MissingFileError(f"{path}: no such file") from None
+    except UnicodeDecodeError as e:
+        raise UserError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise UserError(f"{path}, line {e.lineno}, column {e.colno}: invalid JSON ({e.msg})") from None
+    if expect is not None and not isinstance(value, expect):
+        raise UserError(f"{path}: must hold a JSON {'object' if expect is dict else expect.__name__} "
+                        f"({{\"key\": value, ...}}), got a {type(value).__name__}")
+    return value
+
+
+def check_finite(arr, name, source):
+    """Refuse a weight tensor holding NaN or inf, naming it.
+
+    Cheap enough for every load: one sum (accumulated in float32 or wider, no temporary array); only when the
+    sum is not finite is the tensor scanned element-wise, which also tells a true NaN/inf from a sum that
+    merely overflowed (values near float32's maximum: accepted)."""
+    if arr.dtype.kind != "f" or arr.size == 0:
+        return
+    acc = np.float64 if arr.dtype == np.float64 else np.float32
+    if np.isfinite(np.add.reduce(arr.reshape(-1), dtype=acc)):
+        return
+    bad = ~np.isfinite(arr)
+    n = int(bad.sum())
+    if n:
+        first = tuple(int(i) for i in np.argwhere(bad)[0])
+        kinds = " and ".join(k for k, m in (("NaN", np.isnan(arr).any()), ("inf", np.isinf(arr).any())) if m)
+        raise UserError(f"{source}: tensor {name!r} holds {kinds} ({n} of {arr.size} values, the first at "
+                        f"index {list(first)}): the file is corrupt or was saved from a diverged run")
