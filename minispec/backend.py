@@ -10,7 +10,13 @@ import sys
 
 import numpy as np
 
+from .errors import UserError
+
 _cupy = None
+
+
+class DeviceError(UserError, RuntimeError):
+    """The device asked for is not usable here (no CuPy, no driver, no GPU)."""
 
 
 def _try_cupy():
@@ -39,7 +45,7 @@ def resolve_device(device="auto"):
     if device in ("cuda", "gpu"):
         cp = _try_cupy()
         if cp is None:
-            raise RuntimeError("device='cuda' was asked for, but CuPy with a usable CUDA device is not available "
+            raise DeviceError("device='cuda' was asked for, but CuPy with a usable CUDA device is not available "
                                "(pip install 'minispec[gpu]' on a machine with an NVIDIA GPU)")
         return cp, "cuda"
     if device == "auto":
@@ -48,7 +54,7 @@ def resolve_device(device="auto"):
             return cp, "cuda"
         print("minispec: no usable GPU (CuPy + CUDA); running on the CPU with NumPy", file=sys.stderr)
         return np, "cpu"
-    raise ValueError(f"device must be 'auto', 'cpu' or 'cuda', not {device!r}")
+    raise UserError(f"device must be 'auto', 'cpu' or 'cuda', not {device!r}")
 
 
 def array_module(x):

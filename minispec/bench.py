@@ -1,4 +1,4 @@
-"""Benchmarks that print the limit next to the result (STYLE.md #11).
+"""Benchmarks that print the limit next to the result (docs/design.md, "Benchmarks").
 
 `bench_forward`: plain greedy decoding, tokens/s on generated tokens only — the prompt is prefilled, the timer
 starts after the first new token, the median of `runs` runs after a warm-up run is reported — and, where torch
@@ -50,7 +50,23 @@ def _decode_rate(step, first, n_tokens, runs):
     return statistics.median(rates), rates
 
 
+def check_bench(n_tokens, runs, n_prompts=1, decoders=("ar",)):
+    """The bench options that would measure nothing: a rate needs >= 2 tokens (the timer starts after the
+    first), >= 1 timed run, >= 1 prompt, and registered decoders (the first is the baseline)."""
+    from .errors import UserError, check_int
+    from .generate import check_decoder
+    check_int("n_tokens", n_tokens, low=2, what=" (the timer starts after the first token)")
+    check_int("runs", runs, low=1)
+    check_int("n_prompts", n_prompts, low=1)
+    if isinstance(decoders, str) or not decoders or not all(decoders):
+        raise UserError(f"decoders must be a non-empty list of decoder names (the first is the baseline), "
+                        f"got {decoders!r}")
+    for name in decoders:
+        check_decoder(name)
+
+
 def bench_forward(model_dir, n_tokens=64, runs=5, device="auto", dtype="float32", compare_hf=True, prompt_len=16):
+    check_bench(n_tokens, runs)
     print("environment:", environment())
     model = load(model_dir, dtype=dtype, device=device)
     c = model.config
@@ -180,6 +196,7 @@ def bench_decode(model_dir, decoders=("ar", "medusa"), n_tokens=128, n_prompts=8
                  dtype="float32"):
     from .generate import generate
     from .tokenizer import Tokenizer
+    check_bench(n_tokens, runs, n_prompts, decoders)
     print("environment:", environment())
     model = load(model_dir, dtype=dtype, device=device)
     tok = Tokenizer.from_dir(model_dir)

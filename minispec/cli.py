@@ -1,19 +1,139 @@
-"""The command line: `minispec generate`, `minispec bench`, `minispec train-heads` (python -m minispec works too)."""
+"""The command line: `minispec generate`, `minispec bench`, `minispec train-heads` (python -m minispec works too).
+
+Every user mistake ends in ONE line on stderr, `minispec: error: ...`, and exit status 2, with no traceback:
+argparse's own errors (through Parser.error) and every minispec.errors.UserError (a bad value, a missing
+file, a bad config key, a NaN in a checkpoint). Each command checks its arguments before it loads a model or
+prints anything (the check_* functions below, which call the same validators as the Python API). Any other
+exception is a bug and keeps its traceback. docs/errors.md lists the messages.
+"""
 import argparse
+import inspect
 import sys
 from pathlib import Path
 
-DEFAULT_MODEL = Path(__file__).resolve().parent.parent / "weights" / "stdlib-mistral"
+from . import __version__
+from .errors import UserError
+
+# The shipped model lives in the source tree (weights/ is not package data: a wheel does not carry it).
+SOURCE_MODEL = Path(__file__).resolve().parent.parent / "weights" / "stdlib-mistral"
+DEFAULT_MODEL = SOURCE_MODEL        # kept for callers of the old name
+# API parameter name -> the flag that sets it, so a validator's message names what the user typed
+FLAGS = {"temperature": "--temperature", "top_k": "--top-k", "top_p": "--top-p", "seed": "--seed",
+         "max_new_tokens": "-n", "n_tokens": "-n", "runs": "--runs", "n_prompts": "--prompts",
+         "decoders": "--decoders", "num_heads": "--heads", "num_layers": "--layers", "seq_len": "--seq-len",
+         "epochs": "--epochs", "lr": "--lr", "batch": "--batch", "budget": "--budget", "tokens": "--tokens"}
 
 
+class Parser(argparse.ArgumentParser):
+    """argparse, with its errors as one line (`minispec: error: ...`, status 2) instead of usage + error."""
+
+    def error(self, message):
+        fail(message)
+
+
+class Help(argparse.ArgumentDefaultsHelpFormatter):
+    """Show "(default: X)" where there is a default to show (not for None or a flag's False)."""
+
+    def _get_help_string(self, action):
+        if action.default is None or action.default is False or action.default is argparse.SUPPRESS:
+            return action.help
+        return super()._get_help_string(action)
+
+
+def fail(message):
+    sys.stderr.write(f"minispec: error: {message}\n")
+    sys.exit(2)
+
+
+def as_flags(err, **flags):
+    """A validator's message with the API parameter it names spelled as the command-line flag."""
+    msg, flags = str(err), {**FLAGS, **flags}
+    name = msg.split(" ", 1)[0]
+    if name in flags and " " in msg:
+        return f"argument {flags[name]}: {msg.split(' ', 1)[1]}"
+    return msg
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Shared argument checks (before anything loads)
+# ---------------------------------------------------------------------------------------------------------
 def _model_arg(p):
-    p.add_argument("--model", default=str(DEFAULT_MODEL),
-                   help="model folder (HF or Mistral layout); default: the shipped weights/stdlib-mistral")
-    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-    p.add_argument("--dtype", default="float32", choices=["float32", "float64"])
+    from .model import DTYPES
+    p.add_argument("--model", default=None,
+                   help="model folder (HF or Mistral layout); default: the shipped weights/stdlib-mistral of a "
+                        "source checkout")
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
+                   help="auto: CuPy when a GPU is usable, else NumPy")
+    p.add_argument("--dtype", default="float32", choices=list(DTYPES), help="working dtype of the weights")
+
+
+def check_model_args(args, tokenizer=True):
+    """The model folder (config readable, tokenizer present) and the device, checked without loading weights."""
+    from .backend import resolve_device
+    from .weights import load_config
+    if args.model is None:
+        if not SOURCE_MODEL.is_dir():
+            raise UserError("no --model given, and the shipped model is not installed: weights/ comes with the "
+                            "source tree, not with `pip install .`; pass --model DIR (a model folder, e.g. "
+                            "weights/stdlib-mistral of a minispec checkout)")
+        args.model = str(SOURCE_MODEL)
+    load_config(args.model)
+    if tokenizer:
+        from .tokenizer import Tokenizer
+        Tokenizer.from_dir(args.model)
+    if args.device == "cuda":
+        try:
+            resolve_device("cuda")
+        except UserError as e:
+            raise UserError(f"argument --device: {e}") from None
+
+
+def check_prompt(prompt):
+    """sys.argv carries bytes that are not UTF-8 as lone surrogates (PEP 383); name the first one."""
+    try:
+        prompt.encode("utf-8")
+    except UnicodeEncodeError as e:
+        ch = prompt[e.start]
+        byte = f"byte 0x{ord(ch) - 0xDC00:02x}" if 0xDC80 <= ord(ch) <= 0xDCFF else f"character {ch!r}"
+        raise UserError(f"argument --prompt: not valid UTF-8 text ({byte} at character {e.start}); pass text "
+                        f"in your terminal's UTF-8 encoding") from None
+
+
+def check_heads(decoder, heads):
+    """--heads DIR: an existing folder, for a decoder whose factory takes heads=."""
+    from .generate import DECODERS
+    if heads is None:
+        return {}
+    params = inspect.signature(DECODERS[decoder]).parameters
+    takes = "heads" in params or any(p.kind == p.VAR_KEYWORD for p in params.values())
+    if not takes:
+        have = sorted(n for n, f in DECODERS.items() if "heads" in inspect.signature(f).parameters)
+        raise UserError(f"argument --heads: decoder {decoder!r} has no heads (decoders with heads: "
+                        f"{', '.join(have) or 'none'})")
+    if not Path(heads).is_dir():
+        raise UserError(f"argument --heads: {heads}: no such folder")
+    return {"heads": heads}
+
+
+# ---------------------------------------------------------------------------------------------------------
+# generate
+# ---------------------------------------------------------------------------------------------------------
+def check_generate(args):
+    from .generate import check_decoder
+    from .sampling import check_generation
+    try:
+        check_generation(args.temperature, args.top_k, args.top_p, args.seed, args.n)
+    except UserError as e:
+        raise UserError(as_flags(e)) from None
+    check_prompt(args.prompt)
+    options = check_heads(args.decoder, args.heads)
+    check_decoder(args.decoder, **options)
+    check_model_args(args)
+    return options
 
 
 def cmd_generate(args):
+    options = check_generate(args)
     from .generate import generate
     from .model import load
     from .tokenizer import Tokenizer
@@ -32,7 +152,8 @@ def cmd_generate(args):
         sys.stdout.flush()
 
     out = generate(model, ids, decoder=args.decoder, max_new_tokens=args.n, temperature=args.temperature,
-                   top_k=args.top_k, top_p=args.top_p, seed=args.seed, eos_id=tok.eos_id, on_token=on_token)
+                   top_k=args.top_k, top_p=args.top_p, seed=args.seed, eos_id=tok.eos_id, on_token=on_token,
+                   **options)
     sys.stdout.write(stream.flush() + "\n")
     s = out.stats
     print(f"[{args.decoder}] {s.new_tokens} tokens in {s.decode_time:.2f} s: {s.tokens_per_s:.1f} tokens/s "
@@ -40,52 +161,86 @@ def cmd_generate(args):
           f"tau = {s.tau:.2f} tokens/step, device {model.device}", file=sys.stderr)
 
 
+# ---------------------------------------------------------------------------------------------------------
+# bench
+# ---------------------------------------------------------------------------------------------------------
 def cmd_bench(args):
     from . import bench
+    decoders = [d.strip() for d in args.decoders.split(",")] if args.decoders.strip() else []
+    try:
+        bench.check_bench(args.n, args.runs, args.prompts, decoders)
+    except UserError as e:
+        raise UserError(as_flags(e)) from None
+    check_model_args(args, tokenizer=args.what == "decode")
     if args.what == "forward":
         bench.bench_forward(args.model, n_tokens=args.n, runs=args.runs, device=args.device, dtype=args.dtype,
                             compare_hf=not args.no_hf)
     else:
-        bench.bench_decode(args.model, decoders=args.decoders.split(","), n_tokens=args.n, n_prompts=args.prompts,
+        bench.bench_decode(args.model, decoders=decoders, n_tokens=args.n, n_prompts=args.prompts,
                            runs=args.runs, device=args.device, dtype=args.dtype)
 
 
+# ---------------------------------------------------------------------------------------------------------
+# train-heads
+# ---------------------------------------------------------------------------------------------------------
 def cmd_train_heads(args):
-    from .train_heads import train_medusa
+    from .train_heads import check_training, train_medusa
+    try:
+        args.text = check_training(version=args.version, num_heads=args.heads, num_layers=args.layers,
+                                   data=args.data, text=args.text, n_tokens=args.tokens, seq_len=args.seq_len,
+                                   epochs=args.epochs, lr=args.lr, batch=args.batch, budget=args.budget,
+                                   top_k=args.top_k, seed=args.seed)
+    except UserError as e:
+        msg = as_flags(e, n_tokens="--tokens").replace("no text given", "no --text given").replace("a text file", "--text FILE")
+        raise UserError(msg if msg.startswith(("argument", "no ")) else f"argument --text: {msg}") from None
+    check_model_args(args)
     train_medusa(args.model, out=args.out, version=args.version, num_heads=args.heads, num_layers=args.layers,
                  data=args.data, text=args.text, n_tokens=args.tokens, seq_len=args.seq_len, epochs=args.epochs,
                  lr=args.lr, batch=args.batch, budget=args.budget, top_k=args.top_k, seed=args.seed,
                  device=args.device, dtype=args.dtype)
 
 
-def main(argv=None):
-    ap = argparse.ArgumentParser(prog="minispec", description="Mistral inference and speculative decoding in NumPy")
-    sub = ap.add_subparsers(dest="cmd", required=True)
+# ---------------------------------------------------------------------------------------------------------
+def build_parser():
+    from .generate import DECODERS
+    ap = Parser(prog="minispec", description="Mistral inference and speculative decoding in NumPy",
+                formatter_class=Help)
+    ap.add_argument("--version", action="version", version=f"minispec {__version__}")
+    sub = ap.add_subparsers(dest="cmd", metavar="{generate,bench,train-heads}")
+    sub.required = True
 
-    g = sub.add_parser("generate", help="generate text from a prompt, streaming")
+    g = sub.add_parser("generate", help="generate text from a prompt, streaming", formatter_class=Help)
     _model_arg(g)
-    g.add_argument("--prompt", default="def ")
+    g.add_argument("--prompt", default="def ", help="text to continue")
     g.add_argument("-n", type=int, default=64, help="new tokens at most")
-    g.add_argument("--decoder", default="ar", help="ar (plain) or a speculative decoder")
-    g.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
-    g.add_argument("--top-k", type=int, default=0)
-    g.add_argument("--top-p", type=float, default=1.0)
-    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--decoder", default="ar", choices=sorted(DECODERS),
+                   help="ar (plain) or a speculative decoder (all give plain decoding's tokens at temperature 0)")
+    g.add_argument("--heads", default=None, metavar="DIR",
+                   help="the decoder's heads from this folder (default: the heads next to the model)")
+    g.add_argument("--temperature", type=float, default=0.0,
+                   help="0: greedy (argmax; top-k and top-p then change nothing)")
+    g.add_argument("--top-k", type=int, default=0, help="keep the k most likely tokens (0: no cut)")
+    g.add_argument("--top-p", type=float, default=1.0, help="nucleus: smallest set with this mass, in (0, 1] "
+                                                            "(1: no cut)")
+    g.add_argument("--seed", type=int, default=0, help="random seed (an int >= 0)")
     g.set_defaults(func=cmd_generate)
 
-    b = sub.add_parser("bench", help="honest benchmarks (median of runs after a warm-up, environment printed)")
+    b = sub.add_parser("bench", help="honest benchmarks (median of runs after a warm-up, environment printed)",
+                       formatter_class=Help)
     b.add_argument("what", choices=["forward", "decode"],
                    help="forward: decode tokens/s vs HF transformers; decode: speculative decoders vs AR")
     _model_arg(b)
-    b.add_argument("-n", type=int, default=64, help="generated tokens per run")
-    b.add_argument("--runs", type=int, default=5)
+    b.add_argument("-n", type=int, default=64, help="generated tokens per run (>= 2: the timer starts after one)")
+    b.add_argument("--runs", type=int, default=5, help="timed runs (the median is reported)")
     b.add_argument("--no-hf", action="store_true", help="skip the HF transformers comparison")
-    b.add_argument("--decoders", default="ar,medusa", help="bench decode: comma-separated, the first is the baseline")
+    b.add_argument("--decoders", default="ar,medusa",
+                   help=f"bench decode: comma-separated, the first is the baseline; from {', '.join(sorted(DECODERS))}")
     b.add_argument("--prompts", type=int, default=8, help="bench decode: held-out prompts")
     b.set_defaults(func=cmd_bench)
 
-    t = sub.add_parser("train-heads", help="train speculative-decoding heads on the frozen model (NumPy)")
-    t.add_argument("--kind", default="medusa", choices=["medusa"])
+    t = sub.add_parser("train-heads", help="train speculative-decoding heads on the frozen model (NumPy)",
+                       formatter_class=Help)
+    t.add_argument("--kind", default="medusa", choices=["medusa"], help="which heads")
     _model_arg(t)
     t.add_argument("--version", default="v1", choices=["v1", "v2"],
                    help="v1: each head owns a vocabulary projection; v2: heads share the model's output layer")
@@ -94,20 +249,32 @@ def main(argv=None):
     t.add_argument("--data", default="corpus", choices=["corpus", "self"],
                    help="corpus: labels are corpus tokens; self: the model's own greedy continuations")
     t.add_argument("--text", default=None, help="corpus text file (documents separated by \\n\\0\\n); "
-                                                "default data/corpus/train.txt")
+                                                "default data/corpus/train.txt (tools/collect_corpus.py builds it)")
     t.add_argument("--tokens", type=int, default=100_000, help="tokens of training + held-out data")
     t.add_argument("--seq-len", type=int, default=512, help="tokens per training sequence")
-    t.add_argument("--epochs", type=int, default=1)
+    t.add_argument("--epochs", type=int, default=1, help="passes over the training data")
     t.add_argument("--lr", type=float, default=1e-3, help="peak learning rate (warm-up, then cosine)")
     t.add_argument("--batch", type=int, default=256, help="positions per step")
     t.add_argument("--budget", type=int, default=10, help="tree nodes (root excluded) of the stored tree")
     t.add_argument("--top-k", type=int, default=10, help="ranks whose accuracy is measured per head")
-    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--seed", type=int, default=0, help="random seed (an int >= 0)")
     t.add_argument("--out", default=None, help="output folder; default MODEL/medusa")
     t.set_defaults(func=cmd_train_heads)
+    return ap
 
-    args = ap.parse_args(argv)
-    args.func(args)
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
+    try:
+        args.func(args)
+    except UserError as e:
+        fail(str(e))
+    except KeyboardInterrupt:
+        sys.stderr.write("minispec: interrupted\n")
+        sys.exit(130)
+    except BrokenPipeError:         # `minispec generate | head`: the reader left; not an error of ours
+        sys.stderr.close()
+        sys.exit(0)
 
 
 if __name__ == "__main__":

@@ -84,10 +84,10 @@ def self_distilled_sequences(model, prompts, gen_len, eos_id, n_tokens=None, pro
     """[(prompt + greedy continuation, len(prompt)), ...]: the base model continues each prompt greedily for
     gen_len tokens (stopping after eos_id), until n_tokens tokens in all (None: every prompt). The labels are
     then the model's own greedy tokens."""
-    from tqdm import tqdm
+    from .progress import Progress
     from .generate import generate
     out, total = [], 0
-    bar = tqdm(total=n_tokens, desc="self-distillation", unit="tok", disable=not progress)
+    bar = Progress(total=n_tokens, desc="self-distillation", unit="tok", disable=not progress)
     for prompt in prompts:
         if n_tokens is not None and total >= n_tokens:
             break
@@ -111,9 +111,9 @@ def hidden_states(model, sequences, num_heads, progress=False):
     N = sum(len(ids) for ids, _ in sequences)
     H = xp.empty((N, model.config.dim), dtype=model.dtype)                        # [N, D]
     labels = np.empty((num_heads, N), dtype=np.int64)                             # [K, N]
-    from tqdm import tqdm
+    from .progress import Progress
     at = 0
-    for ids, first in tqdm(sequences, desc="hidden states", unit="seq", disable=not progress):
+    for ids, first in Progress(sequences, desc="hidden states", unit="seq", disable=not progress):
         n = len(ids)
         _, hidden = model.forward(ids, cache=model.new_cache(), return_hidden=True)      # [n, D]
         H[at:at + n] = hidden
@@ -273,7 +273,7 @@ def train(heads, H, labels, cfg=TrainConfig(), progress=True):
 
     Minibatches of cfg.batch positions drawn without replacement each epoch (positions with at least one label).
     Returns the loss of every step (host floats)."""
-    from tqdm import tqdm
+    from .progress import Progress
     xp = array_module(H)
     rows = np.flatnonzero((labels >= 0).any(axis=0))                            # trainable positions
     labels_d = to_device(xp, labels)                                             # [K, N]
@@ -287,7 +287,7 @@ def train(heads, H, labels, cfg=TrainConfig(), progress=True):
     warmup = max(1, int(cfg.warmup * total))
     rng = np.random.default_rng(cfg.seed)
     history = []
-    bar = tqdm(total=total, desc="train heads", unit="step", disable=not progress)
+    bar = Progress(total=total, desc="train heads", unit="step", disable=not progress)
     for epoch in range(cfg.epochs):
         order = rng.permutation(rows)
         for s in range(per_epoch):
@@ -332,12 +332,9 @@ def train_medusa(model_dir, out=None, version="v1", num_heads=4, num_layers=1, d
     from .model import load
     from .tokenizer import Tokenizer
 
-    if data not in ("corpus", "self"):
-        raise ValueError(f"--data must be 'corpus' or 'self', not {data!r}")
-    if text is None:
-        if not DEFAULT_TEXT.exists():
-            raise FileNotFoundError(f"no --text given and no {DEFAULT_TEXT} (build it with tools/collect_corpus.py)")
-        text = DEFAULT_TEXT
+    text = check_training(version=version, num_heads=num_heads, num_layers=num_layers, data=data, text=text,
+                          n_tokens=n_tokens, seq_len=seq_len, epochs=epochs, lr=lr, batch=batch, budget=budget,
+                          top_k=top_k, seed=seed)
     model = load(model_dir, dtype=dtype, device=device)
     tok = Tokenizer.from_dir(model_dir)
     if model.config.sliding_window is None:          # no ring: a sequence must fit the cache
@@ -385,3 +382,28 @@ def train_medusa(model_dir, out=None, version="v1", num_heads=4, num_layers=1, d
     heads.save(out, extra={"training": report})
     say(f"saved {out}")
     return heads, report
+
+
+def check_training(version="v1", num_heads=4, num_layers=1, data="corpus", text=None, n_tokens=100_000, seq_len=512,
+                   epochs=1, lr=1e-3, batch=256, budget=10, top_k=10, seed=0):
+    """The training options' rules (train_medusa and `minispec train-heads` share them, checked before the
+    model loads). Returns the corpus path: `text`, or data/corpus/train.txt of a source checkout."""
+    from .errors import MissingFileError, UserError, check_int, check_real
+    if version not in ("v1", "v2"):
+        raise UserError(f"version must be 'v1' or 'v2', not {version!r}")
+    if data not in ("corpus", "self"):
+        raise UserError(f"data must be 'corpus' or 'self', not {data!r}")
+    for name, v, low in (("num_heads", num_heads, 1), ("num_layers", num_layers, 0), ("n_tokens", n_tokens, 1),
+                         ("seq_len", seq_len, 2), ("epochs", epochs, 1), ("batch", batch, 1), ("budget", budget, 0),
+                         ("top_k", top_k, 1), ("seed", seed, 0)):
+        check_int(name, v, low=low)
+    check_real("lr", lr, low=0, low_open=True)
+    build = "build one with `python tools/collect_corpus.py --out data/corpus` in a minispec checkout"
+    if text is None:
+        if not DEFAULT_TEXT.is_file():
+            raise MissingFileError(f"no corpus: no text given and no {DEFAULT_TEXT.relative_to(REPO)} here; {build}, "
+                                   f"or pass a text file")
+        return DEFAULT_TEXT
+    if not Path(text).is_file():
+        raise MissingFileError(f"{text}: no such corpus file; {build}, or pass an existing text file")
+    return text
