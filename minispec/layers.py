@@ -85,7 +85,7 @@ def attention(q, k, v, mask):
 
 # NumPy + OpenBLAS: for 2+ rows x @ W takes the GEMM path, which repacks the whole weight matrix first (~0.6 ms
 # for a 192 x 4096 matrix, vs 0.08 ms for one row's gemv); a stack of per-row gemv calls is several times cheaper
-# up to about a dozen rows, and speculative verification lives exactly there (DESIGN.md, "Performance facts").
+# up to about a dozen rows, and speculative verification lives exactly there (docs/design.md, "Performance facts").
 GEMV_ROWS = 12
 
 

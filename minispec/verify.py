@@ -1,4 +1,4 @@
-"""The one verifier every speculative decoder shares (DESIGN.md, "Decoders: one verifier, pluggable proposers").
+"""The one verifier every speculative decoder shares (docs/design.md, "One verifier").
 
 A draft is a tree of tokens (a chain is a tree; autoregressive decoding is the tree with only a root). Node 0,
 the root, is the token chosen at the previous step and not yet in the cache. One forward runs all N nodes

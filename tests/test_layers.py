@@ -1,4 +1,4 @@
-"""Each layer function against an independent formula, with its shape and dtype (STYLE.md #2)."""
+"""Each layer function against an independent formula, with its shape and dtype (docs/design.md, "Code style")."""
 import numpy as np
 import pytest
 

@@ -10,7 +10,7 @@ attention, and writes tests/fixtures/<name>_reference.safetensors:
   golden{i}_min_gap float64 [1]: the smallest top-1 minus top-2 logit gap along that greedy path (a tie would
                  make the golden fragile; the tool prints it)
 
-    /work/venv/bin/python tools/make_shipped_reference.py --model weights/stdlib-mistral
+    python tools/make_shipped_reference.py --model weights/stdlib-mistral
 """
 import argparse
 from pathlib import Path
