@@ -170,7 +170,7 @@ def cmd_bench(args):
     try:
         bench.check_bench(args.n, args.runs, args.prompts, decoders)
     except UserError as e:
-        raise UserError(as_flags(e)) from None
+        raise UserError(as_flags(e, decoder="--decoders")) from None
     check_model_args(args, tokenizer=args.what == "decode")
     if args.what == "forward":
         bench.bench_forward(args.model, n_tokens=args.n, runs=args.runs, device=args.device, dtype=args.dtype,

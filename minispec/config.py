@@ -193,5 +193,5 @@ class _Keys:
         else:
             hd, where = self.count(key), repr(key)
         if hd % 2:
-            raise ConfigError(f"{self.source}: head_dim {where} = {hd} must be even (RoPE rotates pairs)")
+            raise ConfigError(f"{self.source}: {where} = {hd} must be even (it is head_dim: RoPE rotates pairs)")
         return hd

@@ -174,7 +174,7 @@ def generate(model, ids, decoder="ar", max_new_tokens=64, temperature=0.0, top_k
     or a proposer object). Stops at eos_id (included in the output; None disables it). on_token(id) is called
     for each new token as soon as it is final. Returns Output(tokens, stats)."""
     ids = [int(t) for t in check_token_ids(ids, model.config.vocab_size, what="prompt")]
-    warn_if_past_max_positions(len(ids), model.config.max_seq_len, what=f"the prompt ({len(ids)} tokens)")
+    warn_if_past_max_positions(len(ids), model.config.max_seq_len, what="the prompt")
     params = check_generation(temperature, top_k, top_p, seed, max_new_tokens)
     rng = np.random.default_rng(seed)
     rule = make_rule(params, acceptance, rng)

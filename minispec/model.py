@@ -69,7 +69,8 @@ class Model:
         With a cache: positions continue after the cache; processed in chunks of at most W, each committed."""
         ids = check_token_ids(ids, self.config.vocab_size)                                    # [T] host int64
         start = 0 if cache is None else cache.pos
-        warn_if_past_max_positions(start + len(ids), self.config.max_seq_len)
+        if start <= self.config.max_seq_len:         # warn once, on the call that crosses the limit
+            warn_if_past_max_positions(start + len(ids), self.config.max_seq_len)
         if cache is None:
             pos = np.arange(len(ids))
             mask = sliding_window_mask(pos, pos, self.config.sliding_window)                 # [T, T]

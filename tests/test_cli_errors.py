@@ -210,3 +210,23 @@ def test_after_a_non_editable_install_the_default_model_says_to_pass_model(tmp_p
                        timeout=120)
     assert r.returncode == 0, r.stderr
     assert r.stdout.startswith("def f(x):")
+
+
+def test_docs_errors_md_shows_the_messages_the_command_line_gives(capsys, monkeypatch):
+    """Every plain row of the command-line table in docs/errors.md, run: the doc quotes the real message."""
+    import re
+    import shlex
+    from minispec.backend import _try_cupy
+    monkeypatch.chdir(REPO)                     # the rows use paths relative to the repository
+    table = (REPO / "docs" / "errors.md").read_text().split("## Command line")[1].split("## Python API")[0]
+    rows = re.findall(r"^\| `minispec ([^`$]*)` \| `` ?(.*?) ?`` \|$|^\| `minispec ([^`$]*)` \| `([^`]*)` \|$",
+                      table, re.M)
+    checked = 0
+    for a, b, c, d in rows:
+        command, message = (a, b) if a or b else (c, d)
+        if "--device cuda" in command and _try_cupy() is not None:
+            continue
+        code, out, err = run_cli(shlex.split(command), capsys)
+        assert code == 2 and err.strip() == message, (command, err)
+        checked += 1
+    assert checked >= 20
