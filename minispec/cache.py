@@ -12,6 +12,8 @@ never committed leaves the ring bit-identical, also when its positions would hav
 """
 import numpy as np
 
+from .errors import UserError
+
 
 class RollingCache:
     def __init__(self, n_layers, n_kv_heads, head_dim, slots, xp, dtype, ring=True, scratch=None):
@@ -54,7 +56,7 @@ class RollingCache:
         if T > self.scratch:
             self._grow_scratch(T)
         if not self.ring and self.pos + T > self.W:
-            raise ValueError(f"cache full: {self.pos} + {T} tokens exceed max_seq_len = {self.W} "
+            raise UserError(f"cache full: {self.pos} + {T} tokens exceed max_seq_len = {self.W} "
                              f"(the model has no sliding window, so the cache cannot wrap)")
         self.block_len = T
 

@@ -134,12 +134,13 @@ def check_generate(args):
 
 def cmd_generate(args):
     options = check_generate(args)
-    from .generate import generate
+    from .generate import generate, make_proposer
     from .model import load
     from .tokenizer import Tokenizer
 
     model = load(args.model, dtype=args.dtype, device=args.device)
     tok = Tokenizer.from_dir(args.model)
+    proposer = make_proposer(args.decoder, model, **options)     # its heads load (or fail) before any output
     ids = tok.encode(args.prompt, bos=True)
     stream = tok.stream()
     for t in ids[1:]:               # show the prompt as the tokenizer will continue it
@@ -151,9 +152,8 @@ def cmd_generate(args):
         sys.stdout.write(stream.push(t))
         sys.stdout.flush()
 
-    out = generate(model, ids, decoder=args.decoder, max_new_tokens=args.n, temperature=args.temperature,
-                   top_k=args.top_k, top_p=args.top_p, seed=args.seed, eos_id=tok.eos_id, on_token=on_token,
-                   **options)
+    out = generate(model, ids, decoder=proposer, max_new_tokens=args.n, temperature=args.temperature,
+                   top_k=args.top_k, top_p=args.top_p, seed=args.seed, eos_id=tok.eos_id, on_token=on_token)
     sys.stdout.write(stream.flush() + "\n")
     s = out.stats
     print(f"[{args.decoder}] {s.new_tokens} tokens in {s.decode_time:.2f} s: {s.tokens_per_s:.1f} tokens/s "

@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from .backend import to_host
-from .errors import UserError, check_token_ids, warn_if_past_max_positions
+from .errors import UserError, check_int, check_token_ids, warn_if_past_max_positions
 from .sampling import (SamplingParams, chain_rejection_accept, greedy_accept, target_probs, tree_rejection_accept,
                        typical_accept)
 from .sampling import check_generation
@@ -159,13 +159,13 @@ def make_rule(params, acceptance, rng):
         acceptance = "greedy" if params.greedy else "rejection"
     if acceptance == "greedy":
         if not params.greedy:
-            raise ValueError("acceptance='greedy' needs temperature=0")
+            raise UserError("acceptance='greedy' needs temperature=0")
         return lambda draft, logits: greedy_accept(draft.tree, draft.tokens, logits)
     if acceptance == "rejection":
         return lambda draft, logits: rejection_accept(draft, target_probs(logits, params), rng)
     if acceptance == "typical":
         return lambda draft, logits: typical_accept(draft.tree, draft.tokens, logits, params, rng=rng)
-    raise ValueError(f"acceptance must be 'greedy', 'rejection' or 'typical', not {acceptance!r}")
+    raise UserError(f"acceptance must be 'greedy', 'rejection' or 'typical', not {acceptance!r}")
 
 
 def generate(model, ids, decoder="ar", max_new_tokens=64, temperature=0.0, top_k=0, top_p=1.0, seed=0,
@@ -181,6 +181,11 @@ def generate(model, ids, decoder="ar", max_new_tokens=64, temperature=0.0, top_k
     proposer = make_proposer(decoder, model, **decoder_options) if isinstance(decoder, str) else decoder
     stats = Stats()
     cache = model.new_cache() if cache is None else cache
+    if eos_id is not None:
+        check_int("eos_id", eos_id, low=0, what=" or None")
+    if not cache.ring and cache.pos + len(ids) + max_new_tokens - 1 > cache.W:
+        raise UserError(f"the prompt ({len(ids)} tokens) + max_new_tokens ({max_new_tokens}) do not fit the cache "
+                        f"of {cache.W} positions (max_seq_len; the model has no sliding window to wrap)")
 
     clock = time.perf_counter
     t0 = clock()

@@ -16,7 +16,7 @@ import numpy as np
 
 from .backend import resolve_device, to_device, to_host
 from .cache import RollingCache
-from .errors import check_token_ids, warn_if_past_max_positions
+from .errors import UserError, check_token_ids, warn_if_past_max_positions
 from .layers import apply_rope, attention, linear, rms_norm, rope_tables, sliding_window_mask, swiglu
 from .weights import load_config, load_tensors
 
@@ -106,6 +106,9 @@ class Model:
         T, W = len(ids), cache.W
         depths = np.arange(T) if depths is None else np.asarray(to_host(depths), dtype=np.int64)
         block_visible = np.tril(np.ones((T, T), bool)) if parents_mask is None else np.asarray(to_host(parents_mask), bool)
+        if depths.shape != (T,) or block_visible.shape != (T, T):
+            raise UserError(f"forward_block: {T} ids need depths [{T}] and parents_mask [{T}, {T}], got "
+                            f"{list(depths.shape)} and {list(block_visible.shape)}")
         q_pos = cache.pos + depths                                                           # [T]
         window = self.config.sliding_window
         mask = np.concatenate([sliding_window_mask(q_pos, cache.slot_positions(), window),  # [T, W]

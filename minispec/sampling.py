@@ -22,8 +22,11 @@ from dataclasses import dataclass
 import numpy as np
 
 from .backend import array_module, to_device, to_host
-from .errors import check_int, check_real
+from .errors import UserError, check_int, check_real
 from .layers import softmax
+
+
+MIN_TEMPERATURE = 1e-6      # smaller: logits / T can overflow float32 (|logits| > 3e32); greedy is spelled 0
 
 
 @dataclass(frozen=True)
@@ -42,6 +45,9 @@ class SamplingParams:
 
     def __post_init__(self):
         check_real("temperature", self.temperature, low=0, what=" (0: greedy)")
+        if 0 < self.temperature < MIN_TEMPERATURE:
+            raise UserError(f"temperature must be 0 (greedy) or >= {MIN_TEMPERATURE:g}: a smaller one overflows "
+                            f"logits / temperature in float32 (and samples the argmax anyway), got {self.temperature!r}")
         check_int("top_k", self.top_k, low=0, what=" (0: no top-k cut)")
         check_real("top_p", self.top_p, low=0, high=1, low_open=True, what=" (1: no nucleus cut)")
 

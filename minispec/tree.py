@@ -24,6 +24,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from .backend import to_host
+from .errors import UserError
 
 
 def _readonly(a):
@@ -65,34 +66,34 @@ class Tree:
         """Build from Medusa's choices (list of rank paths). n_heads / top_k, when given, bound depth / rank."""
         for name, v in (("n_heads", n_heads), ("top_k", top_k)):
             if v is not None and (not isinstance(v, numbers.Integral) or isinstance(v, bool) or v <= 0):
-                raise ValueError(f"tree: {name} must be a positive int or None, got {v!r}")
+                raise UserError(f"tree: {name} must be a positive int or None, got {v!r}")
         if isinstance(choices, (str, bytes)) or not hasattr(choices, "__iter__"):
-            raise ValueError(f"tree: choices must be a list of paths (lists of ranks), got {choices!r}")
+            raise UserError(f"tree: choices must be a list of paths (lists of ranks), got {choices!r}")
         paths = []
         for i, c in enumerate(choices):
             if isinstance(c, (str, bytes)) or not hasattr(c, "__iter__"):
-                raise ValueError(f"tree: choices[{i}] = {c!r} is not a list of ranks")
+                raise UserError(f"tree: choices[{i}] = {c!r} is not a list of ranks")
             c = list(c)
             if not c:
-                raise ValueError(f"tree: choices[{i}] is an empty path (the root is implicit; every path needs a rank)")
+                raise UserError(f"tree: choices[{i}] is an empty path (the root is implicit; every path needs a rank)")
             for r in c:
                 if not isinstance(r, numbers.Integral) or isinstance(r, bool):
-                    raise ValueError(f"tree: choices[{i}] = {c} has a rank that is not an int: {r!r}")
+                    raise UserError(f"tree: choices[{i}] = {c} has a rank that is not an int: {r!r}")
                 if r < 0:
-                    raise ValueError(f"tree: choices[{i}] = {c} has a negative rank {r}")
+                    raise UserError(f"tree: choices[{i}] = {c} has a negative rank {r}")
                 if top_k is not None and r >= top_k:
-                    raise ValueError(f"tree: choices[{i}] = {c} uses rank {r}, but top_k = {top_k} (ranks 0..{top_k - 1})")
+                    raise UserError(f"tree: choices[{i}] = {c} uses rank {r}, but top_k = {top_k} (ranks 0..{top_k - 1})")
             if n_heads is not None and len(c) > n_heads:
-                raise ValueError(f"tree: choices[{i}] = {c} has depth {len(c)}, but there are only n_heads = {n_heads}")
+                raise UserError(f"tree: choices[{i}] = {c} has depth {len(c)}, but there are only n_heads = {n_heads}")
             paths.append(tuple(int(r) for r in c))
         seen = {}
         for i, p in enumerate(paths):
             if p in seen:
-                raise ValueError(f"tree: choices[{i}] = {list(p)} duplicates choices[{seen[p]}]")
+                raise UserError(f"tree: choices[{i}] = {list(p)} duplicates choices[{seen[p]}]")
             seen[p] = i
         for i, p in enumerate(paths):
             if len(p) > 1 and p[:-1] not in seen:
-                raise ValueError(f"tree: choices[{i}] = {list(p)} has no parent: the path {list(p[:-1])} is missing")
+                raise UserError(f"tree: choices[{i}] = {list(p)} has no parent: the path {list(p[:-1])} is missing")
 
         paths = [()] + sorted(paths, key=lambda p: (len(p), p))          # node order: (depth, path)
         index = {p: i for i, p in enumerate(paths)}
@@ -125,7 +126,7 @@ class Tree:
     def chain(cls, K):
         """The chain [[0], [0, 0], ...] of K drafted tokens (K = 0: the root alone)."""
         if not isinstance(K, numbers.Integral) or isinstance(K, bool) or K < 0:
-            raise ValueError(f"tree: chain length K must be an int >= 0, got {K!r}")
+            raise UserError(f"tree: chain length K must be an int >= 0, got {K!r}")
         return cls.from_choices([[0] * d for d in range(1, K + 1)])
 
     def candidates(self, root_token, topk_ids):
@@ -135,10 +136,10 @@ class Tree:
         """
         ids = np.asarray(to_host(topk_ids))                                               # [K, k]
         if ids.ndim != 2:
-            raise ValueError(f"tree.candidates: topk_ids must be [K heads, k], got shape {ids.shape}")
+            raise UserError(f"tree.candidates: topk_ids must be [K heads, k], got shape {ids.shape}")
         need = (self.max_depth, int(self.rank.max()) + 1 if self.N > 1 else 0)
         if ids.shape[0] < need[0] or ids.shape[1] < need[1]:
-            raise ValueError(f"tree.candidates: this tree needs topk_ids of at least {need[0]} heads x {need[1]} "
+            raise UserError(f"tree.candidates: this tree needs topk_ids of at least {need[0]} heads x {need[1]} "
                              f"ranks, got shape {ids.shape}")
         tokens = np.empty(self.N, dtype=np.int64)                                          # [N]
         tokens[0] = int(root_token)
@@ -162,11 +163,11 @@ def build_tree(accuracies, budget):
     """
     acc = np.asarray(accuracies, dtype=np.float64)                                         # [K, k]
     if acc.ndim != 2 or acc.size == 0:
-        raise ValueError(f"build_tree: accuracies must be a non-empty [K heads, k ranks] array, got shape {acc.shape}")
+        raise UserError(f"build_tree: accuracies must be a non-empty [K heads, k ranks] array, got shape {acc.shape}")
     if not (np.all(np.isfinite(acc)) and np.all(acc >= 0) and np.all(acc <= 1)):
-        raise ValueError("build_tree: accuracies must be probabilities in [0, 1]")
+        raise UserError("build_tree: accuracies must be probabilities in [0, 1]")
     if not isinstance(budget, numbers.Integral) or isinstance(budget, bool) or budget < 0:
-        raise ValueError(f"build_tree: budget must be an int >= 0, got {budget!r}")
+        raise UserError(f"build_tree: budget must be an int >= 0, got {budget!r}")
     K, k = acc.shape
     frontier = [(-acc[0, r], 1, (r,)) for r in range(k)]       # (-expected acceptance, depth, path)
     heapq.heapify(frontier)

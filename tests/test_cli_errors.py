@@ -230,3 +230,21 @@ def test_docs_errors_md_shows_the_messages_the_command_line_gives(capsys, monkey
         assert code == 2 and err.strip() == message, (command, err)
         checked += 1
     assert checked >= 20
+
+
+def test_a_decoder_whose_heads_are_missing_fails_before_the_prompt_is_printed(capsys, tmp_path):
+    """The model loads, but the decoder's heads are not next to it: one line, and no half-printed output."""
+    folder = tmp_path / "model"
+    shutil.copytree(SHIPPED, folder, ignore=shutil.ignore_patterns("medusa", "hydra*", "draft_verify"))
+    user_error(["generate", "--model", str(folder), "--decoder", "medusa", "--device", "cpu"], capsys,
+               "Medusa heads", "train-heads")
+
+
+def test_heads_that_do_not_fit_the_model_are_refused_in_one_line(capsys, tmp_path):
+    heads = tmp_path / "heads"
+    shutil.copytree(SHIPPED / "medusa", heads)
+    import json
+    cfg = json.loads((heads / "medusa_config.json").read_text())
+    (heads / "medusa_config.json").write_text(json.dumps(dict(cfg, hidden_size=cfg["hidden_size"] + 1)))
+    user_error(["generate", "--decoder", "medusa", "--heads", str(heads), "--device", "cpu"], capsys,
+               "medusa_config.json", "hidden_size")

@@ -29,6 +29,7 @@ def model():
                                       (dict(temperature=-0.5), ["temperature", "-0.5"]),
                                       (dict(temperature=float("inf")), ["temperature", "inf"]),
                                       (dict(temperature="0.7"), ["temperature", "'0.7'"]),
+                                      (dict(temperature=1e-40), ["temperature", "1e-40", "0 (greedy)"]),
                                       (dict(top_k=2.5), ["top_k", "2.5"]), (dict(top_k=-1), ["top_k"]),
                                       (dict(seed=-1), ["seed", "-1"]), (dict(seed=1.5), ["seed", "1.5"]),
                                       (dict(seed=True), ["seed", "True"]),
@@ -232,3 +233,25 @@ def test_text_that_is_not_valid_utf8_is_refused_by_the_tokenizer():
         tok.encode("def \udcff(x):")
     with pytest.raises(ValueError, match="str"):
         tok.encode(b"def f(x):")
+
+
+def test_a_model_without_a_window_refuses_a_generation_longer_than_its_cache_before_starting():
+    cfg = tiny_config(sliding_window=None, max_seq_len=16)
+    m = Model(cfg, random_tensors(cfg), device="cpu")
+    with pytest.raises(ValueError, match=r"prompt \(10 tokens\) \+ max_new_tokens \(8\).*16"):
+        generate(m, list(range(1, 11)), max_new_tokens=8, eos_id=None)
+    assert len(generate(m, list(range(1, 11)), max_new_tokens=7, eos_id=None).tokens) == 7
+
+
+def test_a_bad_eos_id_and_a_bad_acceptance_rule_are_named(model):
+    with pytest.raises(ValueError, match="eos_id"):
+        generate(model, [1, 2], eos_id=-3)
+    with pytest.raises(ValueError, match="acceptance.*'lossy'"):
+        generate(model, [1, 2], acceptance="lossy")
+
+
+def test_forward_block_refuses_depths_or_a_mask_that_do_not_match_the_block(model):
+    with pytest.raises(ValueError, match=r"depths \[3\].*parents_mask \[3, 3\].*\[2\]"):
+        model.forward_block([1, 2, 3], model.new_cache(), depths=[0, 1])
+    with pytest.raises(ValueError, match=r"\[2, 2\]"):
+        model.forward_block([1, 2, 3], model.new_cache(), parents_mask=np.ones((2, 2), bool))
