@@ -53,6 +53,11 @@ class Tokenizer:
 
     def decode(self, ids) -> str:
         """Control ids (<s>, </s>) decode to nothing; the first piece loses its dummy-prefix space."""
+        from .errors import is_int
+        ids = list(ids)
+        bad = next((i for i in ids if not is_int(i) or not 0 <= i < self.vocab_size), None)
+        if bad is not None:
+            raise UserError(f"decode: {bad!r} is not a token id of this tokenizer (ids in [0, {self.vocab_size}))")
         return self.sp.decode([int(i) for i in ids])  # int(): NumPy integers are not accepted by the binding
 
     def id_to_piece(self, token_id: int) -> str:

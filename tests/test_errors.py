@@ -255,3 +255,12 @@ def test_forward_block_refuses_depths_or_a_mask_that_do_not_match_the_block(mode
         model.forward_block([1, 2, 3], model.new_cache(), depths=[0, 1])
     with pytest.raises(ValueError, match=r"\[2, 2\]"):
         model.forward_block([1, 2, 3], model.new_cache(), parents_mask=np.ones((2, 2), bool))
+
+
+def test_decoding_an_id_outside_the_vocabulary_is_refused_naming_it():
+    from conftest import SHIPPED
+    tok = minispec.Tokenizer.from_dir(SHIPPED)
+    for bad in (tok.vocab_size, -1, 1.5):
+        with pytest.raises(ValueError, match=rf"{bad}.*\[0, {tok.vocab_size}\)"):
+            tok.decode([1, 5, bad])
+    assert tok.decode(np.array([5, 6])) == tok.decode([5, 6])
