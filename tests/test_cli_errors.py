@@ -190,13 +190,20 @@ def test_the_main_command_works_from_another_directory(tmp_path):
 
 def test_after_a_non_editable_install_the_default_model_says_to_pass_model(tmp_path):
     """A wheel holds the package, not weights/: without --model, one line saying what to pass; with it, text."""
-    target = tmp_path / "site"
+    target, src = tmp_path / "site", tmp_path / "src"
+    for name in ("pyproject.toml", "README.md", "LICENSE"):      # a copy: the build writes build/ and *.egg-info
+        src.mkdir(exist_ok=True)
+        shutil.copy(REPO / name, src / name)
+    shutil.copytree(REPO / "minispec", src / "minispec", ignore=shutil.ignore_patterns("__pycache__"))
     # build isolation: pip fetches setuptools >= 77 (the SPDX license string) from the configured index
     r = subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--target", str(target),
-                        str(REPO)], capture_output=True, text=True, timeout=300, cwd=tmp_path)
+                        str(src)], capture_output=True, text=True, timeout=300, cwd=tmp_path)
     if r.returncode != 0:
         pytest.skip(f"pip cannot build the package here (no index with setuptools >= 77?): {r.stderr[-300:]}")
     assert not (target / "weights").exists()
+    meta = next(target.glob("minispec-*.dist-info"))            # pip's license metadata comes from pyproject
+    assert "License-Expression: Apache-2.0" in (meta / "METADATA").read_text()
+    assert (meta / "licenses" / "LICENSE").read_text() == (REPO / "LICENSE").read_text()
     env = dict(os.environ, PYTHONPATH=str(target))
     code = "import minispec, sys; print(minispec.__file__)"
     where = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path, env=env)
