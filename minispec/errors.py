@@ -134,8 +134,9 @@ def check_finite(arr, name, source):
     if arr.dtype.kind != "f" or arr.size == 0:
         return
     acc = np.float64 if arr.dtype == np.float64 else np.float32
-    if np.isfinite(np.add.reduce(arr.reshape(-1), dtype=acc)):
-        return
+    with np.errstate(over="ignore", invalid="ignore"):      # an overflowing sum is handled below, not warned about
+        if np.isfinite(np.add.reduce(arr.reshape(-1), dtype=acc)):
+            return
     bad = ~np.isfinite(arr)
     n = int(bad.sum())
     if n:

@@ -264,3 +264,19 @@ def test_decoding_an_id_outside_the_vocabulary_is_refused_naming_it():
         with pytest.raises(ValueError, match=rf"{bad}.*\[0, {tok.vocab_size}\)"):
             tok.decode([1, 5, bad])
     assert tok.decode(np.array([5, 6])) == tok.decode([5, 6])
+
+
+def test_the_finite_check_refuses_nan_and_inf_but_accepts_huge_finite_values_whose_sum_overflows():
+    """The cheap path is a float32 sum: a sum that overflows on finite values must not be mistaken for a NaN."""
+    from minispec.errors import check_finite
+    huge = np.full((4, 4), 3e38, np.float32)                   # the float32 sum is inf; every value is finite
+    with np.errstate(over="ignore"):
+        assert not np.isfinite(np.add.reduce(huge.reshape(-1), dtype=np.float32))
+    check_finite(huge, "huge", "f.safetensors")
+    for dtype in (np.float16, np.float32, np.float64):
+        for bad in (np.nan, np.inf, -np.inf):
+            a = np.zeros((3, 5), dtype)
+            a[2, 1] = bad
+            with pytest.raises(ValueError, match=r"f\.safetensors: tensor 'w' holds .*index \[2, 1\]"):
+                check_finite(a, "w", "f.safetensors")
+    check_finite(np.arange(6, dtype=np.int64), "ids", "f.safetensors")     # integer tensors hold no NaN
