@@ -70,7 +70,8 @@ def check_token_ids(ids, vocab_size, what="ids"):
 
     Refused rather than "fixed": a 2-D array (flattening it would silently join rows), floats and bools
     (truncation and True == 1 hide a mistake), ids outside the vocabulary (a negative id would read another
-    row of the embedding). Cost: one min and one max over T ids.
+    row of the embedding). Cost: about 5 µs for a decode step's 4 ids (the unchecked conversion it replaces
+    took 2.7 µs; a step of the shipped model takes ~3 ms), measured with `python -m timeit`.
     """
     if hasattr(ids, "get") and not isinstance(ids, np.ndarray):     # CuPy: one explicit copy to the host
         ids = ids.get()
@@ -78,7 +79,7 @@ def check_token_ids(ids, vocab_size, what="ids"):
         a = np.asarray(ids)
     except ValueError as e:             # ragged nested lists
         raise UserError(f"{what} must be a 1-D sequence of token ids, got a ragged sequence ({e})") from None
-    if a.dtype == np.bool_ or not np.issubdtype(a.dtype, np.integer):
+    if a.dtype.kind not in "iu":                                    # bool is kind "b", floats "f", objects "O"
         kind = "bool" if a.dtype == np.bool_ else a.dtype.name if a.dtype.kind != "O" else "object"
         if a.size == 0 and a.ndim == 1:
             raise UserError(f"{what} is empty: a prompt needs at least one token (e.g. BOS)")
@@ -87,7 +88,11 @@ def check_token_ids(ids, vocab_size, what="ids"):
         raise UserError(f"{what} must be 1-D (one sequence of token ids), got shape {a.shape}")
     if a.size == 0:
         raise UserError(f"{what} is empty: a prompt needs at least one token (e.g. BOS)")
-    lo, hi = int(a.min()), int(a.max())
+    if a.size <= 16:                # a decode step's few ids: Python's min/max beat two NumPy reductions
+        values = a.tolist()
+        lo, hi = min(values), max(values)
+    else:
+        lo, hi = int(a.min()), int(a.max())
     if lo < 0 or hi >= vocab_size:
         bad = lo if lo < 0 else hi
         at = int(np.flatnonzero(a == bad)[0])
