@@ -16,7 +16,6 @@ from .errors import UserError
 
 # The shipped model lives in the source tree (weights/ is not package data: a wheel does not carry it).
 SOURCE_MODEL = Path(__file__).resolve().parent.parent / "weights" / "stdlib-mistral"
-DEFAULT_MODEL = SOURCE_MODEL        # kept for callers of the old name
 # API parameter name -> the flag that sets it, so a validator's message names what the user typed
 FLAGS = {"temperature": "--temperature", "top_k": "--top-k", "top_p": "--top-p", "seed": "--seed",
          "max_new_tokens": "-n", "n_tokens": "-n", "runs": "--runs", "n_prompts": "--prompts",

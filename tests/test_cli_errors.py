@@ -168,7 +168,9 @@ def test_the_help_of_every_command_shows_defaults_and_choices(capsys, cmd):
     out = " ".join(out.split())         # argparse wraps lines to the terminal's width
     assert "default" in out and "{auto,cpu,cuda}" in out and "default: auto" in out
     if cmd == ["generate"]:
-        assert "{ar,medusa" in out and "default: 64" in out and "temperature 0" in out
+        from minispec.generate import DECODERS
+        assert "{" + ",".join(sorted(DECODERS)) + "}" in out and "medusa" in DECODERS    # choices = the registry
+        assert "default: 64" in out and "temperature 0" in out
     if cmd == ["bench"]:
         assert "default: 5" in out and "{forward,decode}" in out
 
@@ -228,9 +230,19 @@ def test_docs_errors_md_shows_the_messages_the_command_line_gives(capsys, monkey
     table = (REPO / "docs" / "errors.md").read_text().split("## Command line")[1].split("## Python API")[0]
     rows = re.findall(r"^\| `minispec ([^`$]*)` \| `` ?(.*?) ?`` \|$|^\| `minispec ([^`$]*)` \| `([^`]*)` \|$",
                       table, re.M)
+    import inspect
+    from minispec.generate import DECODERS
+    from minispec.model import DTYPES
+    # lists that grow with the registries (new decoders, dtypes) are compared as they are now
+    now = {"'ar', 'medusa'": ", ".join(repr(d) for d in sorted(DECODERS)),
+           "'float32', 'float64'": ", ".join(repr(d) for d in DTYPES),
+           "with heads: medusa": "with heads: " + ", ".join(
+               sorted(n for n, f in DECODERS.items() if "heads" in inspect.signature(f).parameters))}
     checked = 0
     for a, b, c, d in rows:
         command, message = (a, b) if a or b else (c, d)
+        for then, current in now.items():
+            message = message.replace(then, current)
         if "--device cuda" in command and _try_cupy() is not None:
             continue
         code, out, err = run_cli(shlex.split(command), capsys)
