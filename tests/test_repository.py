@@ -88,3 +88,22 @@ def test_the_docs_say_the_shipped_heads_are_stored_as_they_are():
     doc = (REPO / "docs" / "medusa.md").read_text()
     assert "`medusa_heads.safetensors` (float32)" not in doc
     assert json.loads((REPO / "weights/stdlib-mistral/medusa/medusa_config.json").read_text())["kind"] == "medusa"
+
+
+def test_the_built_in_progress_bar_counts_and_prints_one_summary_line_off_a_terminal():
+    import io
+    from minispec.progress import Progress
+    out = io.StringIO()                             # not a tty: no redraws, one line at the end
+    seen = list(Progress(range(7), desc="hidden states", unit="seq", file=out))
+    assert seen == list(range(7))
+    bar = Progress(total=10, desc="train heads", unit="step", file=out)
+    for _ in range(4):
+        bar.update(1)
+    bar.set_postfix(loss="2.500")
+    bar.close()
+    bar.close()                                     # closing twice prints once
+    lines = out.getvalue().splitlines()
+    assert len(lines) == 2 and lines[0].startswith("hidden states: 100% 7/7 seq")
+    assert lines[1].startswith("train heads:  40% 4/10 step") and lines[1].endswith("loss=2.500]")
+    Progress(total=3, disable=True, file=out).close()
+    assert len(out.getvalue().splitlines()) == 2
