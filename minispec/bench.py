@@ -176,6 +176,58 @@ def pick_budget(accuracies, costs, proposal_cost=0.0):
     return best[1], best[0]
 
 
+def draft_summary(stats_list):
+    """Decoder-agnostic draft statistics over several generations: {"drafted": histogram {K: steps},
+    "counters": summed int counters, "series": {name: list-valued counters (e.g. Draft & Verify's threshold over
+    the steps), each generation's list concatenated}}."""
+    hist, counters, series = {}, {}, {}
+    for s in stats_list:
+        for k in s.drafted:
+            hist[int(k)] = hist.get(int(k), 0) + 1
+        for name, v in s.counters.items():
+            if isinstance(v, list):
+                series.setdefault(name, []).extend(float(x) for x in v)
+            else:
+                counters[name] = counters.get(name, 0) + v
+    return {"drafted": dict(sorted(hist.items())), "counters": counters, "series": series}
+
+
+def draft_forward_cost(model, skip, reps=30, context=200):
+    """r = (median time of one SKIPPED one-token forward) / (median time of one full one-token forward), both
+    against a cache holding `context` tokens, timed alternately so that a busy machine slows both alike."""
+    cache = model.new_cache()
+    model.forward(np.arange(context) % model.config.vocab_size, cache)
+    full, skipped = [], []
+    for _ in range(reps + 1):
+        for s, ts in ((None, full), (skip, skipped)):
+            t0 = time.perf_counter()
+            out = model.forward_block([1], cache, skip=s)
+            to_host(out.logits[-1, :1])
+            ts.append(time.perf_counter() - t0)
+    cache.discard()
+    return statistics.median(skipped[1:]) / statistics.median(full[1:])
+
+
+def print_draft_verify(model, stats_list, costs, measured_speedup, measured_tau):
+    """Draft & Verify's columns: draft lengths, the threshold over time, and the cost model beside the measure."""
+    from .draft_verify import find_skip_set, predicted_speedup
+    skip = find_skip_set(model)
+    summary = draft_summary(stats_list)
+    gam = np.asarray(summary["series"].get("draft_verify.gamma", [np.nan]))
+    first = [s.counters["draft_verify.gamma"][0] for s in stats_list if s.counters.get("draft_verify.gamma")]
+    last = [s.counters["draft_verify.gamma"][-1] for s in stats_list if s.counters.get("draft_verify.gamma")]
+    print(f"draft_verify skip set {skip} ({skip.n_skipped} of {2 * skip.n_layers} sublayers skipped): draft "
+          f"lengths (tokens: steps) {summary['drafted']}; threshold gamma over each generation: starts "
+          f"{np.mean(first):.3f}, ends {np.mean(last):.3f} (mean over prompts), range {gam.min():.3f}..{gam.max():.3f}")
+    r = draft_forward_cost(model, skip)
+    drafted = [k for s in stats_list for k in s.drafted]
+    pred = predicted_speedup(measured_tau, drafted, r, costs)
+    print(f"draft_verify cost model: one draft forward = {r:.2f} AR steps, verify c(K + 1) per step; predicted "
+          f"speedup tau / mean(K r + c(K + 1)) = {pred:.2f}x vs measured {measured_speedup:.2f}x "
+          f"(measured / predicted = {measured_speedup / pred:.2f})")
+    return pred
+
+
 def bench_decode(model_dir, decoders=("ar", "medusa"), n_tokens=128, n_prompts=8, runs=2, device="auto",
                  dtype="float32"):
     from .generate import generate
@@ -217,6 +269,9 @@ def bench_decode(model_dir, decoders=("ar", "medusa"), n_tokens=128, n_prompts=8
     costs, t1 = cost_curve(model)
     print(f"verify cost curve on {model.device}: c(T) = time(T tokens) / time(1 token = {t1 * 1e3:.2f} ms): "
           + ", ".join(f"c({T})={c:.2f}" for T, c in costs.items()))
+    if "draft_verify" in decoders:
+        print_draft_verify(model, stats["draft_verify"], costs, results["draft_verify"] / results[decoders[0]],
+                           results_tau["draft_verify"])
     if "medusa" in decoders:
         from .medusa import load_heads
         from pathlib import Path

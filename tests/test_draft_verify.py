@@ -13,8 +13,9 @@ import pytest
 from conftest import random_tensors, rel_err, tiny_config
 from hostguard import GUARD
 from minispec import generate
-from minispec.draft_verify import (DraftVerifyProposer, ExitRule, SkipSet, find_skip_set, skip_set_path,
-                                   update_threshold)
+from minispec.bench import draft_summary
+from minispec.draft_verify import (DraftVerifyProposer, ExitRule, SkipSet, find_skip_set, predicted_speedup,
+                                   skip_set_path, update_threshold)
 from minispec.generate import DECODERS, Context, Stats
 from minispec.model import Model
 from minispec.oracle import oracle_forward
@@ -245,6 +246,39 @@ def test_the_draft_stops_after_the_first_token_under_the_threshold_and_the_thres
             target = g + 0.01 if mm < 0.9 else (g if drafted == 5 else g - 0.01)
             g = 0.9 * g + 0.1 * target
     assert 0 < stopped_early < len(drafts)
+
+
+def test_unset_options_come_from_the_skip_set_file_then_from_the_authors_defaults(tmp_path):
+    _, _, m = tiny(L=3)
+    m.path = str(tmp_path)
+    SkipSet.from_lists(3, attn=[1], meta={"max_draft": 3, "gamma0": 0.25}).save(skip_set_path(tmp_path))
+    p = DraftVerifyProposer(m)
+    assert (p.max_draft, p.gamma0, p.gamma) == (3, 0.25, 0.25)
+    p = DraftVerifyProposer(m, skip=SkipSet.from_lists(3, mlp=[0]), max_draft=5)
+    assert (p.max_draft, p.gamma0) == (5, 0.6) and p.skip.mlp == (True, False, False)
+    with pytest.raises(ValueError, match="max_draft"):
+        DraftVerifyProposer(m, max_draft=0)
+    with pytest.raises(ValueError, match="gamma0"):
+        DraftVerifyProposer(m, gamma0=1.5)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The cost model and the bench's draft statistics
+
+def test_the_cost_model_prediction_matches_a_hand_computed_value():
+    # steps drafting 1, 1 and 3 tokens at r = 0.5 with c(2) = 1.5, c(4) = 2.5 (c(3) absent: no interpolation
+    # needed here): step costs 0.5 + 1.5 = 2, 2, 1.5 + 2.5 = 4 -> mean 8/3 AR steps; tau 2 -> 2 / (8/3) = 0.75
+    assert predicted_speedup(2.0, [1, 1, 3], 0.5, {1: 1.0, 2: 1.5, 4: 2.5}) == pytest.approx(0.75, abs=1e-12)
+    # c(3) interpolated halfway between c(2) = 1.5 and c(4) = 2.5: one step drafting 2 costs 2·0.5 + 2 = 3
+    assert predicted_speedup(3.0, [2], 0.5, {1: 1.0, 2: 1.5, 4: 2.5}) == pytest.approx(1.0, abs=1e-12)
+
+
+def test_the_bench_summary_counts_draft_lengths_sums_counters_and_concatenates_series():
+    a, b = Stats(), Stats()
+    a.drafted, a.counters = [1, 2, 2], {"draft_verify.forwards": 5, "draft_verify.gamma": [0.6, 0.59]}
+    b.drafted, b.counters = [3], {"draft_verify.forwards": 3, "draft_verify.gamma": [0.6]}
+    assert draft_summary([a, b]) == {"drafted": {1: 1, 2: 2, 3: 1}, "counters": {"draft_verify.forwards": 8},
+                                     "series": {"draft_verify.gamma": [0.6, 0.59, 0.6]}}
 
 
 # ---------------------------------------------------------------------------------------------------------
