@@ -107,9 +107,9 @@ class SkipSet:
 
     def save(self, path):
         os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-        with open(path, "w") as f:
-            json.dump(self.to_json(), f, indent=2)
-            f.write("\n")
+        with open(path, "w") as f:        # one key per line, lists on one line: a diff shows which layer changed
+            f.write("{\n" + ",\n".join(f"  {json.dumps(k)}: {json.dumps(v)}" for k, v in self.to_json().items())
+                    + "\n}\n")
 
     @classmethod
     def load(cls, path, n_layers=None):

@@ -196,6 +196,16 @@ def test_drafting_k_tokens_costs_k_one_token_forwards_and_never_writes_the_ring_
     assert cache.pos == pos and cache.block_len == 0 and cache.offset == 0     # the draft rows are discarded
 
 
+def test_a_draft_that_skips_nothing_is_always_fully_accepted_so_tau_is_max_draft_plus_one():
+    """The draft model = the full model: every draft token is the full model's greedy token, so every step but the
+    last accepts all 4 drafts and the bonus (a draft reading a wrong position or mask would lower tau, not the
+    tokens)."""
+    _, _, m = tiny(W=5, L=3, seed=9)
+    out = generate(m, [1, 2, 3], decoder="draft_verify", skip=SkipSet.none(3), max_draft=4, gamma0=0.0,
+                   max_new_tokens=40, eos_id=None)
+    assert out.stats.accepted == [5] * 8 and out.stats.drafted == [4] * 8
+
+
 # ---------------------------------------------------------------------------------------------------------
 # 3. The adaptive draft exit
 
@@ -353,3 +363,22 @@ def test_sampled_draft_and_verify_reproduces_the_autoregressive_joint_of_the_nex
     print(f"draft & verify {temperature=} {top_p=}: chi2={stat:.2f} df={df} p={p:.3g}; full accepts {full}, "
           f"rejections {reject}")
     assert p > SAME and full > 100 and reject > 100        # both branches were exercised
+
+
+def test_greedy_draft_and_verify_on_the_shipped_model_equals_ar_past_the_window_and_drafts_usefully():
+    """A hand-picked skip set (attention and MLP of layer 3) passed explicitly, so the test does not depend on
+    the shipped skip set: identical tokens and cache after the ring wrapped, and real speculation (tau > 1.5)."""
+    from conftest import SHIPPED
+    from minispec import load
+    from minispec.tokenizer import Tokenizer
+    model = load(SHIPPED, device="cpu")
+    prompt = Tokenizer.from_dir(SHIPPED).encode("import os\nimport sys\n\n\ndef main(argv):\n")
+    n = model.config.sliding_window + 40
+    c_ar, c_dv = model.new_cache(), model.new_cache()
+    ar = generate(model, prompt, max_new_tokens=n, eos_id=None, cache=c_ar)
+    dv = generate(model, prompt, decoder="draft_verify", skip=SkipSet.from_lists(6, attn=[3], mlp=[3]),
+                  max_new_tokens=n, eos_id=None, cache=c_dv)
+    assert dv.tokens == ar.tokens
+    assert c_dv.pos == c_ar.pos == len(prompt) + n - 1
+    assert rel_err(c_dv.keys, c_ar.keys) < 1e-5 and rel_err(c_dv.values, c_ar.values) < 1e-5
+    assert dv.stats.tau > 1.5
