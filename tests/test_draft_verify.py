@@ -300,7 +300,7 @@ def test_the_cost_inputs_are_measured_for_each_verify_size_relative_to_one_full_
 # ---------------------------------------------------------------------------------------------------------
 # 4. Verification: greedy == AR with the same final cache; chain rejection sampling is lossless
 
-def test_greedy_draft_and_verify_equals_plain_greedy_with_an_identical_final_cache_across_window_wraps():
+def test_greedy_draft_and_verify_equals_plain_greedy_with_the_same_final_cache_across_window_wraps():
     kinds = {"full": 0, "partial": 0, "reject": 0}
     for W in range(4, 9):
         for seed in range(3):
