@@ -21,6 +21,7 @@ class RollingCache:
         self.L, self.Hkv, self.Dh = n_layers, n_kv_heads, head_dim
         self.pos = 0                         # committed tokens = the next token's absolute position
         self.block_len = 0                   # rows of the last block waiting in scratch
+        self.offset = 0                      # scratch rows before the current block (a draft chain continued)
         self.scratch = scratch if scratch is not None else min(slots, 512)
         shape = (n_layers, n_kv_heads, slots + self.scratch, head_dim)   # [L, Hkv, W + scratch, Dh]
         self._k, self._v = xp.zeros(shape, dtype=dtype), xp.zeros(shape, dtype=dtype)
@@ -29,7 +30,8 @@ class RollingCache:
         """Room for a block larger than any before (a big tree): new buffers, the ring copied over."""
         shape = (self.L, self.Hkv, self.W + T, self.Dh)
         k, v = self.xp.zeros(shape, dtype=self._k.dtype), self.xp.zeros(shape, dtype=self._v.dtype)
-        k[:, :, :self.W], v[:, :, :self.W] = self.keys, self.values
+        old = self.W + self.scratch          # the ring and any scratch rows a continued chain still reads
+        k[:, :, :old], v[:, :, :old] = self._k, self._v
         self._k, self._v, self.scratch = k, v, T
 
     # ---- what a block forward reads -------------------------------------------------------------------------
@@ -51,24 +53,27 @@ class RollingCache:
         p = last - ((last - s) % self.W)                                 # the latest p <= last with p % W == s
         return np.where(p >= 0, p, -1)
 
-    def begin_block(self, T):
-        """Make room for a block of T rows in scratch (called once per block forward)."""
-        if T > self.scratch:
-            self._grow_scratch(T)
+    def begin_block(self, T, offset=0):
+        """Make room for a block of T rows in scratch (called once per block forward). offset > 0: the block
+        continues the chain already in scratch rows 0..offset-1 and goes to rows offset..offset+T-1."""
+        if offset + T > self.scratch:
+            self._grow_scratch(offset + T)
+        T += offset
         if not self.ring and self.pos + T > self.W:
             raise UserError(f"cache full: {self.pos} + {T} tokens exceed max_seq_len = {self.W} "
                              f"(the model has no sliding window, so the cache cannot wrap)")
-        self.block_len = T
+        self.block_len, self.offset = T, offset
 
     def layer_kv(self, layer, T):
-        """Ring + the block's scratch rows of one layer: [Hkv, W + T, Dh] views for attention."""
-        return self._k[layer, :, :self.W + T], self._v[layer, :, :self.W + T]
+        """Ring + the block's scratch rows of one layer: [Hkv, W + offset + T, Dh] views for attention."""
+        end = self.W + self.offset + T
+        return self._k[layer, :, :end], self._v[layer, :, :end]
 
     def write_block(self, layer, k, v):
         """Put a block's keys/values [Hkv, T, Dh] in scratch (never in the ring)."""
-        T = k.shape[1]
-        self._k[layer, :, self.W:self.W + T] = k
-        self._v[layer, :, self.W:self.W + T] = v
+        T, s = k.shape[1], self.W + self.offset
+        self._k[layer, :, s:s + T] = k
+        self._v[layer, :, s:s + T] = v
 
     # ---- commit -------------------------------------------------------------------------------------------------
     def commit(self, rows=None):
@@ -80,6 +85,7 @@ class RollingCache:
         rows = np.arange(self.block_len) if rows is None else np.asarray(rows, dtype=np.int64)
         n = len(rows)
         if n == 0:
+            self.block_len = self.offset = 0
             return
         if rows.min() < 0 or rows.max() >= self.block_len:
             raise IndexError(f"commit rows {rows.tolist()} outside the last block of {self.block_len} rows")
@@ -94,4 +100,8 @@ class RollingCache:
         self._k[:, :, dest_d] = self._k[:, :, src_d]
         self._v[:, :, dest_d] = self._v[:, :, src_d]
         self.pos += n
-        self.block_len = 0
+        self.block_len = self.offset = 0
+
+    def discard(self):
+        """Forget the rows waiting in scratch (a draft's K/V); the ring is untouched."""
+        self.block_len = self.offset = 0

@@ -119,6 +119,16 @@ def _medusa(model, heads=None, tree=None, top_k=None):
 DECODERS["medusa"] = _medusa
 
 
+def _draft_verify(model, skip=None, max_draft=None, gamma0=None, adaptive=True):
+    """Decoder "draft_verify" (minispec.draft_verify.DraftVerifyProposer), imported on first use. skip: a SkipSet,
+    a skip_set.json path, or None for <model>/draft_verify/skip_set.json."""
+    from .draft_verify import DraftVerifyProposer
+    return DraftVerifyProposer(model, skip=skip, max_draft=max_draft, gamma0=gamma0, adaptive=adaptive)
+
+
+DECODERS["draft_verify"] = _draft_verify
+
+
 def check_decoder(name, **options):
     """The factory registered as `name`, or UserError listing the registered decoders; options the factory does
     not take are refused by name (a factory that takes **options checks its own)."""

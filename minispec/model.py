@@ -64,9 +64,11 @@ class Model:
                             ring=c.sliding_window is not None, scratch=scratch)
 
     # ---- the forward pass ---------------------------------------------------------------------------------------
-    def forward(self, ids, cache=None, return_hidden=False):
+    def forward(self, ids, cache=None, return_hidden=False, skip=None):
         """Logits [T, V] for ids [T]. Without a cache: one pass over the whole sequence (positions 0..T-1).
-        With a cache: positions continue after the cache; processed in chunks of at most W, each committed."""
+        With a cache: positions continue after the cache; processed in chunks of at most W, each committed.
+        skip: a SkipSet (the Draft & Verify draft model: those attention / MLP sublayers are the identity; a
+        cache filled this way holds nothing valid at the skipped attention layers)."""
         ids = check_token_ids(ids, self.config.vocab_size)                                    # [T] host int64
         start = 0 if cache is None else cache.pos
         if start <= self.config.max_seq_len:         # warn once, on the call that crosses the limit
@@ -74,12 +76,12 @@ class Model:
         if cache is None:
             pos = np.arange(len(ids))
             mask = sliding_window_mask(pos, pos, self.config.sliding_window)                 # [T, T]
-            out = self._run(ids, pos, self.xp.asarray(mask), cache=None)
+            out = self._run(ids, pos, self.xp.asarray(mask), cache=None, skip=skip)
             return (out.logits, out.hidden) if return_hidden else out.logits
         chunk = self.prefill_chunk(cache)
         logits, hidden = [], []
         for s in range(0, len(ids), chunk):
-            out = self.forward_block(ids[s:s + chunk], cache)
+            out = self.forward_block(ids[s:s + chunk], cache, skip=skip)
             cache.commit()
             logits.append(out.logits)
             hidden.append(out.hidden)
@@ -94,13 +96,16 @@ class Model:
         the cache's scratch rows."""
         return min(cache.W, cache.scratch)
 
-    def forward_block(self, ids, cache, depths=None, parents_mask=None):
+    def forward_block(self, ids, cache, depths=None, parents_mask=None, skip=None, offset=0):
         """Run a block of T tokens against the committed cache WITHOUT writing it (K/V wait in scratch).
 
         ids [T]; depths [T] (default 0..T-1): token t sits at position cache.pos + depths[t];
         parents_mask bool [T, T] (default causal): row t lists the block tokens t may see (its ancestors and
         itself, for a tree). The window applies on absolute positions, to cache slots and block tokens alike.
         Call `cache.commit(rows)` afterwards to keep some rows; otherwise the cache is unchanged.
+        skip: a SkipSet or None (see _run). offset > 0 continues a chain already in scratch (Draft & Verify's
+        one-token draft steps): the block goes to scratch rows offset.., sits at positions cache.pos + offset +
+        depths, and also sees scratch rows 0..offset-1 (positions cache.pos..cache.pos + offset - 1).
         """
         ids = check_token_ids(ids, self.config.vocab_size)                                    # [T] host int64
         T, W = len(ids), cache.W
@@ -109,33 +114,38 @@ class Model:
         if depths.shape != (T,) or block_visible.shape != (T, T):
             raise UserError(f"forward_block: {T} ids need depths [{T}] and parents_mask [{T}, {T}], got "
                             f"{list(depths.shape)} and {list(block_visible.shape)}")
-        q_pos = cache.pos + depths                                                           # [T]
+        q_pos = cache.pos + offset + depths                                                  # [T]
         window = self.config.sliding_window
+        prior = cache.pos + np.arange(offset)                                                # [offset] scratch rows
         mask = np.concatenate([sliding_window_mask(q_pos, cache.slot_positions(), window),  # [T, W]
+                               sliding_window_mask(q_pos, prior, window),                   # [T, offset]
                                block_visible & sliding_window_mask(q_pos, q_pos, window)],
-                              axis=1)                                                        # [T, W + T]
-        cache.begin_block(T)
-        return self._run(ids, q_pos, self.xp.asarray(mask), cache)
+                              axis=1)                                                        # [T, W + offset + T]
+        cache.begin_block(T, offset)
+        return self._run(ids, q_pos, self.xp.asarray(mask), cache, skip=skip)
 
-    def _run(self, ids, positions, mask, cache):
-        """The layers. ids, positions: host int arrays [T]; mask [T, S] on the device; cache or None."""
+    def _run(self, ids, positions, mask, cache, skip=None):
+        """The layers. ids, positions: host int arrays [T]; mask [T, S] on the device; cache or None;
+        skip: a SkipSet (minispec.draft_verify) or None — skip.attn[i] / skip.mlp[i] drop that sublayer."""
         c, xp = self.config, self.xp
         T, H, Hkv, Dh = len(ids), c.n_heads, c.n_kv_heads, c.head_dim
         cos, sin = rope_tables(positions, Dh, c.rope_theta, xp, self.dtype)                 # [T, Dh/2]
         x = self.tok_embeddings[xp.asarray(ids)]                                             # [T, D]
         for i, lw in enumerate(self.layers):
-            h = rms_norm(x, lw["attention_norm"], c.norm_eps)                                # [T, D]
-            qkv = linear(h, lw["wqkv"])                                                      # [T, (H+2Hkv)Dh]
-            q = qkv[:, :H * Dh].reshape(T, H, Dh).transpose(1, 0, 2)                         # [H, T, Dh]
-            k = qkv[:, H * Dh:(H + Hkv) * Dh].reshape(T, Hkv, Dh).transpose(1, 0, 2)         # [Hkv, T, Dh]
-            v = qkv[:, (H + Hkv) * Dh:].reshape(T, Hkv, Dh).transpose(1, 0, 2)               # [Hkv, T, Dh]
-            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-            if cache is not None:
-                cache.write_block(i, k, v)
-                k, v = cache.layer_kv(i, T)                                                  # [Hkv, W + T, Dh]
-            o = attention(q, k, v, mask)                                                     # [H, T, Dh]
-            x = x + linear(o.transpose(1, 0, 2).reshape(T, H * Dh), lw["wo"])                # [T, D]
-            x = x + swiglu(rms_norm(x, lw["ffn_norm"], c.norm_eps), lw["w13"], lw["w2"])     # [T, D]
+            if skip is None or not skip.attn[i]:     # a skipped sublayer is the identity on x; writes no K/V
+                h = rms_norm(x, lw["attention_norm"], c.norm_eps)                            # [T, D]
+                qkv = linear(h, lw["wqkv"])                                                  # [T, (H+2Hkv)Dh]
+                q = qkv[:, :H * Dh].reshape(T, H, Dh).transpose(1, 0, 2)                     # [H, T, Dh]
+                k = qkv[:, H * Dh:(H + Hkv) * Dh].reshape(T, Hkv, Dh).transpose(1, 0, 2)     # [Hkv, T, Dh]
+                v = qkv[:, (H + Hkv) * Dh:].reshape(T, Hkv, Dh).transpose(1, 0, 2)           # [Hkv, T, Dh]
+                q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+                if cache is not None:
+                    cache.write_block(i, k, v)
+                    k, v = cache.layer_kv(i, T)                                              # [Hkv, W + T, Dh]
+                o = attention(q, k, v, mask)                                                 # [H, T, Dh]
+                x = x + linear(o.transpose(1, 0, 2).reshape(T, H * Dh), lw["wo"])            # [T, D]
+            if skip is None or not skip.mlp[i]:
+                x = x + swiglu(rms_norm(x, lw["ffn_norm"], c.norm_eps), lw["w13"], lw["w2"]) # [T, D]
         hidden = rms_norm(x, self.norm, c.norm_eps)                                          # [T, D]
         return BlockOutput(logits=linear(hidden, self.output), hidden=hidden)                # [T, V]
 

@@ -1,0 +1,281 @@
+"""Draft & Verify: self-speculative decoding by skipping layers (Zhang et al., arXiv 2309.08168, ACL 2024).
+
+The draft model is the model itself with some attention and MLP sublayers skipped (a skipped sublayer is the
+identity on the residual stream); it drafts a chain one token at a time until its confidence falls under an
+adaptive threshold, and the full model verifies the chain in one forward (minispec.verify). No extra weights.
+
+    skip = SkipSet.from_lists(n_layers=6, attn=[2, 3], mlp=[4])       # skip attention of layers 2, 3 and MLP of 4
+    logits = model.forward(ids, skip=skip)                              # the draft model, no cache
+    out = minispec.generate(model, ids, decoder="draft_verify")        # finds <model.path>/draft_verify/skip_set.json
+
+The shipped skip set of a model lives at <model.path>/draft_verify/skip_set.json (made by
+`minispec search-skip --model DIR`). Its keys (the first two as in the authors' skip_layers.json):
+
+    "attention": [int, ...]   indices of the layers whose attention sublayer is skipped (0-based, sorted)
+    "mlp":       [int, ...]   indices of the layers whose MLP sublayer is skipped
+    "n_layers":  int          L of the model it was chosen for (checked at load)
+    "max_draft", "gamma0"     optional: the decoder's defaults for this skip set (else 8 and 0.6)
+    anything else             optional provenance (objective, search trace file, measured tau and speedup), kept
+                              in SkipSet.meta and ignored by decoding
+"""
+import json
+import os
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from .backend import to_host
+from .sampling import sample, target_probs
+from .tree import Tree
+from .verify import Draft, count
+
+SKIP_SET_FILE = os.path.join("draft_verify", "skip_set.json")
+
+
+# ---- the skip set -----------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class SkipSet:
+    """Which sublayers the draft model skips: attn[i] / mlp[i] True = layer i's attention / MLP is the identity."""
+    attn: tuple
+    mlp: tuple
+    meta: dict = field(default_factory=dict, compare=False, hash=False)
+
+    def __post_init__(self):
+        object.__setattr__(self, "attn", tuple(bool(a) for a in self.attn))
+        object.__setattr__(self, "mlp", tuple(bool(m) for m in self.mlp))
+        if len(self.attn) != len(self.mlp):
+            raise ValueError(f"SkipSet: attn has {len(self.attn)} layers but mlp has {len(self.mlp)}")
+
+    @classmethod
+    def from_lists(cls, n_layers, attn=(), mlp=(), meta=None):
+        """From lists of skipped layer indices (the authors' form): attn=[2, 3], mlp=[4]."""
+        for name, idx in (("attention", attn), ("mlp", mlp)):
+            bad = [int(i) for i in idx if not 0 <= int(i) < n_layers]
+            if bad:
+                raise ValueError(f"SkipSet: {name} layer indices {bad} outside 0..{n_layers - 1}")
+        a, m = set(int(i) for i in attn), set(int(i) for i in mlp)
+        return cls(tuple(i in a for i in range(n_layers)), tuple(i in m for i in range(n_layers)), dict(meta or {}))
+
+    @classmethod
+    def none(cls, n_layers):
+        """Skip nothing (the draft model is the full model)."""
+        return cls((False,) * n_layers, (False,) * n_layers)
+
+    @property
+    def n_layers(self):
+        return len(self.attn)
+
+    @property
+    def attn_layers(self):
+        return [i for i, s in enumerate(self.attn) if s]
+
+    @property
+    def mlp_layers(self):
+        return [i for i, s in enumerate(self.mlp) if s]
+
+    @property
+    def n_skipped(self):
+        """Skipped sublayers, out of 2L."""
+        return sum(self.attn) + sum(self.mlp)
+
+    def __str__(self):
+        return f"SkipSet(attention={self.attn_layers}, mlp={self.mlp_layers})"
+
+    # ---- JSON ---------------------------------------------------------------------------------------------------
+    def to_json(self):
+        """The file's dict: {"attention": [...], "mlp": [...], "n_layers": L, **meta}."""
+        return {"attention": self.attn_layers, "mlp": self.mlp_layers, "n_layers": self.n_layers, **self.meta}
+
+    @classmethod
+    def from_json(cls, d, n_layers=None, where="skip set"):
+        """From the file's dict; n_layers (the model's L) is checked against the file's when given."""
+        if not isinstance(d, dict):
+            raise ValueError(f"{where}: expected a JSON object with keys 'attention', 'mlp', 'n_layers'")
+        missing = [k for k in ("attention", "mlp") if k not in d]
+        if missing:
+            raise ValueError(f"{where}: missing key(s) {missing} (lists of skipped layer indices)")
+        L = d.get("n_layers", n_layers)
+        if L is None:
+            raise ValueError(f"{where}: missing key 'n_layers'")
+        if n_layers is not None and int(L) != n_layers:
+            raise ValueError(f"{where}: made for n_layers={L}, but the model has {n_layers} layers")
+        for k in ("attention", "mlp"):
+            if not isinstance(d[k], list) or not all(isinstance(i, int) and not isinstance(i, bool) for i in d[k]):
+                raise ValueError(f"{where}: key {k!r} must be a list of layer indices (ints), got {d[k]!r}")
+        meta = {k: v for k, v in d.items() if k not in ("attention", "mlp", "n_layers")}
+        try:
+            return cls.from_lists(int(L), d["attention"], d["mlp"], meta)
+        except ValueError as e:
+            raise ValueError(f"{where}: {e}") from None
+
+    def save(self, path):
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        with open(path, "w") as f:        # one key per line, lists on one line: a diff shows which layer changed
+            f.write("{\n" + ",\n".join(f"  {json.dumps(k)}: {json.dumps(v)}" for k, v in self.to_json().items())
+                    + "\n}\n")
+
+    @classmethod
+    def load(cls, path, n_layers=None):
+        with open(path) as f:
+            try:
+                d = json.load(f)
+            except json.JSONDecodeError as e:
+                raise ValueError(f"{path}: not valid JSON ({e})") from None
+        return cls.from_json(d, n_layers=n_layers, where=str(path))
+
+
+def skip_set_path(model_dir):
+    """Where a model's shipped skip set lives: <model_dir>/draft_verify/skip_set.json."""
+    return os.path.join(str(model_dir), SKIP_SET_FILE)
+
+
+def find_skip_set(model):
+    """The skip set shipped beside a loaded model (model.path), or a clear error saying how to make one."""
+    base = getattr(model, "path", None)
+    if base is None:
+        raise ValueError("draft_verify: this model was not loaded from a folder (no model.path); "
+                         "pass skip=SkipSet(...) or skip={'attention': [...], 'mlp': [...]}")
+    path = skip_set_path(base)
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"draft_verify: no skip set at {path}; make one with "
+                                f"`minispec search-skip --model {base}` or pass skip=...")
+    return SkipSet.load(path, n_layers=model.config.n_layers)
+
+
+# ---- the adaptive draft exit (the paper's adaptive draft-exiting; the authors' decoding.py) ----------------------
+@dataclass(frozen=True)
+class ExitRule:
+    """Constants of the adaptive threshold update. Defaults: the authors' decoding.py, whose
+    auto_parameters = [1, 0.5, 0.9, 1e-2, 0.9] are [update every step, beta1, alpha, epsilon, beta2]; gamma0 = 0.6
+    is the starting threshold of their sampling evaluation (evaluate_code.ipynb)."""
+    beta1: float = 0.5      # smoothing of the acceptance-rate estimate m
+    alpha: float = 0.9      # target acceptance rate: under it the threshold rises (drafts get shorter)
+    epsilon: float = 0.01   # step of the threshold
+    beta2: float = 0.9      # smoothing of the threshold
+    gamma0: float = 0.6     # starting threshold
+
+
+def update_threshold(gamma, m, accepted, drafted, hit_max, rule=ExitRule()):
+    """One adaptive draft-exit update after a verification -> (gamma, m).
+
+        m      <- beta1 * m + (1 - beta1) * accepted / drafted            (smoothed acceptance rate)
+        gamma' =  gamma + epsilon   if m < alpha                          (too many rejections: stop earlier)
+                  gamma             elif the draft reached its maximum    (accepted and already as long as allowed)
+                  gamma - epsilon   otherwise                             (accepted: draft longer)
+        gamma  <- beta2 * gamma + (1 - beta2) * gamma'
+
+    accepted: draft tokens the verifier accepted (the bonus token not counted); drafted: draft tokens (>= 1).
+    """
+    m = rule.beta1 * m + (1 - rule.beta1) * accepted / drafted
+    if m < rule.alpha:
+        target = gamma + rule.epsilon
+    elif hit_max:
+        target = gamma
+    else:
+        target = gamma - rule.epsilon
+    return rule.beta2 * gamma + (1 - rule.beta2) * target, m
+
+
+# ---- the proposer -------------------------------------------------------------------------------------------------
+def _as_skip_set(skip, model):
+    if skip is None:
+        return find_skip_set(model)
+    if isinstance(skip, SkipSet):
+        s = skip
+    elif isinstance(skip, dict):
+        s = SkipSet.from_json(skip, n_layers=model.config.n_layers, where="skip=")
+    elif isinstance(skip, (str, os.PathLike)):
+        s = SkipSet.load(skip, n_layers=model.config.n_layers)
+    else:
+        raise ValueError(f"draft_verify: skip must be a SkipSet, a dict or a JSON path, not {type(skip).__name__}")
+    if s.n_layers != model.config.n_layers:
+        raise ValueError(f"draft_verify: skip set has {s.n_layers} layers, the model {model.config.n_layers}")
+    return s
+
+
+class DraftVerifyProposer:
+    """Decoder "draft_verify": the skipped model drafts a chain, one one-token partial forward per draft token.
+
+    Draft token j runs at position cache.pos + j through the kept sublayers only; at a kept attention layer it
+    reads the committed ring (the FULL model's keys/values of the accepted tokens: the skipped model has no cache
+    of its own) and the scratch rows 0..j of this draft (the skipped model's own keys/values of the draft
+    tokens before it). The ring is never written; the scratch rows are discarded before verification, which
+    recomputes every draft token with the full model (the draft's K/V came from a different network).
+
+    Greedy: the draft takes its argmax. Sampling: the draft samples from its own warped distribution (the same
+    temperature / top-k / top-p as the target) with ctx.rng, and hands those distributions to the verifier as
+    Draft.q (chain rejection sampling). Drafting stops after max_draft tokens or after the first token whose
+    draft probability is under the threshold gamma (that token is kept); gamma adapts after every verification
+    (update_threshold) unless adaptive=False.
+
+    Counts in ctx.stats.counters: "draft_verify.forwards" (one-token draft forwards) and
+    "draft_verify.gamma" (a list: the threshold in force at each step, before its update).
+    """
+    name = "draft_verify"
+
+    def __init__(self, model, skip=None, max_draft=None, gamma0=None, adaptive=True, rule=None):
+        self.model, self.skip = model, _as_skip_set(skip, model)
+        self.rule = rule or ExitRule()
+        # unset options: the skip set file's own (its meta), else the authors' decoding.py defaults
+        max_draft = self.skip.meta.get("max_draft", 8) if max_draft is None else max_draft
+        gamma0 = self.skip.meta.get("gamma0", self.rule.gamma0) if gamma0 is None else gamma0
+        if int(max_draft) < 1:
+            raise ValueError(f"draft_verify: max_draft must be >= 1, got {max_draft}")
+        self.max_draft, self.adaptive = int(max_draft), bool(adaptive)
+        self._chains = {}
+        self.gamma0 = float(gamma0)
+        if not 0 <= self.gamma0 <= 1:
+            raise ValueError(f"draft_verify: gamma0 must lie in [0, 1], got {gamma0}")
+        self.start(None, None)
+
+    def start(self, ctx, prompt_hidden):
+        """Per-generation state: the threshold back to gamma0, the acceptance estimate to 0 (as the authors)."""
+        self.gamma, self.m = self.gamma0, 0.0
+
+    def propose(self, ctx):
+        model, cache, xp = self.model, ctx.cache, self.model.xp
+        tokens, tok = [int(ctx.root)], int(ctx.root)
+        sampled = not ctx.params.greedy
+        q = xp.zeros((self.max_draft, model.config.vocab_size), dtype=model.dtype) if sampled else None   # [K, V]
+        for j in range(self.max_draft):
+            out = model.forward_block([tok], cache, skip=self.skip, offset=j)              # logits [1, V]
+            logits = out.logits[0]                                                        # [V]
+            if sampled:
+                q[j] = target_probs(logits, ctx.params)                                   # [V] the draft's warped q
+                tok = sample(q[j], ctx.rng)
+            else:
+                tok = int(to_host(logits.argmax()))
+            # confidence: the draft's own (temperature-1) probability of the token it drafted (= its top-1 when greedy)
+            z = logits - logits.max()                                                     # [V]
+            conf = float(to_host(xp.exp(z[tok]) / xp.exp(z).sum()))
+            tokens.append(tok)
+            if conf < self.gamma:
+                break
+        cache.discard()                                     # the draft's K/V: never committed, never verified
+        K = len(tokens) - 1
+        count(ctx.stats, "draft_verify.forwards", K)
+        ctx.stats.counters.setdefault("draft_verify.gamma", []).append(self.gamma)
+        q = q[:K] if sampled else None                                                    # [K, V]
+        if K not in self._chains:
+            self._chains[K] = Tree.chain(K)
+        return Draft(self._chains[K], tokens, q=q)
+
+    def observe(self, step):
+        if self.adaptive and step.drafted:
+            self.gamma, self.m = update_threshold(self.gamma, self.m, len(step.path) - 1, step.drafted,
+                                                  step.drafted == self.max_draft, self.rule)
+
+
+# ---- the cost model -----------------------------------------------------------------------------------------------
+def predicted_speedup(tau, drafted, draft_cost, costs):
+    """The speedup over plain decoding that the cost model predicts, in units of one AR step (a 1-token forward):
+
+        speedup = tau / mean over steps s of ( K_s · r + c(K_s + 1) )
+
+    tau: measured tokens per step; drafted [steps]: draft tokens K_s of each step (each cost one draft forward);
+    draft_cost r: one skipped one-token forward / one full one-token forward; costs {T: c(T)}: the verify cost
+    curve (minispec.bench.cost_curve), interpolated linearly between its measured sizes."""
+    sizes = sorted(costs)
+    K = np.asarray(drafted, dtype=np.float64)
+    c = np.interp(K + 1, sizes, [costs[s] for s in sizes])
+    return float(tau / np.mean(K * draft_cost + c))
