@@ -243,7 +243,7 @@ def lr_at(step, total, lr, warmup_steps):
 
 
 class Adam:
-    """Adam (Kingma & Ba 2015, Alg. 1) updating the heads' arrays in place."""
+    """Adam (Kingma & Ba 2015) updating the heads' arrays in place."""
 
     def __init__(self, params, beta1=0.9, beta2=0.999, eps=1e-8):
         xp = array_module(next(iter(params.values())))
@@ -310,7 +310,7 @@ def topk_accuracies(heads, H, labels, k=10, batch=256):
     """acc[h][r] = P(head h's rank-r candidate is the label), over the held-out positions with a label for head h.
 
     H [N, D] (device), labels [K, N] (host) -> float64 [K, k] (host). This is what minispec.tree.build_tree
-    takes; it assumes a head is right as often after a correct path as on average (Medusa §3.3.3 does the same)."""
+    takes; it assumes a head is right as often after a correct path as on average (Medusa §2.3.3 does the same)."""
     hits, cnt = np.zeros((heads.K, k)), np.zeros(heads.K)
     for s in range(0, H.shape[0], batch):
         top = to_host(topk_ids(heads.logits(H[s:s + batch]), k))                 # [K, B, k]
