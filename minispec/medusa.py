@@ -4,7 +4,7 @@ K extra decoding heads read the base model's last hidden state h_t (the final-RM
 LM head predicts the token at t+1; head k (0-based) predicts the token at t+k+2. Each head is a small residual
 MLP followed by a vocabulary projection (paper §2.1.1, FasterDecoding's `ResBlock` + `nn.Linear`):
 
-    x_0 = h_t,    x_l = x_{l-1} + silu(x_{l-1} W_l + b_l)   (l = 1 .. num_layers),    logits_k = x_L P_k
+    x_0 = h_t,    x_l = x_{l-1} + silu(x_{l-1} W_l + b_l)   (l = 1 .. Lh),    logits_k = x_Lh P_k
 
 W_l and b_l start at zero, so an untrained head is the identity followed by P_k. Two versions:
     "v1"  P_k [D, V] is the head's own projection, initialised from the base output layer (Medusa's choice):
@@ -52,7 +52,7 @@ def head_forward(h, Ws, bs, P, keep=False):
 
     h [T, D], Ws [Lh, D, D] (in, out), bs [Lh, D], P [D, V] -> logits [T, V].
     keep=True also returns what the backward pass needs (minispec.train_heads.head_backward):
-    xs = [x_0 .. x_L] (each [T, D]) and zs = [z_1 .. z_L], z_l = x_{l-1} W_l + b_l, the pre-activations.
+    xs = [x_0 .. x_Lh] (each [T, D]) and zs = [z_1 .. z_Lh], z_l = x_{l-1} W_l + b_l, the pre-activations.
     """
     xs, zs, x = [h], [], h
     for W, b in zip(Ws, bs):

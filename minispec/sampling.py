@@ -60,8 +60,9 @@ def target_probs(logits, params):
     temperature 0: the one-hot of the argmax (first index on ties), so that acceptance rules treat greedy
     decoding as sampling from a point mass. Otherwise softmax(logits / temperature), then
       top-k: keep the k largest logits (all tokens tied with the k-th are kept, as in Hugging Face's TopK warper);
-      top-p: keep the smallest set of most probable tokens whose mass reaches top_p (nucleus sampling, Holtzman et al. 2020),
-             i.e. token x stays iff the mass of the tokens ranked above it is < top_p; the top token always stays;
+      top-p: keep the smallest set of most probable tokens whose mass reaches top_p (nucleus sampling,
+             Holtzman et al. 2020), i.e. token x stays iff the mass of the tokens ranked above it is < top_p;
+             the top token always stays;
     and renormalise.
     """
     xp = array_module(logits)

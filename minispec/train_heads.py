@@ -25,7 +25,8 @@ from .backend import array_module, to_device, to_host
 from .medusa import MedusaHeads, head_forward, topk_ids
 from .tree import build_tree
 
-DECAY = 0.8                      # w_k = DECAY**k, FasterDecoding's medusa_decay_coefficient default
+DECAY = 0.8                      # w_k = DECAY**k: the paper's constant (§2.2.1); FasterDecoding's axolotl
+                                 # configs set medusa_decay_coefficient: 0.8
 DOC_SEPARATOR = "\n\0\n"         # between documents of data/corpus/*.txt (tools/collect_corpus.py SEPARATOR)
 REPO = Path(__file__).resolve().parent.parent
 DEFAULT_TEXT = REPO / "data" / "corpus" / "train.txt"
@@ -157,7 +158,7 @@ def cross_entropy(logits, labels):
 def head_backward(dlogits, saved, Ws, P, grad_proj=True):
     """Backward pass of one head (minispec.medusa.head_forward with keep=True), by the chain rule:
 
-        dP = x_L^T dlogits;   dx_L = dlogits P^T;   for l = L .. 1:  dz_l = dx_l ⊙ silu'(z_l),
+        dP = x_Lh^T dlogits;   dx_Lh = dlogits P^T;   for l = Lh .. 1:  dz_l = dx_l ⊙ silu'(z_l),
         dW_l = x_{l-1}^T dz_l,   db_l = sum_rows dz_l,   dx_{l-1} = dx_l + dz_l W_l^T   (the residual path)
 
     dlogits [T, V], saved = (xs, zs), Ws [L, D, D], P [D, V] -> (dWs [L, D, D], dbs [L, D], dP [D, V] or None)."""

@@ -150,9 +150,9 @@ class Tree:
 def build_tree(accuracies, budget):
     """Medusa's tree construction (arXiv 2401.10774 §2.3.3; the choices behind `generate_medusa_buffers`' defaults).
 
-    accuracies [K, k]: measured probability that head d's rank-r candidate is the correct next token, given that
-    the path so far is correct. Under that independence assumption a path's expected acceptance is the product of
-    its per-depth accuracies. Starting from the root, repeatedly add the path with the highest expected
+    accuracies [K, k]: probability that head d's rank-r candidate is the correct token, measured on average over
+    positions (`train_heads.topk_accuracies`) and assumed to hold also given that the path so far is correct.
+    Under that independence assumption a path's expected acceptance is the product of its per-depth accuracies. Starting from the root, repeatedly add the path with the highest expected
     acceptance whose parent is already in the tree (ties: shallower, then lexicographically smaller), until
     `budget` nodes (root excluded) or no path is left. Since accuracies are <= 1, a child never beats its
     parent, so the result is also the set of the `budget` best paths overall.

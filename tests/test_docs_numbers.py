@@ -86,7 +86,8 @@ PAIRS = [
 ]
 
 
-@pytest.mark.parametrize("doc_name, doc_pat, nb_name, nb_pat", PAIRS, ids=[f"{p[0].split('/')[-1]}-{i}" for i, p in enumerate(PAIRS)])
+@pytest.mark.parametrize("doc_name, doc_pat, nb_name, nb_pat", PAIRS,
+                         ids=[f"{p[0].split('/')[-1]}-{i}" for i, p in enumerate(PAIRS)])
 def test_a_number_the_docs_quote_is_what_the_notebook_printed(doc_name, doc_pat, nb_name, nb_pat):
     quoted = grab(doc(doc_name), doc_pat, doc_name)
     value = float(grab(notebook_output(nb_name), nb_pat, f"notebooks/{nb_name}"))

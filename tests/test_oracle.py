@@ -24,7 +24,8 @@ def test_the_oracles_unpermuted_q_k_rows_are_the_consolidated_checkpoints_rows()
     for layer in range(cfg.n_layers):
         for proj, heads in (("q", cfg.n_heads), ("k", cfg.n_kv_heads)):
             w = np.array(hf[f"model.layers.{layer}.self_attn.{proj}_proj.weight"])
-            assert np.array_equal(native_rope_rows(w, heads), np.array(native[f"layers.{layer}.attention.w{proj}.weight"]))
+            want = np.array(native[f"layers.{layer}.attention.w{proj}.weight"])
+            assert np.array_equal(native_rope_rows(w, heads), want)
 
 
 def test_native_rope_rows_is_a_permutation_that_keeps_each_heads_rows_inside_the_head():
