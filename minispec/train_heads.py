@@ -161,15 +161,15 @@ def head_backward(dlogits, saved, Ws, P, grad_proj=True):
         dP = x_Lh^T dlogits;   dx_Lh = dlogits P^T;   for l = Lh .. 1:  dz_l = dx_l ⊙ silu'(z_l),
         dW_l = x_{l-1}^T dz_l,   db_l = sum_rows dz_l,   dx_{l-1} = dx_l + dz_l W_l^T   (the residual path)
 
-    dlogits [T, V], saved = (xs, zs), Ws [L, D, D], P [D, V] -> (dWs [L, D, D], dbs [L, D], dP [D, V] or None)."""
+    dlogits [T, V], saved = (xs, zs), Ws [Lh, D, D], P [D, V] -> (dWs [Lh, D, D], dbs [Lh, D], dP [D, V] or None)."""
     xs, zs = saved
     xp = array_module(dlogits)
-    L, D = len(zs), xs[0].shape[1]
-    dWs = xp.empty((L, D, D), dtype=dlogits.dtype)
-    dbs = xp.empty((L, D), dtype=dlogits.dtype)
+    Lh, D = len(zs), xs[0].shape[1]
+    dWs = xp.empty((Lh, D, D), dtype=dlogits.dtype)                               # [Lh, D, D]
+    dbs = xp.empty((Lh, D), dtype=dlogits.dtype)
     dP = xs[-1].T @ dlogits if grad_proj else None                               # [D, V]
     dx = dlogits @ P.T                                                           # [T, D]
-    for layer in reversed(range(L)):
+    for layer in reversed(range(Lh)):
         dz = dx * silu_grad(zs[layer])                                           # [T, D]
         dWs[layer] = xs[layer].T @ dz                                            # [D, D]
         dbs[layer] = dz.sum(axis=0)                                              # [D]
@@ -181,7 +181,7 @@ def medusa_loss(heads, h, labels, weights):
     """The weighted loss of all heads and its gradients.
 
     h [B, D], labels int [K, B] (device, -1 = none), weights [K] (host floats) ->
-    (loss 0-d, per-head CE [K] (device), grads {"W": [K, L, D, D], "b": [K, L, D], "proj": [K, D, V] (v1 only)})."""
+    (loss 0-d, per-head CE [K] (device), grads {"W": [K, Lh, D, D], "b": [K, Lh, D], "proj": [K, D, V] (v1 only)})."""
     xp = array_module(h)
     K = heads.K
     grads = {"W": xp.empty_like(heads.W), "b": xp.empty_like(heads.b)}
