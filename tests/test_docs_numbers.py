@@ -127,3 +127,12 @@ def test_the_heads_numbers_in_docs_medusa_md_are_the_shipped_heads_own_record():
     choice = cfg["tree_choice"]
     assert agrees(cpu, choice["cpu_expected_tau"]) and agrees(gpu, choice["gpu_expected_tau"])
     assert len(cfg["tree_cuda"]) == choice["gpu_budget"] == 32
+
+
+def test_the_shipped_models_numbers_in_the_readme_are_its_data_cards():
+    card = json.loads((SHIPPED / "datacard.json").read_text())
+    readme = doc("README.md")
+    nats, bpb, gz = re.search(r"shipped model, held-out \| " + NUM + " nats/token, " + NUM + r" bits/byte \(gzip -9: "
+                              + NUM + r"\)", readme).groups()
+    held = card["heldout"]
+    assert agrees(nats, held["loss"]) and agrees(bpb, held["bits_per_byte"]) and agrees(gz, held["gzip9_bits_per_byte"])
