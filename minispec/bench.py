@@ -166,14 +166,16 @@ def cost_curve(model, sizes=(1, 2, 4, 8, 16, 32, 64), reps=15, context=200):
     return {T: times[T] / times[1] for T in sizes}, times[1]
 
 
-def heads_cost(model, heads, t1, top_k=3, reps=20):
-    """Median time of one Medusa proposal (all heads' top-k on one hidden state), in units of t1 (one AR step)."""
+def heads_cost(model, heads, t1, top_k=3, reps=20, num_heads=None):
+    """Median time of one Medusa proposal (the first num_heads heads' top-k on one hidden state), in units of t1
+    (one AR step). The proposer runs only as many heads as its tree is deep: pass num_heads = tree.max_depth
+    (None times all K heads, which overstates a shallow tree's cost)."""
     hidden = model.forward([1], model.new_cache(), return_hidden=True)[1][0]
-    heads.topk(hidden, top_k)
+    heads.topk(hidden, top_k, num_heads=num_heads)
     ts = []
     for _ in range(reps):
         t0 = time.perf_counter()
-        heads.topk(hidden, top_k)
+        heads.topk(hidden, top_k, num_heads=num_heads)
         ts.append(time.perf_counter() - t0)
     return statistics.median(ts) / t1
 
@@ -181,14 +183,16 @@ def heads_cost(model, heads, t1, top_k=3, reps=20):
 def pick_budget(accuracies, costs, proposal_cost=0.0):
     """The tree budget (nodes besides the root) maximising the expected speedup over AR on this backend,
     tau(budget) / (c(budget + 1) + proposal_cost), with c interpolated between measured sizes and
-    proposal_cost the drafting time per step in units of one AR step. Returns (budget, expected speedup)."""
+    proposal_cost the drafting time per step in units of one AR step: one number, or a sequence whose entry
+    d - 1 is the cost of drafting a tree d deep (d heads run). Returns (budget, expected speedup)."""
     from .tree import build_tree
     sizes = sorted(costs)
     best = (0.0, 0)
     for budget in range(1, sizes[-1]):
-        _, tau = build_tree(accuracies, budget)
+        tree, tau = build_tree(accuracies, budget)
         c = float(np.interp(budget + 1, sizes, [costs[s] for s in sizes]))
-        best = max(best, (tau / (c + proposal_cost), budget))
+        pc = proposal_cost if np.isscalar(proposal_cost) else proposal_cost[tree.max_depth - 1]
+        best = max(best, (tau / (c + pc), budget))
     return best[1], best[0]
 
 
@@ -345,9 +349,13 @@ def bench_decode(model_dir, decoders=("ar", "medusa"), n_tokens=128, n_prompts=8
             measured = results_tau.get("medusa")
             print(f"medusa tree of {len(heads.choices)} nodes: expected tau {expected:.2f} (from the heads' held-out "
                   f"top-k accuracies, assumed independent) vs measured {measured:.2f}")
-            proposal = heads_cost(model, heads, t1)
-            budget, ratio = pick_budget(np.asarray(heads.accuracies), costs, proposal)
-            print(f"medusa heads cost {proposal:.2f} AR steps per step; the tree budget maximising the expected "
+            from .tree import Tree
+            shipped = Tree.from_choices(heads.choices, n_heads=heads.K)
+            per_depth = [heads_cost(model, heads, t1, num_heads=d) for d in range(1, heads.K + 1)]
+            proposal = per_depth[shipped.max_depth - 1]           # the proposer runs tree.max_depth heads
+            budget, ratio = pick_budget(np.asarray(heads.accuracies), costs, per_depth)
+            print(f"medusa heads cost {proposal:.2f} AR steps per step ({shipped.max_depth} of {heads.K} heads, as "
+                  f"deep as the tree); the tree budget maximising the expected "
                   f"speedup tau / (c(budget + 1) + heads) here is {budget} nodes (expected {ratio:.2f}x); the "
                   f"shipped tree has {len(heads.choices)} nodes")
     return results, costs

@@ -1,4 +1,4 @@
-"""The rolling-buffer KV cache (Mistral 7B, arXiv 2310.06825, §2 "Rolling Buffer Cache").
+"""The rolling-buffer KV cache (Mistral 7B, arXiv 2310.06825, "Rolling Buffer Cache").
 
 W slots per layer; the token at absolute position p lives in slot p % W, its key stored after RoPE, so a slot
 is simply overwritten once its token has left every future query's window. Where the model has no sliding

@@ -1,4 +1,4 @@
-"""Mistral's building blocks, one pure function per equation (Mistral 7B, arXiv 2310.06825, §2).
+"""Mistral's building blocks, one pure function per equation (Mistral 7B, arXiv 2310.06825, "Architectural details").
 
 Every function takes arrays of one namespace (NumPy or CuPy, found with `array_module`) and one floating
 dtype, and returns arrays of the same. Shapes use the letters of minispec/config.py.
@@ -16,7 +16,7 @@ def rms_norm(x, weight, eps):
 
 
 def rope_tables(positions, head_dim, theta, xp, dtype):
-    """cos, sin of RoPE angles pos · θ^(-2i/Dh), i < Dh/2 (RoFormer, arXiv 2104.09864, §3.4).   -> [T, Dh/2]
+    """cos, sin of RoPE angles pos · θ^(-2i/Dh), i < Dh/2 (RoFormer, arXiv 2104.09864).   -> [T, Dh/2]
 
     Built in float64 on the host from integer positions, then cast: exact to the working dtype's rounding.
     """

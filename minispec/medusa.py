@@ -2,9 +2,9 @@
 
 K extra decoding heads read the base model's last hidden state h_t (the final-RMSNorm output, [D]). The base
 LM head predicts the token at t+1; head k (0-based) predicts the token at t+k+2. Each head is a small residual
-MLP followed by a vocabulary projection (paper eq. 1, FasterDecoding's `ResBlock` + `nn.Linear`):
+MLP followed by a vocabulary projection (paper §2.1.1, FasterDecoding's `ResBlock` + `nn.Linear`):
 
-    x_0 = h_t,    x_l = x_{l-1} + silu(x_{l-1} W_l + b_l)   (l = 1 .. num_layers),    logits_k = x_L P_k
+    x_0 = h_t,    x_l = x_{l-1} + silu(x_{l-1} W_l + b_l)   (l = 1 .. Lh),    logits_k = x_Lh P_k
 
 W_l and b_l start at zero, so an untrained head is the identity followed by P_k. Two versions:
     "v1"  P_k [D, V] is the head's own projection, initialised from the base output layer (Medusa's choice):
@@ -20,7 +20,8 @@ FasterDecoding's format (FasterDecoding/Medusa), a folder:  config.json (medusa_
 base_model_name_or_path) + medusa_lm_head.safetensors. Both use FasterDecoding's tensor names in Hugging Face
 (out, in) orientation:
     {head}.{layer}.linear.weight  [D, D]     {head}.{layer}.linear.bias  [D]     {head}.{num_layers}.weight  [V, D] (v1)
-Shapes: K heads, L = num_layers, T tokens, D dim, V vocab.
+Shapes: K heads, Lh = num_layers (residual blocks per head; L is the base model's layers), T tokens, D dim,
+V vocab.
 """
 import json
 from pathlib import Path
@@ -43,16 +44,16 @@ VERSIONS = ("v1", "v2")
 # One head: residual blocks, then the vocabulary projection
 # ---------------------------------------------------------------------------------------------------------
 def res_block(x, W, b):
-    """Medusa's ResBlock (§2.1.1 eq. 1): x + silu(x W + b).   x [T, D], W [D, D] (in, out), b [D] -> [T, D]"""
+    """Medusa's ResBlock (§2.1.1): x + silu(x W + b).   x [T, D], W [D, D] (in, out), b [D] -> [T, D]"""
     return x + silu(x @ W + b)
 
 
 def head_forward(h, Ws, bs, P, keep=False):
     """One Medusa head: num_layers residual blocks, then the projection.
 
-    h [T, D], Ws [L, D, D] (in, out), bs [L, D], P [D, V] -> logits [T, V].
+    h [T, D], Ws [Lh, D, D] (in, out), bs [Lh, D], P [D, V] -> logits [T, V].
     keep=True also returns what the backward pass needs (minispec.train_heads.head_backward):
-    xs = [x_0 .. x_L] (each [T, D]) and zs = [z_1 .. z_L], z_l = x_{l-1} W_l + b_l, the pre-activations.
+    xs = [x_0 .. x_Lh] (each [T, D]) and zs = [z_1 .. z_Lh], z_l = x_{l-1} W_l + b_l, the pre-activations.
     """
     xs, zs, x = [h], [], h
     for W, b in zip(Ws, bs):
@@ -85,7 +86,7 @@ def topk_ids(logits, k):
 class MedusaHeads:
     """K Medusa heads on a model's device, in its dtype.
 
-    W [K, L, D, D] (in, out), b [K, L, D], proj [K, D, V] for v1 or None for v2 (then `base_output`, the
+    W [K, Lh, D, D] (in, out), b [K, Lh, D], proj [K, D, V] for v1 or None for v2 (then `base_output`, the
     model's own [D, V] output layer, is every head's projection). `choices` is the tree stored with the heads
     (Medusa's list of rank paths), `accuracies` the measured top-k accuracies [K][k] it was built from.
     """
@@ -130,8 +131,8 @@ class MedusaHeads:
         if num_heads < 1 or num_layers < 0:
             raise ValueError(f"Medusa: need num_heads >= 1 and num_layers >= 0, got {num_heads}, {num_layers}")
         xp, dt, D = model.xp, model.dtype, model.config.dim
-        W = xp.zeros((num_heads, num_layers, D, D), dtype=dt)                    # [K, L, D, D]
-        b = xp.zeros((num_heads, num_layers, D), dtype=dt)                       # [K, L, D]
+        W = xp.zeros((num_heads, num_layers, D, D), dtype=dt)                    # [K, Lh, D, D]
+        b = xp.zeros((num_heads, num_layers, D), dtype=dt)                       # [K, Lh, D]
         proj = None
         if version == "v1":
             proj = xp.empty((num_heads,) + tuple(model.output.shape), dtype=dt)  # [K, D, V]

@@ -1,4 +1,5 @@
-"""The Mistral forward pass, array by array (Mistral 7B, arXiv 2310.06825, §2; Llama's block structure).
+"""The Mistral forward pass, array by array (Mistral 7B, arXiv 2310.06825, "Architectural details"; Llama's
+block structure).
 
     x = embed[ids]
     for each layer:  x += Wo · attention(rope(Wq · rms(x)), rope(Wk · rms(x)), Wv · rms(x))   (sliding window, GQA)

@@ -5,7 +5,7 @@ acceptance rules a verifier can apply to a drafted chain or tree:
 
     rule                     drafts                      lossless?   source
     greedy_accept            tree (or chain)             exact       argmax match (Medusa §2.1.2, Stern et al. 2018)
-    typical_accept           tree (or chain)             NO          Medusa §3.3.1 (arXiv 2401.10774)
+    typical_accept           tree (or chain)             NO          Medusa §2.3.1 (arXiv 2401.10774)
     chain_rejection_accept   chain drawn from q          yes         Leviathan et al. 2023, Chen et al. 2023
     tree_rejection_accept    tree of top-k candidates    yes         recursive rejection sampling (SpecInfer, Sequoia)
 
@@ -76,8 +76,9 @@ def target_probs(logits, params):
     temperature 0: the one-hot of the argmax (first index on ties), so that acceptance rules treat greedy
     decoding as sampling from a point mass. Otherwise softmax(logits / temperature), then
       top-k: keep the k largest logits (all tokens tied with the k-th are kept, as in Hugging Face's TopK warper);
-      top-p: keep the smallest set of most probable tokens whose mass reaches top_p (Holtzman et al. 2020, §3.1),
-             i.e. token x stays iff the mass of the tokens ranked above it is < top_p; the top token always stays;
+      top-p: keep the smallest set of most probable tokens whose mass reaches top_p (nucleus sampling,
+             Holtzman et al. 2020), i.e. token x stays iff the mass of the tokens ranked above it is < top_p;
+             the top token always stays;
     and renormalise.
     """
     xp = array_module(logits)
@@ -140,7 +141,7 @@ def greedy_accept(tree, tokens, logits):
 
 
 def typical_accept(tree, tokens, logits, params, epsilon=0.09, alpha=0.3, rng=None):
-    """Medusa's typical acceptance (arXiv 2401.10774 §3.3.1; FasterDecoding/Medusa `evaluate_posterior`). LOSSY.
+    """Medusa's typical acceptance (arXiv 2401.10774 §2.3.1; FasterDecoding/Medusa `evaluate_posterior`). LOSSY.
 
     p = target_probs(logits, params) at every node [N, V]. Node c with parent u is accepted iff
         p_u(tokens[c]) > min(epsilon, alpha · exp(-H(p_u))),    H the entropy (0 log 0 = 0)
@@ -179,8 +180,8 @@ def typical_accept(tree, tokens, logits, params, epsilon=0.09, alpha=0.3, rng=No
 
 
 def chain_rejection_accept(draft_tokens, draft_probs, target, rng):
-    """Speculative sampling of a chain (Leviathan et al. 2023, arXiv 2211.17192, §2.3 / Chen et al. 2023,
-    arXiv 2302.01318, Alg. 2). Lossless: the emitted tokens follow the target distribution exactly.
+    """Speculative sampling of a chain (Leviathan et al. 2023, arXiv 2211.17192 / Chen et al. 2023,
+    arXiv 2302.01318). Lossless: the emitted tokens follow the target distribution exactly.
 
     draft_tokens [K] host ints, drawn one by one from draft_probs [K, V]; target [K + 1, V] the target's
     distributions after the prefix and after each draft token. Draft x_i is accepted with probability
@@ -209,8 +210,8 @@ def tree_rejection_accept(tree, tokens, target, rng):
     """Recursive rejection sampling over a tree of deterministic top-k candidates. Lossless.
 
     tokens [N] host ints (node 0 = root), target [N, V] the target distribution at every node. Each child is a
-    point-mass draft, so multi-draft speculative sampling (SpecInfer, Miao et al. 2023, arXiv 2305.09781, §4.2;
-    Sequoia, Chen et al. 2024, arXiv 2402.12374, §3.2) reduces to: at node u with children c_1..c_m in rank
+    point-mass draft, so multi-draft speculative sampling (SpecInfer, Miao et al. 2023, arXiv 2305.09781;
+    Sequoia, Chen et al. 2024, arXiv 2402.12374) reduces to: at node u with children c_1..c_m in rank
     order, residual r = target[u];
         for each child c: accept with probability r(x_c) / sum(r); if accepted, move to c and start over with
                           r = target[c]; if rejected, set r(x_c) = 0;
@@ -218,8 +219,8 @@ def tree_rejection_accept(tree, tokens, target, rng):
     This is sampling x ~ target[u] one candidate at a time, so the emitted tokens follow the target exactly.
     Two children carrying the same token are fine: after the first is rejected its residual mass is 0, and
     the copy is accepted with probability 0 (no uniform is drawn for it). Greedy (one-hot targets) becomes
-    greedy_accept. No public Medusa or Hydra implementation has this rule: they verify trees greedily or with
-    typical acceptance. Returns (path, bonus).
+    greedy_accept. No public Medusa or Hydra implementation that we found has this rule: they verify trees
+    greedily or with typical acceptance. Returns (path, bonus).
     """
     xp = array_module(target)
     path = [0]

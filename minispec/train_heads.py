@@ -25,7 +25,8 @@ from .backend import array_module, to_device, to_host
 from .medusa import MedusaHeads, head_forward, topk_ids
 from .tree import build_tree
 
-DECAY = 0.8                      # w_k = DECAY**k, FasterDecoding's medusa_decay_coefficient default
+DECAY = 0.8                      # w_k = DECAY**k: the paper's constant (§2.2.1); FasterDecoding's axolotl
+                                 # configs set medusa_decay_coefficient: 0.8
 DOC_SEPARATOR = "\n\0\n"         # between documents of data/corpus/*.txt (tools/collect_corpus.py SEPARATOR)
 REPO = Path(__file__).resolve().parent.parent
 DEFAULT_TEXT = REPO / "data" / "corpus" / "train.txt"
@@ -157,18 +158,18 @@ def cross_entropy(logits, labels):
 def head_backward(dlogits, saved, Ws, P, grad_proj=True):
     """Backward pass of one head (minispec.medusa.head_forward with keep=True), by the chain rule:
 
-        dP = x_L^T dlogits;   dx_L = dlogits P^T;   for l = L .. 1:  dz_l = dx_l ⊙ silu'(z_l),
+        dP = x_Lh^T dlogits;   dx_Lh = dlogits P^T;   for l = Lh .. 1:  dz_l = dx_l ⊙ silu'(z_l),
         dW_l = x_{l-1}^T dz_l,   db_l = sum_rows dz_l,   dx_{l-1} = dx_l + dz_l W_l^T   (the residual path)
 
-    dlogits [T, V], saved = (xs, zs), Ws [L, D, D], P [D, V] -> (dWs [L, D, D], dbs [L, D], dP [D, V] or None)."""
+    dlogits [T, V], saved = (xs, zs), Ws [Lh, D, D], P [D, V] -> (dWs [Lh, D, D], dbs [Lh, D], dP [D, V] or None)."""
     xs, zs = saved
     xp = array_module(dlogits)
-    L, D = len(zs), xs[0].shape[1]
-    dWs = xp.empty((L, D, D), dtype=dlogits.dtype)
-    dbs = xp.empty((L, D), dtype=dlogits.dtype)
+    Lh, D = len(zs), xs[0].shape[1]
+    dWs = xp.empty((Lh, D, D), dtype=dlogits.dtype)                               # [Lh, D, D]
+    dbs = xp.empty((Lh, D), dtype=dlogits.dtype)
     dP = xs[-1].T @ dlogits if grad_proj else None                               # [D, V]
     dx = dlogits @ P.T                                                           # [T, D]
-    for layer in reversed(range(L)):
+    for layer in reversed(range(Lh)):
         dz = dx * silu_grad(zs[layer])                                           # [T, D]
         dWs[layer] = xs[layer].T @ dz                                            # [D, D]
         dbs[layer] = dz.sum(axis=0)                                              # [D]
@@ -180,7 +181,7 @@ def medusa_loss(heads, h, labels, weights):
     """The weighted loss of all heads and its gradients.
 
     h [B, D], labels int [K, B] (device, -1 = none), weights [K] (host floats) ->
-    (loss 0-d, per-head CE [K] (device), grads {"W": [K, L, D, D], "b": [K, L, D], "proj": [K, D, V] (v1 only)})."""
+    (loss 0-d, per-head CE [K] (device), grads {"W": [K, Lh, D, D], "b": [K, Lh, D], "proj": [K, D, V] (v1 only)})."""
     xp = array_module(h)
     K = heads.K
     grads = {"W": xp.empty_like(heads.W), "b": xp.empty_like(heads.b)}
@@ -243,7 +244,7 @@ def lr_at(step, total, lr, warmup_steps):
 
 
 class Adam:
-    """Adam (Kingma & Ba 2015, Alg. 1) updating the heads' arrays in place."""
+    """Adam (Kingma & Ba 2015) updating the heads' arrays in place."""
 
     def __init__(self, params, beta1=0.9, beta2=0.999, eps=1e-8):
         xp = array_module(next(iter(params.values())))
@@ -310,7 +311,7 @@ def topk_accuracies(heads, H, labels, k=10, batch=256):
     """acc[h][r] = P(head h's rank-r candidate is the label), over the held-out positions with a label for head h.
 
     H [N, D] (device), labels [K, N] (host) -> float64 [K, k] (host). This is what minispec.tree.build_tree
-    takes; it assumes a head is right as often after a correct path as on average (Medusa §3.3.3 does the same)."""
+    takes; it assumes a head is right as often after a correct path as on average (Medusa §2.3.3 does the same)."""
     hits, cnt = np.zeros((heads.K, k)), np.zeros(heads.K)
     for s in range(0, H.shape[0], batch):
         top = to_host(topk_ids(heads.logits(H[s:s + batch]), k))                 # [K, B, k]

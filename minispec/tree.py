@@ -1,4 +1,4 @@
-"""Static candidate trees for Medusa and Hydra (Medusa, arXiv 2401.10774, §2.1.2 "tree attention", §3.3.3).
+"""Static candidate trees for Medusa and Hydra (Medusa, arXiv 2401.10774, §2.1.2 "tree attention", §2.3.3).
 
 A tree is written in Medusa's "choices" format: a list of paths, each a list of top-k ranks. Path [0, 1] means
 "the rank-0 token of head 0, then the rank-1 token of head 1"; its parent is the path [0]. Node 0 is the root,
@@ -15,7 +15,7 @@ The buffers are what a verifier needs (Medusa's `generate_medusa_buffers`), all 
     retrieve int  [P, max_depth + 1]   root-to-leaf node indices, leaves in lexicographic path order, -1 padded
 An empty choices list is the root alone: plain autoregressive decoding.
 
-`build_tree` grows a tree from measured head accuracies the way Medusa chose its default trees (§3.3.3).
+`build_tree` grows a tree from measured head accuracies the way Medusa chose its default trees (§2.3.3).
 """
 import heapq
 import numbers
@@ -149,11 +149,11 @@ class Tree:
 
 # ---------------------------------------------------------------------------------------------------------
 def build_tree(accuracies, budget):
-    """Medusa's tree construction (arXiv 2401.10774 §3.3.3; the choices behind `generate_medusa_buffers`' defaults).
+    """Medusa's tree construction (arXiv 2401.10774 §2.3.3; the choices behind `generate_medusa_buffers`' defaults).
 
-    accuracies [K, k]: measured probability that head d's rank-r candidate is the correct next token, given that
-    the path so far is correct. Under that independence assumption a path's expected acceptance is the product of
-    its per-depth accuracies. Starting from the root, repeatedly add the path with the highest expected
+    accuracies [K, k]: probability that head d's rank-r candidate is the correct token, measured on average over
+    positions (`train_heads.topk_accuracies`) and assumed to hold also given that the path so far is correct.
+    Under that independence assumption a path's expected acceptance is the product of its per-depth accuracies. Starting from the root, repeatedly add the path with the highest expected
     acceptance whose parent is already in the tree (ties: shallower, then lexicographically smaller), until
     `budget` nodes (root excluded) or no path is left. Since accuracies are <= 1, a child never beats its
     parent, so the result is also the set of the `budget` best paths overall.

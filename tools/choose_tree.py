@@ -1,6 +1,7 @@
 """Choose and store the default Medusa trees of a heads folder, per backend, from measured costs.
 
-CPU ("tree"): the budget maximising the expected speedup tau(budget) / (c(budget + 1) + heads cost), with
+CPU ("tree"): the budget maximising the expected speedup tau(budget) / (c(budget + 1) + heads cost), the heads
+cost being that of the tree's depth of heads (the proposer runs no more), with
 c(T) the verify cost curve measured here (minispec.bench.cost_curve) and tau from the heads' held-out top-k
 accuracies (minispec.tree.build_tree). GPU ("tree_cuda"): a verify of up to dozens of tokens costs about one
 step there, so the tree is simply grown to --gpu-budget nodes. The heads are rewritten in --dtype.
@@ -34,12 +35,14 @@ def main():
     heads = load_heads(folder, model)
     acc = np.asarray(heads.accuracies)
     costs, t1 = cost_curve(model, sizes=(1, 2, 3, 4, 6, 8, 12, 16, 24, 32))
-    proposal = heads_cost(model, heads, t1, reps=30)
-    budget, speedup = pick_budget(acc, costs, proposal)
+    # the proposer runs only as many heads as the tree is deep: one cost per depth d = 1..K
+    per_depth = [heads_cost(model, heads, t1, reps=30, num_heads=d) for d in range(1, heads.K + 1)]
+    budget, speedup = pick_budget(acc, costs, per_depth)
     cpu_tree, cpu_tau = build_tree(acc, budget)
+    proposal = per_depth[cpu_tree.max_depth - 1]
     gpu_tree, gpu_tau = build_tree(acc, args.gpu_budget)
     print("c(T):", ", ".join(f"c({T})={c:.2f}" for T, c in costs.items()), f"(1 token = {t1 * 1e3:.2f} ms)")
-    print(f"heads: {proposal:.2f} AR steps per step")
+    print(f"heads: {proposal:.2f} AR steps per step ({cpu_tree.max_depth} of {heads.K} heads: the CPU tree's depth)")
     print(f"CPU tree: {budget} nodes, expected tau {cpu_tau:.2f}, expected speedup {speedup:.2f}x: "
           f"{[list(p) for p in cpu_tree.paths[1:]]}")
     print(f"GPU tree: {args.gpu_budget} nodes, expected tau {gpu_tau:.2f}")
