@@ -31,14 +31,15 @@ def tiny_model(W=6, V=24, seed=0, dtype="float64", dim=32):
     return Model(cfg, random_tensors(cfg, seed=seed), dtype=dtype, device="cpu")
 
 
-def random_heads(model, arch="mlp", num_heads=4, num_layers=2, seed=0, scale=0.3):
+def random_heads(model, arch="mlp", num_heads=4, num_layers=2, seed=0, scale=0.3, block_scale=None):
     """Heads with every parameter random (W_1 and the bias included, so a dropped term changes the logits);
     projections near the base output layer, so drafts are right sometimes."""
     heads = HydraHeads.create(model, num_heads, num_layers, arch, seed=seed)
     rng = np.random.default_rng(seed)
     for p in heads.heads:
         for k in p:
-            p[k] = p[k] + (0.1 if k.endswith("b") else scale) * rng.standard_normal(p[k].shape)
+            std = 0.1 if k.endswith("b") else (block_scale or scale) if k == "ws" else scale
+            p[k] = p[k] + std * rng.standard_normal(p[k].shape)
     if heads.prefix is not None:
         for k in heads.prefix:
             heads.prefix[k] = heads.prefix[k] + 0.3 * rng.standard_normal(heads.prefix[k].shape)
@@ -178,18 +179,34 @@ def test_a_head_batch_gives_the_reference_logits_and_an_untrained_head_gives_the
     assert rel_err(head_forward(fresh.heads[0], a), logits) < 1e-12
 
 
+def sensitive_heads(model, arch, seed=5):
+    """Random heads whose every input block and bias moves the top-k (unit-variance pre-activations, biases of
+    std 1), so that a shifted input, a wrong parent row or a dropped bias changes the proposal."""
+    heads = random_heads(model, arch, num_layers=2, scale=1.0, block_scale=0.1, seed=seed)
+    rng, D = np.random.default_rng(seed), model.config.dim
+    for i, p in enumerate(heads.heads):
+        I = (i + 2) * D
+        p["res_w"], p["w1"] = (5 * rng.standard_normal((I, D)) / np.sqrt(I) for _ in range(2))
+        p["proj_w"] = 3 * rng.standard_normal(p["proj_w"].shape) / np.sqrt(D)
+        p["res_b"], p["b1"], p["proj_b"] = (rng.standard_normal(p[k].shape) for k in ("res_b", "b1", "proj_b"))
+    return heads
+
+
 @pytest.mark.parametrize("arch", ARCHS)
-@pytest.mark.parametrize("choices", [BRANCHING, [[0], [0, 0], [0, 0, 0]], [[0], [1], [2], [0, 0], [2, 0], [2, 1]]])
+@pytest.mark.parametrize("choices", [BRANCHING, [[0], [0, 0], [0, 0, 0]], [[0], [1], [2], [0, 0], [2, 0], [2, 1]],
+                                     [[0], [1], [2], [0, 0], [1, 0], [2, 0], [0, 0, 0], [1, 0, 0], [2, 0, 0]]])
 def test_the_grounded_proposal_gives_each_node_rank_r_of_its_head_on_its_own_path(arch, choices):
     model = tiny_model()
-    heads = random_heads(model, arch)
+    heads = sensitive_heads(model, arch)
     tree = Tree.from_choices(choices)
     prop = HydraProposer(model, heads=heads, tree=tree)
-    stats = Stats()
-    h = np.random.default_rng(1).standard_normal(model.config.dim)
-    prop.h = h                                            # Hydra++ reads its prefix output; set it by hand here
-    d = prop.propose(Context(9, h, model, model.new_cache(), SamplingParams(), np.random.default_rng(0), stats))
-    assert list(d.tokens) == ref_proposal(heads, model.tok_embeddings, tree, h, 9)
+    rng = np.random.default_rng(1)
+    for trial in range(8):
+        stats = Stats()
+        h, root = 0.3 * rng.standard_normal(model.config.dim), int(rng.integers(24))
+        prop.h = h                                        # Hydra++ reads its prefix output; set it by hand here
+        d = prop.propose(Context(root, h, model, model.new_cache(), SamplingParams(), np.random.default_rng(0), stats))
+        assert list(d.tokens) == ref_proposal(heads, model.tok_embeddings, tree, h, root)
     assert d.q is None and d.tree is tree
     parents_per_depth = [sum(1 for n in range(tree.N) if tree.depths[n] == dd and tree.children[n])
                          for dd in range(tree.max_depth)]
@@ -220,11 +237,19 @@ def test_the_prefix_layer_over_a_sequence_equals_the_naive_reference(W):
 
 
 @pytest.mark.parametrize("W", [4, 5, 8])
-def test_the_prefix_cache_after_n_steps_equals_the_prefix_layer_run_from_scratch_on_the_committed_sequence(W):
-    model = tiny_model(W=W, seed=W)
-    heads = random_heads(model, "prefix-mlp", seed=W)
-    prop = HydraProposer(model, heads=heads, tree=BRANCHING)
+@pytest.mark.parametrize("heads_kind", ["random", "oracle"])
+def test_the_prefix_cache_after_n_steps_equals_the_prefix_layer_run_from_scratch_on_the_committed_sequence(W, heads_kind):
+    """Random heads (mostly rejects) and heads rigged from the greedy continuation (full accepts of 5 tokens:
+    a committed path longer than W = 4). After every step, the h that replaces h_t must be the reference prefix
+    output at the last committed position (one node early must fail); at the end the ring holds the reference
+    keys and values of the last W committed positions."""
+    model = tiny_model(W=W, seed=W, dim=64)
     ids = [1, 5, 3, 7]
+    heads = (random_heads(model, "prefix-mlp", seed=W) if heads_kind == "random"
+             else oracle_heads(model, "prefix-mlp", ids, 37, corrupt=0.2, seed=W))
+    prop = HydraProposer(model, heads=heads, tree=BRANCHING)
+    seen, observe = [], prop.observe
+    prop.observe = lambda step: (observe(step), seen.append((prop.cache.pos, prop.h.copy(), len(step.path))))
     out = generate(model, ids, decoder=prop, max_new_tokens=37, eos_id=None)
     seq = ids + out.tokens[:-1]                                           # committed: all but the newest token
     _, hidden = model.forward(seq, return_hidden=True)                     # [T, D] base final-norm states
@@ -234,7 +259,10 @@ def test_the_prefix_cache_after_n_steps_equals_the_prefix_layer_run_from_scratch
     for pos in range(T - W, T):                                           # the ring holds the last W positions
         assert rel_err(prop.cache.keys[0, :, pos % W], k[:, pos]) < 1e-10
         assert rel_err(prop.cache.values[0, :, pos % W], v[:, pos]) < 1e-10
-    assert rel_err(prop.h, ref[-1]) < 1e-10                              # what replaces h_t for the heads
+    for pos, h, _ in seen:
+        assert rel_err(h, ref[pos - 1]) < 1e-10                          # what replaces h_t for the heads
+    if heads_kind == "oracle":
+        assert max(n for _, _, n in seen) == 5 > W or W > 4, "no committed path longer than the window"
 
 
 def test_the_prefix_cache_never_holds_a_rejected_token():
