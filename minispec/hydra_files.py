@@ -145,6 +145,11 @@ def from_state_dict(model, tensors, arch, num_heads, num_layers, source="state d
     rot = LAYER + "self_attn.rotary_emb.inv_freq"
     if rot in tensors and not np.allclose(np.asarray(tensors[rot], np.float64), inv_freq(c), rtol=1e-5):
         raise CheckpointError(f"{source}: {rot} does not match the base model's rope_theta = {c.rope_theta}")
+    for name in ("input_embed_fn.weight",):      # (prefix_embeding_layer.embed_tokens is Hydra's own, unused, random)
+        if name in tensors and not np.allclose(np.asarray(tensors[name], np.float32), to_host(model.tok_embeddings),
+                                               rtol=1e-2, atol=1e-3):
+            raise CheckpointError(f"{source}: {name} (the base embedding table Hydra's module holds) differs from this "
+                                  f"model's tok_embeddings: the heads were trained for another base model")
     put = lambda a: to_device(xp, np.ascontiguousarray(np.asarray(a, dtype=dt)))          # noqa: E731
     T = lambda name: put(np.asarray(tensors[name]).T)                                      # noqa: E731
     heads = []

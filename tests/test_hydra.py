@@ -487,6 +487,11 @@ def test_a_misshaped_missing_or_foreign_tensor_is_named(tmp_path):
     save_file(sd, str(f))
     with pytest.raises(CheckpointError, match=r"missing tensor 'hydra_mlp\.1\.0\.linear\.weight' \(expected shape \[32, 96\]"):
         read_hydra(tmp_path, model)
+    sd["hydra_mlp.1.0.linear.weight"] = np.zeros((32, 96), np.float32)
+    sd["input_embed_fn.weight"] = sd["input_embed_fn.weight"][::-1].copy()          # another base model's table
+    save_file(sd, str(f))
+    with pytest.raises(CheckpointError, match=r"input_embed_fn\.weight .* differs from this model's tok_embeddings"):
+        read_hydra(tmp_path, model)
     cfg = json.loads((tmp_path / "config.json").read_text())
     (tmp_path / "config.json").write_text(json.dumps({**cfg, "grounded_heads": False}))
     with pytest.raises(CheckpointError, match="grounded_heads is false"):

@@ -44,9 +44,14 @@ def import_hydra(src):
 def llama_config(model):
     from transformers import LlamaConfig
     c = model.config
-    return LlamaConfig(hidden_size=c.dim, vocab_size=c.vocab_size, num_attention_heads=c.n_heads,
-                       num_key_value_heads=c.n_kv_heads, intermediate_size=c.hidden_dim, rms_norm_eps=c.norm_eps,
-                       max_position_embeddings=4096, num_hidden_layers=1, rope_theta=c.rope_theta)
+    cfg = LlamaConfig(hidden_size=c.dim, vocab_size=c.vocab_size, num_attention_heads=c.n_heads,
+                      num_key_value_heads=c.n_kv_heads, intermediate_size=c.hidden_dim, rms_norm_eps=c.norm_eps,
+                      max_position_embeddings=4096, num_hidden_layers=1, rope_theta=c.rope_theta)
+    # Hydra's copy of transformers 4.31's Llama reads rope_scaling as None or {"type": ...}; transformers >= 5
+    # fills it with {"rope_type": "default", ...}: plain RoPE is None there
+    if isinstance(getattr(cfg, "rope_scaling", None), dict) and "type" not in cfg.rope_scaling:
+        cfg.rope_scaling = None
+    return cfg
 
 
 def random_heads(model, arch, K, L, seed):
@@ -130,8 +135,9 @@ def main(argv=None):
         # 2. Hydra's own module saves (its random init, blocks shared as Hydra builds them), minispec reads
         module = make()
         with torch.no_grad():
-            for p in module.parameters():
-                p.add_(0.05 * torch.randn_like(p))                     # zero-initialised W_1 too
+            for name, p in module.named_parameters():
+                if "embed" not in name:                                # the base model's tables stay the base's
+                    p.add_(0.05 * torch.randn_like(p))                 # zero-initialised W_1 too
         with tempfile.TemporaryDirectory() as tmp:
             sd = {k: v.detach().clone().contiguous() for k, v in module.state_dict().items()}
             save_file(sd, str(Path(tmp) / "hydra_lm_head.safetensors"))
