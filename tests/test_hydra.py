@@ -511,3 +511,45 @@ def test_missing_heads_say_how_to_train_them(tmp_path):
     first = model._hydrapp_heads[1]
     generate(model, [1, 2], decoder="hydra++", max_new_tokens=2)
     assert model._hydrapp_heads[1] is first                               # loaded once per model
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Device discipline and the command line
+# ---------------------------------------------------------------------------------------------------------
+def test_hydra_and_hydra_plus_plus_run_without_implicit_host_conversions_and_match_numpy(tmp_path):
+    from hostguard import GUARD
+    cfg = tiny_config(sliding_window=5, vocab_size=24)
+    t = random_tensors(cfg, seed=2)
+    plain, guarded = Model(cfg, t, device="cpu"), Model(cfg, t, device=GUARD)
+    for arch in ARCHS:
+        random_heads(plain, arch, seed=2).save(tmp_path / arch)
+        outs = [generate(m, [1, 2, 3], decoder=HydraProposer(m, heads=load_heads(tmp_path / arch, m), tree=BRANCHING),
+                         max_new_tokens=12, eos_id=None).tokens for m in (guarded, plain)]
+        assert outs[0] == outs[1] == generate(plain, [1, 2, 3], max_new_tokens=12, eos_id=None).tokens
+
+
+def test_cli_generate_takes_hydra_and_hydra_plus_plus_from_the_decoder_registry(tmp_path, capsys):
+    import shutil
+    from conftest import REPO
+    from minispec.cli import main
+    from test_weights import write_hf
+    tokenizer = REPO / "weights" / "stdlib-mistral" / "tokenizer.model"
+    if not tokenizer.exists():
+        pytest.skip("no shipped tokenizer")
+    cfg = tiny_config(dim=16, n_layers=1, head_dim=8, hidden_dim=24, n_heads=2, n_kv_heads=1, vocab_size=4096,
+                      sliding_window=8)
+    folder = write_hf(tmp_path / "model", cfg, random_tensors(cfg, seed=1))
+    shutil.copy(tokenizer, folder / "tokenizer.model")
+    m = Model(cfg, random_tensors(cfg, seed=1), device="cpu")
+    random_heads(m, "mlp", num_heads=2).save(folder / "hydra")
+    random_heads(m, "prefix-mlp", num_heads=2).save(folder / "hydra++")
+    texts = []
+    for decoder in ("ar", "hydra", "hydra++"):
+        main(["generate", "--model", str(folder), "--device", "cpu", "--decoder", decoder, "-n", "12", "--prompt", "x"])
+        out = capsys.readouterr()
+        assert f"[{decoder}] " in out.err
+        texts.append(out.out)
+    assert texts[0] == texts[1] == texts[2]
+    with pytest.raises(SystemExit):
+        main(["generate", "--model", str(folder), "--decoder", "hydra+++"])
+    assert "invalid choice" in capsys.readouterr().err
