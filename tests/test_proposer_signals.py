@@ -12,7 +12,7 @@ from conftest import random_tensors, rel_err, tiny_config
 from minispec import generate
 from minispec.generate import Context, Stats
 from minispec.hydra import HydraProposer
-from minispec.medusa import MedusaHeads, MedusaProposer
+from minispec.medusa import MedusaProposer
 from minispec.model import Model
 from minispec.sampling import SamplingParams, greedy_accept
 from minispec.tree import Tree
