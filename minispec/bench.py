@@ -220,6 +220,15 @@ def bench_decode(model_dir, decoders=("ar", "medusa"), n_tokens=128, n_prompts=8
           + ", ".join(f"c({T})={c:.2f}" for T, c in costs.items()))
     for name in decoders[1:]:
         print(speculation_line(name, stats[name], costs, t1, results[name] / results[decoders[0]]))
+    for name in ("hydra", "hydra++"):
+        if name in decoders:
+            from .hydra import HydraProposer
+            prop = HydraProposer(model, kind=name)
+            if prop.heads.accuracies is not None:
+                tree = [list(p) for p in prop.tree.paths[1:]]
+                expected = 1 + sum(np.prod([prop.heads.accuracies[d][r] for d, r in enumerate(p)]) for p in tree)
+                print(f"{name} tree of {len(tree)} nodes: expected tau {expected:.2f} (from the heads' stored top-k "
+                      f"accuracies, assumed independent) vs measured {results_tau[name]:.2f}")
     if "medusa" in decoders:
         from .medusa import load_heads
         from pathlib import Path
