@@ -179,7 +179,7 @@ def pick_budget(accuracies, costs, proposal_cost=0.0):
 
 def bench_decode(model_dir, decoders=("ar", "medusa"), n_tokens=128, n_prompts=8, runs=2, device="auto",
                  dtype="float32"):
-    from .generate import generate
+    from .generate import DECODERS, generate
     from .tokenizer import Tokenizer
     print("environment:", environment())
     model = load(model_dir, dtype=dtype, device=device)
@@ -219,7 +219,9 @@ def bench_decode(model_dir, decoders=("ar", "medusa"), n_tokens=128, n_prompts=8
     print(f"verify cost curve on {model.device}: c(T) = time(T tokens) / time(1 token = {t1 * 1e3:.2f} ms): "
           + ", ".join(f"c({T})={c:.2f}" for T, c in costs.items()))
     for name in decoders[1:]:
-        print(speculation_line(name, stats[name], costs, t1, results[name] / results[decoders[0]]))
+        tree = getattr(DECODERS[name](model), "tree", None)             # a static tree's depth, if it has one
+        print(speculation_line(name, stats[name], costs, t1, results[name] / results[decoders[0]],
+                               None if tree is None else tree.max_depth))
     for name in ("hydra", "hydra++"):
         if name in decoders:
             from .hydra import HydraProposer
@@ -250,14 +252,17 @@ def bench_decode(model_dir, decoders=("ar", "medusa"), n_tokens=128, n_prompts=8
 # ---------------------------------------------------------------------------------------------------------
 # Any speculative decoder: per-depth acceptance, proposal cost, the cost model's speedup beside the measured one
 # ---------------------------------------------------------------------------------------------------------
-def depth_acceptance(stats_list):
-    """acc[d-1] = P(the d-th draft token is accepted | the first d-1 were), over the steps that drafted at least
-    d tokens (so a chain of 3 reports three rates; a tree: along the accepted path)."""
+def depth_acceptance(stats_list, max_depth=None):
+    """acc[d-1] = P(the depth-d draft token is accepted | the first d-1 were), over the steps whose draft reached
+    depth d: along the accepted path, so a chain of 3 reports three rates and so does a tree 3 deep. max_depth:
+    the depth of the decoder's (static) tree; None for chains, whose depth is the drafted count of each step."""
     a = np.concatenate([np.asarray(s.accepted[:len(s.drafted)], np.int64) - 1 for s in stats_list])  # draft tokens kept
-    depth = np.concatenate([np.asarray(s.drafted, np.int64) for s in stats_list])
+    depth = np.concatenate([np.asarray(s.drafted, np.int64) for s in stats_list])                   # [steps]
+    if max_depth is not None:
+        depth = np.where(depth > 0, max_depth, 0)
     out = []
     for d in range(1, int(depth.max(initial=0)) + 1):
-        reached = (a >= d - 1) & (depth > 0)
+        reached = (a >= d - 1) & (depth >= d)
         if reached.sum() == 0:
             break
         out.append(float((a >= d)[reached].mean()))
@@ -271,7 +276,7 @@ def predicted_speedup(tau, nodes, proposal_steps, costs):
     return tau / (float(np.interp(nodes, sizes, [costs[s] for s in sizes])) + proposal_steps)
 
 
-def speculation_line(name, stats_list, costs, t1, measured):
+def speculation_line(name, stats_list, costs, t1, measured, max_depth=None):
     """One decoder's line: per-depth acceptance, head calls and proposal cost (stats.propose_time, plus the head
     time the proposer counted itself), and predicted vs measured speedup over the baseline."""
     steps = sum(s.steps for s in stats_list)
@@ -284,7 +289,7 @@ def speculation_line(name, stats_list, costs, t1, measured):
             counters[k] = counters.get(k, 0) + v
     heads = (f", heads {counters['head_time_s'] / steps / t1:.2f} of them" if "head_time_s" in counters else "")
     calls = f", {counters['head_calls'] / steps:.1f} head calls/step" if "head_calls" in counters else ""
-    acc = ", ".join(f"{a:.2f}" for a in depth_acceptance(stats_list))
+    acc = ", ".join(f"{a:.2f}" for a in depth_acceptance(stats_list, max_depth))
     return (f"{name:>8}: per-depth acceptance [{acc}]; {nodes:.1f} nodes verified/step{calls}; proposal "
             f"{propose:.2f} AR steps/step{heads}; speedup predicted tau / (c(N) + proposal) = "
             f"{predicted_speedup(tau, nodes, propose, costs):.2f}x, measured {measured:.2f}x")

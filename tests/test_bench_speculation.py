@@ -8,6 +8,13 @@ def test_per_depth_acceptance_is_the_conditional_rate_along_the_accepted_path():
     s = Stats(steps=5, accepted=[1, 3, 1, 2, 4], drafted=[0, 3, 3, 3, 3])
     # depth 1: 3 of 4 drafting steps keep it; depth 2: 2 of those 3; depth 3: 1 of those 2
     assert depth_acceptance([s]) == [0.75, 2 / 3, 0.5]
+    assert depth_acceptance([s], max_depth=3) == [0.75, 2 / 3, 0.5]     # a static tree 3 deep: the same
+
+
+def test_a_wide_shallow_tree_reports_only_its_own_depths():
+    # a tree of 2 root children: 2 nodes drafted per step, but only depth 1 exists
+    s = Stats(steps=4, accepted=[1, 2, 1, 2], drafted=[0, 2, 2, 2])
+    assert depth_acceptance([s], max_depth=1) == [2 / 3]
 
 
 def test_the_cost_model_divides_tau_by_the_interpolated_verify_cost_plus_the_proposal():
