@@ -94,6 +94,27 @@ def hydra_logits(module, h, ids):
     return np.stack([lg[0].numpy() for lg in logits])                                  # [K, T, V]
 
 
+def gqa_cache_check(src, model):
+    """What Hydra's own KV cache (hydra/model/kv_cache.py, sized with num_attention_heads) does with this
+    model's GQA keys: one decoder step's keys [1, Hkv, 1, Dh] appended the way its LlamaAttention does."""
+    import types
+    import torch
+    spec = importlib.util.spec_from_file_location("hydra_kv_cache", Path(src) / "hydra" / "model" / "kv_cache.py")
+    kv = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(kv)
+    c = model.config
+    fake = types.SimpleNamespace(config=types.SimpleNamespace(num_hidden_layers=1, num_attention_heads=c.n_heads,
+                                                              max_position_embeddings=64, hidden_size=c.dim),
+                                 device="cpu", dtype=torch.float32)
+    past, data, _ = kv.initialize_past_key_values(fake, "mlp")
+    try:
+        past[0][0].cat(torch.zeros(1, c.n_kv_heads, 1, c.head_dim))
+        return f"Hydra's KVCache ({list(data.shape)}) accepted [1, {c.n_kv_heads}, 1, {c.head_dim}] keys"
+    except RuntimeError as e:
+        return (f"Hydra's KVCache is allocated {list(data.shape)} (num_attention_heads = {c.n_heads}); appending "
+                f"this GQA model's keys [1, {c.n_kv_heads}, 1, {c.head_dim}] fails: {str(e).splitlines()[0]}")
+
+
 def compare(a, b):
     ok = ~np.isnan(a)
     return float(np.abs(a[ok] - b[ok]).max() / np.abs(b[ok]).max())
@@ -151,6 +172,7 @@ def main(argv=None):
             failures += not ok
             print(f"{arch:>10}: Hydra {cls.__name__}.state_dict() ({len(sd)} tensors) -> minispec read_hydra: "
                   f"logits max rel err {err:.2e}: {'PASS' if ok else 'FAIL'}")
+    print(gqa_cache_check(args.hydra_src, model))
     print("all comparisons pass" if not failures else f"{failures} comparison(s) FAILED")
     return 1 if failures else 0
 
