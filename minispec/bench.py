@@ -220,8 +220,10 @@ def bench_decode(model_dir, decoders=("ar", "medusa"), n_tokens=128, n_prompts=8
           + ", ".join(f"c({T})={c:.2f}" for T, c in costs.items()))
     for name in decoders[1:]:
         tree = getattr(DECODERS[name](model), "tree", None)             # a static tree's depth, if it has one
+        base = stats[decoders[0]]
         print(speculation_line(name, stats[name], costs, t1, results[name] / results[decoders[0]],
-                               None if tree is None else tree.max_depth))
+                               None if tree is None else tree.max_depth,
+                               sum(s.decode_time for s in base) / sum(s.steps for s in base)))
     for name in ("hydra", "hydra++"):
         if name in decoders:
             from .hydra import HydraProposer
@@ -276,9 +278,10 @@ def predicted_speedup(tau, nodes, proposal_steps, costs):
     return tau / (float(np.interp(nodes, sizes, [costs[s] for s in sizes])) + proposal_steps)
 
 
-def speculation_line(name, stats_list, costs, t1, measured, max_depth=None):
+def speculation_line(name, stats_list, costs, t1, measured, max_depth=None, base_step=None):
     """One decoder's line: per-depth acceptance, head calls and proposal cost (stats.propose_time, plus the head
-    time the proposer counted itself), and predicted vs measured speedup over the baseline."""
+    time the proposer counted itself), c(N) from the cost curve and, given base_step (the baseline's seconds per
+    step in the same interleaved runs), as measured in this run, and predicted vs measured speedup."""
     steps = sum(s.steps for s in stats_list)
     tau = sum(s.new_tokens for s in stats_list) / steps
     nodes = 1 + sum(sum(s.drafted) for s in stats_list) / steps
@@ -290,6 +293,11 @@ def speculation_line(name, stats_list, costs, t1, measured, max_depth=None):
     heads = (f", heads {counters['head_time_s'] / steps / t1:.2f} of them" if "head_time_s" in counters else "")
     calls = f", {counters['head_calls'] / steps:.1f} head calls/step" if "head_calls" in counters else ""
     acc = ", ".join(f"{a:.2f}" for a in depth_acceptance(stats_list, max_depth))
-    return (f"{name:>8}: per-depth acceptance [{acc}]; {nodes:.1f} nodes verified/step{calls}; proposal "
+    sizes = sorted(costs)
+    c_curve = float(np.interp(nodes, sizes, [costs[s] for s in sizes]))
+    c_run = (f" (in this run {sum(s.verify_time for s in stats_list) / steps / base_step:.2f})"
+             if base_step else "")
+    return (f"{name:>8}: per-depth acceptance [{acc}]; {nodes:.1f} nodes verified/step, c(N) = {c_curve:.2f}"
+            f"{c_run}{calls}; proposal "
             f"{propose:.2f} AR steps/step{heads}; speedup predicted tau / (c(N) + proposal) = "
             f"{predicted_speedup(tau, nodes, propose, costs):.2f}x, measured {measured:.2f}x")

@@ -25,7 +25,9 @@ def test_the_cost_model_divides_tau_by_the_interpolated_verify_cost_plus_the_pro
 def test_the_decoder_line_reports_head_calls_proposal_cost_and_both_speedups():
     s = Stats(steps=4, accepted=[1, 3, 1, 3], drafted=[0, 2, 2, 2], propose_time=0.4,
               counters={"head_calls": 6, "head_time_s": 0.2})
-    line = speculation_line("hydra", [s], {1: 1.0, 2: 1.5, 4: 2.5}, 0.1, 1.23)
+    s.verify_time = 0.7
+    line = speculation_line("hydra", [s], {1: 1.0, 2: 1.5, 4: 2.5}, 0.1, 1.23, base_step=0.1)
+    assert "2.5 nodes verified/step, c(N) = 1.75 (in this run 1.75)" in line            # 0.7 s / 4 steps / 0.1 s
     # tau 2, nodes 1 + 6/4 = 2.5 -> c = 1.75; proposal 0.4 / 4 / 0.1 = 1.0 AR steps; 2 / 2.75 = 0.73
     assert "per-depth acceptance [0.67, 1.00]" in line and "1.5 head calls/step" in line
     assert "proposal 1.00 AR steps/step, heads 0.50 of them" in line
