@@ -13,8 +13,8 @@ h_t is the base model's final-norm hidden state, E the base model's own embeddin
 (the base model's own next token, already chosen) and x_{t+2} ... the tokens drafted along the path. W_1 starts
 at zero, res_i is a learned Linear((i+2)D -> D), P_i starts as a copy of the base output layer.
 
-Hydra++ (the paper's tuned recipe with a prefix attention layer, zankner/Hydra's head arch "prefix-mlp") replaces h_t by
-the output of one extra decoder layer run over the base model's final-norm hidden states: here one Mistral
+Hydra++ (the paper's tuned recipe with a prefix attention layer, zankner/Hydra's head arch "prefix-mlp")
+replaces h_t by the output of one extra decoder layer run over the base model's final-norm hidden states: here one Mistral
 decoder layer (GQA, RoPE, the model's sliding window) followed by an RMSNorm, with its own rolling cache that
 only ever holds committed (accepted) positions.
 
@@ -31,8 +31,8 @@ Prefix layer (HydraHeads.prefix, a dict, None for plain Hydra), the layout of mi
 The file formats (minispec's and zankner/Hydra's, both with zankner/Hydra's tensor names) are in hydra_files.py.
 
 Shared blocks. zankner/Hydra builds blocks 2..L of a head as `[ResBlock(D)] * (L - 1)`: one module object
-repeated, so those blocks share a single weight matrix. minispec gives every block its own weights, the MLP
-the paper describes (and which is what "4 layers" buys in capacity); a shared-weight file from zankner/Hydra
+repeated, so those blocks share a single weight matrix. minispec gives every block its own weights, the
+ordinary reading of an L-layer MLP (and what 4 layers buy in capacity); a shared-weight file from zankner/Hydra
 loads as independent blocks holding equal copies (the same function), and writing Hydra's format refuses a
 head whose blocks 2..L differ, since Hydra would silently keep only one of them.
 """
