@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from .backend import to_host
+from .errors import MissingFileError, UserError
 from .sampling import sample, target_probs
 from .tree import Tree
 from .verify import Draft, count
@@ -133,11 +134,11 @@ def find_skip_set(model):
     """The skip set shipped beside a loaded model (model.path), or a clear error saying how to make one."""
     base = getattr(model, "path", None)
     if base is None:
-        raise ValueError("draft_verify: this model was not loaded from a folder (no model.path); "
+        raise UserError("draft_verify: this model was not loaded from a folder (no model.path); "
                          "pass skip=SkipSet(...) or skip={'attention': [...], 'mlp': [...]}")
     path = skip_set_path(base)
     if not os.path.exists(path):
-        raise FileNotFoundError(f"draft_verify: no skip set at {path}; make one with "
+        raise MissingFileError(f"draft_verify: no skip set at {path}; make one with "
                                 f"`minispec search-skip --model {base}` or pass skip=...")
     return SkipSet.load(path, n_layers=model.config.n_layers)
 

@@ -236,16 +236,16 @@ def generate(model, ids, decoder="ar", max_new_tokens=64, temperature=0.0, top_k
     return Output(tokens=out, stats=stats)
 
 
-def _hydra(model, **options):
+def _hydra(model, heads=None, tree=None):
     """Decoder "hydra" (minispec.hydra.HydraProposer, heads at <model.path>/hydra/), imported on first use."""
     from .hydra import HydraProposer
-    return HydraProposer(model, kind="hydra", **options)
+    return HydraProposer(model, kind="hydra", heads=heads, tree=tree)
 
 
-def _hydra_pp(model, **options):
+def _hydra_pp(model, heads=None, tree=None):
     """Decoder "hydra++" (Hydra++: prefix attention layer + heads at <model.path>/hydra++/)."""
     from .hydra import HydraProposer
-    return HydraProposer(model, kind="hydra++", **options)
+    return HydraProposer(model, kind="hydra++", heads=heads, tree=tree)
 
 
 DECODERS["hydra"] = _hydra

@@ -42,6 +42,7 @@ from pathlib import Path
 import numpy as np
 
 from .backend import array_module, to_host
+from .errors import MissingFileError
 from .cache import RollingCache
 from .layers import apply_rope, attention, linear, rms_norm, rope_tables, silu, sliding_window_mask, swiglu
 from .medusa import topk_ids
@@ -312,6 +313,11 @@ class HydraProposer:
             raise ValueError(f"Hydra kind must be one of {sorted(KIND_ARCH)}, not {kind!r}")
         if heads is None:
             heads = self._heads_next_to(model, kind)
+        elif isinstance(heads, (str, Path)):            # a folder of heads (e.g. `minispec generate --heads DIR`)
+            from .hydra_files import load_heads
+            if not Path(heads).is_dir():
+                raise MissingFileError(f"{heads}: no such folder of {kind} heads")
+            heads = load_heads(Path(heads), model)
         self.name = heads.kind
         if tree is None:
             gpu = getattr(model, "device", None) == "cuda" and heads.choices_cuda
@@ -330,7 +336,7 @@ class HydraProposer:
         path = getattr(model, "path", None)
         folder = Path(path) / kind if path else None
         if folder is None or not folder.is_dir():
-            raise FileNotFoundError(f"no {kind} heads next to {path}: train them with "
+            raise MissingFileError(f"no {kind} heads next to {path}: train them with "
                                     f"`minispec train-heads --kind {kind} --model {path}`")
         attr = "_hydra_heads" if kind == "hydra" else "_hydrapp_heads"
         cached = getattr(model, attr, None)          # one load per model, not one per generate() call
