@@ -1,0 +1,190 @@
+"""Skip-set search for Draft & Verify: Bayesian optimisation vs random search vs every set (`minispec search-skip`).
+
+    minispec search-skip --model DIR                       # BO and random, 60 evaluations each, predicted objective
+    minispec search-skip --model DIR --method exhaustive   # every set: the ground truth of the predicted objective
+    minispec search-skip --model DIR --objective measured  # the authors' objective: measured tokens/s (noisy)
+
+The objectives and the encoding live in minispec.skip_objective. The methods:
+
+    random      the sets of the search space in a seeded random order, without repetition
+    bo          the authors' Bayesian optimisation (bayes_opt, a Gaussian process with a Matern kernel and
+                UCB acquisition; the authors' GP noise alpha = 1e-2): one variable x_j in [0, 1] per free decision,
+                skipped when x_j > 0.5; a few random points first. A suggestion that rounds to a set already
+                scored is registered again with its known value and costs no budget (after max_duplicates such
+                suggestions in a row the next unseen set of a seeded random order is taken instead).
+    exhaustive  every set of the space (4096 for L = 6 with all layers, 256 with keep_ends)
+
+Every method spends its budget in evaluations of distinct sets. The trace (a JSON file, default
+<model>/draft_verify/search_trace.json) holds the calibration continuations, the cost model and one column table
+per run ("bo/predicted", ...), rewritten after each evaluation. A rerun continues every run where it stopped; each
+BO suggestion is a pure function of (the trace so far, the seed, the step), so a resumed search proposes exactly
+what the uninterrupted one would have.
+"""
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+
+from .skip_objective import (CostModel, Calibration, MeasuredObjective, PredictedObjective, calibrate, free_decisions,
+                             from_code, from_params, measure_costs, search_space, to_code, to_params)
+
+FORMAT = "minispec-skip-search/1"
+INSTALL_HINT = "bo needs the optional package bayesian-optimization: pip install 'minispec[search]'"
+DIGITS = 6                  # every recorded number is rounded once, so that a trace read back is what was in memory
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The trace: header (calibration, cost model) + one column table per run
+# ---------------------------------------------------------------------------------------------------------
+class Trace:
+    def __init__(self, path, data):
+        self.path, self.data = path, data
+
+    @classmethod
+    def open(cls, path, header):
+        """Read `path` if it exists (its header wins: a resumed search reuses its calibration and cost model),
+        else start one from header (a dict, or a callable making it, so nothing is measured when resuming)."""
+        if path is not None and os.path.exists(path):
+            with open(path) as f:
+                try:
+                    data = json.load(f)
+                except json.JSONDecodeError as e:
+                    raise ValueError(f"{path}: not valid JSON ({e}); delete it to start the search afresh") from None
+            if data.get("format") != FORMAT:
+                raise ValueError(f"{path}: not a skip-search trace (format {data.get('format')!r}, want {FORMAT!r})")
+            return cls(path, data)
+        return cls(path, {"format": FORMAT, **(header() if callable(header) else header), "runs": {}})
+
+    def evaluations(self, key, settings):
+        """The recorded evaluations (list of dicts) of run `key`; its settings must match a resumed run's."""
+        run = self.data["runs"].setdefault(key, {"settings": settings, "columns": {}})
+        if run["settings"] != settings:
+            raise ValueError(f"{self.path}: run {key!r} was made with {run['settings']}, not {settings}; "
+                             f"use another --trace file or the same settings")
+        cols = run["columns"]
+        n = len(cols.get("code", []))
+        return [{k: v[i] for k, v in cols.items()} for i in range(n)]
+
+    def store(self, key, evaluations):
+        """Columns of the run's evaluations, then an atomic rewrite of the file (an interrupted write leaves the
+        previous trace)."""
+        keys = list(dict.fromkeys(k for e in evaluations for k in e))
+        self.data["runs"][key]["columns"] = {k: [e.get(k) for e in evaluations] for k in keys}
+        if self.path is None:
+            return
+        os.makedirs(os.path.dirname(os.path.abspath(self.path)), exist_ok=True)
+        tmp = f"{self.path}.tmp"
+        with open(tmp, "w") as f:
+            json.dump(self.data, f, separators=(",", ":"))
+            f.write("\n")
+        os.replace(tmp, self.path)
+
+
+def _record(skip, result, **extra):
+    r = {"code": to_code(skip), **extra}
+    for k, v in result.items():
+        r[k] = v if isinstance(v, (int, bool, np.integer)) else round(float(v), DIGITS)
+    return {k: int(v) if isinstance(v, np.integer) else v for k, v in r.items()}
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The searches: objective(SkipSet) -> dict(value=..., ...); each extends `evaluations` up to the budget
+# ---------------------------------------------------------------------------------------------------------
+def random_search(objective, n_layers, budget, seed=0, keep_ends=True, evaluations=None, save=None, bar=None):
+    """Distinct sets of the space in a seeded random order; continues a partial `evaluations` list."""
+    order = np.random.default_rng(seed).permutation(search_space(n_layers, keep_ends))
+    evaluations = [] if evaluations is None else evaluations
+    while len(evaluations) < min(budget, len(order)):
+        skip = from_code(order[len(evaluations)], n_layers)
+        evaluations.append(_record(skip, objective(skip)))
+        _tick(save, bar, evaluations)
+    return evaluations
+
+
+def exhaustive_search(objective, n_layers, keep_ends=False, evaluations=None, save=None, bar=None, save_every=32):
+    """Every set of the space, in ascending code order."""
+    space = search_space(n_layers, keep_ends)
+    evaluations = [] if evaluations is None else evaluations
+    while len(evaluations) < len(space):
+        skip = from_code(space[len(evaluations)], n_layers)
+        evaluations.append(_record(skip, objective(skip)))
+        _tick(save if len(evaluations) % save_every == 0 or len(evaluations) == len(space) else None, bar, evaluations)
+    return evaluations
+
+
+def bo_search(objective, n_layers, budget, seed=0, keep_ends=True, init_points=5, kappa=2.5, max_duplicates=20,
+              evaluations=None, save=None, bar=None):
+    """The authors' Bayesian optimisation over the free decisions (module docstring)."""
+    free = np.flatnonzero(free_decisions(n_layers, keep_ends))
+    keys = [f"x{j}" for j in free]
+    space = search_space(n_layers, keep_ends)
+    evaluations = [] if evaluations is None else evaluations
+    seen = {e["code"]: e for e in evaluations if not e.get("duplicate")}
+    streak = 0
+    while len(seen) < min(budget, len(space)):
+        step = len(evaluations)
+        if len(seen) < init_points:
+            x = np.random.default_rng([seed, step]).random(len(keys))                      # [free]
+            point = dict(zip(keys, x))
+        else:
+            point = _suggest(evaluations, keys, seed, step, kappa)
+        skip = from_params(point, n_layers)
+        code = to_code(skip)
+        if code in seen and streak < max_duplicates:
+            streak += 1
+            evaluations.append(dict(seen[code], duplicate=True, params=_round(point, keys)))
+            continue
+        if code in seen:          # BO is stuck on known sets: the next unseen one of a seeded random order
+            order = np.random.default_rng([seed, step]).permutation(space)
+            code = int(next(c for c in order if c not in seen))
+            skip = from_code(code, n_layers)
+            point = {k: v for k, v in to_params(skip).items() if k in keys}
+        streak = 0
+        rec = _record(skip, objective(skip), params=_round(point, keys))
+        evaluations.append(rec)
+        seen[code] = rec
+        _tick(save, bar, evaluations)
+    return evaluations
+
+
+def _round(point, keys):
+    return [round(float(point[k]), DIGITS) for k in keys]
+
+
+def _suggest(evaluations, keys, seed, step, kappa):
+    """One UCB suggestion from a Gaussian process fitted afresh on every evaluation so far (duplicates included),
+    seeded by (seed, step): the same trace gives the same suggestion, resumed or not."""
+    try:
+        from bayes_opt import BayesianOptimization, acquisition
+    except ImportError:
+        raise ImportError(INSTALL_HINT) from None
+    rs = seed * 100_003 + step
+    opt = BayesianOptimization(f=None, pbounds={k: (0.0, 1.0) for k in keys}, random_state=rs, verbose=0,
+                               acquisition_function=acquisition.UpperConfidenceBound(kappa=kappa, random_state=rs),
+                               allow_duplicate_points=True)
+    opt.set_gp_params(alpha=1e-2)
+    for e in evaluations:
+        opt.register(params=dict(zip(keys, e["params"])), target=e["value"])
+    return opt.suggest()
+
+
+def _tick(save, bar, evaluations):
+    if save is not None:
+        save(evaluations)
+    if bar is not None:
+        bar.n = sum(not e.get("duplicate") for e in evaluations)
+        best = max(evaluations, key=lambda e: e["value"])
+        bar.set_postfix(best=f"{best['value']:.4f}", refresh=False)
+        bar.refresh()
+
+
+def best(evaluations):
+    """The evaluation with the highest value (the first of equals)."""
+    return max((e for e in evaluations if not e.get("duplicate")), key=lambda e: e["value"])
+
+
+def best_so_far(evaluations):
+    """[n] the best value among the first i + 1 distinct evaluations: the search trace plotted in notebook 05."""
+    vals = [e["value"] for e in evaluations if not e.get("duplicate")]
+    return np.maximum.accumulate(vals) if vals else np.zeros(0)
