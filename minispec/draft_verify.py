@@ -21,6 +21,8 @@ import json
 import os
 from dataclasses import dataclass, field
 
+from .backend import to_host
+
 SKIP_SET_FILE = os.path.join("draft_verify", "skip_set.json")
 
 
@@ -132,3 +134,127 @@ def find_skip_set(model):
         raise FileNotFoundError(f"draft_verify: no skip set at {path}; make one with "
                                 f"`minispec search-skip --model {base}` or pass skip=...")
     return SkipSet.load(path, n_layers=model.config.n_layers)
+
+
+# ---- the adaptive draft exit (the paper's adaptive draft-exiting; the authors' decoding.py) ----------------------
+@dataclass(frozen=True)
+class ExitRule:
+    """Constants of the adaptive threshold update. Defaults: the authors' decoding.py, whose
+    auto_parameters = [1, 0.5, 0.9, 1e-2, 0.9] are [update every step, beta1, alpha, epsilon, beta2]; gamma0 = 0.6
+    is the starting threshold of their sampling evaluation (evaluate_code.ipynb)."""
+    beta1: float = 0.5      # smoothing of the acceptance-rate estimate m
+    alpha: float = 0.9      # target acceptance rate: under it the threshold rises (drafts get shorter)
+    epsilon: float = 0.01   # step of the threshold
+    beta2: float = 0.9      # smoothing of the threshold
+    gamma0: float = 0.6     # starting threshold
+
+
+def update_threshold(gamma, m, accepted, drafted, hit_max, rule=ExitRule()):
+    """One adaptive draft-exit update after a verification -> (gamma, m).
+
+        m      <- beta1 * m + (1 - beta1) * accepted / drafted            (smoothed acceptance rate)
+        gamma' =  gamma + epsilon   if m < alpha                          (too many rejections: stop earlier)
+                  gamma             elif the draft reached its maximum    (accepted and already as long as allowed)
+                  gamma - epsilon   otherwise                             (accepted: draft longer)
+        gamma  <- beta2 * gamma + (1 - beta2) * gamma'
+
+    accepted: draft tokens the verifier accepted (the bonus token not counted); drafted: draft tokens (>= 1).
+    """
+    m = rule.beta1 * m + (1 - rule.beta1) * accepted / drafted
+    if m < rule.alpha:
+        target = gamma + rule.epsilon
+    elif hit_max:
+        target = gamma
+    else:
+        target = gamma - rule.epsilon
+    return rule.beta2 * gamma + (1 - rule.beta2) * target, m
+
+
+# ---- the proposer -------------------------------------------------------------------------------------------------
+def _as_skip_set(skip, model):
+    if skip is None:
+        return find_skip_set(model)
+    if isinstance(skip, SkipSet):
+        s = skip
+    elif isinstance(skip, dict):
+        s = SkipSet.from_json(skip, n_layers=model.config.n_layers, where="skip=")
+    elif isinstance(skip, (str, os.PathLike)):
+        s = SkipSet.load(skip, n_layers=model.config.n_layers)
+    else:
+        raise ValueError(f"draft_verify: skip must be a SkipSet, a dict or a JSON path, not {type(skip).__name__}")
+    if s.n_layers != model.config.n_layers:
+        raise ValueError(f"draft_verify: skip set has {s.n_layers} layers, the model {model.config.n_layers}")
+    return s
+
+
+class DraftVerifyProposer:
+    """Decoder "draft_verify": the skipped model drafts a chain, one one-token partial forward per draft token.
+
+    Draft token j runs at position cache.pos + j through the kept sublayers only; at a kept attention layer it
+    reads the committed ring (the FULL model's keys/values of the accepted tokens: the skipped model has no cache
+    of its own) and the scratch rows 0..j of this draft (the skipped model's own keys/values of the draft
+    tokens before it). The ring is never written; the scratch rows are discarded before verification, which
+    recomputes every draft token with the full model (the draft's K/V came from a different network).
+
+    Greedy: the draft takes its argmax. Sampling: the draft samples from its own warped distribution (the same
+    temperature / top-k / top-p as the target) with ctx.rng, and hands those distributions to the verifier as
+    Draft.q (chain rejection sampling). Drafting stops after max_draft tokens or after the first token whose
+    draft probability is under the threshold gamma (that token is kept); gamma adapts after every verification
+    (update_threshold) unless adaptive=False.
+
+    Counts in ctx.stats.counters: "draft_verify.forwards" (one-token draft forwards) and
+    "draft_verify.gamma" (a list: the threshold in force at each step, before its update).
+    """
+    name = "draft_verify"
+
+    def __init__(self, model, skip=None, max_draft=8, gamma0=None, adaptive=True, rule=None):
+        if int(max_draft) < 1:
+            raise ValueError(f"draft_verify: max_draft must be >= 1, got {max_draft}")
+        self.model, self.skip = model, _as_skip_set(skip, model)
+        self.max_draft, self.adaptive = int(max_draft), bool(adaptive)
+        self.rule = rule or ExitRule()
+        self._chains = {}
+        self.gamma0 = self.rule.gamma0 if gamma0 is None else float(gamma0)
+        if not 0 <= self.gamma0 <= 1:
+            raise ValueError(f"draft_verify: gamma0 must lie in [0, 1], got {gamma0}")
+        self.start(None, None)
+
+    def start(self, ctx, prompt_hidden):
+        """Per-generation state: the threshold back to gamma0, the acceptance estimate to 0 (as the authors)."""
+        self.gamma, self.m, self._stats = self.gamma0, 0.0, None
+
+    def propose(self, ctx):
+        from .sampling import sample, target_probs
+        from .tree import Tree
+        from .verify import Draft, count
+        model, cache, xp = self.model, ctx.cache, self.model.xp
+        tokens, qs, tok = [int(ctx.root)], [], int(ctx.root)
+        for j in range(self.max_draft):
+            out = model.forward_block([tok], cache, skip=self.skip, offset=j)              # logits [1, V]
+            logits = out.logits[0]                                                        # [V]
+            if ctx.params.greedy:
+                tok = int(to_host(logits.argmax()))
+            else:
+                q = target_probs(logits, ctx.params)                                      # [V] the draft's warped q
+                tok = sample(q, ctx.rng)
+                qs.append(q)
+            # confidence: the draft's own (temperature-1) probability of the token it drafted (= its top-1 when greedy)
+            z = logits - logits.max()                                                     # [V]
+            conf = float(to_host(xp.exp(z[tok]) / xp.exp(z).sum()))
+            tokens.append(tok)
+            if conf < self.gamma:
+                break
+        cache.discard()                                     # the draft's K/V: never committed, never verified
+        K = len(tokens) - 1
+        count(ctx.stats, "draft_verify.forwards", K)
+        ctx.stats.counters.setdefault("draft_verify.gamma", []).append(self.gamma)
+        self._stats = ctx.stats
+        q = xp.stack(qs) if qs else None                                                  # [K, V] or None
+        if K not in self._chains:
+            self._chains[K] = Tree.chain(K)
+        return Draft(self._chains[K], tokens, q=q)
+
+    def observe(self, step):
+        if self.adaptive and step.drafted:
+            self.gamma, self.m = update_threshold(self.gamma, self.m, len(step.path) - 1, step.drafted,
+                                                  step.drafted == self.max_draft, self.rule)

@@ -116,6 +116,15 @@ def _medusa(model, **options):
 DECODERS["medusa"] = _medusa
 
 
+def _draft_verify(model, **options):
+    """Decoder "draft_verify" (minispec.draft_verify.DraftVerifyProposer: skip=, max_draft=, gamma0=, adaptive=)."""
+    from .draft_verify import DraftVerifyProposer
+    return DraftVerifyProposer(model, **options)
+
+
+DECODERS["draft_verify"] = _draft_verify
+
+
 def rejection_accept(draft, target, rng):
     """Lossless rejection sampling of a draft against the target distributions target [N, V]: chain rejection
     sampling with the draft's own q when the draft was sampled (draft.q is set; the tree must be a chain),
