@@ -106,6 +106,9 @@ def main(argv=None):
     t.add_argument("--out", default=None, help="output folder; default MODEL/medusa")
     t.set_defaults(func=cmd_train_heads)
 
+    from .skip_search import add_parser as add_search_skip      # Draft & Verify's skip-set search
+    add_search_skip(sub, _model_arg)
+
     args = ap.parse_args(argv)
     args.func(args)
 

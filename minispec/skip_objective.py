@@ -27,7 +27,6 @@ reproduces, teacher-forced, in ONE parallel forward over the full model's contin
 The search space holds 2^(2L) sets (L = 6: 4096); with keep_ends the first and last layers are kept whole,
 2^(2L - 4) sets.
 """
-import statistics
 import time
 from dataclasses import dataclass
 
@@ -161,33 +160,36 @@ def predicted_speedup(match_list, draft_cost, verify_cost, k_max=8):
     return best
 
 
-def measure_costs(model, context=64, reps=40, curve=None):
-    """Fit the CostModel on this machine: one-token forwards against a cache of `context` tokens with nothing /
-    every attention / every MLP / everything skipped, interleaved, medians; least squares for base, attn, mlp.
-    curve: {T: c(T)} to use, else bench.cost_curve(model) is measured ("flat" for c(T) = 1, a GPU-like backend)."""
-    L = model.config.n_layers
+def measure_costs(model, context=64, reps=60, sizes=(1, 2, 3, 4, 6, 8, 12, 16), flat=False):
+    """Fit the CostModel on this machine against a cache of `context` tokens, all timings interleaved: one-token
+    forwards with nothing / every attention / every MLP / everything skipped (least squares for base, attn,
+    mlp), and T-token block forwards for c(T) (flat=True: c(T) = 1 instead, a GPU-like backend).
+
+    Each timing is the MINIMUM over reps, not the median: on a shared CPU a longer call is more likely to be
+    preempted, which inflates medians unevenly (measured here: the full one-token forward's median 4x its
+    minimum, the all-skipped one's 1.7x); the minimum is the machine's cost of the work itself."""
+    L, V = model.config.n_layers, model.config.vocab_size
     variants = [SkipSet.none(L), SkipSet((True,) * L, (False,) * L), SkipSet((False,) * L, (True,) * L),
                 SkipSet((True,) * L, (True,) * L)]
+    jobs = [([5], v) for v in variants] + [(list(np.arange(T) % V), None) for T in sizes if T > 1]
     cache = model.new_cache()
-    model.forward(np.arange(context) % model.config.vocab_size, cache)
-    times = [[] for _ in variants]
+    model.forward(np.arange(context) % V, cache)
+    times = [np.inf] * len(jobs)
     for r in range(reps + 1):
-        for v, skip in enumerate(variants):
+        for j, (ids, skip) in enumerate(jobs):
             t0 = time.perf_counter()
-            out = model.forward_block([5], cache, skip=skip)
-            to_host(out.logits[-1, :1])
-            if r:                                   # the first round warms up
-                times[v].append(time.perf_counter() - t0)
+            out = model.forward_block(ids, cache, skip=skip)
+            to_host(out.logits[-1, :1])                      # wait for the device
+            if r:                                            # the first round warms up
+                times[j] = min(times[j], time.perf_counter() - t0)
             cache.discard()
-    t = np.array([statistics.median(ts) for ts in times])                                  # [4]
-    A = np.array([[1, L, L], [1, 0, L], [1, L, 0], [1, 0, 0]], dtype=float)               # rows: base, attn, mlp
+    t = np.array(times[:4])                                                                # [4]
+    A = np.array([[1, L, L], [1, 0, L], [1, L, 0], [1, 0, 0]], dtype=float)               # columns: base, attn, mlp
     base, attn, mlp = np.linalg.lstsq(A, t, rcond=None)[0]
-    if curve == "flat":
-        curve = {1: 1.0, 64: 1.0}
-    elif curve is None:
-        from .bench import cost_curve
-        curve = cost_curve(model, sizes=(1, 2, 3, 4, 6, 8, 12, 16))[0]
-    return CostModel(L, float(base), max(float(attn), 0.0), max(float(mlp), 0.0), dict(curve))
+    curve = {1: 1.0}
+    for (ids, _), tj in zip(jobs[4:], times[4:]):
+        curve[len(ids)] = 1.0 if flat else float(tj / t[0])
+    return CostModel(L, max(float(base), 0.0), max(float(attn), 0.0), max(float(mlp), 0.0), curve)
 
 
 @dataclass
@@ -211,26 +213,66 @@ def calibrate(model, prompts, n_new=48):
     return Calibration(seqs, [len(p) for p in prompts])
 
 
-def match_list(model, calib, skip):
-    """Teacher-forced matches of the skipped model: for each sequence, ONE forward over it (no cache) and
-    bool [n_new]: argmax at position t == the full model's token t + 1, for every continuation token."""
+def match_list(model, calib, skip, context="committed", caches=None):
+    """Teacher-forced matches of the skipped model, one parallel forward per calibration sequence:
+    bool [n_new] per sequence, True where the skipped model's argmax after tokens 0..t equals the full model's
+    token t + 1, for every continuation token.
+
+    context="committed" (default): the query at t reads the FULL model's keys/values of tokens 0..t-1 from a
+    cache filled by the full model, and its own at t, exactly what draft_verify's first draft token after a
+    commit at t sees (later draft tokens of a chain also see their own predecessors' keys/values, so this is
+    slightly optimistic for them). context="own": the skipped model runs alone over the sequence (its own
+    keys/values everywhere, as a SWIFT-style parallel draft over the context; slightly pessimistic).
+    caches: a list to keep the full model's filled caches in between calls (one per sequence)."""
+    if context not in ("committed", "own"):
+        raise ValueError(f"match_list: context must be 'committed' or 'own', not {context!r}")
     out = []
-    for seq, s in zip(calib.sequences, calib.starts):
-        logits = model.forward(seq[:-1], skip=skip)                                        # [len - 1, V]
-        pred = np.asarray(to_host(logits[s - 1:].argmax(axis=-1)))                         # [n_new]
-        out.append(pred == np.asarray(seq[s:]))
+    for i, (seq, s) in enumerate(zip(calib.sequences, calib.starts)):
+        want = np.asarray(seq[s:])                                                         # [n_new]
+        if context == "own":
+            logits = model.forward(seq[:-1], skip=skip)[s - 1:]                            # [n_new, V]
+        else:
+            logits = _committed_context_logits(model, seq, s, skip, caches, i)             # [n_new, V]
+        out.append(np.asarray(to_host(logits.argmax(axis=-1))) == want)
     return out
+
+
+def _committed_context_logits(model, seq, s, skip, caches, i):
+    """Skipped-model logits at positions s-1 .. len-2, each query seeing the full model's cached keys/values of
+    the positions before it and its own (a diagonal block mask), in one block forward."""
+    from .layers import sliding_window_mask
+    if caches is not None and i < len(caches):
+        cache = caches[i]
+    else:
+        cache = model.new_cache()
+        if len(seq) > cache.W:
+            raise ValueError(f"match_list: a calibration sequence of {len(seq)} tokens does not fit the "
+                             f"{cache.W}-slot cache; use shorter prompts/continuations or context='own'")
+        model.forward(seq, cache)                   # the full model's K/V of every position, committed
+        if caches is not None:
+            caches.append(cache)
+    q_pos = np.arange(s - 1, len(seq) - 1)                                                 # [n_new]
+    slots = cache.slot_positions()                                                         # [W]
+    ring = sliding_window_mask(q_pos, slots, model.config.sliding_window) & (slots[None, :] < q_pos[:, None])
+    mask = np.concatenate([ring, np.eye(len(q_pos), dtype=bool)], axis=1)                # [n_new, W + n_new]
+    cache.begin_block(len(q_pos))
+    # Model._run is the layer loop forward_block wraps; called directly for this one mask forward_block cannot
+    # express (ring positions strictly before each query, the block diagonal)
+    out = model._run(np.asarray(seq[s - 1:-1], dtype=np.int64), q_pos, model.xp.asarray(mask), cache, skip=skip)
+    cache.discard()
+    return out.logits
 
 
 class PredictedObjective:
     """SWIFT's matchness on calibration continuations, turned into a predicted speedup (module docstring)."""
     name = "predicted"
 
-    def __init__(self, model, calib, costs, k_max=8):
-        self.model, self.calib, self.costs, self.k_max = model, calib, costs, k_max
+    def __init__(self, model, calib, costs, k_max=8, context="committed"):
+        self.model, self.calib, self.costs, self.k_max, self.context = model, calib, costs, k_max, context
+        self._caches = []
 
     def __call__(self, skip):
-        m = match_list(self.model, self.calib, skip)
+        m = match_list(self.model, self.calib, skip, self.context, self._caches)
         c_d = self.costs.draft(skip)
         r = predicted_speedup(m, c_d, self.costs.verify, self.k_max)
         return dict(value=r["speedup"], match=r["alpha"], tau=r["tau"], k=r["k"], draft_cost=c_d)

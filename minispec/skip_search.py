@@ -10,7 +10,7 @@ The objectives and the encoding live in minispec.skip_objective. The methods:
     bo          the authors' Bayesian optimisation (bayes_opt, a Gaussian process with a Matern kernel and
                 UCB acquisition; the authors' GP noise alpha = 1e-2): one variable x_j in [0, 1] per free decision,
                 skipped when x_j > 0.5; a few random points first. A suggestion that rounds to a set already
-                scored is registered again with its known value and costs no budget (after max_duplicates such
+                scored is registered again with its known value and costs no budget (after max_duplicates = 5 such
                 suggestions in a row the next unseen set of a seeded random order is taken instead).
     exhaustive  every set of the space (4096 for L = 6 with all layers, 256 with keep_ends)
 
@@ -64,7 +64,7 @@ class Trace:
                              f"use another --trace file or the same settings")
         cols = run["columns"]
         n = len(cols.get("code", []))
-        return [{k: v[i] for k, v in cols.items()} for i in range(n)]
+        return [{k: v[i] for k, v in cols.items() if v[i] is not None} for i in range(n)]
 
     def store(self, key, evaluations):
         """Columns of the run's evaluations, then an atomic rewrite of the file (an interrupted write leaves the
@@ -113,7 +113,7 @@ def exhaustive_search(objective, n_layers, keep_ends=False, evaluations=None, sa
     return evaluations
 
 
-def bo_search(objective, n_layers, budget, seed=0, keep_ends=True, init_points=5, kappa=2.5, max_duplicates=20,
+def bo_search(objective, n_layers, budget, seed=0, keep_ends=True, init_points=5, kappa=2.5, max_duplicates=5,
               evaluations=None, save=None, bar=None):
     """The authors' Bayesian optimisation over the free decisions (module docstring)."""
     free = np.flatnonzero(free_decisions(n_layers, keep_ends))
@@ -161,7 +161,7 @@ def _suggest(evaluations, keys, seed, step, kappa):
         raise ImportError(INSTALL_HINT) from None
     rs = seed * 100_003 + step
     opt = BayesianOptimization(f=None, pbounds={k: (0.0, 1.0) for k in keys}, random_state=rs, verbose=0,
-                               acquisition_function=acquisition.UpperConfidenceBound(kappa=kappa, random_state=rs),
+                               acquisition_function=acquisition.UpperConfidenceBound(kappa=kappa),
                                allow_duplicate_points=True)
     opt.set_gp_params(alpha=1e-2)
     for e in evaluations:
@@ -188,3 +188,119 @@ def best_so_far(evaluations):
     """[n] the best value among the first i + 1 distinct evaluations: the search trace plotted in notebook 05."""
     vals = [e["value"] for e in evaluations if not e.get("duplicate")]
     return np.maximum.accumulate(vals) if vals else np.zeros(0)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# `minispec search-skip`: calibration + cost model (once, kept in the trace), the runs, the chosen set
+# ---------------------------------------------------------------------------------------------------------
+def calibration_prompts(tok, text, n_prompts=8, prompt_len=32, seed=0):
+    """Calibration prompts cut from a training text at random places (minispec.train_heads.corpus_prompts)."""
+    from .train_heads import corpus_prompts
+    g = corpus_prompts(tok, text, prompt_len, seed=seed)
+    return [next(g) for _ in range(n_prompts)]
+
+
+def run_search(model, trace_path, methods=("bo", "random"), objective="predicted", budget=60, seed=0,
+               keep_ends=True, prompts=None, n_new=48, context="committed", flat=False, progress=True, log=print):
+    """Run (or resume) each method on one objective, recording into the trace. prompts: calibration prompts
+    (only read when the trace is new). Returns the Trace."""
+    from tqdm import tqdm
+    L = model.config.n_layers
+
+    def header():
+        log(f"calibration: {len(prompts)} prompts of {len(prompts[0])} tokens, {n_new} greedy tokens each; "
+            f"measuring the cost model ...")
+        return {"model": os.path.basename(os.path.normpath(getattr(model, "path", "model"))), "n_layers": L,
+                "calibration": calibrate(model, prompts, n_new).to_json(),
+                "cost_model": measure_costs(model, flat=flat).to_json(), "context": context}
+
+    trace = Trace.open(trace_path, header)
+    calib = Calibration.from_json(trace.data["calibration"])
+    costs = CostModel.from_json(trace.data["cost_model"])
+    if objective == "predicted":
+        fn = PredictedObjective(model, calib, costs, context=trace.data.get("context", context))
+    elif objective == "measured":
+        fn = MeasuredObjective(model, [s[:n] for s, n in zip(calib.sequences, calib.starts)])
+    else:
+        raise ValueError(f"--objective must be 'predicted' or 'measured', not {objective!r}")
+    for method in methods:
+        if method not in ("bo", "random", "exhaustive"):
+            raise ValueError(f"--method: unknown method {method!r} (bo, random, exhaustive)")
+        ends = keep_ends and method != "exhaustive"           # exhaustive: every set (restrict afterwards)
+        settings = {"method": method, "objective": objective, "keep_ends": ends, "seed": seed,
+                    "budget": len(search_space(L, ends)) if method == "exhaustive" else budget}
+        key = f"{method}{'-all' if method != 'exhaustive' and not ends else ''}/{objective}"
+        done = trace.evaluations(key, settings)
+        bar = tqdm(total=settings["budget"], desc=key, unit="set", disable=not progress,
+                   initial=sum(not e.get("duplicate") for e in done))
+
+        def save(evs, key=key):
+            trace.store(key, evs)
+        if method == "random":
+            evs = random_search(fn, L, budget, seed, ends, done, save, bar)
+        elif method == "bo":
+            evs = bo_search(fn, L, budget, seed, ends, evaluations=done, save=save, bar=bar)
+        else:
+            evs = exhaustive_search(fn, L, False, done, save, bar)
+        bar.close()
+        trace.store(key, evs)
+        b = best(evs)
+        log(f"{key}: best of {sum(not e.get('duplicate') for e in evs)} sets: {from_code(b['code'], L)} "
+            + ", ".join(f"{k} {v}" for k, v in b.items() if k not in ("code", "params", "duplicate")))
+    return trace
+
+
+def cmd_search_skip(args):
+    """The CLI entry (minispec.cli's search-skip parser)."""
+    from .draft_verify import skip_set_path
+    from .model import load
+    from .tokenizer import Tokenizer
+    from .train_heads import DEFAULT_TEXT
+    model = load(args.model, dtype=args.dtype, device=args.device)
+    out = Path(args.trace) if args.trace else Path(skip_set_path(args.model)).parent / "search_trace.json"
+    prompts = None
+    if not out.exists():
+        text = Path(args.text) if args.text else DEFAULT_TEXT
+        if not text.exists():
+            raise SystemExit(f"search-skip: no calibration text {text} (pass --text FILE; the corpus is built by "
+                             f"tools/collect_corpus.py)")
+        tok = Tokenizer.from_dir(args.model)
+        prompts = calibration_prompts(tok, text, args.prompts, args.prompt_len, args.seed)
+    try:
+        trace = run_search(model, str(out), [m for m in args.method.split(",") if m], args.objective, args.budget,
+                           args.seed, not args.all_layers, prompts, args.new, flat=args.flat_cost)
+    except ImportError as e:
+        raise SystemExit(f"search-skip: {e}") from None
+    print(f"trace: {out}")
+    if args.write:
+        first = args.method.split(",")[0]
+        key = f"{first}{'-all' if args.all_layers and first != 'exhaustive' else ''}/{args.objective}"
+        b = best(trace.evaluations(key, trace.data["runs"][key]["settings"]))
+        skip = from_code(b["code"], model.config.n_layers)
+        skip = type(skip)(skip.attn, skip.mlp, {"chosen_by": key, "objective_value": b["value"],
+                                                "search_trace": out.name})
+        path = Path(skip_set_path(args.model))
+        skip.save(path)
+        print(f"wrote {path}: {skip}")
+
+
+def add_parser(sub, model_arg):
+    """The `search-skip` subcommand (called from minispec.cli.main)."""
+    s = sub.add_parser("search-skip", help="search the Draft & Verify skip set (BO vs random vs exhaustive)")
+    model_arg(s)
+    s.add_argument("--method", default="bo,random", help="comma-separated: bo, random, exhaustive")
+    s.add_argument("--objective", default="predicted", choices=["predicted", "measured"],
+                   help="predicted: teacher-forced matchness + cost model (noise-free); measured: tokens/s")
+    s.add_argument("--budget", type=int, default=60, help="distinct sets evaluated per method (bo, random)")
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--all-layers", action="store_true", help="also let the search skip the first/last layer")
+    s.add_argument("--trace", default=None, help="trace JSON (default MODEL/draft_verify/search_trace.json); "
+                                                 "an existing one is resumed")
+    s.add_argument("--text", default=None, help="calibration text (default data/corpus/train.txt)")
+    s.add_argument("--prompts", type=int, default=8, help="calibration prompts")
+    s.add_argument("--prompt-len", type=int, default=32, help="tokens per calibration prompt")
+    s.add_argument("--new", type=int, default=48, help="greedy tokens per calibration prompt")
+    s.add_argument("--flat-cost", action="store_true", help="c(T) = 1 (a GPU-like backend) in the cost model")
+    s.add_argument("--write", action="store_true", help="write MODEL/draft_verify/skip_set.json: the best set "
+                                                        "of the first method")
+    s.set_defaults(func=cmd_search_skip)
