@@ -176,6 +176,96 @@ def pick_budget(accuracies, costs, proposal_cost=0.0):
     return best[1], best[0]
 
 
+def draft_summary(stats_list):
+    """Decoder-agnostic draft statistics over several generations: {"drafted": histogram {K: steps},
+    "counters": summed int counters, "series": {name: list-valued counters (e.g. Draft & Verify's threshold over
+    the steps), each generation's list concatenated}}."""
+    hist, counters, series = {}, {}, {}
+    for s in stats_list:
+        for k in s.drafted:
+            hist[int(k)] = hist.get(int(k), 0) + 1
+        for name, v in s.counters.items():
+            if isinstance(v, list):
+                series.setdefault(name, []).extend(float(x) for x in v)
+            else:
+                counters[name] = counters.get(name, 0) + v
+    return {"drafted": dict(sorted(hist.items())), "counters": counters, "series": series}
+
+
+def draft_cost_inputs(model, skip, sizes, reps=25, context=200, clock=time.process_time):
+    """The cost model's inputs in CPU time of this process (time.process_time; run with one BLAS thread): on a
+    shared machine a call's WALL time grows faster than its work (a longer call is preempted more often), CPU
+    time does not. All timed alternately, round-robin, against a cache holding `context` tokens.
+    Returns (r, {T: c(T)}): r = skipped one-token forward / full one-token forward, c(T) = T-token verify
+    forward / full one-token forward (the medians' ratios)."""
+    cache = model.new_cache()
+    model.forward(np.arange(context) % model.config.vocab_size, cache)
+    runs = [(None, T) for T in sorted(set(sizes) | {1})] + [(skip, 1)]
+    times = {key: [] for key in runs}
+    for rep in range(reps + 1):
+        for s, T in runs:
+            t0 = clock()
+            out = model.forward_block(np.arange(1, T + 1), cache, skip=s)
+            to_host(out.logits[-1, :1])
+            if rep:                                             # the first round is a warm-up
+                times[(s, T)].append(clock() - t0)
+    cache.discard()
+    med = {key: statistics.median(ts) for key, ts in times.items()}
+    t1 = med[(None, 1)]
+    return med[(skip, 1)] / t1, {T: med[(s, T)] / t1 for s, T in runs if s is None}
+
+
+def cpu_decode(model, prompts, decoders, n_tokens):
+    """CPU time (process_time) of decoding n_tokens after each prompt, decoders interleaved prompt by prompt,
+    the prefill's CPU time (measured alone) subtracted. -> ({name: seconds}, {name: [Stats]})"""
+    from .generate import generate
+    secs, stats = {n: 0.0 for n in decoders}, {n: [] for n in decoders}
+    for p in prompts:
+        t0 = time.process_time()
+        model.forward(p[:-1], model.new_cache())
+        prefill = time.process_time() - t0
+        for name in decoders:
+            t0 = time.process_time()
+            o = generate(model, p, decoder=name, max_new_tokens=n_tokens, eos_id=None)
+            secs[name] += time.process_time() - t0 - prefill
+            stats[name].append(o.stats)
+    return secs, stats
+
+
+def print_draft_verify(model, prompts, stats_list, costs, measured_speedup, measured_tau, n_tokens, baseline="ar"):
+    """Draft & Verify's columns: draft lengths and the threshold over time from the bench's runs; then the cost
+    model tau / mean(K r + c(K + 1)) beside the measured speedup, both in wall time (the table above, c(T) from
+    cost_curve) and in CPU time (inputs and decodes re-measured here)."""
+    from .draft_verify import find_skip_set, predicted_speedup
+    skip = find_skip_set(model)
+    summary = draft_summary(stats_list)
+    gam = np.asarray(summary["series"].get("draft_verify.gamma", [np.nan]))
+    ends = [(s.counters["draft_verify.gamma"][0], s.counters["draft_verify.gamma"][-1])
+            for s in stats_list if s.counters.get("draft_verify.gamma")]
+    print(f"draft_verify skip set {skip} ({skip.n_skipped} of {2 * skip.n_layers} sublayers skipped): draft "
+          f"lengths (tokens: steps) {summary['drafted']}; threshold gamma over each generation: starts "
+          f"{np.mean([a for a, _ in ends]):.3f}, ends {np.mean([b for _, b in ends]):.3f} (mean over prompts), "
+          f"range {gam.min():.3f}..{gam.max():.3f}")
+    drafted = [k for s in stats_list for k in s.drafted]
+    secs, cpu_stats = cpu_decode(model, prompts, [baseline, "draft_verify"], n_tokens)
+    dv = cpu_stats["draft_verify"]
+    K = [k for s in dv for k in s.drafted]
+    tau = sum(s.new_tokens for s in dv) / sum(s.steps for s in dv)
+    r, c = draft_cost_inputs(model, skip, [k + 1 for k in set(K)])
+    pred_cpu = predicted_speedup(tau, K, r, c)
+    meas_cpu = secs[baseline] / secs["draft_verify"]
+    r_wall, c_wall = draft_cost_inputs(model, skip, [k + 1 for k in set(drafted)], clock=time.perf_counter)
+    pred_wall = predicted_speedup(measured_tau, drafted, r_wall, c_wall)
+    print(f"draft_verify cost model (CPU time, one BLAS thread advised): one draft forward r = {r:.2f} AR forwards, "
+          f"c(T) = " + ", ".join(f"c({T})={v:.2f}" for T, v in sorted(c.items())) + "; predicted speedup "
+          f"tau / mean(K r + c(K + 1)) = {pred_cpu:.2f}x vs measured {meas_cpu:.2f}x in CPU time "
+          f"(measured / predicted = {meas_cpu / pred_cpu:.2f}; tau {tau:.2f})")
+    print(f"draft_verify in wall time: measured {measured_speedup:.2f}x (table above) vs {pred_wall:.2f}x predicted "
+          f"from r = {r_wall:.2f} and c(T) timed in wall time the same way")
+    return {"predicted_cpu": pred_cpu, "measured_cpu": meas_cpu, "r": r, "c": c, "tau": tau,
+            "predicted_wall": pred_wall, "measured_wall": measured_speedup}
+
+
 def bench_decode(model_dir, decoders=("ar", "medusa"), n_tokens=128, n_prompts=8, runs=2, device="auto",
                  dtype="float32"):
     from .generate import generate
@@ -217,6 +307,9 @@ def bench_decode(model_dir, decoders=("ar", "medusa"), n_tokens=128, n_prompts=8
     costs, t1 = cost_curve(model)
     print(f"verify cost curve on {model.device}: c(T) = time(T tokens) / time(1 token = {t1 * 1e3:.2f} ms): "
           + ", ".join(f"c({T})={c:.2f}" for T, c in costs.items()))
+    if "draft_verify" in decoders:
+        print_draft_verify(model, prompts, stats["draft_verify"], costs,
+                           results["draft_verify"] / results[decoders[0]], results_tau["draft_verify"], n_tokens)
     if "medusa" in decoders:
         from .medusa import load_heads
         from pathlib import Path

@@ -14,12 +14,15 @@ The shipped skip set of a model lives at <model.path>/draft_verify/skip_set.json
     "attention": [int, ...]   indices of the layers whose attention sublayer is skipped (0-based, sorted)
     "mlp":       [int, ...]   indices of the layers whose MLP sublayer is skipped
     "n_layers":  int          L of the model it was chosen for (checked at load)
+    "max_draft", "gamma0"     optional: the decoder's defaults for this skip set (else 8 and 0.6)
     anything else             optional provenance (objective, search trace file, measured tau and speedup), kept
                               in SkipSet.meta and ignored by decoding
 """
 import json
 import os
 from dataclasses import dataclass, field
+
+import numpy as np
 
 from .backend import to_host
 
@@ -104,9 +107,9 @@ class SkipSet:
 
     def save(self, path):
         os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-        with open(path, "w") as f:
-            json.dump(self.to_json(), f, indent=2)
-            f.write("\n")
+        with open(path, "w") as f:        # one key per line, lists on one line: a diff shows which layer changed
+            f.write("{\n" + ",\n".join(f"  {json.dumps(k)}: {json.dumps(v)}" for k, v in self.to_json().items())
+                    + "\n}\n")
 
     @classmethod
     def load(cls, path, n_layers=None):
@@ -207,14 +210,17 @@ class DraftVerifyProposer:
     """
     name = "draft_verify"
 
-    def __init__(self, model, skip=None, max_draft=8, gamma0=None, adaptive=True, rule=None):
+    def __init__(self, model, skip=None, max_draft=None, gamma0=None, adaptive=True, rule=None):
+        self.model, self.skip = model, _as_skip_set(skip, model)
+        self.rule = rule or ExitRule()
+        # unset options: the skip set file's own (its meta), else the authors' decoding.py defaults
+        max_draft = self.skip.meta.get("max_draft", 8) if max_draft is None else max_draft
+        gamma0 = self.skip.meta.get("gamma0", self.rule.gamma0) if gamma0 is None else gamma0
         if int(max_draft) < 1:
             raise ValueError(f"draft_verify: max_draft must be >= 1, got {max_draft}")
-        self.model, self.skip = model, _as_skip_set(skip, model)
         self.max_draft, self.adaptive = int(max_draft), bool(adaptive)
-        self.rule = rule or ExitRule()
         self._chains = {}
-        self.gamma0 = self.rule.gamma0 if gamma0 is None else float(gamma0)
+        self.gamma0 = float(gamma0)
         if not 0 <= self.gamma0 <= 1:
             raise ValueError(f"draft_verify: gamma0 must lie in [0, 1], got {gamma0}")
         self.start(None, None)
@@ -258,3 +264,18 @@ class DraftVerifyProposer:
         if self.adaptive and step.drafted:
             self.gamma, self.m = update_threshold(self.gamma, self.m, len(step.path) - 1, step.drafted,
                                                   step.drafted == self.max_draft, self.rule)
+
+
+# ---- the cost model -----------------------------------------------------------------------------------------------
+def predicted_speedup(tau, drafted, draft_cost, costs):
+    """The speedup over plain decoding that the cost model predicts, in units of one AR step (a 1-token forward):
+
+        speedup = tau / mean over steps s of ( K_s · r + c(K_s + 1) )
+
+    tau: measured tokens per step; drafted [steps]: draft tokens K_s of each step (each cost one draft forward);
+    draft_cost r: one skipped one-token forward / one full one-token forward; costs {T: c(T)}: the verify cost
+    curve (minispec.bench.cost_curve), interpolated linearly between its measured sizes."""
+    sizes = sorted(costs)
+    K = np.asarray(drafted, dtype=np.float64)
+    c = np.interp(K + 1, sizes, [costs[s] for s in sizes])
+    return float(tau / np.mean(K * draft_cost + c))
