@@ -102,9 +102,19 @@ def random_search(objective, n_layers, budget, seed=0, keep_ends=True, evaluatio
     return evaluations
 
 
+def exhaustive_order(n_layers, keep_ends=False):
+    """Every set of the space: the 2L single-sublayer sets first, then the sets that keep the first and last
+    layers, then the rest, each group ascending (so a partial run already holds the smaller spaces whole)."""
+    singles = [1 << j for j in range(2 * n_layers)]
+    ends = search_space(n_layers, True)
+    order = list(dict.fromkeys(singles + ends + search_space(n_layers, keep_ends)))
+    allowed = set(search_space(n_layers, keep_ends))
+    return [c for c in order if c in allowed]
+
+
 def exhaustive_search(objective, n_layers, keep_ends=False, evaluations=None, save=None, bar=None, save_every=32):
-    """Every set of the space, in ascending code order."""
-    space = search_space(n_layers, keep_ends)
+    """Every set of the space, in exhaustive_order."""
+    space = exhaustive_order(n_layers, keep_ends)
     evaluations = [] if evaluations is None else evaluations
     while len(evaluations) < len(space):
         skip = from_code(space[len(evaluations)], n_layers)
