@@ -263,16 +263,82 @@ def _committed_context_logits(model, seq, s, skip, caches, i):
     return out.logits
 
 
+def all_match_lists(model, calib):
+    """match_list (committed context) for EVERY one of the 4^L skip sets at once -> {code: [bool [n_new], ...]}.
+
+    A depth-first walk over the layers: the residual stream after layers 0..i depends only on the decisions of
+    those layers, so it is computed once per prefix (sum of 4^i layer passes for i = 1..L instead of L * 4^L,
+    4.5x fewer for L = 6) and each of the 4 choices of the next layer continues from it. The layer below is
+    Model._run's loop body with the committed-context mask of _committed_context_logits; tests check that every
+    set's result equals match_list's."""
+    from .layers import apply_rope, attention, linear, rms_norm, rope_tables, swiglu
+    c, xp, L = model.config, model.xp, model.config.n_layers
+    H, Hkv, Dh = c.n_heads, c.n_kv_heads, c.head_dim
+    out = {}
+    for i_seq, (seq, s) in enumerate(zip(calib.sequences, calib.starts)):
+        cache = model.new_cache()
+        model.forward(seq, cache)                        # the full model's K/V of every position, committed
+        ids = np.asarray(seq[s - 1:-1], dtype=np.int64)
+        T, want = len(ids), np.asarray(seq[s:])
+        q_pos = np.arange(s - 1, len(seq) - 1)                                                 # [T]
+        from .layers import sliding_window_mask
+        slots = cache.slot_positions()
+        ring = sliding_window_mask(q_pos, slots, c.sliding_window) & (slots[None, :] < q_pos[:, None])
+        mask = xp.asarray(np.concatenate([ring, np.eye(T, dtype=bool)], axis=1))           # [T, W + T]
+        cos, sin = rope_tables(q_pos, Dh, c.rope_theta, xp, model.dtype)                   # [T, Dh/2]
+        cache.begin_block(T)
+
+        def layer(i, x, run_attn, run_mlp):
+            lw = model.layers[i]
+            if run_attn:
+                qkv = linear(rms_norm(x, lw["attention_norm"], c.norm_eps), lw["wqkv"])         # [T, (H+2Hkv)Dh]
+                q = qkv[:, :H * Dh].reshape(T, H, Dh).transpose(1, 0, 2)                     # [H, T, Dh]
+                k = qkv[:, H * Dh:(H + Hkv) * Dh].reshape(T, Hkv, Dh).transpose(1, 0, 2)     # [Hkv, T, Dh]
+                v = qkv[:, (H + Hkv) * Dh:].reshape(T, Hkv, Dh).transpose(1, 0, 2)           # [Hkv, T, Dh]
+                q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+                cache.write_block(i, k, v)              # layer i's scratch: rewritten by each sibling branch
+                k, v = cache.layer_kv(i, T)                                                  # [Hkv, W + T, Dh]
+                o = attention(q, k, v, mask)                                                 # [H, T, Dh]
+                x = x + linear(o.transpose(1, 0, 2).reshape(T, H * Dh), lw["wo"])            # [T, D]
+            if run_mlp:
+                x = x + swiglu(rms_norm(x, lw["ffn_norm"], c.norm_eps), lw["w13"], lw["w2"]) # [T, D]
+            return x
+
+        def walk(i, x, code):
+            if i == L:
+                logits = linear(rms_norm(x, model.norm, c.norm_eps), model.output)         # [T, V]
+                out.setdefault(code, [None] * len(calib.sequences))[i_seq] = \
+                    np.asarray(to_host(logits.argmax(axis=-1))) == want
+                return
+            for skip_attn in (False, True):
+                for skip_mlp in (False, True):
+                    walk(i + 1, layer(i, x, not skip_attn, not skip_mlp),
+                         code | (skip_attn << i) | (skip_mlp << (L + i)))
+
+        walk(0, model.tok_embeddings[xp.asarray(ids)], 0)                                  # x: [T, D]
+        cache.discard()
+    return out
+
+
 class PredictedObjective:
     """SWIFT's matchness on calibration continuations, turned into a predicted speedup (module docstring)."""
     name = "predicted"
 
     def __init__(self, model, calib, costs, k_max=8, context="committed"):
         self.model, self.calib, self.costs, self.k_max, self.context = model, calib, costs, k_max, context
-        self._caches = []
+        self._caches, self._every = [], None
+
+    def precompute(self):
+        """Score every set's matches in one depth-first walk (all_match_lists); later calls only look up."""
+        if self.context != "committed":
+            raise ValueError("precompute: the depth-first walk implements context='committed' only")
+        self._every = all_match_lists(self.model, self.calib)
 
     def __call__(self, skip):
-        m = match_list(self.model, self.calib, skip, self.context, self._caches)
+        if self._every is not None:
+            m = self._every[to_code(skip)]
+        else:
+            m = match_list(self.model, self.calib, skip, self.context, self._caches)
         c_d = self.costs.draft(skip)
         r = predicted_speedup(m, c_d, self.costs.verify, self.k_max)
         return dict(value=r["speedup"], match=r["alpha"], tau=r["tau"], k=r["k"], draft_cost=c_d)

@@ -251,6 +251,9 @@ def run_search(model, trace_path, methods=("bo", "random"), objective="predicted
         elif method == "bo":
             evs = bo_search(fn, L, budget, seed, ends, evaluations=done, save=save, bar=bar)
         else:
+            if objective == "predicted" and fn.context == "committed" and len(done) < 4 ** L:
+                log("exhaustive: every set's matches in one depth-first walk over the layers ...")
+                fn.precompute()
             evs = exhaustive_search(fn, L, False, done, save, bar)
         bar.close()
         trace.store(key, evs)

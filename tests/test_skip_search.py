@@ -205,3 +205,20 @@ def test_a_draft_that_is_the_full_model_gains_nothing_and_a_free_draft_gains_its
     m = match_list(model, calib, skip_all)
     assert obj(skip_all)["value"] == pytest.approx(max(chain_tau(m, k) for k in range(1, 5)))
     assert Calibration.from_json(json.loads(json.dumps(calib.to_json()))) == calib
+
+
+def test_the_depth_first_walk_over_every_set_gives_each_sets_own_matches(model, calib):
+    from minispec.skip_objective import all_match_lists
+    every = all_match_lists(model, calib)
+    assert sorted(every) == list(range(4 ** L))
+    for code in [0, 1, 5, 18, 33, 63, 4 ** L - 1] + list(range(0, 64, 7)):
+        want = match_list(model, calib, from_code(code, L))
+        assert [m.tolist() for m in every[code]] == [m.tolist() for m in want], code
+
+
+def test_the_predicted_objective_is_the_same_precomputed_or_set_by_set(model, calib):
+    costs = CostModel(L, 0.2, 0.3, 0.5, {1: 1.0, 2: 1.3, 9: 2.0})
+    lazy, eager = PredictedObjective(model, calib, costs), PredictedObjective(model, calib, costs)
+    eager.precompute()
+    for code in [0, 9, 27, 40, 63]:
+        assert lazy(from_code(code, L)) == eager(from_code(code, L))
