@@ -341,7 +341,9 @@ class PredictedObjective:
             m = match_list(self.model, self.calib, skip, self.context, self._caches)
         c_d = self.costs.draft(skip)
         r = predicted_speedup(m, c_d, self.costs.verify, self.k_max)
-        return dict(value=r["speedup"], match=r["alpha"], tau=r["tau"], k=r["k"], draft_cost=c_d)
+        flat = predicted_speedup(m, c_d, lambda T: 1.0, self.k_max)     # the same draft where c(T) = 1 (GPU-like)
+        return dict(value=r["speedup"], match=r["alpha"], tau=r["tau"], k=r["k"], draft_cost=c_d,
+                    flat_speedup=flat["speedup"], flat_k=flat["k"], flat_tau=flat["tau"])
 
 
 class MeasuredObjective:
