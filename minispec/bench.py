@@ -196,23 +196,31 @@ def draft_cost_inputs(model, skip, sizes, reps=25, context=200, clock=time.proce
     """The cost model's inputs in CPU time of this process (time.process_time; run with one BLAS thread): on a
     shared machine a call's WALL time grows faster than its work (a longer call is preempted more often), CPU
     time does not. All timed alternately, round-robin, against a cache holding `context` tokens.
-    Returns (r, {T: c(T)}): r = skipped one-token forward / full one-token forward, c(T) = T-token verify
-    forward / full one-token forward (the medians' ratios)."""
+    Returns (r, {T: c(T)}): r = one draft token (the proposer's own work per token: its skipped one-token forward,
+    argmax or sampling, confidence; timed as whole proposals of 4 tokens) / one full one-token forward, and
+    c(T) = T-token verify forward / full one-token forward (the medians' ratios)."""
+    from .draft_verify import DraftVerifyProposer
+    from .generate import Context, Stats
+    from .sampling import SamplingParams
     cache = model.new_cache()
     model.forward(np.arange(context) % model.config.vocab_size, cache)
-    runs = [(None, T) for T in sorted(set(sizes) | {1})] + [(skip, 1)]
-    times = {key: [] for key in runs}
+    K = 4
+    proposer = DraftVerifyProposer(model, skip=skip, max_draft=K, gamma0=0.0, adaptive=False)
+    ctx = Context(1, None, model, cache, SamplingParams(), np.random.default_rng(0), Stats())
+    sizes = sorted(set(sizes) | {1})
+    times = {T: [] for T in sizes + ["draft"]}
     for rep in range(reps + 1):
-        for s, T in runs:
+        for T in sizes + ["draft"]:
             t0 = clock()
-            out = model.forward_block(np.arange(1, T + 1), cache, skip=s)
-            to_host(out.logits[-1, :1])
+            if T == "draft":
+                proposer.propose(ctx)
+            else:
+                to_host(model.forward_block(np.arange(1, T + 1), cache).logits[-1, :1])
             if rep:                                             # the first round is a warm-up
-                times[(s, T)].append(clock() - t0)
+                times[T].append(clock() - t0)
     cache.discard()
     med = {key: statistics.median(ts) for key, ts in times.items()}
-    t1 = med[(None, 1)]
-    return med[(skip, 1)] / t1, {T: med[(s, T)] / t1 for s, T in runs if s is None}
+    return med["draft"] / K / med[1], {T: med[T] / med[1] for T in sizes}
 
 
 def cpu_decode(model, prompts, decoders, n_tokens):
@@ -256,7 +264,7 @@ def print_draft_verify(model, prompts, stats_list, costs, measured_speedup, meas
     meas_cpu = secs[baseline] / secs["draft_verify"]
     r_wall, c_wall = draft_cost_inputs(model, skip, [k + 1 for k in set(drafted)], clock=time.perf_counter)
     pred_wall = predicted_speedup(measured_tau, drafted, r_wall, c_wall)
-    print(f"draft_verify cost model (CPU time, one BLAS thread advised): one draft forward r = {r:.2f} AR forwards, "
+    print(f"draft_verify cost model (CPU time, one BLAS thread advised): one draft token r = {r:.2f} AR forwards, "
           f"c(T) = " + ", ".join(f"c({T})={v:.2f}" for T, v in sorted(c.items())) + "; predicted speedup "
           f"tau / mean(K r + c(K + 1)) = {pred_cpu:.2f}x vs measured {meas_cpu:.2f}x in CPU time "
           f"(measured / predicted = {meas_cpu / pred_cpu:.2f}; tau {tau:.2f})")

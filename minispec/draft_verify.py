@@ -25,6 +25,9 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from .backend import to_host
+from .sampling import sample, target_probs
+from .tree import Tree
+from .verify import Draft, count
 
 SKIP_SET_FILE = os.path.join("draft_verify", "skip_set.json")
 
@@ -227,23 +230,21 @@ class DraftVerifyProposer:
 
     def start(self, ctx, prompt_hidden):
         """Per-generation state: the threshold back to gamma0, the acceptance estimate to 0 (as the authors)."""
-        self.gamma, self.m, self._stats = self.gamma0, 0.0, None
+        self.gamma, self.m = self.gamma0, 0.0
 
     def propose(self, ctx):
-        from .sampling import sample, target_probs
-        from .tree import Tree
-        from .verify import Draft, count
         model, cache, xp = self.model, ctx.cache, self.model.xp
-        tokens, qs, tok = [int(ctx.root)], [], int(ctx.root)
+        tokens, tok = [int(ctx.root)], int(ctx.root)
+        sampled = not ctx.params.greedy
+        q = xp.zeros((self.max_draft, model.config.vocab_size), dtype=model.dtype) if sampled else None   # [K, V]
         for j in range(self.max_draft):
             out = model.forward_block([tok], cache, skip=self.skip, offset=j)              # logits [1, V]
             logits = out.logits[0]                                                        # [V]
-            if ctx.params.greedy:
-                tok = int(to_host(logits.argmax()))
+            if sampled:
+                q[j] = target_probs(logits, ctx.params)                                   # [V] the draft's warped q
+                tok = sample(q[j], ctx.rng)
             else:
-                q = target_probs(logits, ctx.params)                                      # [V] the draft's warped q
-                tok = sample(q, ctx.rng)
-                qs.append(q)
+                tok = int(to_host(logits.argmax()))
             # confidence: the draft's own (temperature-1) probability of the token it drafted (= its top-1 when greedy)
             z = logits - logits.max()                                                     # [V]
             conf = float(to_host(xp.exp(z[tok]) / xp.exp(z).sum()))
@@ -254,8 +255,7 @@ class DraftVerifyProposer:
         K = len(tokens) - 1
         count(ctx.stats, "draft_verify.forwards", K)
         ctx.stats.counters.setdefault("draft_verify.gamma", []).append(self.gamma)
-        self._stats = ctx.stats
-        q = xp.stack(qs) if qs else None                                                  # [K, V] or None
+        q = q[:K] if sampled else None                                                    # [K, V]
         if K not in self._chains:
             self._chains[K] = Tree.chain(K)
         return Draft(self._chains[K], tokens, q=q)

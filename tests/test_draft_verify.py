@@ -13,7 +13,7 @@ import pytest
 from conftest import random_tensors, rel_err, tiny_config
 from hostguard import GUARD
 from minispec import generate
-from minispec.bench import draft_summary
+from minispec.bench import draft_cost_inputs, draft_summary
 from minispec.draft_verify import (DraftVerifyProposer, ExitRule, SkipSet, find_skip_set, predicted_speedup,
                                    skip_set_path, update_threshold)
 from minispec.generate import DECODERS, Context, Stats
@@ -291,10 +291,16 @@ def test_the_bench_summary_counts_draft_lengths_sums_counters_and_concatenates_s
                                      "series": {"draft_verify.gamma": [0.6, 0.59, 0.6]}}
 
 
+def test_the_cost_inputs_are_measured_for_each_verify_size_relative_to_one_full_forward():
+    _, _, m = tiny(W=6, L=3)
+    r, c = draft_cost_inputs(m, SkipSet.from_lists(3, attn=[0, 1], mlp=[0, 1]), [2, 5], reps=3, context=10)
+    assert sorted(c) == [1, 2, 5] and c[1] == 1.0 and r > 0 and all(v > 0 for v in c.values())
+
+
 # ---------------------------------------------------------------------------------------------------------
 # 4. Verification: greedy == AR with the same final cache; chain rejection sampling is lossless
 
-def test_greedy_draft_and_verify_equals_plain_greedy_with_an_identical_final_cache_across_window_wraps():
+def test_greedy_draft_and_verify_equals_plain_greedy_with_the_same_final_cache_across_window_wraps():
     kinds = {"full": 0, "partial": 0, "reject": 0}
     for W in range(4, 9):
         for seed in range(3):
