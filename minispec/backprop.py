@@ -1,19 +1,18 @@
 """Hand-derived backward passes for training Hydra and Hydra++ heads (arXiv 2402.05109) in NumPy/CuPy.
 
-Every forward here keeps what its backward needs (`keep`), and every backward is the chain rule written out,
-checked against central finite differences in float64 by tests/test_train_hydra.py. Reading order follows the
-data: RMSNorm -> RoPE -> GQA attention under a mask -> SwiGLU -> one Mistral decoder layer (+ the final RMSNorm:
-the Hydra++ prefix layer) -> a Hydra head's residual blocks and its vocabulary projection with a bias -> the two
-losses (cross-entropy to labels, cross-entropy to the base model's softmax = the teacher loss).
+The forwards are the ones inference runs (minispec.layers, minispec.hydra.head_forward / prefix_forward with
+keep=True); this module adds only their backward passes, each the chain rule written out and checked against
+central finite differences in float64 by tests/test_train_hydra.py. Reading order follows the data: RMSNorm ->
+RoPE -> GQA attention under a mask -> SwiGLU -> the Hydra++ prefix layer (one Mistral decoder layer + a final
+RMSNorm) -> a Hydra head's residual blocks and its vocabulary projection with a bias -> the two losses
+(cross-entropy to labels, and to the base model's softmax: the teacher loss).
 
 Shapes: T rows (positions), D dim, H / Hkv heads, R = H / Hkv, Dh head dim, F ffn dim, V vocab, S keys.
-The forward arithmetic is minispec.layers' (rms_norm, apply_rope, attention, swiglu): the functions below
-recompute the same expressions while keeping intermediates, they do not introduce a second definition.
 """
 import numpy as np
 
 from .backend import array_module
-from .layers import apply_rope, linear, rms_norm, silu, softmax
+from .layers import apply_rope, linear, silu, softmax
 from .train_heads import silu_grad          # d silu(z)/dz, shared with Medusa's backward
 
 
@@ -47,7 +46,7 @@ def rope_backward(dy, cos, sin):
 # GQA attention under a boolean mask (layers.attention), keeping the probabilities
 # ---------------------------------------------------------------------------------------------------------
 def attention_forward(q, k, v, mask):
-    """layers.attention, also returning the softmax probabilities p [Hkv, R, T, S] for the backward.
+    """layers.attention's arithmetic, also returning the softmax probabilities p [Hkv, R, T, S] for the backward.
 
     q [H, T, Dh], k/v [Hkv, S, Dh], mask bool [T, S] (every row must see at least one key) -> (o [H, T, Dh], p)."""
     xp = array_module(q)
@@ -86,7 +85,7 @@ def attention_backward(do, q, k, v, p):
 # SwiGLU: y = (silu(x W1) ⊙ x W3) W2, W1|W3 fused as w13 [D, 2F]
 # ---------------------------------------------------------------------------------------------------------
 def swiglu_forward(x, w13, w2):
-    """layers.swiglu keeping (gu [T, 2F], g [T, F]) for the backward.  x [T, D] -> (y [T, D], saved)."""
+    """layers.swiglu's arithmetic, keeping (gu [T, 2F], g [T, F]) for the backward.  x [T, D] -> (y [T, D], saved)."""
     F = w2.shape[0]
     gu = linear(x, w13)                                                         # [T, 2F]
     g = silu(gu[:, :F]) * gu[:, F:]                                             # [T, F]
@@ -109,108 +108,74 @@ def swiglu_backward(dy, x, w13, w2, saved):
 
 
 # ---------------------------------------------------------------------------------------------------------
-# One Mistral decoder layer + a final RMSNorm (the Hydra++ prefix layer)
+# The Hydra++ prefix layer: one Mistral decoder layer + a final RMSNorm (forward: minispec.hydra.prefix_forward)
 # ---------------------------------------------------------------------------------------------------------
 PREFIX_KEYS = ("attention_norm", "wqkv", "wo", "ffn_norm", "w13", "w2", "norm")
 
 
-def decoder_layer_forward(x, p, cos, sin, mask, n_heads, n_kv_heads, eps):
-    """y = rms(x2 + swiglu(rms(x2)), norm),  x2 = x + Wo · attn(rope(Wq rms(x)), rope(Wk rms(x)), Wv rms(x)).
+def prefix_backward(dy, p, saved, n_heads, n_kv_heads, eps):
+    """Backward of hydra.prefix_forward without a cache (keep=True gives `saved`):
 
-    Exactly minispec.model's layer (then one RMSNorm, as the LlamaModel of one layer that Hydra++ uses).
-    x [T, D]; p: {attention_norm [D], wqkv [D, (H+2Hkv)Dh], wo [H·Dh, D], ffn_norm [D], w13 [D, 2F], w2 [F, D],
-    norm [D]}; cos/sin [T, Dh/2]; mask bool [T, T] -> (y [T, D], saved)."""
-    T, D = x.shape
-    H, Hkv = n_heads, n_kv_heads
-    Dh = p["wo"].shape[0] // H
-    h1 = rms_norm(x, p["attention_norm"], eps)                                  # [T, D]
-    qkv = linear(h1, p["wqkv"])                                                 # [T, (H+2Hkv)Dh]
-    q0 = qkv[:, :H * Dh].reshape(T, H, Dh).transpose(1, 0, 2)                   # [H, T, Dh]
-    k0 = qkv[:, H * Dh:(H + Hkv) * Dh].reshape(T, Hkv, Dh).transpose(1, 0, 2)   # [Hkv, T, Dh]
-    v = qkv[:, (H + Hkv) * Dh:].reshape(T, Hkv, Dh).transpose(1, 0, 2)          # [Hkv, T, Dh]
-    q, k = apply_rope(q0, cos, sin), apply_rope(k0, cos, sin)
-    o, probs = attention_forward(q, k, v, mask)                                 # [H, T, Dh]
-    of = o.transpose(1, 0, 2).reshape(T, H * Dh)                                # [T, H·Dh]
-    x2 = x + linear(of, p["wo"])                                                # [T, D]
-    h2 = rms_norm(x2, p["ffn_norm"], eps)                                       # [T, D]
-    f, fsaved = swiglu_forward(h2, p["w13"], p["w2"])                           # [T, D]
-    x3 = x2 + f                                                                 # [T, D]
-    y = rms_norm(x3, p["norm"], eps)                                            # [T, D]
-    return y, (x, h1, q, k, v, probs, of, x2, h2, fsaved, x3, cos, sin)
+        out = rms(x2, norm),  x2 = x1 + swiglu(rms(x1, ffn_norm)),  x1 = x + Wo · attn(rope(q), rope(k), v),
+        q | k | v = rms(x, attention_norm) Wqkv
 
-
-def decoder_layer_backward(dy, p, saved, n_heads, n_kv_heads, eps):
-    """Backward of decoder_layer_forward: the chain rule through the final norm, the SwiGLU residual branch,
-    the attention residual branch (Wo, attention, RoPE, the fused qkv projection) and the first norm.
-
+    the chain rule through the final norm, the SwiGLU residual branch, the attention residual branch (Wo,
+    attention, RoPE, the fused qkv projection) and the first norm. The attention probabilities and the SwiGLU
+    intermediates are recomputed from saved q, k, v and h2 (cheap; the forward stays the one in hydra.py).
     dy [T, D] -> (dx [T, D], {name: gradient} with the shapes of p)."""
     xp = array_module(dy)
-    x, h1, q, k, v, probs, of, x2, h2, fsaved, x3, cos, sin = saved
+    x, h1, q, k, v, x1, h2, x2 = (saved[n] for n in ("x", "h1", "q", "k", "v", "x1", "h2", "x2"))
     T, D = x.shape
     H, Hkv = n_heads, n_kv_heads
     Dh = p["wo"].shape[0] // H
+    _, probs = attention_forward(q, k, v, saved["mask"])                        # [Hkv, R, T, T]
+    _, fsaved = swiglu_forward(h2, p["w13"], p["w2"])
     g = {}
-    dx3, g["norm"] = rms_norm_backward(dy, x3, p["norm"], eps)                  # [T, D]
-    dh2, g["w13"], g["w2"] = swiglu_backward(dx3, h2, p["w13"], p["w2"], fsaved)
-    dx2_norm, g["ffn_norm"] = rms_norm_backward(dh2, x2, p["ffn_norm"], eps)
-    dx2 = dx3 + dx2_norm                                                        # [T, D] residual + branch
-    g["wo"] = of.T @ dx2                                                        # [H·Dh, D]
-    do = (dx2 @ p["wo"].T).reshape(T, H, Dh).transpose(1, 0, 2)                 # [H, T, Dh]
+    dx2, g["norm"] = rms_norm_backward(dy, x2, p["norm"], eps)                  # [T, D]
+    dh2, g["w13"], g["w2"] = swiglu_backward(dx2, h2, p["w13"], p["w2"], fsaved)
+    dx1_branch, g["ffn_norm"] = rms_norm_backward(dh2, x1, p["ffn_norm"], eps)
+    dx1 = dx2 + dx1_branch                                                      # [T, D] residual + branch
+    of = saved["o"].transpose(1, 0, 2).reshape(T, H * Dh)                       # [T, H·Dh]
+    g["wo"] = of.T @ dx1                                                        # [H·Dh, D]
+    do = (dx1 @ p["wo"].T).reshape(T, H, Dh).transpose(1, 0, 2)                 # [H, T, Dh]
     dq, dk, dv = attention_backward(do, q, k, v, probs)
-    dq, dk = rope_backward(dq, cos, sin), rope_backward(dk, cos, sin)
+    dq, dk = rope_backward(dq, saved["cos"], saved["sin"]), rope_backward(dk, saved["cos"], saved["sin"])
     dqkv = xp.empty((T, (H + 2 * Hkv) * Dh), dtype=dy.dtype)                    # [T, (H+2Hkv)Dh]
     dqkv[:, :H * Dh] = dq.transpose(1, 0, 2).reshape(T, H * Dh)
     dqkv[:, H * Dh:(H + Hkv) * Dh] = dk.transpose(1, 0, 2).reshape(T, Hkv * Dh)
     dqkv[:, (H + Hkv) * Dh:] = dv.transpose(1, 0, 2).reshape(T, Hkv * Dh)
     g["wqkv"] = h1.T @ dqkv                                                     # [D, (H+2Hkv)Dh]
-    dx_norm, g["attention_norm"] = rms_norm_backward(dqkv @ p["wqkv"].T, x, p["attention_norm"], eps)
-    return dx2 + dx_norm, g                                                     # [T, D]
+    dx_branch, g["attention_norm"] = rms_norm_backward(dqkv @ p["wqkv"].T, x, p["attention_norm"], eps)
+    return dx1 + dx_branch, g                                                   # [T, D]
 
 
 # ---------------------------------------------------------------------------------------------------------
-# A Hydra head: block 1 = res(X) + silu(X W_1 + b_1) on X = concat(h, E(x_{t+1}) .. E(x_{t+i+1})) [T, (i+2)D],
-# blocks 2..L = x + silu(x W_l + b_l), then logits = x P + c
+# A Hydra head (forward: minispec.hydra.head_forward): block 1 = res(a) + silu(a W_1 + b_1) on
+# a = concat(h, E(x_{t+1}) .. E(x_{t+i+1})) [T, (i+2)D], blocks 2..L = y + silu(y W_l + b_l), logits = y P + c
 # ---------------------------------------------------------------------------------------------------------
-def head_forward(X, res_w, res_b, blocks, proj, proj_b):
-    """One Hydra head, keeping what the backward needs.
+def head_backward(dlogits, p, saved):
+    """Backward of hydra.head_forward (keep=True gives `saved` = {"a", "z": [z_1..z_L], "y": [y_1..y_L]}):
 
-    X [T, (i+2)D]; res_w [(i+2)D, D], res_b [D]; blocks = [(W_1 [(i+2)D, D], b_1 [D]), (W_l [D, D], b_l [D]) ..]
-    (the same arrays may repeat: shared blocks); proj [D, V], proj_b [V] -> (logits [T, V], saved)."""
-    W1, b1 = blocks[0]
-    z = X @ W1 + b1                                                             # [T, D]
-    x = X @ res_w + res_b + silu(z)                                             # [T, D]
-    xs, zs = [x], [z]
-    for W, b in blocks[1:]:
-        z = x @ W + b                                                           # [T, D]
-        x = x + silu(z)                                                         # [T, D]
-        xs.append(x)
-        zs.append(z)
-    return x @ proj + proj_b, (X, xs, zs)                                       # [T, V]
+        dP = y_Lᵀ dlogits,  dc = sum_rows dlogits,  dy_L = dlogits Pᵀ;  for l = L .. 2:
+        dz_l = dy_l ⊙ silu'(z_l),  dW_l = y_{l-1}ᵀ dz_l,  db_l = sum dz_l,  dy_{l-1} = dy_l + dz_l W_lᵀ;
+        block 1:  dz_1 = dy_1 ⊙ silu'(z_1),  dW_1 = aᵀ dz_1,  db_1 = sum dz_1,  dres_w = aᵀ dy_1,
+                  dres_b = sum dy_1,  da = dy_1 res_wᵀ + dz_1 W_1ᵀ
 
-
-def head_backward(dlogits, saved, res_w, blocks, proj):
-    """Backward of head_forward:
-
-        dP = x_Lᵀ dlogits,  dc = sum_rows dlogits,  dx_L = dlogits Pᵀ;  for l = L .. 2:
-        dz_l = dx_l ⊙ silu'(z_l),  dW_l = x_{l-1}ᵀ dz_l,  db_l = sum dz_l,  dx_{l-1} = dx_l + dz_l W_lᵀ;
-        block 1:  dz_1 = dx_1 ⊙ silu'(z_1),  dW_1 = Xᵀ dz_1,  dres_w = Xᵀ dx_1,  dres_b = sum dx_1,
-                  dX = dx_1 res_wᵀ + dz_1 W_1ᵀ
-
-    -> (dX [T, (i+2)D], {"res_w", "res_b", "proj", "proj_b"}, [(dW_l, db_l) per block, in order]). Shared
-    blocks get one entry per use; the caller sums them."""
-    X, xs, zs = saved
-    g = {"proj": xs[-1].T @ dlogits, "proj_b": dlogits.sum(axis=0)}             # [D, V], [V]
-    dx = dlogits @ proj.T                                                       # [T, D]
-    dblocks = [None] * len(blocks)
-    for layer in range(len(blocks) - 1, 0, -1):
-        dz = dx * silu_grad(zs[layer])                                          # [T, D]
-        dblocks[layer] = (xs[layer - 1].T @ dz, dz.sum(axis=0))
-        dx = dx + dz @ blocks[layer][0].T                                       # [T, D]
-    dz = dx * silu_grad(zs[0])                                                  # [T, D]
-    dblocks[0] = (X.T @ dz, dz.sum(axis=0))                                     # [(i+2)D, D], [D]
-    g["res_w"], g["res_b"] = X.T @ dx, dx.sum(axis=0)
-    dX = dx @ res_w.T + dz @ blocks[0][0].T                                     # [T, (i+2)D]
-    return dX, g, dblocks
+    dlogits [T, V] -> (da [T, (i+2)D], {name: gradient} with the shapes of p)."""
+    xp = array_module(dlogits)
+    a, zs, ys = saved["a"], saved["z"], saved["y"]
+    g = {"proj_w": ys[-1].T @ dlogits, "proj_b": dlogits.sum(axis=0),          # [D, V], [V]
+         "ws": xp.empty_like(p["ws"]), "bs": xp.empty_like(p["bs"])}            # [L-1, D, D], [L-1, D]
+    dy = dlogits @ p["proj_w"].T                                                # [T, D]
+    for layer in range(len(zs) - 1, 0, -1):
+        dz = dy * silu_grad(zs[layer])                                          # [T, D]
+        g["ws"][layer - 1] = ys[layer - 1].T @ dz                               # [D, D]
+        g["bs"][layer - 1] = dz.sum(axis=0)
+        dy = dy + dz @ p["ws"][layer - 1].T                                     # [T, D]
+    dz = dy * silu_grad(zs[0])                                                  # [T, D]
+    g["w1"], g["b1"] = a.T @ dz, dz.sum(axis=0)                                 # [(i+2)D, D], [D]
+    g["res_w"], g["res_b"] = a.T @ dy, dy.sum(axis=0)
+    return dy @ p["res_w"].T + dz @ p["w1"].T, g                                # [T, (i+2)D]
 
 
 # ---------------------------------------------------------------------------------------------------------

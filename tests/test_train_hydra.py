@@ -4,6 +4,7 @@ training driver (resume == uninterrupted)."""
 import numpy as np
 import pytest
 
+from conftest import tiny_config
 from minispec import backprop as bp
 
 EPS = 1e-6
@@ -26,6 +27,8 @@ def numgrad(f, a):
 def close(a, b, tol=1e-6):
     a, b = np.asarray(a), np.asarray(b)
     assert a.shape == b.shape
+    if a.size == 0:
+        return
     err = np.abs(a - b).max() / max(1e-12, np.abs(b).max())
     assert err < tol, f"relative error {err:.2e}"
 
@@ -164,16 +167,16 @@ def random_prefix(D, H, Hkv, Dh, F, rng, scale=0.4):
             "norm": 1 + 0.2 * rng.standard_normal(D)}
 
 
-def test_decoder_layer_and_final_norm_backward_equals_finite_differences():
-    from minispec.layers import rope_tables
+def test_prefix_layer_backward_equals_finite_differences():
+    from minispec.hydra import prefix_forward
     rng = np.random.default_rng(3)
     T, D, H, Hkv, Dh, F, W, eps = 5, 6, 4, 2, 4, 7, 3, 1e-5
+    cfg = tiny_config(dim=D, n_heads=H, n_kv_heads=Hkv, head_dim=Dh, hidden_dim=F, sliding_window=W, norm_eps=eps)
     p = random_prefix(D, H, Hkv, Dh, F, rng)
     x, G = rng.standard_normal((T, D)), rng.standard_normal((T, D))
-    cos, sin = rope_tables(np.arange(T), Dh, 10000.0, np, np.float64)
-    y, saved = bp.decoder_layer_forward(x, p, cos, sin, window_mask(T, W), H, Hkv, eps)
+    y, saved = prefix_forward(p, cfg, x, keep=True)
     close(y, ref_decoder(x, p, H, Hkv, eps, W), 1e-12)
-    dx, g = bp.decoder_layer_backward(G, p, saved, H, Hkv, eps)
+    dx, g = bp.prefix_backward(G, p, saved, H, Hkv, eps)
     f = lambda: float((ref_decoder(x, p, H, Hkv, eps, W) * G).sum())            # noqa: E731
     close(dx, numgrad(f, x))
     assert set(g) == set(bp.PREFIX_KEYS)
@@ -181,32 +184,30 @@ def test_decoder_layer_and_final_norm_backward_equals_finite_differences():
         close(g[name], numgrad(f, p[name]))
 
 
-@pytest.mark.parametrize("shared", [False, True])
-def test_hydra_head_backward_equals_finite_differences(shared):
-    rng = np.random.default_rng(4)
-    T, D, V, width = 4, 3, 7, 9                              # head i = 1: X = concat(h, E(x1), E(x2)), 3·D wide
-    X, G = rng.standard_normal((T, width)), rng.standard_normal((T, V))
-    res_w, res_b = rng.standard_normal((width, D)), rng.standard_normal(D)
-    W2, b2 = 0.5 * rng.standard_normal((D, D)), rng.standard_normal(D)
-    blocks = [(0.5 * rng.standard_normal((width, D)), rng.standard_normal(D)), (W2, b2)]
-    blocks += [(W2, b2)] if shared else [(0.5 * rng.standard_normal((D, D)), rng.standard_normal(D))]
-    proj, proj_b = rng.standard_normal((D, V)), rng.standard_normal(V)
-    logits, saved = bp.head_forward(X, res_w, res_b, blocks, proj, proj_b)
-    f = lambda: float((ref_head(X, res_w, res_b, blocks, proj, proj_b) * G).sum())   # noqa: E731
-    close(logits, ref_head(X, res_w, res_b, blocks, proj, proj_b), 1e-12)
-    dX, g, dblocks = bp.head_backward(G, saved, res_w, blocks, proj)
-    close(dX, numgrad(f, X))
-    for name, a in (("res_w", res_w), ("res_b", res_b), ("proj", proj), ("proj_b", proj_b)):
-        close(g[name], numgrad(f, a))
-    close(dblocks[0][0], numgrad(f, blocks[0][0]))
-    close(dblocks[0][1], numgrad(f, blocks[0][1]))
-    if shared:            # one array used twice: its gradient is the sum of both uses
-        close(dblocks[1][0] + dblocks[2][0], numgrad(f, W2))
-        close(dblocks[1][1] + dblocks[2][1], numgrad(f, b2))
-    else:
-        for layer in (1, 2):
-            close(dblocks[layer][0], numgrad(f, blocks[layer][0]))
-            close(dblocks[layer][1], numgrad(f, blocks[layer][1]))
+def random_head(width, D, V, L, rng):
+    return {"res_w": rng.standard_normal((width, D)), "res_b": rng.standard_normal(D),
+            "w1": 0.5 * rng.standard_normal((width, D)), "b1": rng.standard_normal(D),
+            "ws": 0.5 * rng.standard_normal((L - 1, D, D)), "bs": rng.standard_normal((L - 1, D)),
+            "proj_w": rng.standard_normal((D, V)), "proj_b": rng.standard_normal(V)}
+
+
+@pytest.mark.parametrize("L", [1, 3])
+def test_hydra_head_backward_equals_finite_differences(L):
+    from minispec.hydra import head_forward
+    rng = np.random.default_rng(4 + L)
+    T, D, V, width = 4, 3, 7, 9                              # head i = 1: a = concat(h, E(x1), E(x2)), 3·D wide
+    p = random_head(width, D, V, L, rng)
+    a, G = rng.standard_normal((T, width)), rng.standard_normal((T, V))
+    blocks = lambda: [(p["w1"], p["b1"])] + list(zip(p["ws"], p["bs"]))         # noqa: E731
+    ref = lambda: ref_head(a, p["res_w"], p["res_b"], blocks(), p["proj_w"], p["proj_b"])   # noqa: E731
+    logits, saved = head_forward(p, a, keep=True)
+    close(logits, ref(), 1e-12)
+    da, g = bp.head_backward(G, p, saved)
+    f = lambda: float((ref() * G).sum())                                         # noqa: E731
+    close(da, numgrad(f, a))
+    assert set(g) == set(p)
+    for name in p:
+        close(g[name], numgrad(f, p[name]))
 
 
 def test_label_and_teacher_cross_entropies_and_their_gradients():
@@ -235,3 +236,98 @@ def test_label_and_teacher_cross_entropies_and_their_gradients():
     pt = np.exp(ref_logsoftmax(tz))
     assert abs(float(loss) + np.mean((pt * np.log(pt)).sum(axis=1)[valid])) < 1e-12
     assert np.abs(d).max() < 1e-15
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The whole loss of a batch (Hydra and Hydra++) against finite differences of a naive loss
+# ---------------------------------------------------------------------------------------------------------
+def tiny_setup(kind, num_heads=2, num_layers=2, seed=0):
+    from conftest import random_tensors
+    from minispec.hydra import HydraHeads, KIND_ARCH
+    from minispec.model import Model
+    from minispec.train_hydra import prepare
+    cfg = tiny_config(dim=8, head_dim=4, n_heads=2, n_kv_heads=1, hidden_dim=12, vocab_size=11, sliding_window=4)
+    model = Model(cfg, random_tensors(cfg, seed=seed), dtype="float64", device="cpu")
+    rng = np.random.default_rng(seed + 1)
+    seqs = [(rng.integers(0, 11, n).tolist(), f) for n, f in ((9, 2), (7, 0), (10, 3))]
+    data = prepare(model, seqs, num_heads)
+    heads = HydraHeads.create(model, num_heads, num_layers, KIND_ARCH[kind], seed=seed)
+    for p in heads.heads + ([heads.prefix] if heads.prefix is not None else []):     # away from the init's zeros
+        for k, v in p.items():
+            v += 0.3 * rng.standard_normal(v.shape)
+    return model, heads, data, seqs
+
+
+def ref_batch_loss(model, heads, seqs, rows_of_seq, lm_w, t_w):
+    """Σ_i [lm_w · mean CE to x_{t+i+2} + t_w · mean CE to softmax(h_{t+i+1} W_out)] over the rows that have a
+    label for head i, from scratch: base hidden states by the model's own uncached forward, the prefix layer by
+    ref_decoder, the heads by ref_head, inputs concat(u_t, E(x_{t+1}) .. E(x_{t+i+1}))."""
+    c, E = model.config, model.tok_embeddings
+    per_head = [[[], []] for _ in heads.heads]
+    for j, (ids, first) in enumerate(seqs):
+        _, h = model.forward(ids, return_hidden=True)
+        u = h if heads.prefix is None else ref_decoder(h, heads.prefix, c.n_heads, c.n_kv_heads, c.norm_eps,
+                                                       c.sliding_window)
+        for t in rows_of_seq[j]:
+            for i, p in enumerate(heads.heads):
+                if t + i + 2 >= len(ids) or t + i + 2 < first:
+                    continue
+                a = np.concatenate([u[t]] + [E[ids[t + m]] for m in range(1, i + 2)])[None]
+                blocks = [(p["w1"], p["b1"])] + list(zip(p["ws"], p["bs"]))
+                lq = ref_logsoftmax(ref_head(a, p["res_w"], p["res_b"], blocks, p["proj_w"], p["proj_b"]))[0]
+                pt = np.exp(ref_logsoftmax((h[t + i + 1] @ model.output)[None]))[0]
+                per_head[i][0].append(-lq[ids[t + i + 2]])
+                per_head[i][1].append(-(pt @ lq))
+    return sum(lm_w * np.mean(a) + t_w * np.mean(b) for a, b in per_head if a)
+
+
+@pytest.mark.parametrize("kind,lm_w,t_w", [("hydra", 1.0, 0.0), ("hydra", 0.7, 0.4), ("hydra++", 0.0, 1.0),
+                                           ("hydra++", 1.0, 0.5)])
+def test_batch_loss_gradients_equal_finite_differences_of_a_naive_loss(kind, lm_w, t_w):
+    from minispec.train_hydra import HydraTrainConfig, batch_loss, param_dict
+    model, heads, data, seqs = tiny_setup(kind)
+    cfg = HydraTrainConfig(lm_weight=lm_w, teacher_weight=t_w)
+    starts = [s for s, _ in data["seqs"]]
+    if kind == "hydra":                       # positions from two sequences, one row without any label
+        rows_of_seq = [[0, 3, 6], [], [1, 9]]
+        rows = np.array([starts[j] + t for j, r in enumerate(rows_of_seq) for t in r])
+        run = lambda: batch_loss(heads, data, rows, None, cfg)                   # noqa: E731
+    else:                                     # whole sequences through the prefix layer
+        rows_of_seq = [list(range(len(s))) if j != 1 else [] for j, (s, _) in enumerate(seqs)]
+        run = lambda: batch_loss(heads, data, None, [data["seqs"][0], data["seqs"][2]], cfg)   # noqa: E731
+    loss, per_head, grads = run()
+    ref = lambda: ref_batch_loss(model, heads, seqs, rows_of_seq, lm_w, t_w)    # noqa: E731
+    assert abs(loss - ref()) < 1e-10
+    params = param_dict(heads)
+    assert set(grads) == set(params)
+    rng = np.random.default_rng(7)
+    for name, p in params.items():            # 6 random entries of every trained array
+        for idx in [tuple(rng.integers(0, n) for n in p.shape) for _ in range(6)]:
+            old = p[idx]
+            p[idx] = old + EPS
+            up = ref()
+            p[idx] = old - EPS
+            down = ref()
+            p[idx] = old
+            num = (up - down) / (2 * EPS)
+            assert abs(grads[name][idx] - num) < 1e-6 * max(1.0, abs(num)), (name, idx, grads[name][idx], num)
+
+
+@pytest.mark.parametrize("kind", ["hydra", "hydra++"])
+def test_training_resumed_from_a_checkpoint_equals_uninterrupted_training(kind, tmp_path):
+    from minispec.train_hydra import HydraTrainConfig, param_dict, train
+    cfg = HydraTrainConfig(epochs=3, batch=4 if kind == "hydra" else 9, lr=1e-2, teacher_weight=0.5, seed=3)
+    _, heads_a, data, _ = tiny_setup(kind)
+    hist_a = train(heads_a, data, cfg, progress=False)
+    _, heads_b, data, _ = tiny_setup(kind)
+    ck = tmp_path / "ck"
+    stop = len(hist_a) // 2 + 1               # mid-epoch
+    hist_b = train(heads_b, data, cfg, checkpoint=ck, checkpoint_every=1000, stop_after=stop, progress=False)
+    assert len(hist_b) == stop and (tmp_path / "ck.json").exists() and (tmp_path / "ck.safetensors").exists()
+    _, heads_c, data, _ = tiny_setup(kind)    # a fresh process: untrained heads, state from the files only
+    hist_c = train(heads_c, data, cfg, checkpoint=ck, progress=False)
+    assert hist_b + hist_c == hist_a
+    pa, pc = param_dict(heads_a), param_dict(heads_c)
+    for name in pa:
+        assert np.array_equal(pa[name], pc[name]), name
+    assert hist_a[-1] < hist_a[0]             # and it learns
