@@ -37,6 +37,7 @@ loads as independent blocks holding equal copies (the same function), and writin
 head whose blocks 2..L differ, since Hydra would silently keep only one of them.
 """
 import time
+from pathlib import Path
 
 import numpy as np
 
@@ -246,7 +247,7 @@ class HydraHeads:
         self.choices = [list(map(int, c)) for c in choices]
         self.choices_cuda = [list(map(int, c)) for c in choices_cuda] if choices_cuda else None
         self.accuracies = accuracies
-        self.base_model = None
+        self.base_model = Path(model.path).name if getattr(model, "path", None) else None
 
     @property
     def K(self):
@@ -281,6 +282,11 @@ class HydraHeads:
     def logits(self, i, a):
         """Head i on a batch a [B, (i+2)·D] -> [B, V]."""
         return head_forward(self.heads[i], a)
+
+    def save(self, folder, extra=None, dtype=np.float32):
+        """minispec's format (hydra_files.save): hydra_config.json (+ extra entries) + hydra_heads.safetensors."""
+        from .hydra_files import save
+        save(self, folder, extra, dtype)
 
     def config_dict(self):
         return {"kind": self.kind, "arch": self.arch, "num_heads": self.K, "num_layers": self.L,
@@ -320,7 +326,6 @@ class HydraProposer:
 
     @staticmethod
     def _heads_next_to(model, kind):
-        from pathlib import Path
         from .hydra_files import load_heads
         path = getattr(model, "path", None)
         folder = Path(path) / kind if path else None
