@@ -73,15 +73,9 @@ def heads_loss(heads, u_rows, H, E, W_out, ids, labels, rows, lm_weight=1.0, tea
     for i, p in enumerate(heads.heads):
         lab = labels[i, rows]                                                   # [B]
         logits, saved = head_forward(p, head_inputs(u, E, ids, rows, i), keep=True)      # [B, V]
-        dlogits = xp.zeros_like(logits)
-        loss = 0.0
-        if lm_weight:
-            ce, d = bp.label_ce(logits, lab)
-            loss, dlogits = loss + lm_weight * float(ce), dlogits + u.dtype.type(lm_weight) * d
-        if teacher_weight:
-            teacher = H[xp.minimum(rows + i + 1, last)] @ W_out                 # [B, V] base logits at t+i+1
-            ce, d = bp.teacher_ce(logits, teacher, lab >= 0)
-            loss, dlogits = loss + teacher_weight * float(ce), dlogits + u.dtype.type(teacher_weight) * d
+        teacher = H[xp.minimum(rows + i + 1, last)] @ W_out if teacher_weight else None   # [B, V] base at t+i+1
+        lm, tl, dlogits = bp.head_ce(logits, lab, teacher, lm_weight, teacher_weight)
+        loss = lm_weight * lm + teacher_weight * tl
         da, g = bp.head_backward(dlogits, p, saved)
         du += da[:, :D]                        # the embedding columns belong to the frozen base model
         grads.append(g)

@@ -331,3 +331,17 @@ def test_training_resumed_from_a_checkpoint_equals_uninterrupted_training(kind, 
     for name in pa:
         assert np.array_equal(pa[name], pc[name]), name
     assert hist_a[-1] < hist_a[0]             # and it learns
+
+
+def test_the_fused_head_loss_is_the_weighted_sum_of_the_two_cross_entropies():
+    rng = np.random.default_rng(6)
+    z, tz = rng.standard_normal((5, 6)), rng.standard_normal((5, 6))
+    labels = np.array([2, -1, 0, 5, 1])
+    lm, tl, d = bp.head_ce(z, labels, tz, 0.3, 0.8)
+    l1, d1 = bp.label_ce(z, labels)
+    l2, d2 = bp.teacher_ce(z, tz, labels >= 0)
+    assert abs(lm - float(l1)) < 1e-12 and abs(tl - float(l2)) < 1e-12
+    close(d, 0.3 * d1 + 0.8 * d2, 1e-12)
+    lm, tl, d = bp.head_ce(z, labels, None, 1.0, 0.0)
+    assert tl == 0.0
+    close(d, d1, 1e-12)
