@@ -345,3 +345,56 @@ def test_the_fused_head_loss_is_the_weighted_sum_of_the_two_cross_entropies():
     lm, tl, d = bp.head_ce(z, labels, None, 1.0, 0.0)
     assert tl == 0.0
     close(d, d1, 1e-12)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Held-out measures and the CLI end to end
+# ---------------------------------------------------------------------------------------------------------
+def test_teacher_forced_tau_counts_the_right_prefix_of_each_path_by_hand():
+    from minispec.train_hydra import teacher_forced_tau, topk_accuracies
+    from minispec.tree import Tree
+    # ranks[d, t]: where the label of head d sits in its top-k at position t (k = 3: not in the top-3; -1: none)
+    ranks = np.array([[0, 1, 0, 3, 0],
+                      [0, 0, 2, 0, -1]])
+    tree = Tree.from_choices([[0], [1], [0, 0], [0, 1], [1, 0]])
+    # t=0: [0], [0,0] right -> 1 + 2; t=1: [1], [1,0] -> 1 + 2; t=2: [0] only -> 1 + 1; t=3: none -> 1;
+    # t=4 left out (head 1 has no label there)
+    assert teacher_forced_tau(tree, ranks) == pytest.approx((3 + 3 + 2 + 1) / 4)
+    assert teacher_forced_tau(Tree.chain(1), ranks) == pytest.approx(1 + 3 / 5)
+    acc = topk_accuracies(ranks, k=3)
+    assert np.allclose(acc, [[3 / 5, 1 / 5, 0], [3 / 4, 0, 1 / 4]])
+
+
+@pytest.mark.parametrize("kind", ["hydra", "hydra++"])
+def test_cli_train_heads_writes_hydra_heads_that_generate_finds(kind, tmp_path):
+    import json
+    import shutil
+    from conftest import REPO, random_tensors
+    from minispec.cli import main
+    from minispec.generate import generate
+    from minispec.model import load
+    from test_weights import write_hf
+    tokenizer = REPO / "weights" / "stdlib-mistral" / "tokenizer.model"
+    if not tokenizer.exists():
+        pytest.skip("no shipped tokenizer")
+    cfg = tiny_config(dim=16, n_layers=1, head_dim=8, hidden_dim=24, n_heads=2, n_kv_heads=1, vocab_size=4096,
+                      sliding_window=8)
+    folder = write_hf(tmp_path / "model", cfg, random_tensors(cfg, seed=1))
+    shutil.copy(tokenizer, folder / "tokenizer.model")
+    text = tmp_path / "corpus.txt"
+    text.write_text("\n\0\n".join(f"def f{i}(x):\n    return x + {i}\n" * 3 for i in range(12)))
+    cache = tmp_path / "seqs.npz"
+    args = ["train-heads", "--kind", kind, "--model", str(folder), "--device", "cpu", "--text", str(text),
+            "--tokens", "600", "--heads", "2", "--budget", "4", "--top-k", "3", "--batch", "32", "--seq-len", "64",
+            "--data-cache", str(cache), "--hydra-layers", "2"]
+    main(args)
+    assert cache.exists()                              # the sequences were cached (no pickle: np.load refuses)
+    conf = json.loads((folder / kind / "hydra_config.json").read_text())
+    assert conf["kind"] == kind and conf["num_layers"] == 2 and len(conf["tree"]) == 4
+    assert np.asarray(conf["accuracies"]).shape == (2, 3) and conf["training"]["train_tokens"] > 0
+    assert (conf["training"]["lm_weight"], conf["training"]["teacher_weight"]) == ((1.0, 0.0) if kind == "hydra"
+                                                                                   else (0.0, 1.0))
+    main(args)                                         # again, from the cache: the same sequences, the same heads
+    assert json.loads((folder / kind / "hydra_config.json").read_text())["accuracies"] == conf["accuracies"]
+    model = load(folder, device="cpu")
+    assert len(generate(model, [1, 5], decoder=kind, max_new_tokens=6, eos_id=None).tokens) == 6
