@@ -34,6 +34,8 @@ def main():
     ap.add_argument("--out", default=None, help="default: the heads folder")
     ap.add_argument("--gpu-budget", type=int, default=32)
     ap.add_argument("--dtype", default="float16", choices=["float16", "float32"])
+    ap.add_argument("--costs-from", default=None, help="hydra: take c(T) from this config's tree_choice.cpu_costs "
+                                                       "(e.g. MODEL/medusa/medusa_config.json) instead of measuring it")
     args = ap.parse_args()
     if args.kind != "medusa":
         return choose_hydra(args)
@@ -64,27 +66,33 @@ def main():
     print(f"saved {out}")
 
 
-def hydra_proposal_cost(model, heads, tree, t1, reps=15):
+def hydra_proposal_cost(model, heads, tree, reps=31):
     """Median seconds of one grounded proposal on `tree` (+ the prefix layer's step over a 2-token path for
-    Hydra++), in units of t1 (one AR step)."""
+    Hydra++) over the median seconds of one AR step (a 1-token forward against a 39-token cache), the two timed
+    alternately so that a busy machine slows both alike."""
     import statistics
     import time
     from minispec.hydra import TreePlan, grounded_proposal, new_prefix_cache, prefix_advance
-    _, hidden = model.forward(list(range(1, 40)), model.new_cache(), return_hidden=True)       # [39, D]
+    base = model.new_cache()
+    _, hidden = model.forward(list(range(1, 40)), base, return_hidden=True)                  # [39, D]
     plan, cache = TreePlan(tree), None
     if heads.prefix is not None:
         cache = new_prefix_cache(model)
         prefix_advance(heads.prefix, heads.config, hidden[:-2], cache)
-    ts = []
+    tp, ta = [], []
     for r in range(reps + 1):
         t0 = time.perf_counter()
         h = hidden[-1]
-        if cache is not None:           # the step's prefix work: the accepted path in, then commit (undone below)
+        if cache is not None:           # the step's prefix work: the accepted path in (left uncommitted here)
             h = prefix_forward_uncommitted(heads, hidden[-2:], cache)[-1]
         grounded_proposal(heads, plan, h, 5)
+        t1 = time.perf_counter()
+        model.forward_block([7], base).logits[-1, :1]
+        t2 = time.perf_counter()
         if r:
-            ts.append(time.perf_counter() - t0)
-    return statistics.median(ts) / t1
+            tp.append(t1 - t0)
+            ta.append(t2 - t1)
+    return statistics.median(tp) / statistics.median(ta)
 
 
 def prefix_forward_uncommitted(heads, x, cache):
@@ -98,12 +106,16 @@ def choose_hydra(args):
     model = minispec.load(args.model, device="cpu")
     heads = load_heads(folder, model)
     acc = np.asarray(heads.accuracies)
-    costs, t1 = cost_curve(model, sizes=(1, 2, 3, 4, 6, 8, 12, 16, 24, 32))
+    if args.costs_from:                 # a c(T) measured earlier (a busy machine's c(T) is mostly noise)
+        costs = {int(T): c for T, c in json.loads(Path(args.costs_from).read_text())["tree_choice"]["cpu_costs"].items()}
+        t1 = float("nan")
+    else:
+        costs, t1 = cost_curve(model, sizes=(1, 2, 3, 4, 6, 8, 12, 16, 24, 32))
     sizes = sorted(costs)
     best, proposal_at = (0.0, 0, 1.0), {}
     for budget in range(1, sizes[-1]):
         tree, tau = build_tree(acc, budget)
-        proposal_at[budget] = hydra_proposal_cost(model, heads, tree, t1)
+        proposal_at[budget] = hydra_proposal_cost(model, heads, tree)
         c = float(np.interp(budget + 1, sizes, [costs[s] for s in sizes]))
         best = max(best, (tau / (c + proposal_at[budget]), budget, tau))
     speedup, budget, cpu_tau = best
@@ -120,6 +132,7 @@ def choose_hydra(args):
     cfg = json.loads((folder / "hydra_config.json").read_text())
     extra = {k: cfg[k] for k in ("training",) if k in cfg}
     extra["tree_choice"] = {"cpu_costs": {str(T): round(c, 3) for T, c in costs.items()},
+                            "cpu_costs_from": Path(args.costs_from).name if args.costs_from else "measured",
                             "proposal_cost_steps": {str(b): round(v, 3) for b, v in proposal_at.items()},
                             "cpu_budget": budget, "cpu_expected_tau": round(cpu_tau, 3),
                             "cpu_expected_speedup": round(speedup, 3), "gpu_budget": args.gpu_budget,
