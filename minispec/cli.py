@@ -51,11 +51,22 @@ def cmd_bench(args):
 
 
 def cmd_train_heads(args):
+    if args.kind in ("hydra", "hydra++"):
+        return cmd_train_hydra(args)
     from .train_heads import train_medusa
     train_medusa(args.model, out=args.out, version=args.version, num_heads=args.heads, num_layers=args.layers,
                  data=args.data, text=args.text, n_tokens=args.tokens, seq_len=args.seq_len, epochs=args.epochs,
                  lr=args.lr, batch=args.batch, budget=args.budget, top_k=args.top_k, seed=args.seed,
                  device=args.device, dtype=args.dtype)
+
+
+def cmd_train_hydra(args):
+    from .train_hydra import train_hydra
+    train_hydra(args.model, kind=args.kind, out=args.out, num_heads=args.heads, num_layers=args.hydra_layers,
+                data=args.data, text=args.text, data_cache=args.data_cache, n_tokens=args.tokens,
+                seq_len=args.seq_len, epochs=args.epochs, lr=args.lr, batch=args.batch, lm_weight=args.lm_weight,
+                teacher_weight=args.teacher_weight, budget=args.budget, top_k=args.top_k, seed=args.seed,
+                device=args.device, dtype=args.dtype, checkpoint=args.checkpoint)
 
 
 def main(argv=None):
@@ -85,7 +96,7 @@ def main(argv=None):
     b.set_defaults(func=cmd_bench)
 
     t = sub.add_parser("train-heads", help="train speculative-decoding heads on the frozen model (NumPy)")
-    t.add_argument("--kind", default="medusa", choices=["medusa"])
+    t.add_argument("--kind", default="medusa", choices=["medusa", "hydra", "hydra++"])
     _model_arg(t)
     t.add_argument("--version", default="v1", choices=["v1", "v2"],
                    help="v1: each head owns a vocabulary projection; v2: heads share the model's output layer")
@@ -103,7 +114,17 @@ def main(argv=None):
     t.add_argument("--budget", type=int, default=10, help="tree nodes (root excluded) of the stored tree")
     t.add_argument("--top-k", type=int, default=10, help="ranks whose accuracy is measured per head")
     t.add_argument("--seed", type=int, default=0)
-    t.add_argument("--out", default=None, help="output folder; default MODEL/medusa")
+    t.add_argument("--out", default=None, help="output folder; default MODEL/medusa (MODEL/hydra, MODEL/hydra++)")
+    t.add_argument("--hydra-layers", type=int, default=None, help="hydra: MLP blocks per head (default hydra 1, "
+                                                                 "hydra++ 4)")
+    t.add_argument("--lm-weight", type=float, default=None, help="hydra: weight of the CE to the labels "
+                                                                "(default hydra 1, hydra++ 0)")
+    t.add_argument("--teacher-weight", type=float, default=None, help="hydra: weight of the CE to the base "
+                                                                     "model's distribution (hydra 0, hydra++ 1)")
+    t.add_argument("--data-cache", default=None, help="hydra: .npz of the token sequences; read if it exists, "
+                                                     "else written after generating them")
+    t.add_argument("--checkpoint", default=None, help="hydra: checkpoint path stem (.safetensors + .json); "
+                                                     "training resumes from it if it exists")
     t.set_defaults(func=cmd_train_heads)
 
     from .skip_search import add_parser as add_search_skip      # Draft & Verify's skip-set search

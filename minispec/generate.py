@@ -213,3 +213,19 @@ def generate(model, ids, decoder="ar", max_new_tokens=64, temperature=0.0, top_k
         root, hidden = step.bonus, step.hidden
     stats.decode_time = time.perf_counter() - t0
     return Output(tokens=out, stats=stats)
+
+
+def _hydra(model, **options):
+    """Decoder "hydra" (minispec.hydra.HydraProposer, heads at <model.path>/hydra/), imported on first use."""
+    from .hydra import HydraProposer
+    return HydraProposer(model, kind="hydra", **options)
+
+
+def _hydra_pp(model, **options):
+    """Decoder "hydra++" (Hydra++: prefix attention layer + heads at <model.path>/hydra++/)."""
+    from .hydra import HydraProposer
+    return HydraProposer(model, kind="hydra++", **options)
+
+
+DECODERS["hydra"] = _hydra
+DECODERS["hydra++"] = _hydra_pp

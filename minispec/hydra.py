@@ -1,0 +1,360 @@
+"""Hydra and Hydra++ draft heads (Ankner et al. 2024, arXiv 2402.05109, "Hydra: Sequentially-Dependent Draft
+Heads for Medusa Decoding") and the grounded tree proposal that makes them sequential.
+
+Medusa's head k guesses the token at t+k+2 from h_t alone. Hydra's head i (0-based) also reads the tokens
+already on the path (Hydra §3, "Hydra heads"):
+
+    a_i = concat(h_t, E(x_{t+1}), ..., E(x_{t+i+1}))                        [(i+2)·D]
+    y_1 = res_i(a_i) + silu(a_i W_1 + b_1)                                  [D]   block 1: width (i+2)D -> D
+    y_l = y_{l-1} + silu(y_{l-1} W_l + b_l)      (l = 2 .. num_layers)      [D]
+    logits_i = y_L P_i + c_i                                                [V]
+
+h_t is the base model's final-norm hidden state, E the base model's own embedding table, x_{t+1} the root
+(the base model's own next token, already chosen) and x_{t+2} ... the tokens drafted along the path. W_1 starts
+at zero, res_i is a learned Linear((i+2)D -> D), P_i starts as a copy of the base output layer.
+
+Hydra++ (Hydra §4 and §5, the "prefix attention" head, zankner/Hydra's head arch "prefix-mlp") replaces h_t by
+the output of one extra decoder layer run over the base model's final-norm hidden states: here one Mistral
+decoder layer (GQA, RoPE, the model's sliding window) followed by an RMSNorm, with its own rolling cache that
+only ever holds committed (accepted) positions.
+
+Parameters, minispec layout: host or device arrays in the model's dtype, (in, out) orientation, so x @ w.
+Head i (HydraHeads.heads[i], a dict), L = num_layers, I = (i+2)·D:
+    "res_w" [I, D]   "res_b" [D]            res_i, block 1's residual projection
+    "w1"    [I, D]   "b1"    [D]            block 1's linear (zero at init)
+    "ws"    [L-1, D, D]  "bs" [L-1, D]      blocks 2..L, each its own weights (see "shared blocks" below)
+    "proj_w" [D, V]  "proj_b" [V]           the vocabulary projection with its bias
+Prefix layer (HydraHeads.prefix, a dict, None for plain Hydra), the layout of minispec.model's layers:
+    "attention_norm" [D]   "wqkv" [D, (H + 2Hkv)·Dh] (q | k | v columns)   "wo" [H·Dh, D]
+    "ffn_norm" [D]         "w13" [D, 2F] (w1 | w3 columns)                  "w2" [F, D]
+    "norm" [D]             the final RMSNorm
+The file formats (minispec's and zankner/Hydra's, both with zankner/Hydra's tensor names) are in hydra_files.py.
+
+Shared blocks. zankner/Hydra builds blocks 2..L of a head as `[ResBlock(D)] * (L - 1)`: one module object
+repeated, so those blocks share a single weight matrix. minispec gives every block its own weights, the MLP
+the paper describes (and which is what "4 layers" buys in capacity); a shared-weight file from zankner/Hydra
+loads as independent blocks holding equal copies (the same function), and writing Hydra's format refuses a
+head whose blocks 2..L differ, since Hydra would silently keep only one of them.
+"""
+import time
+from pathlib import Path
+
+import numpy as np
+
+from .backend import array_module, to_host
+from .cache import RollingCache
+from .layers import apply_rope, attention, linear, rms_norm, rope_tables, silu, sliding_window_mask, swiglu
+from .medusa import topk_ids
+from .tree import Tree
+from .verify import Draft, count
+
+ARCHS = ("mlp", "prefix-mlp")          # zankner/Hydra's hydra_head_arch values: Hydra, Hydra++
+KIND_ARCH = {"hydra": "mlp", "hydra++": "prefix-mlp"}
+
+
+# ---------------------------------------------------------------------------------------------------------
+# One head's forward (Hydra §3)
+# ---------------------------------------------------------------------------------------------------------
+def head_input_width(i, D):
+    """Width of head i's input: h_t and the embeddings of the root and of i drafted tokens, (i + 2)·D."""
+    return (i + 2) * D
+
+
+def head_forward(p, a, keep=False):
+    """Hydra head on a batch: a [B, (i+2)·D] = concat(h_t, E(x_{t+1}), ..., E(x_{t+i+1})) -> logits [B, V].
+
+    keep=True also returns what a backward pass needs: {"a": a, "r": res_i(a) [B, D], "z": [z_1 .. z_L]
+    (pre-activations, each [B, D]), "y": [y_1 .. y_L] (block outputs, each [B, D]; y_L feeds the projection)}.
+    """
+    r = linear(a, p["res_w"]) + p["res_b"]                                   # [B, D] res_i(a)
+    z = linear(a, p["w1"]) + p["b1"]                                         # [B, D]
+    y = r + silu(z)                                                          # [B, D] block 1
+    zs, ys = [z], [y]
+    for W, b in zip(p["ws"], p["bs"]):
+        z = linear(y, W) + b                                                 # [B, D]
+        y = y + silu(z)                                                      # [B, D] blocks 2..L
+        zs.append(z)
+        ys.append(y)
+    logits = linear(y, p["proj_w"]) + p["proj_b"]                            # [B, V]
+    return (logits, {"a": a, "r": r, "z": zs, "y": ys}) if keep else logits
+
+
+def init_head(model, i, num_layers, rng=None, scale=0.0):
+    """Head i before training: W_1 = 0 and blocks 2..L zero (silu(0) = 0: blocks 2..L are the identity), c_i = 0,
+    P_i = the base output layer, res_i = [I_D; 0] (it passes h_t through; zankner/Hydra leaves res_i at torch's
+    random default init instead) plus `scale` times standard normal noise drawn from rng."""
+    xp, dt, D, V = model.xp, model.dtype, model.config.dim, model.config.vocab_size
+    I = head_input_width(i, D)
+    res_w = np.zeros((I, D))
+    res_w[:D] = np.eye(D)
+    if scale:
+        res_w += scale * (rng or np.random.default_rng(i)).standard_normal((I, D))
+    put = lambda a: xp.asarray(np.asarray(a, dtype=dt))                      # noqa: E731
+    return {"res_w": put(res_w), "res_b": xp.zeros(D, dt),                   # [I, D], [D]
+            "w1": xp.zeros((I, D), dt), "b1": xp.zeros(D, dt),               # [I, D], [D]
+            "ws": xp.zeros((num_layers - 1, D, D), dt), "bs": xp.zeros((num_layers - 1, D), dt),
+            "proj_w": model.output.copy(), "proj_b": xp.zeros(V, dt)}        # [D, V], [V]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Hydra++'s prefix attention layer: one Mistral decoder layer + RMSNorm over base hidden states
+# ---------------------------------------------------------------------------------------------------------
+def init_prefix(model, rng=None, scale=0.02):
+    """A prefix layer with random projections (std `scale`) and unit norms (HF's init for a Mistral layer)."""
+    c, xp, dt = model.config, model.xp, model.dtype
+    D, H, Hkv, Dh, F = c.dim, c.n_heads, c.n_kv_heads, c.head_dim, c.hidden_dim
+    rng = rng or np.random.default_rng(0)
+    put = lambda shape: xp.asarray((scale * rng.standard_normal(shape)).astype(dt))   # noqa: E731
+    return {"attention_norm": xp.ones(D, dt), "wqkv": put((D, (H + 2 * Hkv) * Dh)), "wo": put((H * Dh, D)),
+            "ffn_norm": xp.ones(D, dt), "w13": put((D, 2 * F)), "w2": put((F, D)), "norm": xp.ones(D, dt)}
+
+
+def new_prefix_cache(model, scratch=None):
+    """The prefix layer's own rolling cache: 1 layer, the base model's Hkv, Dh and window."""
+    c = model.config
+    return RollingCache(1, c.n_kv_heads, c.head_dim, c.cache_slots, model.xp, model.dtype,
+                        ring=c.sliding_window is not None, scratch=scratch)
+
+
+def prefix_forward(p, config, x, cache=None, keep=False):
+    """The prefix layer over base final-norm hidden states x [T, D] -> [T, D] (Hydra++ §4 "prefix attention").
+
+    Without a cache: the whole sequence at positions 0 .. T-1 under the causal sliding-window mask.
+    With a cache: positions cache.pos .. cache.pos + T - 1 against the committed slots; the block's keys and
+    values wait in scratch, as in Model.forward_block: call cache.commit() to keep them (`prefix_advance` does).
+    keep=True also returns the intermediates {"x", "h1" (attention_norm(x)), "q", "k", "v" (after RoPE; with a
+    cache k, v are [Hkv, W + T, Dh] incl. the committed slots), "mask", "o" [H, T, Dh], "x1" (after attention),
+    "h2" (ffn_norm(x1)), "x2" (after the FFN, before the final norm), "cos", "sin"}.
+    """
+    c = config
+    xp = array_module(x)
+    T, H, Hkv, Dh = x.shape[0], c.n_heads, c.n_kv_heads, c.head_dim
+    start = cache.pos if cache is not None else 0
+    pos = start + np.arange(T)                                                   # [T]
+    if cache is None:
+        mask = sliding_window_mask(pos, pos, c.sliding_window)                   # [T, T]
+    else:
+        mask = np.concatenate([sliding_window_mask(pos, cache.slot_positions(), c.sliding_window),   # [T, W]
+                               sliding_window_mask(pos, pos, c.sliding_window)], axis=1)         # [T, W + T]
+    mask = xp.asarray(mask)
+    cos, sin = rope_tables(pos, Dh, c.rope_theta, xp, x.dtype)                   # [T, Dh/2]
+    h1 = rms_norm(x, p["attention_norm"], c.norm_eps)                            # [T, D]
+    qkv = linear(h1, p["wqkv"])                                                  # [T, (H+2Hkv)Dh]
+    q = qkv[:, :H * Dh].reshape(T, H, Dh).transpose(1, 0, 2)                     # [H, T, Dh]
+    k = qkv[:, H * Dh:(H + Hkv) * Dh].reshape(T, Hkv, Dh).transpose(1, 0, 2)     # [Hkv, T, Dh]
+    v = qkv[:, (H + Hkv) * Dh:].reshape(T, Hkv, Dh).transpose(1, 0, 2)           # [Hkv, T, Dh]
+    q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+    if cache is not None:
+        cache.begin_block(T)
+        cache.write_block(0, k, v)
+        k, v = cache.layer_kv(0, T)                                              # [Hkv, W + T, Dh]
+    o = attention(q, k, v, mask)                                                 # [H, T, Dh]
+    x1 = x + linear(o.transpose(1, 0, 2).reshape(T, H * Dh), p["wo"])            # [T, D]
+    h2 = rms_norm(x1, p["ffn_norm"], c.norm_eps)                                 # [T, D]
+    x2 = x1 + swiglu(h2, p["w13"], p["w2"])                                      # [T, D]
+    out = rms_norm(x2, p["norm"], c.norm_eps)                                    # [T, D]
+    if keep:
+        return out, dict(x=x, h1=h1, q=q, k=k, v=v, mask=mask, o=o, x1=x1, h2=h2, x2=x2, cos=cos, sin=sin)
+    return out
+
+
+def prefix_advance(p, config, x, cache):
+    """Run committed positions x [T, D] through the prefix layer and commit them all, in chunks of at most
+    min(W, scratch) rows (a chunk must not overwrite slots it still reads). Returns the outputs [T, D]."""
+    xp = cache.xp
+    out = xp.empty_like(x)                                                       # [T, D]
+    chunk = min(cache.W, cache.scratch)
+    for s in range(0, x.shape[0], chunk):
+        out[s:s + chunk] = prefix_forward(p, config, x[s:s + chunk], cache)
+        cache.commit()
+    return out
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The grounded tree proposal (Hydra §3 / zankner/Hydra's `_grounded_proposal`)
+# ---------------------------------------------------------------------------------------------------------
+class TreePlan:
+    """What the depth-by-depth walk needs of a Tree, computed once.
+
+    For depth d = 0 .. max_depth - 1: parents[d] = node ids at depth d that have children (head d runs once on
+    all of them), k[d] = the largest rank any of their children takes + 1, and for every node at depth d + 1
+    its parent's row in that batch (row[d]) and its rank (rank[d]), with the node ids (nodes[d])."""
+
+    def __init__(self, tree):
+        self.tree = tree
+        self.parents, self.k, self.rows, self.ranks, self.nodes = [], [], [], [], []
+        for d in range(tree.max_depth if tree.N > 1 else 0):
+            par = np.array([n for n in range(tree.N) if tree.depths[n] == d and tree.children[n]], np.int64)
+            kids = np.array([n for n in range(tree.N) if tree.depths[n] == d + 1], np.int64)
+            where = {int(n): r for r, n in enumerate(par)}
+            self.parents.append(par)
+            self.nodes.append(kids)
+            self.rows.append(np.array([where[int(tree.parents[n])] for n in kids], np.int64))
+            self.ranks.append(tree.rank[kids].astype(np.int64))
+            self.k.append(int(tree.rank[kids].max()) + 1)
+
+
+def grounded_proposal(heads, plan, h, root, stats=None):
+    """Tokens [N] (host int64) of the tree, tokens[0] = root: walk the tree depth by depth; at depth d, head d
+    runs ONCE on every parent at depth d that has children (a batch of rows concat(h, E(root), E(path))), and
+    a parent's rank-r child takes that parent's rank-r token. h [D]: h_t (Hydra) or the prefix layer's output
+    at the last committed position (Hydra++). Counts head calls, rows and seconds in stats.counters."""
+    tree, E, xp = plan.tree, heads.embed, heads.xp
+    D, N = heads.D, tree.N
+    tokens = np.empty(N, dtype=np.int64)                                         # [N]
+    tokens[0] = int(root)
+    depth = len(plan.parents)
+    feats = xp.empty((N, (depth + 1) * D), dtype=h.dtype)                        # [N, (max_depth+1)·D] a_i rows
+    feats[0, :D] = h
+    feats[0, D:2 * D] = E[int(root)]
+    for d in range(depth):
+        t0 = time.perf_counter()
+        par = plan.parents[d]
+        logits = head_forward(heads.heads[d], feats[xp.asarray(par), :(d + 2) * D])     # [B, V]
+        top = to_host(topk_ids(logits, plan.k[d]))                               # [B, k]
+        kids = plan.nodes[d]
+        tokens[kids] = top[plan.rows[d], plan.ranks[d]]
+        if d + 1 < depth:                    # a child's row: its parent's row, then E(child token)
+            kd = xp.asarray(kids)
+            feats[kd, :(d + 2) * D] = feats[xp.asarray(par[plan.rows[d]]), :(d + 2) * D]
+            feats[kd, (d + 2) * D:(d + 3) * D] = E[xp.asarray(tokens[kids])]
+        if stats is not None:
+            count(stats, "head_calls", 1)
+            count(stats, "head_rows", len(par))
+            count(stats, "head_time_s", time.perf_counter() - t0)
+    return tokens
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The heads of one model
+# ---------------------------------------------------------------------------------------------------------
+class HydraHeads:
+    """K Hydra heads (arch "mlp") or Hydra++ heads (arch "prefix-mlp": + the prefix layer) on a model's device.
+
+    heads: list of K parameter dicts (module docstring); prefix: the prefix layer's dict or None; embed: the base
+    model's embedding table [V, D] (shared, not owned); choices / choices_cuda: stored trees (Medusa's choices)
+    for the CPU and for GPUs; accuracies [K][k]: the measured top-k accuracies they were built from."""
+
+    def __init__(self, heads, prefix, model, arch=None, choices=(), choices_cuda=None, accuracies=None):
+        arch = arch or ("mlp" if prefix is None else "prefix-mlp")
+        if arch not in ARCHS:
+            raise ValueError(f"Hydra head arch must be one of {ARCHS}, not {arch!r}")
+        if (prefix is None) != (arch == "mlp"):
+            raise ValueError(f"Hydra arch {arch!r}: " + ("needs a prefix layer" if prefix is None
+                                                         else "has no prefix layer"))
+        self.heads, self.prefix, self.arch = list(heads), prefix, arch
+        self.config, self.embed, self.xp = model.config, model.tok_embeddings, model.xp
+        self.choices = [list(map(int, c)) for c in choices]
+        self.choices_cuda = [list(map(int, c)) for c in choices_cuda] if choices_cuda else None
+        self.accuracies = accuracies
+        self.base_model = Path(model.path).name if getattr(model, "path", None) else None
+
+    @property
+    def K(self):
+        return len(self.heads)
+
+    @property
+    def L(self):
+        return 1 + self.heads[0]["ws"].shape[0]
+
+    @property
+    def D(self):
+        return self.config.dim
+
+    @property
+    def V(self):
+        return self.config.vocab_size
+
+    @property
+    def kind(self):
+        return "hydra" if self.arch == "mlp" else "hydra++"
+
+    @classmethod
+    def create(cls, model, num_heads=4, num_layers=1, arch="mlp", seed=0):
+        """Untrained heads (init_head for each head; a random prefix layer for "prefix-mlp")."""
+        if num_heads < 1 or num_layers < 1:
+            raise ValueError(f"Hydra: need num_heads >= 1 and num_layers >= 1, got {num_heads}, {num_layers}")
+        rng = np.random.default_rng(seed)
+        heads = [init_head(model, i, num_layers) for i in range(num_heads)]
+        prefix = init_prefix(model, rng) if arch == "prefix-mlp" else None
+        return cls(heads, prefix, model, arch)
+
+    def logits(self, i, a):
+        """Head i on a batch a [B, (i+2)·D] -> [B, V]."""
+        return head_forward(self.heads[i], a)
+
+    def save(self, folder, extra=None, dtype=np.float32):
+        """minispec's format (hydra_files.save): hydra_config.json (+ extra entries) + hydra_heads.safetensors."""
+        from .hydra_files import save
+        save(self, folder, extra, dtype)
+
+    def config_dict(self):
+        return {"kind": self.kind, "arch": self.arch, "num_heads": self.K, "num_layers": self.L,
+                "hidden_size": self.D, "vocab_size": self.V, "tree": self.choices, "tree_cuda": self.choices_cuda,
+                "accuracies": self.accuracies, "base_model": self.base_model}
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The proposer: decoders "hydra" and "hydra++" of minispec.generate
+# ---------------------------------------------------------------------------------------------------------
+class HydraProposer:
+    """Draft = the stored tree, filled depth by depth by the grounded proposal.
+
+    kind "hydra" (heads at <model.path>/hydra/) or "hydra++" (<model.path>/hydra++/); heads: a HydraHeads to
+    use instead; tree: a Tree or choices, default the tree stored with the heads for this backend ("tree_cuda"
+    on a GPU when stored, else "tree"), the chain of K tokens when none is stored.
+    Hydra++: start() fills the prefix layer's cache with the prompt's hidden states; observe() runs the newly
+    committed path's hidden states through it and commits them, so it never sees a rejected token; the prefix
+    output at the last committed position replaces h_t."""
+
+    def __init__(self, model, kind="hydra", heads=None, tree=None):
+        if kind not in KIND_ARCH:
+            raise ValueError(f"Hydra kind must be one of {sorted(KIND_ARCH)}, not {kind!r}")
+        if heads is None:
+            heads = self._heads_next_to(model, kind)
+        self.name = heads.kind
+        if tree is None:
+            gpu = getattr(model, "device", None) == "cuda" and heads.choices_cuda
+            tree = (heads.choices_cuda if gpu else heads.choices) or Tree.chain(heads.K)
+        if not isinstance(tree, Tree):
+            tree = Tree.from_choices(tree, n_heads=heads.K)
+        if tree.max_depth > heads.K:
+            raise ValueError(f"{self.name}: the tree is {tree.max_depth} deep, but there are only {heads.K} heads")
+        self.model, self.heads, self.tree, self.plan = model, heads, tree, TreePlan(tree)
+        self.root_only = Tree.from_choices([])
+        self.cache, self.h = None, None
+
+    @staticmethod
+    def _heads_next_to(model, kind):
+        from .hydra_files import load_heads
+        path = getattr(model, "path", None)
+        folder = Path(path) / kind if path else None
+        if folder is None or not folder.is_dir():
+            raise FileNotFoundError(f"no {kind} heads next to {path}: train them with "
+                                    f"`minispec train-heads --kind {kind} --model {path}`")
+        attr = "_hydra_heads" if kind == "hydra" else "_hydrapp_heads"
+        cached = getattr(model, attr, None)          # one load per model, not one per generate() call
+        if cached is None or cached[0] != folder:
+            cached = (folder, load_heads(folder, model))
+            setattr(model, attr, cached)
+        return cached[1]
+
+    def start(self, ctx, prompt_hidden):
+        self.h = None
+        if self.heads.prefix is not None:
+            self.cache = new_prefix_cache(ctx.model)
+            if prompt_hidden.shape[0]:
+                prefix_advance(self.heads.prefix, self.heads.config, prompt_hidden, self.cache)
+
+    def propose(self, ctx):
+        """Draft(tree, tokens [N]); tokens[0] = ctx.root. Before the first verification (ctx.hidden None) the
+        root alone."""
+        if ctx.hidden is None or self.tree.N == 1:
+            return Draft(self.root_only, [ctx.root])
+        h = ctx.hidden if self.heads.prefix is None else self.h
+        return Draft(self.tree, grounded_proposal(self.heads, self.plan, h, ctx.root, ctx.stats))
+
+    def observe(self, step):
+        if self.heads.prefix is not None:
+            out = prefix_advance(self.heads.prefix, self.heads.config, step.path_hidden, self.cache)   # [len(path), D]
+            self.h = out[-1]

@@ -1,0 +1,277 @@
+"""Hydra head files: minispec's own format and zankner/Hydra's, both named like zankner/Hydra's modules.
+
+minispec's format, a folder:  hydra_config.json (kind, arch, sizes, trees, accuracies) + hydra_heads.safetensors.
+zankner/Hydra's format, a folder:  config.json (HydraConfig: hydra_num_heads, hydra_num_layers, hydra_head_arch
+"mlp" | "prefix-mlp", grounded_heads, hidden_state_offset, base_model_name_or_path) + the state dict of its
+`hydra_head` module (HydraMLP or HydraPrefixMLP), which Hydra saves with torch.save as hydra_lm_head.pt; minispec
+reads and writes it only as hydra_lm_head.safetensors (a pickle is refused, with the one-line conversion).
+
+Tensor names ((out, in) orientation, as torch's nn.Linear stores them), head i, I = (i+2)·D, L = num_layers:
+  arch "mlp" (HydraMLP: hydra_mlp[i] = Sequential(ResBlock(D, i+1), *[ResBlock(D)] * (L-1))):
+    hydra_mlp.{i}.0.linear.weight [D, I]  .bias [D]      hydra_mlp.{i}.0.res_connection.weight [D, I]  .bias [D]
+    hydra_mlp.{i}.{l}.linear.weight [D, D]  .bias [D]    l = 1 .. L-1 (ResBlock(D)'s residual is nn.Identity)
+    hydra_lm_head.{i}.weight [V, D]  .bias [V]
+  arch "prefix-mlp" (HydraPrefixMLP: Sequential(Dropout, ResBlock(D, i+1), *[Dropout, ResBlock(D)] * (L-1)),
+  so the blocks sit at the odd indices 1, 3, .., 2L-1, and hydra_lm_head[i] = Sequential(Dropout, Linear)):
+    hydra_mlp.{i}.1.linear / .1.res_connection,  hydra_mlp.{i}.{2l+1}.linear (l = 1 .. L-1),
+    hydra_lm_head.{i}.1.weight [V, D]  .1.bias [V]
+    prefix_embeding_layer (sic: a 1-layer LlamaModel fed inputs_embeds) .layers.0.:
+      self_attn.q_proj.weight [H·Dh, D]  k_proj, v_proj [Hkv·Dh, D]  o_proj [D, H·Dh]
+      mlp.gate_proj.weight [F, D]  up_proj [F, D]  down_proj [D, F]   input_layernorm, post_attention_layernorm [D]
+    prefix_embeding_layer.norm.weight [D]
+  Only in zankner/Hydra's format (its module holds them; minispec never needs them): input_embed_fn.weight
+  [V, D] (the base embedding, registered as a submodule of the head), and for "prefix-mlp"
+  prefix_embeding_layer.embed_tokens.weight [V, D] (unused: the layer is fed inputs_embeds) and
+  prefix_embeding_layer.layers.0.self_attn.rotary_emb.inv_freq [Dh/2] (a persistent buffer).
+Blocks 2..L of zankner/Hydra share one module (a Python list product): reading gives equal independent blocks;
+writing Hydra's format refuses heads whose blocks 2..L differ (Hydra would keep only one of them).
+"""
+import json
+from pathlib import Path
+
+import numpy as np
+
+from .backend import to_device, to_host
+from .hydra import ARCHS, HydraHeads, head_input_width
+from .weights import PICKLE_SUFFIXES, CheckpointError, read_safetensors
+
+CONFIG_NAME, WEIGHTS_NAME = "hydra_config.json", "hydra_heads.safetensors"
+HY_CONFIG_NAME, HY_WEIGHTS_NAME = "config.json", "hydra_lm_head.safetensors"
+PREFIX = "prefix_embeding_layer."
+LAYER = PREFIX + "layers.0."
+
+
+def block_index(arch, l):
+    """Index of block l (0-based) in hydra_mlp[i]'s Sequential: prefix-mlp puts a Dropout before each block."""
+    return 2 * l + 1 if arch == "prefix-mlp" else l
+
+
+def lm_head_name(arch, i):
+    return f"hydra_lm_head.{i}.1" if arch == "prefix-mlp" else f"hydra_lm_head.{i}"
+
+
+def state_dict_shapes(arch, num_heads, num_layers, config, hydra_extras=False):
+    """{zankner/Hydra tensor name: (out, in) shape}; hydra_extras: also the tensors only Hydra's modules hold."""
+    if arch not in ARCHS:
+        raise ValueError(f"Hydra head arch must be one of {ARCHS}, not {arch!r}")
+    D, V, H, Hkv, Dh, F = (config.dim, config.vocab_size, config.n_heads, config.n_kv_heads, config.head_dim,
+                           config.hidden_dim)
+    shapes = {}
+    for i in range(num_heads):
+        I, b0 = head_input_width(i, D), f"hydra_mlp.{i}.{block_index(arch, 0)}"
+        shapes.update({f"{b0}.linear.weight": (D, I), f"{b0}.linear.bias": (D,),
+                       f"{b0}.res_connection.weight": (D, I), f"{b0}.res_connection.bias": (D,)})
+        for l in range(1, num_layers):
+            bl = f"hydra_mlp.{i}.{block_index(arch, l)}"
+            shapes.update({f"{bl}.linear.weight": (D, D), f"{bl}.linear.bias": (D,)})
+        shapes.update({f"{lm_head_name(arch, i)}.weight": (V, D), f"{lm_head_name(arch, i)}.bias": (V,)})
+    if arch == "prefix-mlp":
+        shapes.update({LAYER + "self_attn.q_proj.weight": (H * Dh, D), LAYER + "self_attn.k_proj.weight": (Hkv * Dh, D),
+                       LAYER + "self_attn.v_proj.weight": (Hkv * Dh, D), LAYER + "self_attn.o_proj.weight": (D, H * Dh),
+                       LAYER + "mlp.gate_proj.weight": (F, D), LAYER + "mlp.up_proj.weight": (F, D),
+                       LAYER + "mlp.down_proj.weight": (D, F), LAYER + "input_layernorm.weight": (D,),
+                       LAYER + "post_attention_layernorm.weight": (D,), PREFIX + "norm.weight": (D,)})
+    if hydra_extras:
+        shapes["input_embed_fn.weight"] = (V, D)
+        if arch == "prefix-mlp":
+            shapes[PREFIX + "embed_tokens.weight"] = (V, D)
+            shapes[LAYER + "self_attn.rotary_emb.inv_freq"] = (Dh // 2,)
+    return shapes
+
+
+def inv_freq(config):
+    """RoPE's θ^(-2i/Dh) (the buffer zankner/Hydra's LlamaRotaryEmbedding stores, in float32)."""
+    return (1.0 / config.rope_theta ** (np.arange(0, config.head_dim, 2, dtype=np.float64) / config.head_dim)
+            ).astype(np.float32)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# state dict <-> HydraHeads
+# ---------------------------------------------------------------------------------------------------------
+def state_dict(heads, dtype=np.float32, hydra_extras=False):
+    """{zankner/Hydra name: host array, (out, in)}; hydra_extras: the extra tensors Hydra's modules need."""
+    arch, c = heads.arch, heads.config
+    t = lambda a: np.ascontiguousarray(to_host(a).T, dtype=dtype)            # noqa: E731 (in, out) -> (out, in)
+    v = lambda a: np.ascontiguousarray(to_host(a), dtype=dtype)              # noqa: E731
+    out = {}
+    for i, p in enumerate(heads.heads):
+        b0 = f"hydra_mlp.{i}.{block_index(arch, 0)}"
+        out.update({f"{b0}.linear.weight": t(p["w1"]), f"{b0}.linear.bias": v(p["b1"]),
+                    f"{b0}.res_connection.weight": t(p["res_w"]), f"{b0}.res_connection.bias": v(p["res_b"])})
+        for l in range(1, heads.L):
+            bl = f"hydra_mlp.{i}.{block_index(arch, l)}"
+            out.update({f"{bl}.linear.weight": t(p["ws"][l - 1]), f"{bl}.linear.bias": v(p["bs"][l - 1])})
+        out.update({f"{lm_head_name(arch, i)}.weight": t(p["proj_w"]), f"{lm_head_name(arch, i)}.bias": v(p["proj_b"])})
+    if heads.prefix is not None:
+        p, H, Hkv, Dh = heads.prefix, c.n_heads, c.n_kv_heads, c.head_dim
+        wqkv, w13, F = to_host(p["wqkv"]), to_host(p["w13"]), c.hidden_dim
+        out.update({LAYER + "self_attn.q_proj.weight": t(wqkv[:, :H * Dh]),
+                    LAYER + "self_attn.k_proj.weight": t(wqkv[:, H * Dh:(H + Hkv) * Dh]),
+                    LAYER + "self_attn.v_proj.weight": t(wqkv[:, (H + Hkv) * Dh:]),
+                    LAYER + "self_attn.o_proj.weight": t(p["wo"]),
+                    LAYER + "mlp.gate_proj.weight": t(w13[:, :F]), LAYER + "mlp.up_proj.weight": t(w13[:, F:]),
+                    LAYER + "mlp.down_proj.weight": t(p["w2"]), LAYER + "input_layernorm.weight": v(p["attention_norm"]),
+                    LAYER + "post_attention_layernorm.weight": v(p["ffn_norm"]), PREFIX + "norm.weight": v(p["norm"])})
+    if hydra_extras:
+        out["input_embed_fn.weight"] = v(heads.embed)
+        if heads.prefix is not None:
+            out[PREFIX + "embed_tokens.weight"] = v(heads.embed)
+            out[LAYER + "self_attn.rotary_emb.inv_freq"] = inv_freq(c)
+    return out
+
+
+def from_state_dict(model, tensors, arch, num_heads, num_layers, source="state dict"):
+    """HydraHeads from zankner/Hydra-named host tensors (out, in), transposed once to (in, out), onto the model's
+    device and dtype. Every expected tensor must be there with its shape; Hydra's extra tensors may be (the
+    rotary buffer must then match the model's rope_theta); anything else is an error."""
+    c, xp, dt = model.config, model.xp, model.dtype
+    expected = state_dict_shapes(arch, num_heads, num_layers, c)
+    optional = {k: s for k, s in state_dict_shapes(arch, num_heads, num_layers, c, True).items() if k not in expected}
+    what = f"Hydra {arch}, {num_heads} heads x {num_layers} layers, D={c.dim}, V={c.vocab_size}"
+    for name, shape in expected.items():
+        if name not in tensors:
+            raise CheckpointError(f"{source}: missing tensor {name!r} (expected shape {list(shape)}; {what})")
+    for name in tensors:
+        shape = expected.get(name, optional.get(name))
+        if shape is None:
+            raise CheckpointError(f"{source}: unexpected tensor {name!r} (shape {list(tensors[name].shape)}) for {what}")
+        if tuple(tensors[name].shape) != shape:
+            raise CheckpointError(f"{source}: tensor {name!r} has shape {list(tensors[name].shape)}, expected "
+                                  f"{list(shape)} ({what})")
+    rot = LAYER + "self_attn.rotary_emb.inv_freq"
+    if rot in tensors and not np.allclose(np.asarray(tensors[rot], np.float64), inv_freq(c), rtol=1e-5):
+        raise CheckpointError(f"{source}: {rot} does not match the base model's rope_theta = {c.rope_theta}")
+    put = lambda a: to_device(xp, np.ascontiguousarray(np.asarray(a, dtype=dt)))          # noqa: E731
+    T = lambda name: put(np.asarray(tensors[name]).T)                                      # noqa: E731
+    heads = []
+    for i in range(num_heads):
+        b0 = f"hydra_mlp.{i}.{block_index(arch, 0)}"
+        ws = np.empty((num_layers - 1, c.dim, c.dim), dt)                                  # [L-1, D, D]
+        bs = np.empty((num_layers - 1, c.dim), dt)                                         # [L-1, D]
+        for l in range(1, num_layers):
+            bl = f"hydra_mlp.{i}.{block_index(arch, l)}"
+            ws[l - 1] = np.asarray(tensors[f"{bl}.linear.weight"], dt).T
+            bs[l - 1] = np.asarray(tensors[f"{bl}.linear.bias"], dt)
+        heads.append({"res_w": T(f"{b0}.res_connection.weight"), "res_b": put(tensors[f"{b0}.res_connection.bias"]),
+                      "w1": T(f"{b0}.linear.weight"), "b1": put(tensors[f"{b0}.linear.bias"]), "ws": put(ws),
+                      "bs": put(bs), "proj_w": T(f"{lm_head_name(arch, i)}.weight"),
+                      "proj_b": put(tensors[f"{lm_head_name(arch, i)}.bias"])})
+    prefix = None
+    if arch == "prefix-mlp":
+        g = lambda n: np.asarray(tensors[LAYER + n], dt)                                   # noqa: E731
+        prefix = {"attention_norm": put(g("input_layernorm.weight")), "ffn_norm": put(g("post_attention_layernorm.weight")),
+                  "wqkv": put(np.concatenate([g("self_attn.q_proj.weight"), g("self_attn.k_proj.weight"),
+                                              g("self_attn.v_proj.weight")]).T),            # [D, (H+2Hkv)Dh]
+                  "wo": put(g("self_attn.o_proj.weight").T),                                # [H·Dh, D]
+                  "w13": put(np.concatenate([g("mlp.gate_proj.weight"), g("mlp.up_proj.weight")]).T),   # [D, 2F]
+                  "w2": put(g("mlp.down_proj.weight").T),                                   # [F, D]
+                  "norm": put(tensors[PREFIX + "norm.weight"])}
+    return HydraHeads(heads, prefix, model, arch)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# minispec's format
+# ---------------------------------------------------------------------------------------------------------
+def save(heads, folder, extra=None, dtype=np.float32):
+    """folder/hydra_config.json (+ `extra` entries, e.g. a training record) + folder/hydra_heads.safetensors."""
+    from safetensors.numpy import save_file
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    save_file(state_dict(heads, dtype), str(folder / WEIGHTS_NAME))
+    cfg = {**heads.config_dict(), **(extra or {})}
+    lines = [f"  {json.dumps(k)}: {json.dumps(v)}" for k, v in cfg.items()]     # one line per key: readable tree
+    (folder / CONFIG_NAME).write_text("{\n" + ",\n".join(lines) + "\n}\n")
+
+
+def load(folder, model):
+    """Heads saved by `save`, onto the model's device and dtype (sizes must match the model)."""
+    folder = Path(folder)
+    cfg = json.loads((folder / CONFIG_NAME).read_text())
+    if cfg.get("kind") not in ("hydra", "hydra++"):
+        raise CheckpointError(f"{folder / CONFIG_NAME}: kind is {cfg.get('kind')!r}, expected 'hydra' or 'hydra++'")
+    for key, have in (("hidden_size", model.config.dim), ("vocab_size", model.config.vocab_size)):
+        if cfg.get(key) != have:
+            raise CheckpointError(f"{folder / CONFIG_NAME}: {key} = {cfg.get(key)}, but the base model has {have}")
+    heads = from_state_dict(model, read_safetensors(folder / WEIGHTS_NAME), cfg["arch"], cfg["num_heads"],
+                            cfg["num_layers"], source=str(folder / WEIGHTS_NAME))
+    heads.choices = [list(ch) for ch in cfg.get("tree") or []]
+    heads.choices_cuda = [list(ch) for ch in cfg["tree_cuda"]] if cfg.get("tree_cuda") else None
+    heads.accuracies, heads.base_model = cfg.get("accuracies"), cfg.get("base_model")
+    return heads
+
+
+# ---------------------------------------------------------------------------------------------------------
+# zankner/Hydra's format
+# ---------------------------------------------------------------------------------------------------------
+def _refuse_pickle(path):
+    raise CheckpointError(
+        f"{path}: refusing a pickle-based file (zankner/Hydra saves hydra_lm_head.pt with torch.save). Unpickling "
+        f"can run arbitrary code, so minispec never does it. Convert it once, in a trusted environment, with torch "
+        f"(clone(): Hydra's shared blocks share storage, which safetensors refuses):\n"
+        f"    python -c \"import torch, safetensors.torch as st; sd = torch.load({str(path)!r}, weights_only=True); "
+        f"st.save_file({{k: v.clone().contiguous() for k, v in sd.items()}}, 'hydra_lm_head.safetensors')\"\n"
+        f"and put hydra_lm_head.safetensors next to its config.json.")
+
+
+def read_hydra(folder, model):
+    """Heads from a zankner/Hydra folder: config.json + hydra_lm_head.safetensors (grounded heads, final hidden
+    state only). A .pt/.bin file is refused with the one-line torch conversion."""
+    folder = Path(folder)
+    if folder.suffix in PICKLE_SUFFIXES:
+        _refuse_pickle(folder)
+    weights = folder / HY_WEIGHTS_NAME
+    if not weights.exists():
+        for suffix in PICKLE_SUFFIXES:
+            if (folder / f"hydra_lm_head{suffix}").exists():
+                _refuse_pickle(folder / f"hydra_lm_head{suffix}")
+        raise CheckpointError(f"{folder}: no {HY_WEIGHTS_NAME}")
+    cfg_path = folder / HY_CONFIG_NAME
+    cfg = json.loads(cfg_path.read_text())
+    for key in ("hydra_num_heads", "hydra_num_layers", "hydra_head_arch"):
+        if key not in cfg:
+            raise CheckpointError(f"{cfg_path}: no {key!r} (not a zankner/Hydra HydraConfig)")
+    if cfg["hydra_head_arch"] not in ARCHS:
+        raise CheckpointError(f"{cfg_path}: hydra_head_arch = {cfg['hydra_head_arch']!r}; minispec reads {ARCHS}")
+    if not cfg.get("grounded_heads", False):
+        raise CheckpointError(f"{cfg_path}: grounded_heads is false: ungrounded heads read h_t alone, i.e. they are "
+                              f"Medusa heads (minispec.medusa), not Hydra heads")
+    if cfg.get("hidden_state_offset", 0):
+        raise CheckpointError(f"{cfg_path}: hidden_state_offset = {cfg['hidden_state_offset']}; minispec's heads read "
+                              f"the final-norm hidden state only (offset 0)")
+    heads = from_state_dict(model, read_safetensors(weights), cfg["hydra_head_arch"], int(cfg["hydra_num_heads"]),
+                            int(cfg["hydra_num_layers"]), source=str(weights))
+    heads.base_model = cfg.get("base_model_name_or_path")
+    return heads
+
+
+def blocks_equal(p):
+    """Whether a head's blocks 2..L are all equal (what zankner/Hydra's shared module can represent)."""
+    ws, bs = to_host(p["ws"]), to_host(p["bs"])
+    return all(np.array_equal(w, ws[0]) and np.array_equal(b, bs[0]) for w, b in zip(ws, bs))
+
+
+def write_hydra(heads, folder):
+    """zankner/Hydra's layout: config.json + hydra_lm_head.safetensors (float32, with the extra tensors its
+    modules hold, so that load_state_dict(strict=True) accepts it). Refuses heads whose blocks 2..L differ."""
+    from safetensors.numpy import save_file
+    bad = [i for i, p in enumerate(heads.heads) if not blocks_equal(p)]
+    if bad:
+        raise ValueError(f"write_hydra: head {bad[0]}'s blocks 2..{heads.L} have different weights, but zankner/Hydra "
+                         f"builds them as one shared module ([ResBlock(D)] * (L - 1)) and would keep only one of "
+                         f"them; minispec refuses to write a file that would not compute what these heads compute")
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    save_file(state_dict(heads, hydra_extras=True), str(folder / HY_WEIGHTS_NAME))
+    cfg = {"hydra_num_heads": heads.K, "hydra_num_layers": heads.L, "hydra_head_arch": heads.arch,
+           "grounded_heads": True, "hidden_state_offset": 0, "base_model_name_or_path": heads.base_model}
+    (folder / HY_CONFIG_NAME).write_text(json.dumps(cfg, indent=1) + "\n")
+
+
+def load_heads(folder, model):
+    """Heads from a folder in either format (minispec's hydra_config.json, or zankner/Hydra's config.json)."""
+    folder = Path(folder)
+    if (folder / CONFIG_NAME).exists():
+        return load(folder, model)
+    if (folder / HY_CONFIG_NAME).exists():
+        return read_hydra(folder, model)
+    raise CheckpointError(f"{folder}: neither {CONFIG_NAME} (minispec) nor {HY_CONFIG_NAME} (zankner/Hydra) found")
