@@ -189,9 +189,13 @@ def _tick(save, bar, evaluations):
         bar.refresh()
 
 
-def best(evaluations):
-    """The evaluation with the highest value (the first of equals)."""
-    return max((e for e in evaluations if not e.get("duplicate")), key=lambda e: e["value"])
+def best(evaluations, min_match=None):
+    """The evaluation with the highest value (the first of equals); min_match: only among the sets whose match
+    rate reaches it (the shipped set: 0.9, the adaptive draft exit's target acceptance rate)."""
+    pool = [e for e in evaluations if not e.get("duplicate") and (min_match is None or e["match"] >= min_match)]
+    if not pool:
+        raise ValueError(f"no evaluated set has a match rate >= {min_match}")
+    return max(pool, key=lambda e: e["value"])
 
 
 def best_so_far(evaluations):
@@ -288,10 +292,11 @@ def cmd_search_skip(args):
     if args.write:
         first = args.method.split(",")[0]
         key = f"{first}{'-all' if args.all_layers and first != 'exhaustive' else ''}/{args.objective}"
-        b = best(trace.evaluations(key, trace.data["runs"][key]["settings"]))
+        b = best(trace.evaluations(key, trace.data["runs"][key]["settings"]), args.min_match)
         skip = from_code(b["code"], model.config.n_layers)
-        skip = type(skip)(skip.attn, skip.mlp, {"chosen_by": key, "objective_value": b["value"],
-                                                "search_trace": out.name})
+        how = key if args.min_match is None else f"{key}, the best set with a match rate >= {args.min_match}"
+        skip = type(skip)(skip.attn, skip.mlp, {"chosen_by": how, "search_trace": out.name, "calibration": {
+            k: v for k, v in b.items() if k not in ("code", "params")}})
         path = Path(skip_set_path(args.model))
         skip.save(path)
         print(f"wrote {path}: {skip}")
@@ -316,4 +321,6 @@ def add_parser(sub, model_arg):
     s.add_argument("--flat-cost", action="store_true", help="c(T) = 1 (a GPU-like backend) in the cost model")
     s.add_argument("--write", action="store_true", help="write MODEL/draft_verify/skip_set.json: the best set "
                                                         "of the first method")
+    s.add_argument("--min-match", type=float, default=None, help="--write: the best set among those whose "
+                                                                 "teacher-forced match rate reaches this (predicted)")
     s.set_defaults(func=cmd_search_skip)

@@ -222,3 +222,12 @@ def test_the_predicted_objective_is_the_same_precomputed_or_set_by_set(model, ca
     eager.precompute()
     for code in [0, 9, 27, 40, 63]:
         assert lazy(from_code(code, L)) == eager(from_code(code, L))
+
+
+def test_the_chosen_set_can_be_required_to_reach_a_match_rate():
+    ev = [dict(code=1, value=1.2, match=0.7), dict(code=2, value=1.0, match=0.95),
+          dict(code=3, value=1.1, match=0.91), dict(code=4, value=9.0, match=0.99, duplicate=True)]
+    assert best(ev)["code"] == 1
+    assert best(ev, min_match=0.9)["code"] == 3
+    with pytest.raises(ValueError, match="0.999"):
+        best(ev, min_match=0.999)
