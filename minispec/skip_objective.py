@@ -20,7 +20,8 @@ reproduces, teacher-forced, in ONE parallel forward over the full model's contin
                    Leviathan et al. 2023, arXiv 2211.17192)
         c_d      = time of one draft token (a one-token forward of the skipped model) / time of one full step,
                    from a linear cost model of the sublayers (base + per attention + per MLP), measured once
-        c(T)     = verify cost curve: time of a T-token block forward / time of one token (bench.cost_curve)
+        c(T)     = verify cost curve: time of a T-token block forward / time of one token (measure_costs: the
+                   minimum over repetitions, like c_d, measured once and stored in the search trace)
         S_k      = tau_k / (k * c_d + c(k + 1))             AR makes 1 token per unit of time
         predicted speedup = max over k = 1..k_max of S_k   (the draft length it picks is reported as k)
 
