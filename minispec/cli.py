@@ -183,6 +183,9 @@ def cmd_bench(args):
 # train-heads
 # ---------------------------------------------------------------------------------------------------------
 def cmd_train_heads(args):
+    if args.kind in ("hydra", "hydra++"):
+        check_model_args(args)
+        return cmd_train_hydra(args)
     from .train_heads import check_training, train_medusa
     try:
         args.text = check_training(version=args.version, num_heads=args.heads, num_layers=args.layers,
@@ -199,13 +202,22 @@ def cmd_train_heads(args):
                  device=args.device, dtype=args.dtype)
 
 
+def cmd_train_hydra(args):
+    from .train_hydra import train_hydra
+    train_hydra(args.model, kind=args.kind, out=args.out, num_heads=args.heads, num_layers=args.hydra_layers,
+                data=args.data, text=args.text, data_cache=args.data_cache, n_tokens=args.tokens,
+                seq_len=args.seq_len, epochs=args.epochs, lr=args.lr, batch=args.batch, lm_weight=args.lm_weight,
+                teacher_weight=args.teacher_weight, budget=args.budget, top_k=args.top_k, seed=args.seed,
+                device=args.device, dtype=args.dtype, checkpoint=args.checkpoint)
+
+
 # ---------------------------------------------------------------------------------------------------------
 def build_parser():
     from .generate import DECODERS
     ap = Parser(prog="minispec", description="Mistral inference and speculative decoding in NumPy",
                 formatter_class=Help)
     ap.add_argument("--version", action="version", version=f"minispec {__version__}")
-    sub = ap.add_subparsers(dest="cmd", metavar="{generate,bench,train-heads}")
+    sub = ap.add_subparsers(dest="cmd", metavar="{generate,bench,train-heads,search-skip}")
     sub.required = True
 
     g = sub.add_parser("generate", help="generate text from a prompt, streaming", formatter_class=Help)
@@ -239,7 +251,7 @@ def build_parser():
 
     t = sub.add_parser("train-heads", help="train speculative-decoding heads on the frozen model (NumPy)",
                        formatter_class=Help)
-    t.add_argument("--kind", default="medusa", choices=["medusa"], help="which heads")
+    t.add_argument("--kind", default="medusa", choices=["medusa", "hydra", "hydra++"], help="which heads")
     _model_arg(t)
     t.add_argument("--version", default="v1", choices=["v1", "v2"],
                    help="v1: each head owns a vocabulary projection; v2: heads share the model's output layer")
@@ -257,8 +269,21 @@ def build_parser():
     t.add_argument("--budget", type=int, default=10, help="tree nodes (root excluded) of the stored tree")
     t.add_argument("--top-k", type=int, default=10, help="ranks whose accuracy is measured per head")
     t.add_argument("--seed", type=int, default=0, help="random seed (an int >= 0)")
-    t.add_argument("--out", default=None, help="output folder; default MODEL/medusa")
+    t.add_argument("--out", default=None, help="output folder; default MODEL/medusa (MODEL/hydra, MODEL/hydra++)")
+    t.add_argument("--hydra-layers", type=int, default=None, help="hydra: MLP blocks per head (default hydra 1, "
+                                                                 "hydra++ 4)")
+    t.add_argument("--lm-weight", type=float, default=None, help="hydra: weight of the CE to the labels "
+                                                                "(default hydra 1, hydra++ 0)")
+    t.add_argument("--teacher-weight", type=float, default=None, help="hydra: weight of the CE to the base "
+                                                                     "model's distribution (hydra 0, hydra++ 1)")
+    t.add_argument("--data-cache", default=None, help="hydra: .npz of the token sequences; read if it exists, "
+                                                     "else written after generating them")
+    t.add_argument("--checkpoint", default=None, help="hydra: checkpoint path stem (.safetensors + .json); "
+                                                     "training resumes from it if it exists")
     t.set_defaults(func=cmd_train_heads)
+
+    from .skip_search import add_parser as add_search_skip      # Draft & Verify's skip-set search
+    add_search_skip(sub, _model_arg)
     return ap
 
 

@@ -1,0 +1,326 @@
+"""Skip-set search for Draft & Verify: Bayesian optimisation vs random search vs every set (`minispec search-skip`).
+
+    minispec search-skip --model DIR                       # BO and random, 60 evaluations each, predicted objective
+    minispec search-skip --model DIR --method exhaustive   # every set: the ground truth of the predicted objective
+    minispec search-skip --model DIR --objective measured  # the authors' objective: measured tokens/s (noisy)
+
+The objectives and the encoding live in minispec.skip_objective. The methods:
+
+    random      the sets of the search space in a seeded random order, without repetition
+    bo          the authors' Bayesian optimisation (bayes_opt, a Gaussian process with a Matern kernel and the
+                authors' GP noise alpha = 1e-2; UCB acquisition with kappa = 2.5 as in SWIFT's code): one
+                variable x_j in [0, 1] per free decision, skipped when x_j > 0.5; a few random points first. A suggestion that rounds to a set already
+                scored is registered again with its known value and costs no budget (after max_duplicates = 5 such
+                suggestions in a row the next unseen set of a seeded random order is taken instead).
+    exhaustive  every set of the space (4096 for L = 6 with all layers, 256 with keep_ends)
+
+Every method spends its budget in evaluations of distinct sets. The trace (a JSON file, default
+<model>/draft_verify/search_trace.json) holds the calibration continuations, the cost model and one column table
+per run ("bo/predicted", ...), rewritten after each evaluation. A rerun continues every run where it stopped; each
+BO suggestion is a pure function of (the trace so far, the seed, the step), so a resumed search proposes exactly
+what the uninterrupted one would have.
+"""
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+
+from .skip_objective import (CostModel, Calibration, MeasuredObjective, PredictedObjective, calibrate, free_decisions,
+                             from_code, from_params, measure_costs, search_space, to_code, to_params)
+
+FORMAT = "minispec-skip-search/1"
+INSTALL_HINT = "bo needs the optional package bayesian-optimization: pip install 'minispec[search]'"
+DIGITS = 6                  # every recorded number is rounded once, so that a trace read back is what was in memory
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The trace: header (calibration, cost model) + one column table per run
+# ---------------------------------------------------------------------------------------------------------
+class Trace:
+    def __init__(self, path, data):
+        self.path, self.data = path, data
+
+    @classmethod
+    def open(cls, path, header):
+        """Read `path` if it exists (its header wins: a resumed search reuses its calibration and cost model),
+        else start one from header (a dict, or a callable making it, so nothing is measured when resuming)."""
+        if path is not None and os.path.exists(path):
+            with open(path) as f:
+                try:
+                    data = json.load(f)
+                except json.JSONDecodeError as e:
+                    raise ValueError(f"{path}: not valid JSON ({e}); delete it to start the search afresh") from None
+            if data.get("format") != FORMAT:
+                raise ValueError(f"{path}: not a skip-search trace (format {data.get('format')!r}, want {FORMAT!r})")
+            return cls(path, data)
+        return cls(path, {"format": FORMAT, **(header() if callable(header) else header), "runs": {}})
+
+    def evaluations(self, key, settings):
+        """The recorded evaluations (list of dicts) of run `key`; its settings must match a resumed run's."""
+        run = self.data["runs"].setdefault(key, {"settings": settings, "columns": {}})
+        if run["settings"] != settings:
+            raise ValueError(f"{self.path}: run {key!r} was made with {run['settings']}, not {settings}; "
+                             f"use another --trace file or the same settings")
+        cols = run["columns"]
+        n = len(cols.get("code", []))
+        return [{k: v[i] for k, v in cols.items() if v[i] is not None} for i in range(n)]
+
+    def store(self, key, evaluations):
+        """Columns of the run's evaluations, then an atomic rewrite of the file (an interrupted write leaves the
+        previous trace)."""
+        keys = list(dict.fromkeys(k for e in evaluations for k in e))
+        self.data["runs"][key]["columns"] = {k: [e.get(k) for e in evaluations] for k in keys}
+        if self.path is None:
+            return
+        os.makedirs(os.path.dirname(os.path.abspath(self.path)), exist_ok=True)
+        tmp = f"{self.path}.tmp"
+        with open(tmp, "w") as f:
+            json.dump(self.data, f, separators=(",", ":"))
+            f.write("\n")
+        os.replace(tmp, self.path)
+
+
+def _record(skip, result, **extra):
+    r = {"code": to_code(skip), **extra}
+    for k, v in result.items():
+        r[k] = v if isinstance(v, (int, bool, np.integer)) else round(float(v), DIGITS)
+    return {k: int(v) if isinstance(v, np.integer) else v for k, v in r.items()}
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The searches: objective(SkipSet) -> dict(value=..., ...); each extends `evaluations` up to the budget
+# ---------------------------------------------------------------------------------------------------------
+def random_search(objective, n_layers, budget, seed=0, keep_ends=True, evaluations=None, save=None, bar=None):
+    """Distinct sets of the space in a seeded random order; continues a partial `evaluations` list."""
+    order = np.random.default_rng(seed).permutation(search_space(n_layers, keep_ends))
+    evaluations = [] if evaluations is None else evaluations
+    while len(evaluations) < min(budget, len(order)):
+        skip = from_code(order[len(evaluations)], n_layers)
+        evaluations.append(_record(skip, objective(skip)))
+        _tick(save, bar, evaluations)
+    return evaluations
+
+
+def exhaustive_order(n_layers, keep_ends=False):
+    """Every set of the space: the 2L single-sublayer sets first, then the sets that keep the first and last
+    layers, then the rest, each group ascending (so a partial run already holds the smaller spaces whole)."""
+    singles = [1 << j for j in range(2 * n_layers)]
+    ends = search_space(n_layers, True)
+    order = list(dict.fromkeys(singles + ends + search_space(n_layers, keep_ends)))
+    allowed = set(search_space(n_layers, keep_ends))
+    return [c for c in order if c in allowed]
+
+
+def exhaustive_search(objective, n_layers, keep_ends=False, evaluations=None, save=None, bar=None, save_every=32):
+    """Every set of the space, in exhaustive_order."""
+    space = exhaustive_order(n_layers, keep_ends)
+    evaluations = [] if evaluations is None else evaluations
+    while len(evaluations) < len(space):
+        skip = from_code(space[len(evaluations)], n_layers)
+        evaluations.append(_record(skip, objective(skip)))
+        _tick(save if len(evaluations) % save_every == 0 or len(evaluations) == len(space) else None, bar, evaluations)
+    return evaluations
+
+
+def bo_search(objective, n_layers, budget, seed=0, keep_ends=True, init_points=5, kappa=2.5, max_duplicates=5,
+              evaluations=None, save=None, bar=None):
+    """The authors' Bayesian optimisation over the free decisions (module docstring)."""
+    free = np.flatnonzero(free_decisions(n_layers, keep_ends))
+    keys = [f"x{j}" for j in free]
+    space = search_space(n_layers, keep_ends)
+    evaluations = [] if evaluations is None else evaluations
+    seen = {e["code"]: e for e in evaluations if not e.get("duplicate")}
+    streak = 0
+    while len(seen) < min(budget, len(space)):
+        step = len(evaluations)
+        if len(seen) < init_points:
+            x = np.random.default_rng([seed, step]).random(len(keys))                      # [free]
+            point = dict(zip(keys, x))
+        else:
+            point = _suggest(evaluations, keys, seed, step, kappa)
+        skip = from_params(point, n_layers)
+        code = to_code(skip)
+        if code in seen and streak < max_duplicates:
+            streak += 1
+            evaluations.append(dict(seen[code], duplicate=True, params=_round(point, keys)))
+            continue
+        if code in seen:          # BO is stuck on known sets: the next unseen one of a seeded random order
+            order = np.random.default_rng([seed, step]).permutation(space)
+            code = int(next(c for c in order if c not in seen))
+            skip = from_code(code, n_layers)
+            point = {k: v for k, v in to_params(skip).items() if k in keys}
+        streak = 0
+        rec = _record(skip, objective(skip), params=_round(point, keys))
+        evaluations.append(rec)
+        seen[code] = rec
+        _tick(save, bar, evaluations)
+    return evaluations
+
+
+def _round(point, keys):
+    return [round(float(point[k]), DIGITS) for k in keys]
+
+
+def _suggest(evaluations, keys, seed, step, kappa):
+    """One UCB suggestion from a Gaussian process fitted afresh on every evaluation so far (duplicates included),
+    seeded by (seed, step): the same trace gives the same suggestion, resumed or not."""
+    try:
+        from bayes_opt import BayesianOptimization, acquisition
+    except ImportError:
+        raise ImportError(INSTALL_HINT) from None
+    rs = seed * 100_003 + step
+    opt = BayesianOptimization(f=None, pbounds={k: (0.0, 1.0) for k in keys}, random_state=rs, verbose=0,
+                               acquisition_function=acquisition.UpperConfidenceBound(kappa=kappa),
+                               allow_duplicate_points=True)
+    opt.set_gp_params(alpha=1e-2)
+    for e in evaluations:
+        opt.register(params=dict(zip(keys, e["params"])), target=e["value"])
+    return opt.suggest()
+
+
+def _tick(save, bar, evaluations):
+    if save is not None:
+        save(evaluations)
+    if bar is not None:
+        bar.n = sum(not e.get("duplicate") for e in evaluations)
+        best = max(evaluations, key=lambda e: e["value"])
+        bar.set_postfix(best=f"{best['value']:.4f}", refresh=False)
+        bar.refresh()
+
+
+def best(evaluations, min_match=None):
+    """The evaluation with the highest value (the first of equals); min_match: only among the sets whose match
+    rate reaches it (the shipped set: 0.9, the adaptive draft exit's target acceptance rate)."""
+    pool = [e for e in evaluations if not e.get("duplicate") and (min_match is None or e["match"] >= min_match)]
+    if not pool:
+        raise ValueError(f"no evaluated set has a match rate >= {min_match}")
+    return max(pool, key=lambda e: e["value"])
+
+
+def best_so_far(evaluations):
+    """[n] the best value among the first i + 1 distinct evaluations: the search trace plotted in notebook 05."""
+    vals = [e["value"] for e in evaluations if not e.get("duplicate")]
+    return np.maximum.accumulate(vals) if vals else np.zeros(0)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# `minispec search-skip`: calibration + cost model (once, kept in the trace), the runs, the chosen set
+# ---------------------------------------------------------------------------------------------------------
+def calibration_prompts(tok, text, n_prompts=8, prompt_len=32, seed=0):
+    """Calibration prompts cut from a training text at random places (minispec.train_heads.corpus_prompts)."""
+    from .train_heads import corpus_prompts
+    g = corpus_prompts(tok, text, prompt_len, seed=seed)
+    return [next(g) for _ in range(n_prompts)]
+
+
+def run_search(model, trace_path, methods=("bo", "random"), objective="predicted", budget=60, seed=0,
+               keep_ends=True, prompts=None, n_new=48, context="committed", flat=False, progress=True, log=print):
+    """Run (or resume) each method on one objective, recording into the trace. prompts: calibration prompts
+    (only read when the trace is new). Returns the Trace."""
+    from .progress import Progress
+    L = model.config.n_layers
+
+    def header():
+        log(f"calibration: {len(prompts)} prompts of {len(prompts[0])} tokens, {n_new} greedy tokens each; "
+            f"measuring the cost model ...")
+        return {"model": os.path.basename(os.path.normpath(getattr(model, "path", "model"))), "n_layers": L,
+                "calibration": calibrate(model, prompts, n_new).to_json(),
+                "cost_model": measure_costs(model, flat=flat).to_json(), "context": context}
+
+    trace = Trace.open(trace_path, header)
+    calib = Calibration.from_json(trace.data["calibration"])
+    costs = CostModel.from_json(trace.data["cost_model"])
+    if objective == "predicted":
+        fn = PredictedObjective(model, calib, costs, context=trace.data.get("context", context))
+    elif objective == "measured":
+        fn = MeasuredObjective(model, [s[:n] for s, n in zip(calib.sequences, calib.starts)])
+    else:
+        raise ValueError(f"--objective must be 'predicted' or 'measured', not {objective!r}")
+    for method in methods:
+        if method not in ("bo", "random", "exhaustive"):
+            raise ValueError(f"--method: unknown method {method!r} (bo, random, exhaustive)")
+        ends = keep_ends and method != "exhaustive"           # exhaustive: every set (restrict afterwards)
+        settings = {"method": method, "objective": objective, "keep_ends": ends, "seed": seed,
+                    "budget": len(search_space(L, ends)) if method == "exhaustive" else budget}
+        key = f"{method}{'-all' if method != 'exhaustive' and not ends else ''}/{objective}"
+        done = trace.evaluations(key, settings)
+        bar = Progress(total=settings["budget"], desc=key, unit="set", disable=not progress,
+                   initial=sum(not e.get("duplicate") for e in done))
+
+        def save(evs, key=key):
+            trace.store(key, evs)
+        if method == "random":
+            evs = random_search(fn, L, budget, seed, ends, done, save, bar)
+        elif method == "bo":
+            evs = bo_search(fn, L, budget, seed, ends, evaluations=done, save=save, bar=bar)
+        else:
+            if objective == "predicted" and fn.context == "committed" and len(done) < 4 ** L:
+                log("exhaustive: every set's matches in one depth-first walk over the layers ...")
+                fn.precompute()
+            evs = exhaustive_search(fn, L, False, done, save, bar)
+        bar.close()
+        trace.store(key, evs)
+        b = best(evs)
+        log(f"{key}: best of {sum(not e.get('duplicate') for e in evs)} sets: {from_code(b['code'], L)} "
+            + ", ".join(f"{k} {v}" for k, v in b.items() if k not in ("code", "params", "duplicate")))
+    return trace
+
+
+def cmd_search_skip(args):
+    """The CLI entry (minispec.cli's search-skip parser)."""
+    from .draft_verify import skip_set_path
+    from .model import load
+    from .tokenizer import Tokenizer
+    from .train_heads import DEFAULT_TEXT
+    model = load(args.model, dtype=args.dtype, device=args.device)
+    out = Path(args.trace) if args.trace else Path(skip_set_path(args.model)).parent / "search_trace.json"
+    prompts = None
+    if not out.exists():
+        text = Path(args.text) if args.text else DEFAULT_TEXT
+        if not text.exists():
+            raise SystemExit(f"search-skip: no calibration text {text} (pass --text FILE; the corpus is built by "
+                             f"tools/collect_corpus.py)")
+        tok = Tokenizer.from_dir(args.model)
+        prompts = calibration_prompts(tok, text, args.prompts, args.prompt_len, args.seed)
+    try:
+        trace = run_search(model, str(out), [m for m in args.method.split(",") if m], args.objective, args.budget,
+                           args.seed, not args.all_layers, prompts, args.new, flat=args.flat_cost)
+    except ImportError as e:
+        raise SystemExit(f"search-skip: {e}") from None
+    print(f"trace: {out}")
+    if args.write:
+        first = args.method.split(",")[0]
+        key = f"{first}{'-all' if args.all_layers and first != 'exhaustive' else ''}/{args.objective}"
+        b = best(trace.evaluations(key, trace.data["runs"][key]["settings"]), args.min_match)
+        skip = from_code(b["code"], model.config.n_layers)
+        how = key if args.min_match is None else f"{key}, the best set with a match rate >= {args.min_match}"
+        skip = type(skip)(skip.attn, skip.mlp, {"chosen_by": how, "search_trace": out.name, "calibration": {
+            k: v for k, v in b.items() if k not in ("code", "params")}})
+        path = Path(skip_set_path(args.model))
+        skip.save(path)
+        print(f"wrote {path}: {skip}")
+
+
+def add_parser(sub, model_arg):
+    """The `search-skip` subcommand (called from minispec.cli.main)."""
+    s = sub.add_parser("search-skip", help="search the Draft & Verify skip set (BO vs random vs exhaustive)")
+    model_arg(s)
+    s.add_argument("--method", default="bo,random", help="comma-separated: bo, random, exhaustive")
+    s.add_argument("--objective", default="predicted", choices=["predicted", "measured"],
+                   help="predicted: teacher-forced matchness + cost model (noise-free); measured: tokens/s")
+    s.add_argument("--budget", type=int, default=60, help="distinct sets evaluated per method (bo, random)")
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--all-layers", action="store_true", help="also let the search skip the first/last layer")
+    s.add_argument("--trace", default=None, help="trace JSON (default MODEL/draft_verify/search_trace.json); "
+                                                 "an existing one is resumed")
+    s.add_argument("--text", default=None, help="calibration text (default data/corpus/train.txt)")
+    s.add_argument("--prompts", type=int, default=8, help="calibration prompts")
+    s.add_argument("--prompt-len", type=int, default=32, help="tokens per calibration prompt")
+    s.add_argument("--new", type=int, default=48, help="greedy tokens per calibration prompt")
+    s.add_argument("--flat-cost", action="store_true", help="c(T) = 1 (a GPU-like backend) in the cost model")
+    s.add_argument("--write", action="store_true", help="write MODEL/draft_verify/skip_set.json: the best set "
+                                                        "of the first method")
+    s.add_argument("--min-match", type=float, default=None, help="--write: the best set among those whose "
+                                                                 "teacher-forced match rate reaches this (predicted)")
+    s.set_defaults(func=cmd_search_skip)
