@@ -150,14 +150,15 @@ def cost_curve(model, sizes=(1, 2, 4, 8, 16, 32, 64), reps=15, context=200):
     return {T: times[T] / times[1] for T in sizes}, times[1]
 
 
-def heads_cost(model, heads, t1, top_k=3, reps=20):
-    """Median time of one Medusa proposal (all heads' top-k on one hidden state), in units of t1 (one AR step)."""
+def heads_cost(model, heads, t1, top_k=3, reps=20, num_heads=None):
+    """Median time of one Medusa proposal (the top-k of the first num_heads heads, default all, on one hidden
+    state: pass the tree's depth, the heads a proposal runs), in units of t1 (one AR step)."""
     hidden = model.forward([1], model.new_cache(), return_hidden=True)[1][0]
-    heads.topk(hidden, top_k)
+    heads.topk(hidden, top_k, num_heads=num_heads)
     ts = []
     for _ in range(reps):
         t0 = time.perf_counter()
-        heads.topk(hidden, top_k)
+        heads.topk(hidden, top_k, num_heads=num_heads)
         ts.append(time.perf_counter() - t0)
     return statistics.median(ts) / t1
 
@@ -178,7 +179,7 @@ def pick_budget(accuracies, costs, proposal_cost=0.0):
 
 def bench_decode(model_dir, decoders=("ar", "medusa"), n_tokens=128, n_prompts=8, runs=2, device="auto",
                  dtype="float32"):
-    from .generate import generate
+    from .generate import DECODERS, generate
     from .tokenizer import Tokenizer
     print("environment:", environment())
     model = load(model_dir, dtype=dtype, device=device)
@@ -217,6 +218,21 @@ def bench_decode(model_dir, decoders=("ar", "medusa"), n_tokens=128, n_prompts=8
     costs, t1 = cost_curve(model)
     print(f"verify cost curve on {model.device}: c(T) = time(T tokens) / time(1 token = {t1 * 1e3:.2f} ms): "
           + ", ".join(f"c({T})={c:.2f}" for T, c in costs.items()))
+    for name in decoders[1:]:
+        tree = getattr(DECODERS[name](model), "tree", None)             # a static tree's depth, if it has one
+        base = stats[decoders[0]]
+        print(speculation_line(name, stats[name], costs, t1, results[name] / results[decoders[0]],
+                               None if tree is None else tree.max_depth,
+                               sum(s.decode_time for s in base) / sum(s.steps for s in base)))
+    for name in ("hydra", "hydra++"):
+        if name in decoders:
+            from .hydra import HydraProposer
+            prop = HydraProposer(model, kind=name)
+            if prop.heads.accuracies is not None:
+                tree = [list(p) for p in prop.tree.paths[1:]]
+                expected = 1 + sum(np.prod([prop.heads.accuracies[d][r] for d, r in enumerate(p)]) for p in tree)
+                print(f"{name} tree of {len(tree)} nodes: expected tau {expected:.2f} (from the heads' stored top-k "
+                      f"accuracies, assumed independent) vs measured {results_tau[name]:.2f}")
     if "medusa" in decoders:
         from .medusa import load_heads
         from pathlib import Path
@@ -227,9 +243,61 @@ def bench_decode(model_dir, decoders=("ar", "medusa"), n_tokens=128, n_prompts=8
             measured = results_tau.get("medusa")
             print(f"medusa tree of {len(heads.choices)} nodes: expected tau {expected:.2f} (from the heads' held-out "
                   f"top-k accuracies, assumed independent) vs measured {measured:.2f}")
-            proposal = heads_cost(model, heads, t1)
+            proposal = heads_cost(model, heads, t1, num_heads=max(map(len, heads.choices), default=None))
             budget, ratio = pick_budget(np.asarray(heads.accuracies), costs, proposal)
             print(f"medusa heads cost {proposal:.2f} AR steps per step; the tree budget maximising the expected "
                   f"speedup tau / (c(budget + 1) + heads) here is {budget} nodes (expected {ratio:.2f}x); the "
                   f"shipped tree has {len(heads.choices)} nodes")
     return results, costs
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Any speculative decoder: per-depth acceptance, proposal cost, the cost model's speedup beside the measured one
+# ---------------------------------------------------------------------------------------------------------
+def depth_acceptance(stats_list, max_depth=None):
+    """acc[d-1] = P(the depth-d draft token is accepted | the first d-1 were), over the steps whose draft reached
+    depth d: along the accepted path, so a chain of 3 reports three rates and so does a tree 3 deep. max_depth:
+    the depth of the decoder's (static) tree; None for chains, whose depth is the drafted count of each step."""
+    a = np.concatenate([np.asarray(s.accepted[:len(s.drafted)], np.int64) - 1 for s in stats_list])  # draft tokens kept
+    depth = np.concatenate([np.asarray(s.drafted, np.int64) for s in stats_list])                   # [steps]
+    if max_depth is not None:
+        depth = np.where(depth > 0, max_depth, 0)
+    out = []
+    for d in range(1, int(depth.max(initial=0)) + 1):
+        reached = (a >= d - 1) & (depth >= d)
+        if reached.sum() == 0:
+            break
+        out.append(float((a >= d)[reached].mean()))
+    return out
+
+
+def predicted_speedup(tau, nodes, proposal_steps, costs):
+    """The cost model: tau / (c(N) + proposal cost), with N the verified tree nodes per step (root included),
+    c interpolated on the measured cost curve and the proposal cost in units of one AR step."""
+    sizes = sorted(costs)
+    return tau / (float(np.interp(nodes, sizes, [costs[s] for s in sizes])) + proposal_steps)
+
+
+def speculation_line(name, stats_list, costs, t1, measured, max_depth=None, base_step=None):
+    """One decoder's line: per-depth acceptance, head calls and proposal cost (stats.propose_time, plus the head
+    time the proposer counted itself), c(N) from the cost curve and, given base_step (the baseline's seconds per
+    step in the same interleaved runs), as measured in this run, and predicted vs measured speedup."""
+    steps = sum(s.steps for s in stats_list)
+    tau = sum(s.new_tokens for s in stats_list) / steps
+    nodes = 1 + sum(sum(s.drafted) for s in stats_list) / steps
+    propose = sum(s.propose_time for s in stats_list) / steps / t1         # AR steps per step
+    counters = {}
+    for s in stats_list:
+        for k, v in s.counters.items():
+            counters[k] = counters.get(k, 0) + v
+    heads = (f", heads {counters['head_time_s'] / steps / t1:.2f} of them" if "head_time_s" in counters else "")
+    calls = f", {counters['head_calls'] / steps:.1f} head calls/step" if "head_calls" in counters else ""
+    acc = ", ".join(f"{a:.2f}" for a in depth_acceptance(stats_list, max_depth))
+    sizes = sorted(costs)
+    c_curve = float(np.interp(nodes, sizes, [costs[s] for s in sizes]))
+    c_run = (f" (in this run {sum(s.verify_time for s in stats_list) / steps / base_step:.2f})"
+             if base_step else "")
+    return (f"{name:>8}: per-depth acceptance [{acc}]; {nodes:.1f} nodes verified/step, c(N) = {c_curve:.2f}"
+            f"{c_run}{calls}; proposal "
+            f"{propose:.2f} AR steps/step{heads}; speedup predicted tau / (c(N) + proposal) = "
+            f"{predicted_speedup(tau, nodes, propose, costs):.2f}x, measured {measured:.2f}x")

@@ -77,7 +77,8 @@ def main(argv=None):
     _model_arg(g)
     g.add_argument("--prompt", default="def ")
     g.add_argument("-n", type=int, default=64, help="new tokens at most")
-    g.add_argument("--decoder", default="ar", help="ar (plain) or a speculative decoder")
+    from .generate import DECODERS
+    g.add_argument("--decoder", default="ar", choices=sorted(DECODERS), help="ar (plain) or a speculative decoder")
     g.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
     g.add_argument("--top-k", type=int, default=0)
     g.add_argument("--top-p", type=float, default=1.0)

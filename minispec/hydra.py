@@ -2,7 +2,7 @@
 Heads for Medusa Decoding") and the grounded tree proposal that makes them sequential.
 
 Medusa's head k guesses the token at t+k+2 from h_t alone. Hydra's head i (0-based) also reads the tokens
-already on the path (Hydra §3, "Hydra heads"):
+already on the path (the paper's Hydra heads; section numbers are not cited here, see docs/hydra.md):
 
     a_i = concat(h_t, E(x_{t+1}), ..., E(x_{t+i+1}))                        [(i+2)·D]
     y_1 = res_i(a_i) + silu(a_i W_1 + b_1)                                  [D]   block 1: width (i+2)D -> D
@@ -13,8 +13,8 @@ h_t is the base model's final-norm hidden state, E the base model's own embeddin
 (the base model's own next token, already chosen) and x_{t+2} ... the tokens drafted along the path. W_1 starts
 at zero, res_i is a learned Linear((i+2)D -> D), P_i starts as a copy of the base output layer.
 
-Hydra++ (Hydra §4 and §5, the "prefix attention" head, zankner/Hydra's head arch "prefix-mlp") replaces h_t by
-the output of one extra decoder layer run over the base model's final-norm hidden states: here one Mistral
+Hydra++ (the paper's tuned recipe with a prefix attention layer, zankner/Hydra's head arch "prefix-mlp")
+replaces h_t by the output of one extra decoder layer run over the base model's final-norm hidden states: here one Mistral
 decoder layer (GQA, RoPE, the model's sliding window) followed by an RMSNorm, with its own rolling cache that
 only ever holds committed (accepted) positions.
 
@@ -31,8 +31,8 @@ Prefix layer (HydraHeads.prefix, a dict, None for plain Hydra), the layout of mi
 The file formats (minispec's and zankner/Hydra's, both with zankner/Hydra's tensor names) are in hydra_files.py.
 
 Shared blocks. zankner/Hydra builds blocks 2..L of a head as `[ResBlock(D)] * (L - 1)`: one module object
-repeated, so those blocks share a single weight matrix. minispec gives every block its own weights, the MLP
-the paper describes (and which is what "4 layers" buys in capacity); a shared-weight file from zankner/Hydra
+repeated, so those blocks share a single weight matrix. minispec gives every block its own weights, the
+ordinary reading of an L-layer MLP (and what 4 layers buy in capacity); a shared-weight file from zankner/Hydra
 loads as independent blocks holding equal copies (the same function), and writing Hydra's format refuses a
 head whose blocks 2..L differ, since Hydra would silently keep only one of them.
 """
@@ -53,7 +53,7 @@ KIND_ARCH = {"hydra": "mlp", "hydra++": "prefix-mlp"}
 
 
 # ---------------------------------------------------------------------------------------------------------
-# One head's forward (Hydra §3)
+# One head's forward (the Hydra head equation above)
 # ---------------------------------------------------------------------------------------------------------
 def head_input_width(i, D):
     """Width of head i's input: h_t and the embeddings of the root and of i drafted tokens, (i + 2)·D."""
@@ -117,7 +117,7 @@ def new_prefix_cache(model, scratch=None):
 
 
 def prefix_forward(p, config, x, cache=None, keep=False):
-    """The prefix layer over base final-norm hidden states x [T, D] -> [T, D] (Hydra++ §4 "prefix attention").
+    """The prefix layer over base final-norm hidden states x [T, D] -> [T, D] (Hydra++'s prefix attention).
 
     Without a cache: the whole sequence at positions 0 .. T-1 under the causal sliding-window mask.
     With a cache: positions cache.pos .. cache.pos + T - 1 against the committed slots; the block's keys and
@@ -171,7 +171,7 @@ def prefix_advance(p, config, x, cache):
 
 
 # ---------------------------------------------------------------------------------------------------------
-# The grounded tree proposal (Hydra §3 / zankner/Hydra's `_grounded_proposal`)
+# The grounded tree proposal (zankner/Hydra's `_grounded_proposal`, batched per depth)
 # ---------------------------------------------------------------------------------------------------------
 class TreePlan:
     """What the depth-by-depth walk needs of a Tree, computed once.

@@ -25,6 +25,10 @@ Tensor names ((out, in) orientation, as torch's nn.Linear stores them), head i, 
   prefix_embeding_layer.layers.0.self_attn.rotary_emb.inv_freq [Dh/2] (a persistent buffer).
 Blocks 2..L of zankner/Hydra share one module (a Python list product): reading gives equal independent blocks;
 writing Hydra's format refuses heads whose blocks 2..L differ (Hydra would keep only one of them).
+zankner/Hydra's prefix layer is a Llama layer: full causal attention (no sliding window) and RoPE built with the
+default base 10000 (its LlamaRotaryEmbedding is constructed without config.rope_theta). minispec's is a Mistral
+layer with the model's window and rope_theta; the two agree on sequences no longer than the window when
+rope_theta = 10000 (Mistral 7B v0.1's value), and writing refuses models where RoPE would differ.
 """
 import json
 from pathlib import Path
@@ -141,6 +145,11 @@ def from_state_dict(model, tensors, arch, num_heads, num_layers, source="state d
     rot = LAYER + "self_attn.rotary_emb.inv_freq"
     if rot in tensors and not np.allclose(np.asarray(tensors[rot], np.float64), inv_freq(c), rtol=1e-5):
         raise CheckpointError(f"{source}: {rot} does not match the base model's rope_theta = {c.rope_theta}")
+    for name in ("input_embed_fn.weight",):      # (prefix_embeding_layer.embed_tokens is Hydra's own, unused, random)
+        if name in tensors and not np.allclose(np.asarray(tensors[name], np.float32), to_host(model.tok_embeddings),
+                                               rtol=1e-2, atol=1e-3):
+            raise CheckpointError(f"{source}: {name} (the base embedding table Hydra's module holds) differs from this "
+                                  f"model's tok_embeddings: the heads were trained for another base model")
     put = lambda a: to_device(xp, np.ascontiguousarray(np.asarray(a, dtype=dt)))          # noqa: E731
     T = lambda name: put(np.asarray(tensors[name]).T)                                      # noqa: E731
     heads = []
@@ -259,6 +268,12 @@ def write_hydra(heads, folder):
         raise ValueError(f"write_hydra: head {bad[0]}'s blocks 2..{heads.L} have different weights, but zankner/Hydra "
                          f"builds them as one shared module ([ResBlock(D)] * (L - 1)) and would keep only one of "
                          f"them; minispec refuses to write a file that would not compute what these heads compute")
+    c = heads.config
+    if heads.prefix is not None and (c.rope_theta != 10000.0 or c.head_dim * c.n_heads != c.dim):
+        raise ValueError(f"write_hydra: zankner/Hydra's prefix layer (its LlamaAttention) always uses RoPE base 10000 "
+                         f"and head_dim = hidden_size / num_attention_heads; this model has rope_theta = "
+                         f"{c.rope_theta}, head_dim {c.head_dim} x {c.n_heads} heads vs dim {c.dim}, so Hydra would "
+                         f"compute something else than these heads")
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     save_file(state_dict(heads, hydra_extras=True), str(folder / HY_WEIGHTS_NAME))
