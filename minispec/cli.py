@@ -10,7 +10,10 @@ def _model_arg(p):
     p.add_argument("--model", default=str(DEFAULT_MODEL),
                    help="model folder (HF or Mistral layout); default: the shipped weights/stdlib-mistral")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
-    p.add_argument("--dtype", default="float32", choices=["float32", "float64"])
+    p.add_argument("--dtype", default="float32", choices=["float32", "float64", "float16"])
+    p.add_argument("--weights", default="auto", choices=["auto", "widened", "mapped"],
+                   help="mapped: keep a 16-bit checkpoint in its file, widened block by block (CPU); "
+                        "auto: mapped when float32 weights would not fit in available memory")
 
 
 def cmd_generate(args):
@@ -18,7 +21,7 @@ def cmd_generate(args):
     from .model import load
     from .tokenizer import Tokenizer
 
-    model = load(args.model, dtype=args.dtype, device=args.device)
+    model = load(args.model, dtype=args.dtype, device=args.device, weights=args.weights)
     tok = Tokenizer.from_dir(args.model)
     ids = tok.encode(args.prompt, bos=True)
     stream = tok.stream()
@@ -44,7 +47,7 @@ def cmd_bench(args):
     from . import bench
     if args.what == "forward":
         bench.bench_forward(args.model, n_tokens=args.n, runs=args.runs, device=args.device, dtype=args.dtype,
-                            compare_hf=not args.no_hf)
+                            compare_hf=not args.no_hf, weights=args.weights)
     else:
         bench.bench_decode(args.model, decoders=args.decoders.split(","), n_tokens=args.n, n_prompts=args.prompts,
                            runs=args.runs, device=args.device, dtype=args.dtype)
