@@ -16,6 +16,7 @@ import minispec
 from minispec import model as model_mod
 from minispec.layers import rms_norm, softmax
 from minispec.mapped import MappedMatrix, Workspace
+from minispec.weights import load_config, load_tensors
 
 sys.path.insert(0, str(REPO / "tools"))
 import make_shaped_checkpoint  # noqa: E402
@@ -48,10 +49,17 @@ def test_mistral_7b_shapes_add_up_to_the_real_checkpoints_14_48_gb():
     assert total == 14483464192
 
 
+def eager(folder):
+    """The widened model from tensors read eagerly (bf16 widened at read, RoPE rows permuted as arrays):
+    none of the Tensor16 code paths."""
+    config, layout = load_config(folder)
+    return minispec.Model(config, load_tensors(folder, config, layout), device="cpu", weights="widened")
+
+
 @pytest.mark.parametrize("layout", ["hf", "consolidated"])
 def test_mapped_logits_are_bit_identical_to_widened_logits_for_every_block_size(shaped, layout):
     folder = shaped[0] if layout == "hf" else shaped[1]
-    wide = minispec.load(folder, device="cpu", weights="widened")
+    wide = eager(folder)
     mapped = minispec.load(folder, device="cpu", weights="mapped")
     assert mapped.weights == "mapped" and isinstance(mapped.layers[0]["w13"], MappedMatrix)
     # several blocks per matrix in the gemv path (1 MB blocks of a 14.7 MB w13), whole-matrix GEMM above 12 rows

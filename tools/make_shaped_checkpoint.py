@@ -67,13 +67,19 @@ def tensor_list(c, layout):
     return out
 
 
-def random_bf16(rng, n):
-    """n random bf16 bit patterns: random sign and mantissa, exponent 2^-7 or 2^-6 (|w| in [0.0078, 0.031))."""
-    bits = rng.integers(0, 1 << 16, size=n, dtype=np.uint16)
+def random_bf16(rng, n, pool=None):
+    """n random bf16 bit patterns: random sign and mantissa, exponent 2^-7 or 2^-6 (|w| in [0.0078, 0.031)).
+    pool: a block of random uint16 reused with a random rotation and XOR mask per chunk (several times faster
+    than drawing every value; for benchmark checkpoints, where only sizes matter)."""
+    if pool is None or n > pool.size // 2:
+        bits = rng.integers(0, 1 << 16, size=n, dtype=np.uint16)
+    else:
+        start = int(rng.integers(0, pool.size - n))
+        bits = pool[start:start + n] ^ np.uint16(rng.integers(0, 1 << 16))
     return (bits & np.uint16(0x80FF)) | np.uint16(120 << 7)       # keep sign, exponent bit 0, mantissa
 
 
-def write_safetensors(path, tensors, rng):
+def write_safetensors(path, tensors, rng, pool=None):
     """Stream [(name, shape)] of random bf16 (norms = 1.0) into one safetensors file, chunk by chunk."""
     header, offset = {}, 0
     for name, shape in tensors:
@@ -92,7 +98,7 @@ def write_safetensors(path, tensors, rng):
                 f.write(np.full(n, one, np.uint16).tobytes())
                 continue
             for s in range(0, n, CHUNK):
-                f.write(random_bf16(rng, min(CHUNK, n - s)).tobytes())
+                f.write(random_bf16(rng, min(CHUNK, n - s), pool).tobytes())
     return offset
 
 
@@ -105,16 +111,18 @@ def mistral_v1_tokenizer():
     return path
 
 
-def make(out, layout="hf", shard_gb=10.0, seed=0, tokenizer=True, **overrides):
-    """Write the checkpoint folder `out`; returns its path. overrides: any key of MISTRAL_7B_V01."""
+def make(out, layout="hf", shard_gb=10.0, seed=0, tokenizer=True, fast=False, **overrides):
+    """Write the checkpoint folder `out`; returns its path. overrides: any key of MISTRAL_7B_V01.
+    fast: draw the bits from a reused 64 M-value random pool (see random_bf16)."""
     c = dict(MISTRAL_7B_V01, **overrides)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)
+    pool = rng.integers(0, 1 << 16, size=4 * CHUNK, dtype=np.uint16) if fast else None
     tensors = tensor_list(c, layout)
     if layout == "consolidated":
         (out / "params.json").write_text(json.dumps(params_json(c), indent=2))
-        write_safetensors(out / "consolidated.safetensors", tensors, rng)
+        write_safetensors(out / "consolidated.safetensors", tensors, rng, pool)
     else:
         (out / "config.json").write_text(json.dumps(hf_config(c), indent=2))
         shards, cur, size, limit = [], [], 0, shard_gb * 1e9
@@ -127,12 +135,12 @@ def make(out, layout="hf", shard_gb=10.0, seed=0, tokenizer=True, **overrides):
             size += n
         shards.append(cur)
         if len(shards) == 1:
-            write_safetensors(out / "model.safetensors", shards[0], rng)
+            write_safetensors(out / "model.safetensors", shards[0], rng, pool)
         else:
             weight_map, total = {}, 0
             for k, shard in enumerate(shards):
                 fname = f"model-{k + 1:05d}-of-{len(shards):05d}.safetensors"
-                total += write_safetensors(out / fname, shard, rng)
+                total += write_safetensors(out / fname, shard, rng, pool)
                 weight_map.update({name: fname for name, _ in shard})
             (out / "model.safetensors.index.json").write_text(
                 json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
@@ -148,6 +156,7 @@ def main(argv=None):
     ap.add_argument("--shard-gb", type=float, default=10.0, help="HF shard size limit (the real repo: 10 GB)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--no-tokenizer", action="store_true")
+    ap.add_argument("--fast", action="store_true", help="reuse a random pool (several times faster, sizes only)")
     for key in ("dim", "n_layers", "n_heads", "n_kv_heads", "hidden_dim", "vocab_size", "sliding_window"):
         ap.add_argument("--" + {"n_layers": "layers", "hidden_dim": "hidden", "vocab_size": "vocab",
                                 "sliding_window": "window", "n_heads": "heads", "n_kv_heads": "kv-heads"}.get(key, key),
@@ -155,7 +164,8 @@ def main(argv=None):
     a = ap.parse_args(argv)
     overrides = {k: getattr(a, k) for k in ("dim", "n_layers", "n_heads", "n_kv_heads", "hidden_dim", "vocab_size",
                                              "sliding_window") if getattr(a, k) is not None}
-    out = make(a.out, layout=a.layout, shard_gb=a.shard_gb, seed=a.seed, tokenizer=not a.no_tokenizer, **overrides)
+    out = make(a.out, layout=a.layout, shard_gb=a.shard_gb, seed=a.seed, tokenizer=not a.no_tokenizer, fast=a.fast,
+               **overrides)
     size = sum(p.stat().st_size for p in out.iterdir())
     print(f"wrote {out} ({size / 1e9:.2f} GB)")
 
