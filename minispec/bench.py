@@ -91,11 +91,14 @@ def bench_forward(model_dir, n_tokens=64, runs=5, device="auto", dtype="float32"
         t = time.perf_counter()
         tok = int(to_host(model.forward(prompt, state["cache"])[-1].argmax()))
         state["prefill"].append(time.perf_counter() - t)
+        state["cpu0"] = state["cpu1"] = time.process_time()
+        state["n"] = 0
         return tok
 
     def step(tok):
         tok = int(to_host(model.forward([tok], state["cache"])[-1].argmax()))
         state["peak"] = max(state["peak"], private_memory() - mem0)
+        state["cpu1"], state["n"] = time.process_time(), state["n"] + 1
         return tok
 
     med, rates = _decode_rate(step, first, n_tokens, runs)
@@ -113,8 +116,10 @@ def bench_forward(model_dir, n_tokens=64, runs=5, device="auto", dtype="float32"
     print(f"  prefill: {prompt_len / statistics.median(state['prefill']):.1f} tokens/s ({prompt_len} tokens)")
     print(f"  weights read per token: {bytes_per_token / 1e6:.1f} MB -> {med * bytes_per_token / 1e9:.2f} GB/s achieved; "
           f"memory read bandwidth measured here (interleaved): {bw / 1e9:.2f} GB/s")
+    cpu = (state["cpu1"] - state["cpu0"]) / max(state["n"], 1)
     print(f"  {1 / med:.3f} s per token = {(1 / med) / (bytes_per_token / bw):.2f}x the "
-          f"bandwidth limit ({bytes_per_token / bw:.3f} s to read the weights once)")
+          f"bandwidth limit ({bytes_per_token / bw:.3f} s to read the weights once); CPU time of this process "
+          f"{cpu:.3f} s per token (all threads; wall < CPU/threads means the cores were shared)")
     if not compare_hf:
         return {"minispec": med}
     try:
