@@ -98,6 +98,12 @@ class MappedMatrix:
         w = np.concatenate([p.widen() for p in self.parts]).T
         return w if dtype is None else w.astype(dtype)
 
+    def copy(self):
+        return np.ascontiguousarray(np.asarray(self))                        # [in, out] float32
+
+    def __getitem__(self, key):
+        return np.asarray(self)[key]
+
 
 class MappedRows:
     """The embedding table left in its file: `emb[ids]` widens only the rows asked for.   ids [T] -> [T, D]"""

@@ -193,3 +193,15 @@ def test_a_bf16_tensor_beyond_float16_range_is_refused_by_name(tmp_path):
     with pytest.raises(ValueError, match=r"'layers.0.feed_forward.w3.weight': max \|w\| = 9.984e\+04 does not fit float16"):
         minispec.load(folder, device="cpu", dtype="float16")
     assert minispec.load(folder, device="cpu").forward([1, 2]).dtype == np.float32   # float32 is fine
+
+
+def test_mapped_matrices_read_as_arrays_equal_the_widened_model_arrays():
+    wide = minispec.load(FIXTURES / "gqa4_hd_bf16", device="cpu", weights="widened")
+    mapped = minispec.load(FIXTURES / "gqa4_hd_bf16", device="cpu", weights="mapped")
+    for name in ("wqkv", "wo", "w13", "w2"):
+        assert np.array_equal(np.asarray(mapped.layers[1][name]), wide.layers[1][name]), name
+    assert np.array_equal(mapped.output.copy(), wide.output) and np.array_equal(mapped.output[None][0], wide.output)
+    assert np.array_equal(mapped.tok_embeddings[np.array([3, 0, 3])], wide.tok_embeddings[[3, 0, 3]])
+    # a decode step reads the matrices in 16 bits (half their float32 bytes) and the norm vectors in float32
+    norms = sum(4 * lw[k].size for lw in wide.layers for k in ("attention_norm", "ffn_norm")) + 4 * wide.norm.size
+    assert mapped.weight_bytes() - norms == (wide.weight_bytes() - norms) // 2
