@@ -17,6 +17,8 @@ A block of T rows is widened once for all T rows: a prefill chunk or a verificat
 once (`MappedMatrix.passes` counts), which is why verifying T tokens costs about one decode step here for small
 T (docs/real_mistral.md).
 """
+import contextlib
+
 import numpy as np
 
 from .weights import Tensor16
@@ -25,6 +27,23 @@ from .weights import Tensor16
 # block are a multiple of 16 so that BLAS's gemv kernel (4 or 8 rows at a time) splits a block's outputs the way
 # it splits the whole matrix's; each output is one dot product either way (checked bit for bit in the tests).
 GEMV_BLOCK_BYTES = 1 << 20
+
+
+_blas = []
+
+
+def one_blas_thread():
+    """A context in which OpenBLAS runs single-threaded (threadpoolctl, where installed). The block products are
+    1 MB matrix-vector calls: waking a second BLAS thread for each costs more than it saves, and on a shared VM
+    it stalls (measured here: a T=1 step of a mapped 93 M-parameter model took 0.14-0.27 s of CPU with 2 BLAS
+    threads, 0.03 s with 1). Each output is still one dot product, so the logits do not change."""
+    if not _blas:
+        try:
+            from threadpoolctl import ThreadpoolController
+            _blas.append(ThreadpoolController())
+        except ImportError:
+            _blas.append(None)
+    return _blas[0].limit(limits=1, user_api="blas") if _blas[0] is not None else contextlib.nullcontext()
 
 
 class Workspace:
@@ -75,11 +94,13 @@ class MappedMatrix:
     def __rmatmul__(self, x):
         """x [..., in] @ self -> [..., out] float32."""
         y = np.empty(x.shape[:-1] + (self.n_out,), np.float32)               # [..., out]
-        rows = self.ws.block_rows(self.n_in, self.n_out, x.shape[-2] if x.ndim > 1 else 1)
-        for s in range(0, self.n_out, rows):
-            e = min(s + rows, self.n_out)
-            buf = self.widen_rows(s, e, self.ws.buffer(e - s, self.n_in))      # [rows, in] float32, in cache
-            y[..., s:e] = x @ buf.T                                           # [..., rows]
+        x_rows = x.shape[-2] if x.ndim > 1 else 1
+        rows = self.ws.block_rows(self.n_in, self.n_out, x_rows)
+        with one_blas_thread() if x_rows == 1 else contextlib.nullcontext():
+            for s in range(0, self.n_out, rows):
+                e = min(s + rows, self.n_out)
+                buf = self.widen_rows(s, e, self.ws.buffer(e - s, self.n_in))  # [rows, in] float32, in cache
+                y[..., s:e] = x @ buf.T                                       # [..., rows]
         self.passes += 1
         return y
 
