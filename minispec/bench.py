@@ -65,20 +65,57 @@ def check_bench(n_tokens, runs, n_prompts=1, decoders=("ar",)):
         check_decoder(name)
 
 
-def bench_forward(model_dir, n_tokens=64, runs=5, device="auto", dtype="float32", compare_hf=True, prompt_len=16):
+def private_memory():
+    """Resident anonymous memory of this process in bytes (RssAnon: not counting mapped files), 0 without /proc."""
+    try:
+        for line in open("/proc/self/status"):
+            if line.startswith("RssAnon:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
+
+
+def memory_bandwidth(mb=512, reps=3):
+    """This machine's DRAM read bandwidth in bytes/s: the best of `reps` sums over a `mb` MB array (far larger
+    than the caches), i.e. the speed at which a decode step could at best stream its weights."""
+    a = np.ones(mb << 17, np.uint64)                                # mb MB
+    best = min(_timed(lambda: np.add.reduce(a)) for _ in range(reps))
+    return a.nbytes / best
+
+
+def _timed(f):
+    t0 = time.perf_counter()
+    f()
+    return time.perf_counter() - t0
+
+
+def bench_forward(model_dir, n_tokens=64, runs=5, device="auto", dtype="float32", compare_hf=True, prompt_len=16,
+                  weights="auto"):
     check_bench(n_tokens, runs)
     print("environment:", environment())
-    model = load(model_dir, dtype=dtype, device=device)
+    mem0, t0 = private_memory(), time.perf_counter()
+    model = load(model_dir, dtype=dtype, device=device, weights=weights)
+    load_s, mem_load = time.perf_counter() - t0, private_memory() - mem0
     c = model.config
     prompt = (np.arange(prompt_len) * 7 + 1) % c.vocab_size
-    state = {}
+    state = {"peak": mem_load, "prefill": [], "bw": []}
 
     def first(_):
+        state["bw"].append(memory_bandwidth())                      # interleaved with the decode runs
         state["cache"] = model.new_cache()
-        return int(to_host(model.forward(prompt, state["cache"])[-1].argmax()))
+        t = time.perf_counter()
+        tok = int(to_host(model.forward(prompt, state["cache"])[-1].argmax()))
+        state["prefill"].append(time.perf_counter() - t)
+        state["cpu0"] = state["cpu1"] = time.process_time()
+        state["n"] = 0
+        return tok
 
     def step(tok):
-        return int(to_host(model.forward([tok], state["cache"])[-1].argmax()))
+        tok = int(to_host(model.forward([tok], state["cache"])[-1].argmax()))
+        state["peak"] = max(state["peak"], private_memory() - mem0)
+        state["cpu1"], state["n"] = time.process_time(), state["n"] + 1
+        return tok
 
     med, rates = _decode_rate(step, first, n_tokens, runs)
     n_params = sum(a.size for a in [model.tok_embeddings, model.output]) + sum(
@@ -88,8 +125,17 @@ def bench_forward(model_dir, n_tokens=64, runs=5, device="auto", dtype="float32"
     print(f"minispec decode: {med:.1f} tokens/s (median of {runs} runs of {n_tokens - 1} timed tokens; "
           f"runs {', '.join(f'{r:.0f}' for r in rates)})")
     # the weight-streaming limit: each token reads every weight once (embedding row aside)
-    bytes_per_token = (n_params - model.tok_embeddings.size) * np.dtype(model.dtype).itemsize
-    print(f"  weights read per token: {bytes_per_token / 1e6:.1f} MB -> {med * bytes_per_token / 1e9:.2f} GB/s achieved")
+    bytes_per_token = model.weight_bytes()
+    bw = statistics.median(state["bw"])
+    print(f"  weights ({model.weights}): loaded in {load_s:.2f} s; private memory (RssAnon) +{mem_load / 1e9:.3f} GB "
+          f"after load, peak +{state['peak'] / 1e9:.3f} GB while decoding")
+    print(f"  prefill: {prompt_len / statistics.median(state['prefill']):.1f} tokens/s ({prompt_len} tokens)")
+    print(f"  weights read per token: {bytes_per_token / 1e6:.1f} MB -> {med * bytes_per_token / 1e9:.2f} GB/s achieved; "
+          f"memory read bandwidth measured here (interleaved): {bw / 1e9:.2f} GB/s")
+    cpu = (state["cpu1"] - state["cpu0"]) / max(state["n"], 1)
+    print(f"  {1 / med:.3f} s per token = {(1 / med) / (bytes_per_token / bw):.2f}x the "
+          f"bandwidth limit ({bytes_per_token / bw:.3f} s to read the weights once); CPU time of this process "
+          f"{cpu:.3f} s per token (all threads; wall < CPU/threads means the cores were shared)")
     if not compare_hf:
         return {"minispec": med}
     try:

@@ -64,6 +64,9 @@ def _model_arg(p):
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"],
                    help="auto: CuPy when a GPU is usable, else NumPy")
     p.add_argument("--dtype", default="float32", choices=list(DTYPES), help="working dtype of the weights")
+    p.add_argument("--weights", default="auto", choices=["auto", "widened", "mapped"],
+                   help="mapped: keep a 16-bit checkpoint in its file, widened block by block (CPU); "
+                        "auto: mapped when float32 weights would not fit in available memory")
 
 
 def check_model_args(args, tokenizer=True):
@@ -137,7 +140,7 @@ def cmd_generate(args):
     from .model import load
     from .tokenizer import Tokenizer
 
-    model = load(args.model, dtype=args.dtype, device=args.device)
+    model = load(args.model, dtype=args.dtype, device=args.device, weights=args.weights)
     tok = Tokenizer.from_dir(args.model)
     proposer = make_proposer(args.decoder, model, **options)     # its heads load (or fail) before any output
     ids = tok.encode(args.prompt, bos=True)
@@ -173,7 +176,7 @@ def cmd_bench(args):
     check_model_args(args, tokenizer=args.what == "decode")
     if args.what == "forward":
         bench.bench_forward(args.model, n_tokens=args.n, runs=args.runs, device=args.device, dtype=args.dtype,
-                            compare_hf=not args.no_hf)
+                            compare_hf=not args.no_hf, weights=args.weights)
     else:
         bench.bench_decode(args.model, decoders=decoders, n_tokens=args.n, n_prompts=args.prompts,
                            runs=args.runs, device=args.device, dtype=args.dtype)

@@ -9,8 +9,14 @@ from .backend import array_module
 
 
 def rms_norm(x, weight, eps):
-    """RMSNorm (Zhang & Sennrich 2019): x / sqrt(mean(x²) + eps) * weight.   [T, D] -> [T, D]"""
+    """RMSNorm (Zhang & Sennrich 2019): x / sqrt(mean(x²) + eps) * weight.   [T, D] -> [T, D]
+
+    float16: the statistic is taken in float32 (x² overflows float16 from |x| = 256 on, and a mean of D
+    squares loses digits), the normalised x is cast back before the weight.
+    """
     xp = array_module(x)
+    if x.dtype.itemsize < 4:
+        return rms_norm(x.astype(xp.float32), 1, eps).astype(x.dtype) * weight
     ms = (x * x).mean(axis=-1, keepdims=True)                       # [T, 1]
     return x / xp.sqrt(ms + x.dtype.type(eps)) * weight
 
@@ -60,8 +66,11 @@ def repeat_kv(x, n_rep):
 
 
 def softmax(x, axis=-1):
-    """Numerically stable softmax; masked entries hold -inf and come out as exact zeros."""
+    """Numerically stable softmax; masked entries hold -inf and come out as exact zeros. float16 in, float16 out,
+    computed in float32 (the sum of S exponentials in float16 would round away small probabilities)."""
     xp = array_module(x)
+    if x.dtype.itemsize < 4:
+        return softmax(x.astype(xp.float32), axis).astype(x.dtype)
     e = xp.exp(x - x.max(axis=axis, keepdims=True))
     return e / e.sum(axis=axis, keepdims=True)
 

@@ -11,6 +11,7 @@ against a rolling cache (chunks of at most W tokens, each committed); `forward_b
 speculative decoders use: a block of tokens at given positions under a given mask (causal or tree), attending
 to the committed cache plus the block, with the block's keys/values left in scratch until `cache.commit(rows)`.
 """
+import sys
 from dataclasses import dataclass
 
 import numpy as np
@@ -19,9 +20,12 @@ from .backend import resolve_device, to_device, to_host
 from .cache import RollingCache
 from .errors import UserError, check_token_ids, warn_if_past_max_positions
 from .layers import apply_rope, attention, linear, rms_norm, rope_tables, sliding_window_mask, swiglu
-from .weights import load_config, load_tensors
+from .mapped import MappedMatrix, MappedRows, Workspace
+from .weights import Tensor16, load_config, load_tensors
 
-DTYPES = {"float32": np.float32, "float64": np.float64}
+DTYPES = {"float16": np.float16, "float32": np.float32, "float64": np.float64}
+WEIGHTS = ("auto", "widened", "mapped")
+FLOAT16_MAX = 65504.0
 
 
 @dataclass
@@ -31,31 +35,52 @@ class BlockOutput:
 
 
 class Model:
-    """Mistral weights on a device, transposed once to (in, out) and fused where one matmul can do two."""
+    """Mistral weights on a device, kept [out, in] as the checkpoint stores them (a matmul reads a matrix as its
+    transposed view, x @ W.T, so the (in, out) arrays the layers see need no transposed copy), fused where one
+    matmul can do two. weights="widened": every matrix widened to the working dtype at load; "mapped" (CPU,
+    float32): 16-bit matrices stay in their memory-mapped files and are widened block by block inside each matmul
+    (minispec/mapped.py), with bit-identical logits; "auto": mapped when the widened model would not fit in
+    the available memory. dtype="float16": weights and activations in float16, with RMSNorm statistics, softmax
+    and the logits in float32 (the output matrix is kept in float32)."""
 
-    def __init__(self, config, tensors, dtype="float32", device="auto"):
+    def __init__(self, config, tensors, dtype="float32", device="auto", weights="auto"):
         if dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {list(DTYPES)}, not {dtype!r}")
         self.config, self.dtype = config, DTYPES[dtype]
         self.xp, self.device = resolve_device(device)
         c, xp = config, self.xp
+        self.weights = choose_weights(weights, tensors, self.dtype, xp)
+        ws = Workspace() if self.weights == "mapped" else None
 
-        def put(a):     # widen on the host (NumPy has no fast 16-bit matmul), then one copy to the device
-            return to_device(xp, np.ascontiguousarray(np.asarray(a, dtype=self.dtype)))
+        def put(name, dtype=self.dtype):     # a vector or the embedding table, in the working dtype on the device
+            return to_working_dtype(xp, tensors[name], dtype, name)
 
-        self.tok_embeddings = put(tensors["tok_embeddings.weight"])                             # [V, D]
-        self.norm = put(tensors["norm.weight"])                                                # [D]
-        out = tensors["tok_embeddings.weight"] if c.tie_embeddings else tensors["output.weight"]
-        self.output = put(np.asarray(out).T)                                                   # [D, V]
+        def put_t(*names, dtype=self.dtype):  # matrices [out, in] stacked along out, seen as (in, out): W.T views
+            if ws is not None:
+                return MappedMatrix([tensors[n] for n in names], ws)
+            parts = [to_working_dtype(xp, tensors[n], dtype, n) for n in names]
+            return (parts[0] if len(parts) == 1 else xp.concatenate(parts)).T
+
+        emb = "tok_embeddings.weight"
+        self.tok_embeddings = MappedRows(tensors[emb]) if ws is not None else put(emb)         # [V, D]
+        self.norm = put("norm.weight")                                                         # [D]
+        # float16: the logits come out of a float32 matrix (hidden [T, D] float16 @ [D, V] float32 -> float32)
+        out_dtype = np.float32 if self.dtype == np.float16 else self.dtype
+        self.output = put_t(emb if c.tie_embeddings else "output.weight", dtype=out_dtype)     # [D, V]
         self.layers = []
         for i in range(c.n_layers):
-            t = lambda n: np.asarray(tensors[f"layers.{i}.{n}.weight"])                      # noqa: E731
+            p = f"layers.{i}."
             self.layers.append(dict(
-                attention_norm=put(t("attention_norm")), ffn_norm=put(t("ffn_norm")),          # [D]
-                wqkv=put(np.concatenate([t("attention.wq"), t("attention.wk"), t("attention.wv")]).T),  # [D, (H+2Hkv)Dh]
-                wo=put(t("attention.wo").T),                                                   # [H·Dh, D]
-                w13=put(np.concatenate([t("feed_forward.w1"), t("feed_forward.w3")]).T),       # [D, 2F]
-                w2=put(t("feed_forward.w2").T)))                                               # [F, D]
+                attention_norm=put(p + "attention_norm.weight"), ffn_norm=put(p + "ffn_norm.weight"),   # [D]
+                wqkv=put_t(p + "attention.wq.weight", p + "attention.wk.weight", p + "attention.wv.weight"),  # [D, (H+2Hkv)Dh]
+                wo=put_t(p + "attention.wo.weight"),                                           # [H·Dh, D]
+                w13=put_t(p + "feed_forward.w1.weight", p + "feed_forward.w3.weight"),         # [D, 2F]
+                w2=put_t(p + "feed_forward.w2.weight")))                                       # [F, D]
+
+    def weight_bytes(self):
+        """Bytes of weights one decode step reads (every matrix once; the embedding table only a row)."""
+        mats = [self.output, self.norm] + [w for lw in self.layers for w in lw.values()]
+        return sum(int(w.nbytes) for w in mats)
 
     # ---- construction -------------------------------------------------------------------------------------------
     def new_cache(self, scratch=None):
@@ -151,10 +176,70 @@ class Model:
         return BlockOutput(logits=linear(hidden, self.output), hidden=hidden)                # [T, V]
 
 
-def load(path, dtype="float32", device="auto"):
+# ---- weight storage -------------------------------------------------------------------------------------------
+def available_memory():
+    """MemAvailable from /proc/meminfo in bytes (None where there is no /proc)."""
+    try:
+        for line in open("/proc/meminfo"):
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def choose_weights(weights, tensors, dtype, xp):
+    """'widened' or 'mapped' for weights='auto' | 'widened' | 'mapped' (see Model)."""
+    if weights not in WEIGHTS:
+        raise ValueError(f"weights must be one of {list(WEIGHTS)}, not {weights!r}")
+    if weights == "widened":
+        return weights
+    wide = [k for k, t in tensors.items() if np.ndim(t) == 2 and not isinstance(t, Tensor16)]
+    if weights == "mapped":
+        if xp is not np:
+            raise ValueError("weights='mapped' is for the CPU (NumPy): on a GPU the weights live in device memory")
+        if dtype != np.float32:
+            raise ValueError(f"weights='mapped' widens 16-bit blocks to float32: dtype must be 'float32', "
+                             f"not {np.dtype(dtype).name!r}")
+        if wide:
+            raise ValueError(f"weights='mapped' needs a bf16 or float16 checkpoint; tensor {wide[0]!r} is "
+                             f"{np.asarray(tensors[wide[0]]).dtype} (or was not loaded lazily: use minispec.load)")
+        return "mapped"
+    if xp is not np or dtype != np.float32 or wide:
+        return "widened"
+    need = sum(t.size for t in tensors.values()) * 4
+    avail = available_memory()
+    if avail is not None and need > 0.75 * avail:
+        print(f"minispec: the float32 weights ({need / 1e9:.1f} GB) would not fit in the available memory "
+              f"({avail / 1e9:.1f} GB): keeping the 16-bit files mapped (weights='mapped')", file=sys.stderr)
+        return "mapped"
+    return "widened"
+
+
+def to_working_dtype(xp, t, dtype, name):
+    """A checkpoint tensor (array or Tensor16) as a contiguous `dtype` array on the device. 16-bit tensors go
+    over as their 16 bits and are widened there. float16: a tensor whose values overflow it is refused."""
+    if isinstance(t, Tensor16):
+        bits = np.ascontiguousarray(t.data if t.rows is None else t.data[t.rows])        # reads the file
+        d = to_device(xp, bits)
+        a = (d.astype(xp.uint32) << 16).view(xp.float32) if t.kind == "BF16" else d.astype(xp.float32)
+    else:
+        a = to_device(xp, np.asarray(t))
+    if dtype == np.float16 and a.dtype != np.float16:
+        big = float(xp.abs(a).max()) if a.size else 0.0
+        if big > FLOAT16_MAX:
+            raise ValueError(f"tensor {name!r}: max |w| = {big:.4g} does not fit float16 (max 65504); "
+                             f"load this checkpoint with dtype='float32'")
+    return xp.ascontiguousarray(a.astype(dtype, copy=False))
+
+
+def load(path, dtype="float32", device="auto", weights="auto"):
     """A Model from a Hugging Face folder (config.json + safetensors) or a Mistral one (params.json +
-    consolidated.safetensors). dtype: "float32" (default) or "float64"; device: "auto" | "cpu" | "cuda"."""
+    consolidated.safetensors). dtype: "float32" (default), "float64" or "float16"; device: "auto" | "cpu" |
+    "cuda"; weights: "auto" | "widened" | "mapped" (see Model). Files are memory-mapped; nothing is read
+    from a 16-bit file until a weight is widened."""
     config, layout = load_config(path)
-    model = Model(config, load_tensors(path, config, layout), dtype=dtype, device=device)
+    model = Model(config, load_tensors(path, config, layout, lazy16=True), dtype=dtype, device=device,
+                  weights=weights)
     model.path = str(path)
     return model

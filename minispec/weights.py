@@ -35,8 +35,9 @@ class CheckpointError(UserError):
 # ---------------------------------------------------------------------------------------------------------
 # safetensors, read by hand
 # ---------------------------------------------------------------------------------------------------------
-def read_safetensors(path):
-    """{name: array} for one .safetensors file; arrays are read-only memory-mapped views (BF16 widened)."""
+def read_safetensors(path, lazy16=False):
+    """{name: array} for one .safetensors file; arrays are read-only memory-mapped views (BF16 widened).
+    lazy16: BF16 and F16 tensors come back as `Tensor16` (left in the mapped file, widened only when read)."""
     path = Path(path)
     refuse_pickle(path)
     size = path.stat().st_size
@@ -64,8 +65,46 @@ def read_safetensors(path):
             raise CheckpointError(f"{path}: tensor {name!r} of shape {list(shape)} {info['dtype']} needs {nbytes} "
                                   f"bytes but its offsets say [{begin}, {end}) in a {raw.size}-byte data section")
         arr = raw[begin:end].view(dtype).reshape(shape)
-        out[name] = bf16_to_float32(arr) if info["dtype"] == "BF16" else arr
+        if lazy16 and info["dtype"] in ("BF16", "F16") and arr.ndim == 2:
+            out[name] = Tensor16(arr, info["dtype"])
+        else:
+            out[name] = bf16_to_float32(arr) if info["dtype"] == "BF16" else arr
     return out
+
+
+class Tensor16:
+    """A 16-bit [out, in] matrix left in its memory-mapped file: bf16 bits (as uint16) or float16.
+
+    Nothing is read at construction: pages come in from the file when rows are widened. `rows` (an index array or
+    None) reorders the output rows lazily, which is how a consolidated checkpoint's RoPE permutation is applied
+    without touching the data. Widening is exact: a bf16 is the top half of a float32, a float16 fits a float32.
+    """
+
+    def __init__(self, data, kind, rows=None):
+        self.data, self.kind, self.rows = data, kind, rows                  # data [out, in] uint16 or float16
+        self.shape, self.ndim = tuple(data.shape), 2
+        self.size, self.nbytes = data.size, data.size * 2
+
+    def widen_rows(self, start, stop, out):
+        """Rows start..stop-1 as float32 into out [stop - start, in] (a preallocated buffer)."""
+        src = self.data[start:stop] if self.rows is None else self.data[self.rows[start:stop]]
+        if self.kind == "BF16":
+            np.left_shift(src, 16, out=out.view(np.uint32), dtype=np.uint32)   # bits << 16, reinterpreted
+        else:
+            np.copyto(out, src)
+        return out
+
+    def widen(self, dtype=np.float32):
+        """The whole matrix, widened (for the widened path and for small tensors)."""
+        out = self.widen_rows(0, self.shape[0], np.empty(self.shape, np.float32))
+        return out if dtype == np.float32 else out.astype(dtype)
+
+    def __array__(self, dtype=None, copy=None):
+        return self.widen(np.float32 if dtype is None else dtype)
+
+    def permuted(self, rows):
+        """The same matrix with its output rows reordered (row i of the result = row rows[i] of this one)."""
+        return Tensor16(self.data, self.kind, rows if self.rows is None else self.rows[rows])
 
 
 def bf16_to_float32(bits):
@@ -173,15 +212,16 @@ def load_config(folder):
     raise CheckpointError(f"{folder}: neither config.json (Hugging Face) nor params.json (Mistral) found")
 
 
-def load_tensors(folder, cfg=None, layout=None):
-    """Canonical {name: array (out, in), float32/float64/float16 as stored, bf16 widened} of a model folder."""
+def load_tensors(folder, cfg=None, layout=None, lazy16=False):
+    """Canonical {name: array (out, in), float32/float64/float16 as stored, bf16 widened} of a model folder.
+    lazy16: 16-bit matrices stay in their mapped files as `Tensor16` (nothing is read here)."""
     folder = Path(folder)
     if cfg is None:
         cfg, layout = load_config(folder)
     expected = canonical_names(cfg)
     tensors, where = {}, {}
     for file in _safetensors_files(folder):
-        for name, arr in read_safetensors(file).items():
+        for name, arr in read_safetensors(file, lazy16).items():
             key = hf_to_canonical(name) if layout == "hf" else name
             if key in tensors:
                 raise CheckpointError(f"{file}: tensor {name!r} is duplicated (also in {where[key]})")
@@ -201,5 +241,9 @@ def load_tensors(folder, cfg=None, layout=None):
     if layout == "mistral":
         for i in range(cfg.n_layers):
             for key, n in ((f"layers.{i}.attention.wq.weight", cfg.n_heads), (f"layers.{i}.attention.wk.weight", cfg.n_kv_heads)):
-                tensors[key] = interleaved_to_half_rope(tensors[key], n)
+                w = tensors[key]
+                if isinstance(w, Tensor16):     # permute row indices, not data: nothing is read at load
+                    tensors[key] = w.permuted(interleaved_to_half_rope(np.arange(w.shape[0])[:, None], n)[:, 0])
+                else:
+                    tensors[key] = interleaved_to_half_rope(w, n)
     return tensors
