@@ -137,7 +137,10 @@ class MappedRows:
     def __getitem__(self, ids):
         ids = np.asarray(ids).reshape(-1)
         rows = ids if self.tensor.rows is None else self.tensor.rows[ids]
-        return Tensor16(self.tensor.data[rows], self.tensor.kind).widen()   # [T, D]
+        src = self.tensor.data[rows]                                        # [T, D] 16-bit
+        if self.tensor.name is not None:
+            self.tensor.check_rows(src, 0)                                  # the rows looked up (ids, not 0..)
+        return Tensor16(src, self.tensor.kind).widen()                      # [T, D]
 
     def __array__(self, dtype=None, copy=None):
         w = self.tensor.widen()

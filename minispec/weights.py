@@ -80,14 +80,33 @@ class Tensor16:
     without touching the data. Widening is exact: a bf16 is the top half of a float32, a float16 fits a float32.
     """
 
-    def __init__(self, data, kind, rows=None):
+    def __init__(self, data, kind, rows=None, name=None, source=None):
         self.data, self.kind, self.rows = data, kind, rows                  # data [out, in] uint16 or float16
         self.shape, self.ndim = tuple(data.shape), 2
         self.size, self.nbytes = data.size, data.size * 2
+        # Non-finite weights are refused as at a widened load, but lazily: checking at load would read the whole
+        # file. Rows are checked as they are first widened (one bit test per block, on the first pass only), so
+        # the first forward names the tensor; `checked_to` is how far the in-order first pass has got.
+        self.name, self.source, self.checked_to = name, source, 0
+
+    def check_rows(self, src, start):
+        """Refuse rows src (of this tensor, from row `start`) holding NaN or inf, naming the tensor."""
+        if self.kind == "BF16":                                             # exponent bits all ones
+            bad = (src & np.uint16(0x7F80)) == np.uint16(0x7F80)
+        else:
+            bad = ~np.isfinite(src)
+        if bad.any():
+            first = [int(i) for i in np.argwhere(bad)[0]]
+            first[0] += start
+            raise UserError(f"{self.source}: tensor {self.name!r} holds NaN or inf (the first at index {first}): "
+                            f"the file is corrupt or was saved from a diverged run")
 
     def widen_rows(self, start, stop, out):
         """Rows start..stop-1 as float32 into out [stop - start, in] (a preallocated buffer)."""
         src = self.data[start:stop] if self.rows is None else self.data[self.rows[start:stop]]
+        if start <= self.checked_to < stop:
+            self.check_rows(src, start)
+            self.checked_to = stop
         if self.kind == "BF16":
             np.left_shift(src, 16, out=out.view(np.uint32), dtype=np.uint32)   # bits << 16, reinterpreted
         else:
@@ -104,7 +123,7 @@ class Tensor16:
 
     def permuted(self, rows):
         """The same matrix with its output rows reordered (row i of the result = row rows[i] of this one)."""
-        return Tensor16(self.data, self.kind, rows if self.rows is None else self.rows[rows])
+        return Tensor16(self.data, self.kind, rows if self.rows is None else self.rows[rows], self.name, self.source)
 
 
 def bf16_to_float32(bits):
@@ -232,7 +251,10 @@ def load_tensors(folder, cfg=None, layout=None, lazy16=False):
             if tuple(arr.shape) != expected[key]:
                 raise CheckpointError(f"{file}: tensor {name!r} has shape {list(arr.shape)}, "
                                       f"expected {list(expected[key])} from the config")
-            check_finite(arr, name, file)           # one sum per tensor: cheap (docs/errors.md)
+            if isinstance(arr, Tensor16):           # mapped: checked as its rows are first widened (nothing read now)
+                arr.name, arr.source = name, file
+            else:
+                check_finite(arr, name, file)       # one sum per tensor: cheap (docs/errors.md)
             tensors[key], where[key] = arr, file
     missing = [k for k in expected if k not in tensors]
     if missing:

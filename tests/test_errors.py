@@ -201,6 +201,28 @@ def test_a_nan_in_a_model_tensor_is_refused_at_load_naming_the_tensor(tmp_path):
     assert "NaN" in str(e.value) or "non-finite" in str(e.value)
 
 
+@pytest.mark.parametrize("name", ["model.layers.1.mlp.down_proj.weight", "model.embed_tokens.weight"])
+def test_a_nan_in_a_mapped_bf16_tensor_is_refused_at_its_first_use_naming_the_tensor(tmp_path, name):
+    """Mapped weights are not read at load (that is the point of mapping), so the check runs as rows are first
+    widened: the first forward that reads the tensor names it (the embedding: when the bad row is looked up)."""
+    import json
+    import struct
+    folder = tmp_path / "m"
+    shutil.copytree(FIXTURES / "gqa4_hd_bf16", folder)
+    path = folder / "model.safetensors"
+    blob = bytearray(path.read_bytes())
+    n = struct.unpack("<Q", blob[:8])[0]
+    info = json.loads(blob[8:8 + n])[name]
+    assert info["dtype"] == "BF16"
+    cols = info["shape"][1]
+    at = 8 + n + info["data_offsets"][0] + 2 * (3 * cols + 4)               # element [3, 4]
+    blob[at:at + 2] = struct.pack("<H", 0x7FC0)                             # a bf16 quiet NaN
+    path.write_bytes(bytes(blob))
+    model = minispec.load(folder, device="cpu", weights="mapped")           # loads: nothing is read yet
+    with pytest.raises(ValueError, match=name.replace(".", r"\.") + ".*NaN or inf"):
+        model.forward([1, 3, 2])
+
+
 def test_an_inf_in_a_head_file_is_refused_at_load_naming_the_tensor(tmp_path, model):
     from minispec.medusa import MedusaHeads, load_heads
     heads = MedusaHeads.create(model, num_heads=2, num_layers=1, version="v2")
