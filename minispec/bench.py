@@ -460,7 +460,8 @@ def speculation_line(name, stats_list, costs, t1, measured, max_depth=None, base
     counters = {}
     for s in stats_list:
         for k, v in s.counters.items():
-            counters[k] = counters.get(k, 0) + v
+            if isinstance(v, (int, float)):                 # counts and times (a list, e.g. gamma over time: not)
+                counters[k] = counters.get(k, 0) + v
     heads = (f", heads {counters['head_time_s'] / steps / t1:.2f} of them" if "head_time_s" in counters else "")
     calls = f", {counters['head_calls'] / steps:.1f} head calls/step" if "head_calls" in counters else ""
     acc = ", ".join(f"{a:.2f}" for a in depth_acceptance(stats_list, max_depth))

@@ -32,3 +32,12 @@ def test_the_decoder_line_reports_head_calls_proposal_cost_and_both_speedups():
     assert "per-depth acceptance [0.67, 1.00]" in line and "1.5 head calls/step" in line
     assert "proposal 1.00 AR steps/step, heads 0.50 of them" in line
     assert "predicted tau / (c(N) + proposal) = 0.73x, measured 1.23x" in line
+
+
+def test_the_decoder_line_ignores_a_proposer_counter_that_is_a_series_not_a_count():
+    """Draft & Verify records its threshold gamma at every step (a list): the line sums counts only."""
+    s = Stats(steps=2, accepted=[2, 3], drafted=[2, 3], propose_time=0.2,
+              counters={"draft_verify.forwards": 5, "draft_verify.gamma": [0.6, 0.59]})
+    s.verify_time = 0.3
+    line = speculation_line("draft_verify", [s], {1: 1.0, 2: 1.5, 4: 2.5}, 0.1, 0.9, base_step=0.1)
+    assert "3.5 nodes verified/step" in line and "proposal 1.00 AR steps/step" in line     # 1 + 5/2; 0.2/2/0.1
