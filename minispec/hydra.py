@@ -46,7 +46,7 @@ from .errors import MissingFileError
 from .cache import RollingCache
 from .layers import apply_rope, attention, linear, rms_norm, rope_tables, silu, sliding_window_mask, swiglu
 from .medusa import topk_ids
-from .tree import Tree
+from .tree import Tree, as_tree, stored_tree
 from .verify import Draft, count
 
 ARCHS = ("mlp", "prefix-mlp")          # zankner/Hydra's hydra_head_arch values: Hydra, Hydra++
@@ -319,13 +319,9 @@ class HydraProposer:
                 raise MissingFileError(f"{heads}: no such folder of {kind} heads")
             heads = load_heads(Path(heads), model)
         self.name = heads.kind
-        if tree is None:
-            gpu = getattr(model, "device", None) == "cuda" and heads.choices_cuda
-            tree = (heads.choices_cuda if gpu else heads.choices) or Tree.chain(heads.K)
-        if not isinstance(tree, Tree):
-            tree = Tree.from_choices(tree, n_heads=heads.K)
-        if tree.max_depth > heads.K:
-            raise ValueError(f"{self.name}: the tree is {tree.max_depth} deep, but there are only {heads.K} heads")
+        device = getattr(model, "device", None)
+        tree = (stored_tree(heads.choices, heads.choices_cuda, heads.K, device, self.name) if tree is None
+                else as_tree(tree, heads.K, self.name))
         self.model, self.heads, self.tree, self.plan = model, heads, tree, TreePlan(tree)
         self.root_only = Tree.from_choices([])
         self.cache, self.h = None, None

@@ -36,6 +36,7 @@ from pathlib import Path
 import numpy as np
 
 from .backend import to_device, to_host
+from .errors import check_finite, read_json
 from .hydra import ARCHS, HydraHeads, head_input_width
 from .weights import PICKLE_SUFFIXES, CheckpointError, read_safetensors
 
@@ -142,6 +143,7 @@ def from_state_dict(model, tensors, arch, num_heads, num_layers, source="state d
         if tuple(tensors[name].shape) != shape:
             raise CheckpointError(f"{source}: tensor {name!r} has shape {list(tensors[name].shape)}, expected "
                                   f"{list(shape)} ({what})")
+        check_finite(tensors[name], name, source)
     rot = LAYER + "self_attn.rotary_emb.inv_freq"
     if rot in tensors and not np.allclose(np.asarray(tensors[rot], np.float64), inv_freq(c), rtol=1e-5):
         raise CheckpointError(f"{source}: {rot} does not match the base model's rope_theta = {c.rope_theta}")
@@ -195,7 +197,7 @@ def save(heads, folder, extra=None, dtype=np.float32):
 def load(folder, model):
     """Heads saved by `save`, onto the model's device and dtype (sizes must match the model)."""
     folder = Path(folder)
-    cfg = json.loads((folder / CONFIG_NAME).read_text())
+    cfg = read_json(folder / CONFIG_NAME, expect=dict)
     if cfg.get("kind") not in ("hydra", "hydra++"):
         raise CheckpointError(f"{folder / CONFIG_NAME}: kind is {cfg.get('kind')!r}, expected 'hydra' or 'hydra++'")
     for key, have in (("hidden_size", model.config.dim), ("vocab_size", model.config.vocab_size)):
@@ -235,7 +237,7 @@ def read_hydra(folder, model):
                 _refuse_pickle(folder / f"hydra_lm_head{suffix}")
         raise CheckpointError(f"{folder}: no {HY_WEIGHTS_NAME}")
     cfg_path = folder / HY_CONFIG_NAME
-    cfg = json.loads(cfg_path.read_text())
+    cfg = read_json(cfg_path, expect=dict)
     for key in ("hydra_num_heads", "hydra_num_layers", "hydra_head_arch"):
         if key not in cfg:
             raise CheckpointError(f"{cfg_path}: no {key!r} (not a zankner/Hydra HydraConfig)")

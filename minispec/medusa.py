@@ -31,7 +31,7 @@ import numpy as np
 from .backend import array_module, to_device, to_host
 from .errors import MissingFileError, check_finite, read_json
 from .layers import linear, silu
-from .tree import Tree
+from .tree import Tree, as_tree, stored_tree
 from .verify import Draft, count
 from .weights import PICKLE_SUFFIXES, CheckpointError, read_safetensors
 
@@ -345,13 +345,9 @@ class MedusaProposer:
             heads = self._heads_next_to(model)
         elif isinstance(heads, (str, Path)):            # a folder of heads (e.g. `minispec generate --heads DIR`)
             heads = self._heads_in(model, Path(heads))
-        if tree is None:
-            gpu = getattr(model, "device", None) == "cuda" and heads.choices_cuda
-            tree = (heads.choices_cuda if gpu else heads.choices) or Tree.chain(heads.K)
-        if not isinstance(tree, Tree):
-            tree = Tree.from_choices(tree, n_heads=heads.K)
-        if tree.max_depth > heads.K:
-            raise ValueError(f"medusa: the tree is {tree.max_depth} deep, but there are only {heads.K} heads")
+        device = getattr(model, "device", None)
+        tree = (stored_tree(heads.choices, heads.choices_cuda, heads.K, device, "medusa") if tree is None
+                else as_tree(tree, heads.K, "medusa"))
         need = int(tree.rank.max()) + 1 if tree.N > 1 else 1
         top_k = need if top_k is None else top_k
         if top_k < need:

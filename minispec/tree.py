@@ -180,3 +180,20 @@ def build_tree(accuracies, budget):
             for r in range(k):
                 heapq.heappush(frontier, (neg * acc[d, r], d + 1, path + (r,)))
     return Tree.from_choices(chosen, n_heads=K, top_k=k), tau
+
+
+def stored_tree(choices, choices_cuda, n_heads, device, name):
+    """The tree a proposer uses by default: `choices_cuda` on a GPU when the heads store one (verifying N tokens
+    costs about one step there), else `choices` (sized from the CPU's cost curve), else the chain of n_heads.
+    `tree` given by the caller (a Tree or choices) is checked the same way by `as_tree`."""
+    gpu = device == "cuda" and choices_cuda
+    return as_tree((choices_cuda if gpu else choices) or Tree.chain(n_heads), n_heads, name)
+
+
+def as_tree(tree, n_heads, name):
+    """A Tree from a Tree or a choices list, refused if it is deeper than the n_heads that fill it."""
+    if not isinstance(tree, Tree):
+        tree = Tree.from_choices(tree, n_heads=n_heads)
+    if tree.max_depth > n_heads:
+        raise ValueError(f"{name}: the tree is {tree.max_depth} deep, but there are only {n_heads} heads")
+    return tree

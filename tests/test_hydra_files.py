@@ -2,12 +2,14 @@
 proposer finding its heads, device discipline and the command line."""
 import json
 import re
+import shutil
 
 import numpy as np
 import pytest
 from safetensors.numpy import load_file, save_file
 
-from conftest import random_tensors, rel_err, tiny_config
+from conftest import SHIPPED, random_tensors, rel_err, tiny_config
+import minispec
 from minispec import generate
 from minispec.hydra import HydraProposer, prefix_forward
 from minispec.hydra_files import load_heads, read_hydra, write_hydra
@@ -188,3 +190,17 @@ def test_cli_generate_takes_hydra_and_hydra_plus_plus_from_the_decoder_registry(
     with pytest.raises(SystemExit):
         main(["generate", "--model", str(folder), "--decoder", "hydra+++"])
     assert "invalid choice" in capsys.readouterr().err
+
+
+def test_an_inf_in_a_hydra_head_file_is_refused_at_load_naming_the_tensor(tmp_path):
+    from minispec.hydra_files import WEIGHTS_NAME
+    model = minispec.load(SHIPPED, device="cpu")
+    folder = tmp_path / "hydra"
+    shutil.copytree(SHIPPED / "hydra", folder)
+    t = load_file(str(folder / WEIGHTS_NAME))
+    name = sorted(t)[0]
+    t[name] = t[name].copy()
+    t[name].reshape(-1)[0] = np.inf
+    save_file(t, str(folder / WEIGHTS_NAME))
+    with pytest.raises(ValueError, match=re.escape(repr(name)) + ".*inf"):
+        load_heads(folder, model)
