@@ -45,7 +45,7 @@ class SkipSet:
         object.__setattr__(self, "attn", tuple(bool(a) for a in self.attn))
         object.__setattr__(self, "mlp", tuple(bool(m) for m in self.mlp))
         if len(self.attn) != len(self.mlp):
-            raise ValueError(f"SkipSet: attn has {len(self.attn)} layers but mlp has {len(self.mlp)}")
+            raise UserError(f"SkipSet: attn has {len(self.attn)} layers but mlp has {len(self.mlp)}")
 
     @classmethod
     def from_lists(cls, n_layers, attn=(), mlp=(), meta=None):
@@ -53,7 +53,7 @@ class SkipSet:
         for name, idx in (("attention", attn), ("mlp", mlp)):
             bad = [int(i) for i in idx if not 0 <= int(i) < n_layers]
             if bad:
-                raise ValueError(f"SkipSet: {name} layer indices {bad} outside 0..{n_layers - 1}")
+                raise UserError(f"SkipSet: {name} layer indices {bad} outside 0..{n_layers - 1}")
         a, m = set(int(i) for i in attn), set(int(i) for i in mlp)
         return cls(tuple(i in a for i in range(n_layers)), tuple(i in m for i in range(n_layers)), dict(meta or {}))
 
@@ -91,23 +91,23 @@ class SkipSet:
     def from_json(cls, d, n_layers=None, where="skip set"):
         """From the file's dict; n_layers (the model's L) is checked against the file's when given."""
         if not isinstance(d, dict):
-            raise ValueError(f"{where}: expected a JSON object with keys 'attention', 'mlp', 'n_layers'")
+            raise UserError(f"{where}: expected a JSON object with keys 'attention', 'mlp', 'n_layers'")
         missing = [k for k in ("attention", "mlp") if k not in d]
         if missing:
-            raise ValueError(f"{where}: missing key(s) {missing} (lists of skipped layer indices)")
+            raise UserError(f"{where}: missing key(s) {missing} (lists of skipped layer indices)")
         L = d.get("n_layers", n_layers)
         if L is None:
-            raise ValueError(f"{where}: missing key 'n_layers'")
+            raise UserError(f"{where}: missing key 'n_layers'")
         if n_layers is not None and int(L) != n_layers:
-            raise ValueError(f"{where}: made for n_layers={L}, but the model has {n_layers} layers")
+            raise UserError(f"{where}: made for n_layers={L}, but the model has {n_layers} layers")
         for k in ("attention", "mlp"):
             if not isinstance(d[k], list) or not all(isinstance(i, int) and not isinstance(i, bool) for i in d[k]):
-                raise ValueError(f"{where}: key {k!r} must be a list of layer indices (ints), got {d[k]!r}")
+                raise UserError(f"{where}: key {k!r} must be a list of layer indices (ints), got {d[k]!r}")
         meta = {k: v for k, v in d.items() if k not in ("attention", "mlp", "n_layers")}
         try:
             return cls.from_lists(int(L), d["attention"], d["mlp"], meta)
         except ValueError as e:
-            raise ValueError(f"{where}: {e}") from None
+            raise UserError(f"{where}: {e}") from None
 
     def save(self, path):
         os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
@@ -121,7 +121,7 @@ class SkipSet:
             try:
                 d = json.load(f)
             except json.JSONDecodeError as e:
-                raise ValueError(f"{path}: not valid JSON ({e})") from None
+                raise UserError(f"{path}: not valid JSON ({e})") from None
         return cls.from_json(d, n_layers=n_layers, where=str(path))
 
 
@@ -188,9 +188,9 @@ def _as_skip_set(skip, model):
     elif isinstance(skip, (str, os.PathLike)):
         s = SkipSet.load(skip, n_layers=model.config.n_layers)
     else:
-        raise ValueError(f"draft_verify: skip must be a SkipSet, a dict or a JSON path, not {type(skip).__name__}")
+        raise UserError(f"draft_verify: skip must be a SkipSet, a dict or a JSON path, not {type(skip).__name__}")
     if s.n_layers != model.config.n_layers:
-        raise ValueError(f"draft_verify: skip set has {s.n_layers} layers, the model {model.config.n_layers}")
+        raise UserError(f"draft_verify: skip set has {s.n_layers} layers, the model {model.config.n_layers}")
     return s
 
 
@@ -221,12 +221,12 @@ class DraftVerifyProposer:
         max_draft = self.skip.meta.get("max_draft", 8) if max_draft is None else max_draft
         gamma0 = self.skip.meta.get("gamma0", self.rule.gamma0) if gamma0 is None else gamma0
         if int(max_draft) < 1:
-            raise ValueError(f"draft_verify: max_draft must be >= 1, got {max_draft}")
+            raise UserError(f"draft_verify: max_draft must be >= 1, got {max_draft}")
         self.max_draft, self.adaptive = int(max_draft), bool(adaptive)
         self._chains = {}
         self.gamma0 = float(gamma0)
         if not 0 <= self.gamma0 <= 1:
-            raise ValueError(f"draft_verify: gamma0 must lie in [0, 1], got {gamma0}")
+            raise UserError(f"draft_verify: gamma0 must lie in [0, 1], got {gamma0}")
         self.start(None, None)
 
     def start(self, ctx, prompt_hidden):

@@ -42,7 +42,7 @@ from pathlib import Path
 import numpy as np
 
 from .backend import array_module, to_host
-from .errors import MissingFileError
+from .errors import MissingFileError, UserError
 from .cache import RollingCache
 from .layers import apply_rope, attention, linear, rms_norm, rope_tables, silu, sliding_window_mask, swiglu
 from .medusa import topk_ids
@@ -239,9 +239,9 @@ class HydraHeads:
     def __init__(self, heads, prefix, model, arch=None, choices=(), choices_cuda=None, accuracies=None):
         arch = arch or ("mlp" if prefix is None else "prefix-mlp")
         if arch not in ARCHS:
-            raise ValueError(f"Hydra head arch must be one of {ARCHS}, not {arch!r}")
+            raise UserError(f"Hydra head arch must be one of {ARCHS}, not {arch!r}")
         if (prefix is None) != (arch == "mlp"):
-            raise ValueError(f"Hydra arch {arch!r}: " + ("needs a prefix layer" if prefix is None
+            raise UserError(f"Hydra arch {arch!r}: " + ("needs a prefix layer" if prefix is None
                                                          else "has no prefix layer"))
         self.heads, self.prefix, self.arch = list(heads), prefix, arch
         self.config, self.embed, self.xp = model.config, model.tok_embeddings, model.xp
@@ -274,7 +274,7 @@ class HydraHeads:
     def create(cls, model, num_heads=4, num_layers=1, arch="mlp", seed=0):
         """Untrained heads (init_head for each head; a random prefix layer for "prefix-mlp")."""
         if num_heads < 1 or num_layers < 1:
-            raise ValueError(f"Hydra: need num_heads >= 1 and num_layers >= 1, got {num_heads}, {num_layers}")
+            raise UserError(f"Hydra: need num_heads >= 1 and num_layers >= 1, got {num_heads}, {num_layers}")
         rng = np.random.default_rng(seed)
         heads = [init_head(model, i, num_layers) for i in range(num_heads)]
         prefix = init_prefix(model, rng) if arch == "prefix-mlp" else None
@@ -310,7 +310,7 @@ class HydraProposer:
 
     def __init__(self, model, kind="hydra", heads=None, tree=None):
         if kind not in KIND_ARCH:
-            raise ValueError(f"Hydra kind must be one of {sorted(KIND_ARCH)}, not {kind!r}")
+            raise UserError(f"Hydra kind must be one of {sorted(KIND_ARCH)}, not {kind!r}")
         if heads is None:
             heads = self._heads_next_to(model, kind)
         elif isinstance(heads, (str, Path)):            # a folder of heads (e.g. `minispec generate --heads DIR`)

@@ -36,7 +36,7 @@ from pathlib import Path
 import numpy as np
 
 from .backend import to_device, to_host
-from .errors import check_finite, read_json
+from .errors import UserError, check_finite, read_json
 from .hydra import ARCHS, HydraHeads, head_input_width
 from .weights import PICKLE_SUFFIXES, CheckpointError, read_safetensors
 
@@ -58,7 +58,7 @@ def lm_head_name(arch, i):
 def state_dict_shapes(arch, num_heads, num_layers, config, hydra_extras=False):
     """{zankner/Hydra tensor name: (out, in) shape}; hydra_extras: also the tensors only Hydra's modules hold."""
     if arch not in ARCHS:
-        raise ValueError(f"Hydra head arch must be one of {ARCHS}, not {arch!r}")
+        raise UserError(f"Hydra head arch must be one of {ARCHS}, not {arch!r}")
     D, V, H, Hkv, Dh, F = (config.dim, config.vocab_size, config.n_heads, config.n_kv_heads, config.head_dim,
                            config.hidden_dim)
     shapes = {}
@@ -267,12 +267,12 @@ def write_hydra(heads, folder):
     from safetensors.numpy import save_file
     bad = [i for i, p in enumerate(heads.heads) if not blocks_equal(p)]
     if bad:
-        raise ValueError(f"write_hydra: head {bad[0]}'s blocks 2..{heads.L} have different weights, but zankner/Hydra "
+        raise UserError(f"write_hydra: head {bad[0]}'s blocks 2..{heads.L} have different weights, but zankner/Hydra "
                          f"builds them as one shared module ([ResBlock(D)] * (L - 1)) and would keep only one of "
                          f"them; minispec refuses to write a file that would not compute what these heads compute")
     c = heads.config
     if heads.prefix is not None and (c.rope_theta != 10000.0 or c.head_dim * c.n_heads != c.dim):
-        raise ValueError(f"write_hydra: zankner/Hydra's prefix layer (its LlamaAttention) always uses RoPE base 10000 "
+        raise UserError(f"write_hydra: zankner/Hydra's prefix layer (its LlamaAttention) always uses RoPE base 10000 "
                          f"and head_dim = hidden_size / num_attention_heads; this model has rope_theta = "
                          f"{c.rope_theta}, head_dim {c.head_dim} x {c.n_heads} heads vs dim {c.dim}, so Hydra would "
                          f"compute something else than these heads")

@@ -45,7 +45,7 @@ class Model:
 
     def __init__(self, config, tensors, dtype="float32", device="auto", weights="auto"):
         if dtype not in DTYPES:
-            raise ValueError(f"dtype must be one of {list(DTYPES)}, not {dtype!r}")
+            raise UserError(f"dtype must be one of {list(DTYPES)}, not {dtype!r}")
         self.config, self.dtype = config, DTYPES[dtype]
         self.xp, self.device = resolve_device(device)
         c, xp = config, self.xp
@@ -191,18 +191,18 @@ def available_memory():
 def choose_weights(weights, tensors, dtype, xp):
     """'widened' or 'mapped' for weights='auto' | 'widened' | 'mapped' (see Model)."""
     if weights not in WEIGHTS:
-        raise ValueError(f"weights must be one of {list(WEIGHTS)}, not {weights!r}")
+        raise UserError(f"weights must be one of {list(WEIGHTS)}, not {weights!r}")
     if weights == "widened":
         return weights
     wide = [k for k, t in tensors.items() if np.ndim(t) == 2 and not isinstance(t, Tensor16)]
     if weights == "mapped":
         if xp is not np:
-            raise ValueError("weights='mapped' is for the CPU (NumPy): on a GPU the weights live in device memory")
+            raise UserError("weights='mapped' is for the CPU (NumPy): on a GPU the weights live in device memory")
         if dtype != np.float32:
-            raise ValueError(f"weights='mapped' widens 16-bit blocks to float32: dtype must be 'float32', "
+            raise UserError(f"weights='mapped' widens 16-bit blocks to float32: dtype must be 'float32', "
                              f"not {np.dtype(dtype).name!r}")
         if wide:
-            raise ValueError(f"weights='mapped' needs a bf16 or float16 checkpoint; tensor {wide[0]!r} is "
+            raise UserError(f"weights='mapped' needs a bf16 or float16 checkpoint; tensor {wide[0]!r} is "
                              f"{np.asarray(tensors[wide[0]]).dtype} (or was not loaded lazily: use minispec.load)")
         return "mapped"
     if xp is not np or dtype != np.float32 or wide:
@@ -228,7 +228,7 @@ def to_working_dtype(xp, t, dtype, name):
     if dtype == np.float16 and a.dtype != np.float16:
         big = float(xp.abs(a).max()) if a.size else 0.0
         if big > FLOAT16_MAX:
-            raise ValueError(f"tensor {name!r}: max |w| = {big:.4g} does not fit float16 (max 65504); "
+            raise UserError(f"tensor {name!r}: max |w| = {big:.4g} does not fit float16 (max 65504); "
                              f"load this checkpoint with dtype='float32'")
     return xp.ascontiguousarray(a.astype(dtype, copy=False))
 

@@ -35,7 +35,7 @@ import numpy as np
 
 from .backend import to_host
 from .draft_verify import SkipSet
-
+from .errors import UserError
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -226,7 +226,7 @@ def match_list(model, calib, skip, context="committed", caches=None):
     keys/values everywhere, as a SWIFT-style parallel draft over the context; slightly pessimistic).
     caches: a list to keep the full model's filled caches in between calls (one per sequence)."""
     if context not in ("committed", "own"):
-        raise ValueError(f"match_list: context must be 'committed' or 'own', not {context!r}")
+        raise UserError(f"match_list: context must be 'committed' or 'own', not {context!r}")
     out = []
     for i, (seq, s) in enumerate(zip(calib.sequences, calib.starts)):
         want = np.asarray(seq[s:])                                                         # [n_new]
@@ -247,7 +247,7 @@ def _committed_context_logits(model, seq, s, skip, caches, i):
     else:
         cache = model.new_cache()
         if len(seq) > cache.W:
-            raise ValueError(f"match_list: a calibration sequence of {len(seq)} tokens does not fit the "
+            raise UserError(f"match_list: a calibration sequence of {len(seq)} tokens does not fit the "
                              f"{cache.W}-slot cache; use shorter prompts/continuations or context='own'")
         model.forward(seq, cache)                   # the full model's K/V of every position, committed
         if caches is not None:
@@ -332,7 +332,7 @@ class PredictedObjective:
     def precompute(self):
         """Score every set's matches in one depth-first walk (all_match_lists); later calls only look up."""
         if self.context != "committed":
-            raise ValueError("precompute: the depth-first walk implements context='committed' only")
+            raise UserError("precompute: the depth-first walk implements context='committed' only")
         self._every = all_match_lists(self.model, self.calib)
 
     def __call__(self, skip):

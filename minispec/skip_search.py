@@ -26,6 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .errors import UserError
 from .skip_objective import (CostModel, Calibration, MeasuredObjective, PredictedObjective, calibrate, free_decisions,
                              from_code, from_params, measure_costs, search_space, to_code, to_params)
 
@@ -50,9 +51,9 @@ class Trace:
                 try:
                     data = json.load(f)
                 except json.JSONDecodeError as e:
-                    raise ValueError(f"{path}: not valid JSON ({e}); delete it to start the search afresh") from None
+                    raise UserError(f"{path}: not valid JSON ({e}); delete it to start the search afresh") from None
             if data.get("format") != FORMAT:
-                raise ValueError(f"{path}: not a skip-search trace (format {data.get('format')!r}, want {FORMAT!r})")
+                raise UserError(f"{path}: not a skip-search trace (format {data.get('format')!r}, want {FORMAT!r})")
             return cls(path, data)
         return cls(path, {"format": FORMAT, **(header() if callable(header) else header), "runs": {}})
 
@@ -60,7 +61,7 @@ class Trace:
         """The recorded evaluations (list of dicts) of run `key`; its settings must match a resumed run's."""
         run = self.data["runs"].setdefault(key, {"settings": settings, "columns": {}})
         if run["settings"] != settings:
-            raise ValueError(f"{self.path}: run {key!r} was made with {run['settings']}, not {settings}; "
+            raise UserError(f"{self.path}: run {key!r} was made with {run['settings']}, not {settings}; "
                              f"use another --trace file or the same settings")
         cols = run["columns"]
         n = len(cols.get("code", []))
@@ -194,7 +195,7 @@ def best(evaluations, min_match=None):
     rate reaches it (the shipped set: 0.9, the adaptive draft exit's target acceptance rate)."""
     pool = [e for e in evaluations if not e.get("duplicate") and (min_match is None or e["match"] >= min_match)]
     if not pool:
-        raise ValueError(f"no evaluated set has a match rate >= {min_match}")
+        raise UserError(f"no evaluated set has a match rate >= {min_match}")
     return max(pool, key=lambda e: e["value"])
 
 
@@ -236,10 +237,10 @@ def run_search(model, trace_path, methods=("bo", "random"), objective="predicted
     elif objective == "measured":
         fn = MeasuredObjective(model, [s[:n] for s, n in zip(calib.sequences, calib.starts)])
     else:
-        raise ValueError(f"--objective must be 'predicted' or 'measured', not {objective!r}")
+        raise UserError(f"--objective must be 'predicted' or 'measured', not {objective!r}")
     for method in methods:
         if method not in ("bo", "random", "exhaustive"):
-            raise ValueError(f"--method: unknown method {method!r} (bo, random, exhaustive)")
+            raise UserError(f"--method: unknown method {method!r} (bo, random, exhaustive)")
         ends = keep_ends and method != "exhaustive"           # exhaustive: every set (restrict afterwards)
         settings = {"method": method, "objective": objective, "keep_ends": ends, "seed": seed,
                     "budget": len(search_space(L, ends)) if method == "exhaustive" else budget}

@@ -32,6 +32,7 @@ import numpy as np
 
 from . import backprop as bp
 from .backend import array_module, to_device, to_host
+from .errors import UserError
 from .hydra import HydraHeads, head_forward, prefix_forward
 from .medusa import topk_ids
 from .train_heads import Adam, lr_at
@@ -190,7 +191,7 @@ def load_checkpoint(path, params, adam):
     for name, a in params.items():
         for key, dst in ((name, a), ("adam_m." + name, adam.m[name]), ("adam_v." + name, adam.v[name])):
             if key not in tensors or tuple(tensors[key].shape) != tuple(dst.shape):
-                raise ValueError(f"{path.with_suffix('.safetensors')}: tensor {key!r} missing or of the wrong shape "
+                raise UserError(f"{path.with_suffix('.safetensors')}: tensor {key!r} missing or of the wrong shape "
                                  f"(expected {list(dst.shape)}): not a checkpoint of these heads")
             dst[...] = to_device(array_module(dst), np.asarray(tensors[key], dtype=dst.dtype))
     state = json.loads(path.with_suffix(".json").read_text())
@@ -353,13 +354,13 @@ def train_hydra(model_dir, kind="hydra", out=None, num_heads=4, num_layers=None,
     from .tree import build_tree
 
     if kind not in KIND_ARCH:
-        raise ValueError(f"--kind must be one of {sorted(KIND_ARCH)} for Hydra training, not {kind!r}")
+        raise UserError(f"--kind must be one of {sorted(KIND_ARCH)} for Hydra training, not {kind!r}")
     plus = kind == "hydra++"
     num_layers = (4 if plus else 1) if num_layers is None else num_layers
     lm_weight = (0.0 if plus else 1.0) if lm_weight is None else lm_weight
     teacher_weight = (1.0 if plus else 0.0) if teacher_weight is None else teacher_weight
     if data not in ("corpus", "self"):
-        raise ValueError(f"--data must be 'corpus' or 'self', not {data!r}")
+        raise UserError(f"--data must be 'corpus' or 'self', not {data!r}")
     say = print if progress else (lambda *a, **k: None)
     t_start = time.time()
     model = load(model_dir, dtype=dtype, device=device)
@@ -381,7 +382,7 @@ def train_hydra(model_dir, kind="hydra", out=None, num_heads=4, num_layers=None,
         if data_cache is not None:
             save_sequences(data_cache, seqs)
     if len(seqs) < 2:
-        raise ValueError(f"need at least 2 sequences (train + held-out), got {len(seqs)}: raise --tokens")
+        raise UserError(f"need at least 2 sequences (train + held-out), got {len(seqs)}: raise --tokens")
     n_held = min(len(seqs) - 1, max(1, int(round(heldout * len(seqs)))))
     say(f"computing the base model's hidden states once over {sum(len(s) for s, _ in seqs):,} tokens ...")
     train_d, held_d = prepare(model, seqs[:-n_held], num_heads), prepare(model, seqs[-n_held:], num_heads)

@@ -259,6 +259,24 @@ def test_a_decoder_whose_heads_are_missing_fails_before_the_prompt_is_printed(ca
                "Medusa heads", "train-heads")
 
 
+@pytest.mark.parametrize("decoder, words", [("hydra", ["hydra heads", "train-heads --kind hydra"]),
+                                            ("hydra++", ["hydra++ heads", "train-heads --kind hydra++"]),
+                                            ("draft_verify", ["skip set", "search-skip"])])
+def test_the_new_decoders_without_their_files_fail_in_one_line_saying_how_to_make_them(capsys, tmp_path, decoder,
+                                                                                       words):
+    folder = tmp_path / "model"
+    shutil.copytree(SHIPPED, folder, ignore=shutil.ignore_patterns("medusa", "hydra*", "draft_verify"))
+    user_error(["generate", "--model", str(folder), "--decoder", decoder, "--device", "cpu"], capsys, *words)
+
+
+def test_a_broken_skip_set_file_is_refused_in_one_line_naming_the_file_and_key(capsys, tmp_path):
+    folder = tmp_path / "model"
+    shutil.copytree(SHIPPED, folder, ignore=shutil.ignore_patterns("medusa", "hydra*"))
+    (folder / "draft_verify" / "skip_set.json").write_text('{"attention": [1], "mlp": "three", "n_layers": 6}')
+    user_error(["generate", "--model", str(folder), "--decoder", "draft_verify", "--device", "cpu"], capsys,
+               "skip_set.json", "'mlp'")
+
+
 def test_heads_that_do_not_fit_the_model_are_refused_in_one_line(capsys, tmp_path):
     heads = tmp_path / "heads"
     shutil.copytree(SHIPPED / "medusa", heads)
