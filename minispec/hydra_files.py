@@ -38,7 +38,7 @@ import numpy as np
 from .backend import to_device, to_host
 from .errors import UserError, check_finite, read_json
 from .hydra import ARCHS, HydraHeads, head_input_width
-from .weights import PICKLE_SUFFIXES, CheckpointError, read_safetensors
+from .weights import CheckpointError, read_safetensors, safetensors_in
 
 CONFIG_NAME, WEIGHTS_NAME = "hydra_config.json", "hydra_heads.safetensors"
 HY_CONFIG_NAME, HY_WEIGHTS_NAME = "config.json", "hydra_lm_head.safetensors"
@@ -227,15 +227,8 @@ def _refuse_pickle(path):
 def read_hydra(folder, model):
     """Heads from a zankner/Hydra folder: config.json + hydra_lm_head.safetensors (grounded heads, final hidden
     state only). A .pt/.bin file is refused with the one-line torch conversion."""
+    weights = safetensors_in(folder, HY_WEIGHTS_NAME, _refuse_pickle)
     folder = Path(folder)
-    if folder.suffix in PICKLE_SUFFIXES:
-        _refuse_pickle(folder)
-    weights = folder / HY_WEIGHTS_NAME
-    if not weights.exists():
-        for suffix in PICKLE_SUFFIXES:
-            if (folder / f"hydra_lm_head{suffix}").exists():
-                _refuse_pickle(folder / f"hydra_lm_head{suffix}")
-        raise CheckpointError(f"{folder}: no {HY_WEIGHTS_NAME}")
     cfg_path = folder / HY_CONFIG_NAME
     cfg = read_json(cfg_path, expect=dict)
     for key in ("hydra_num_heads", "hydra_num_layers", "hydra_head_arch"):

@@ -33,7 +33,7 @@ from .errors import MissingFileError, check_finite, read_json
 from .layers import linear, silu
 from .tree import Tree, as_tree, stored_tree
 from .verify import Draft, count
-from .weights import PICKLE_SUFFIXES, CheckpointError, read_safetensors
+from .weights import CheckpointError, read_safetensors, safetensors_in
 
 CONFIG_NAME, WEIGHTS_NAME = "medusa_config.json", "medusa_heads.safetensors"
 FD_CONFIG_NAME, FD_WEIGHTS_NAME = "config.json", "medusa_lm_head.safetensors"
@@ -284,15 +284,8 @@ def read_fasterdecoding(folder, model):
     A file without the projection keys ({head}.{num_layers}.weight) is read as minispec "v2": heads that share
     the base model's output layer. A .pt/.bin file is refused with the one-line torch conversion. Tensor names
     may carry the `medusa_head.` prefix of full-model Medusa checkpoints."""
+    weights = safetensors_in(folder, FD_WEIGHTS_NAME, _refuse_pickle)
     folder = Path(folder)
-    if folder.suffix in PICKLE_SUFFIXES:
-        _refuse_pickle(folder)
-    weights = folder / FD_WEIGHTS_NAME
-    if not weights.exists():
-        for suffix in PICKLE_SUFFIXES:
-            if (folder / f"medusa_lm_head{suffix}").exists():
-                _refuse_pickle(folder / f"medusa_lm_head{suffix}")
-        raise CheckpointError(f"{folder}: no {FD_WEIGHTS_NAME}")
     cfg = read_json(folder / FD_CONFIG_NAME)
     for key in ("medusa_num_heads", "medusa_num_layers"):
         if key not in cfg:

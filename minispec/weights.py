@@ -139,6 +139,22 @@ def refuse_pickle(path):
             f"safetensors.torch.save_file(torch.load(path, weights_only=True), 'model.safetensors')).")
 
 
+def safetensors_in(folder, filename, refuse):
+    """folder/filename, a head file of a foreign format, or an error. A pickle file passed as the folder, or lying
+    where the safetensors file should be (the same stem with .pt/.bin), goes to refuse(path), which raises with
+    that format's conversion recipe; never unpickled."""
+    folder = Path(folder)
+    if folder.suffix in PICKLE_SUFFIXES:
+        refuse(folder)
+    path = folder / filename
+    if not path.exists():
+        for suffix in PICKLE_SUFFIXES:
+            if (folder / f"{Path(filename).stem}{suffix}").exists():
+                refuse(folder / f"{Path(filename).stem}{suffix}")
+        raise CheckpointError(f"{folder}: no {filename}")
+    return path
+
+
 # ---------------------------------------------------------------------------------------------------------
 # Name maps (foreign -> canonical) and the RoPE permutation
 # ---------------------------------------------------------------------------------------------------------
