@@ -44,7 +44,7 @@ import numpy as np
 from .backend import array_module, to_host
 from .errors import MissingFileError, UserError
 from .cache import RollingCache
-from .layers import apply_rope, attention, linear, rms_norm, rope_tables, silu, sliding_window_mask, swiglu
+from .layers import attention, linear, qkv_heads, rms_norm, rope_tables, silu, sliding_window_mask, swiglu
 from .medusa import topk_ids
 from .tree import Tree, as_tree, stored_tree
 from .verify import Draft, count
@@ -140,11 +140,7 @@ def prefix_forward(p, config, x, cache=None, keep=False):
     mask = xp.asarray(mask)
     cos, sin = rope_tables(pos, Dh, c.rope_theta, xp, x.dtype)                   # [T, Dh/2]
     h1 = rms_norm(x, p["attention_norm"], c.norm_eps)                            # [T, D]
-    qkv = linear(h1, p["wqkv"])                                                  # [T, (H+2Hkv)Dh]
-    q = qkv[:, :H * Dh].reshape(T, H, Dh).transpose(1, 0, 2)                     # [H, T, Dh]
-    k = qkv[:, H * Dh:(H + Hkv) * Dh].reshape(T, Hkv, Dh).transpose(1, 0, 2)     # [Hkv, T, Dh]
-    v = qkv[:, (H + Hkv) * Dh:].reshape(T, Hkv, Dh).transpose(1, 0, 2)           # [Hkv, T, Dh]
-    q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+    q, k, v = qkv_heads(h1, p["wqkv"], cos, sin, H, Hkv, Dh)                     # [H, T, Dh], [Hkv, T, Dh] x 2
     if cache is not None:
         cache.begin_block(T)
         cache.write_block(0, k, v)

@@ -56,6 +56,19 @@ def sliding_window_mask(q_pos, k_pos, window):
     return visible
 
 
+def qkv_heads(h, wqkv, cos, sin, n_heads, n_kv_heads, head_dim):
+    """The attention inputs of one layer: the fused projection h @ [Wq | Wk | Wv], split per head, RoPE on q and k.
+
+    h [T, D], wqkv [D, (H+2Hkv)Dh], cos/sin [T, Dh/2] -> q [H, T, Dh], k [Hkv, T, Dh] (rotated), v [Hkv, T, Dh].
+    """
+    T, H, Hkv, Dh = h.shape[0], n_heads, n_kv_heads, head_dim
+    qkv = linear(h, wqkv)                                           # [T, (H+2Hkv)Dh]
+    q = qkv[:, :H * Dh].reshape(T, H, Dh).transpose(1, 0, 2)        # [H, T, Dh]
+    k = qkv[:, H * Dh:(H + Hkv) * Dh].reshape(T, Hkv, Dh).transpose(1, 0, 2)   # [Hkv, T, Dh]
+    v = qkv[:, (H + Hkv) * Dh:].reshape(T, Hkv, Dh).transpose(1, 0, 2)         # [Hkv, T, Dh]
+    return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
+
+
 def repeat_kv(x, n_rep):
     """Grouped-query attention's sharing made explicit: kv head g serves query heads g·R ... g·R + R - 1.
 

@@ -19,7 +19,7 @@ import numpy as np
 from .backend import resolve_device, to_device, to_host
 from .cache import RollingCache
 from .errors import UserError, check_token_ids, warn_if_past_max_positions
-from .layers import apply_rope, attention, linear, rms_norm, rope_tables, sliding_window_mask, swiglu
+from .layers import attention, linear, qkv_heads, rms_norm, rope_tables, sliding_window_mask, swiglu
 from .mapped import MappedMatrix, MappedRows, Workspace
 from .weights import Tensor16, load_config, load_tensors
 
@@ -160,11 +160,7 @@ class Model:
         for i, lw in enumerate(self.layers):
             if skip is None or not skip.attn[i]:     # a skipped sublayer is the identity on x; writes no K/V
                 h = rms_norm(x, lw["attention_norm"], c.norm_eps)                            # [T, D]
-                qkv = linear(h, lw["wqkv"])                                                  # [T, (H+2Hkv)Dh]
-                q = qkv[:, :H * Dh].reshape(T, H, Dh).transpose(1, 0, 2)                     # [H, T, Dh]
-                k = qkv[:, H * Dh:(H + Hkv) * Dh].reshape(T, Hkv, Dh).transpose(1, 0, 2)     # [Hkv, T, Dh]
-                v = qkv[:, (H + Hkv) * Dh:].reshape(T, Hkv, Dh).transpose(1, 0, 2)           # [Hkv, T, Dh]
-                q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+                q, k, v = qkv_heads(h, lw["wqkv"], cos, sin, H, Hkv, Dh)   # [H, T, Dh], [Hkv, T, Dh] x 2
                 if cache is not None:
                     cache.write_block(i, k, v)
                     k, v = cache.layer_kv(i, T)                                              # [Hkv, W + T, Dh]

@@ -2,8 +2,8 @@
 import numpy as np
 import pytest
 
-from minispec.layers import (apply_rope, attention, repeat_kv, rms_norm, rope_tables, silu, sliding_window_mask,
-                             softmax, swiglu)
+from minispec.layers import (apply_rope, attention, qkv_heads, repeat_kv, rms_norm, rope_tables, silu,
+                             sliding_window_mask, softmax, swiglu)
 
 DTYPES = [np.float32, np.float64]
 
@@ -90,6 +90,24 @@ def test_softmax_gives_exact_zeros_for_masked_entries_and_rows_summing_to_one(dt
     p = softmax(x)
     assert p.dtype == dtype and p[0, 1] == 0 and p[1, 0] == 0 and p[1, 1] == 1
     np.testing.assert_allclose(p.sum(-1), 1, rtol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_qkv_heads_projects_with_each_weight_splits_heads_and_rotates_q_and_k_only(dtype):
+    rng = np.random.default_rng(5)
+    T, D, H, Hkv, Dh = 3, 8, 4, 2, 4
+    h = rng.standard_normal((T, D)).astype(dtype)
+    wq, wk, wv = (rng.standard_normal((D, n * Dh)).astype(dtype) for n in (H, Hkv, Hkv))
+    cos, sin = rope_tables(np.arange(5, 5 + T), Dh, 10000.0, np, dtype)
+    q, k, v = qkv_heads(h, np.concatenate([wq, wk, wv], axis=1), cos, sin, H, Hkv, Dh)
+    assert (q.shape, k.shape, v.shape) == ((H, T, Dh), (Hkv, T, Dh), (Hkv, T, Dh))
+    assert q.dtype == k.dtype == v.dtype == dtype
+    tol = dict(rtol=1e-4, atol=1e-5) if dtype == np.float32 else dict(rtol=1e-12, atol=1e-12)
+    for got, w, n, rotated in ((q, wq, H, True), (k, wk, Hkv, True), (v, wv, Hkv, False)):
+        for head in range(n):                                      # head j owns columns j·Dh .. (j+1)·Dh - 1
+            x = (h.astype(np.float64) @ w[:, head * Dh:(head + 1) * Dh])[None]          # [1, T, Dh]
+            want = apply_rope(x, cos.astype(np.float64), sin.astype(np.float64))[0] if rotated else x[0]
+            np.testing.assert_allclose(got[head], want, **tol)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
