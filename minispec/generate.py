@@ -27,13 +27,11 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .backend import to_host
 from .errors import UserError, check_int, check_token_ids, warn_if_past_max_positions
-from .sampling import (SamplingParams, chain_rejection_accept, greedy_accept, target_probs, tree_rejection_accept,
-                       typical_accept)
-from .sampling import check_generation
+from .sampling import (SamplingParams, chain_rejection_accept, check_generation, greedy_accept, target_probs,
+                       tree_rejection_accept, typical_accept)
 from .tree import Tree
-from .verify import Draft, count, verify  # noqa: F401  (count: for proposers)
+from .verify import Draft, verify
 
 
 @dataclass
@@ -117,6 +115,22 @@ def _medusa(model, heads=None, tree=None, top_k=None):
 
 
 DECODERS["medusa"] = _medusa
+
+
+def _hydra(model, heads=None, tree=None):
+    """Decoder "hydra" (minispec.hydra.HydraProposer, heads at <model.path>/hydra/), imported on first use."""
+    from .hydra import HydraProposer
+    return HydraProposer(model, kind="hydra", heads=heads, tree=tree)
+
+
+def _hydra_pp(model, heads=None, tree=None):
+    """Decoder "hydra++" (Hydra++: prefix attention layer + heads at <model.path>/hydra++/)."""
+    from .hydra import HydraProposer
+    return HydraProposer(model, kind="hydra++", heads=heads, tree=tree)
+
+
+DECODERS["hydra"] = _hydra
+DECODERS["hydra++"] = _hydra_pp
 
 
 def _draft_verify(model, skip=None, max_draft=None, gamma0=None, adaptive=True):
@@ -234,19 +248,3 @@ def generate(model, ids, decoder="ar", max_new_tokens=64, temperature=0.0, top_k
         root, hidden = step.bonus, step.hidden
     stats.decode_time = time.perf_counter() - t0
     return Output(tokens=out, stats=stats)
-
-
-def _hydra(model, heads=None, tree=None):
-    """Decoder "hydra" (minispec.hydra.HydraProposer, heads at <model.path>/hydra/), imported on first use."""
-    from .hydra import HydraProposer
-    return HydraProposer(model, kind="hydra", heads=heads, tree=tree)
-
-
-def _hydra_pp(model, heads=None, tree=None):
-    """Decoder "hydra++" (Hydra++: prefix attention layer + heads at <model.path>/hydra++/)."""
-    from .hydra import HydraProposer
-    return HydraProposer(model, kind="hydra++", heads=heads, tree=tree)
-
-
-DECODERS["hydra"] = _hydra
-DECODERS["hydra++"] = _hydra_pp
