@@ -28,6 +28,21 @@ def tiny_config(**kw):
     return MistralConfig(**base)
 
 
+def numgrad(f, a, eps=1e-6):
+    """Central finite differences of the scalar f() with respect to every entry of array a (changed in place and
+    restored): the independent reference every hand-derived gradient is checked against."""
+    g = np.zeros_like(a)
+    for i in np.ndindex(a.shape):
+        old = a[i]
+        a[i] = old + eps
+        up = f()
+        a[i] = old - eps
+        down = f()
+        a[i] = old
+        g[i] = (up - down) / (2 * eps)
+    return g
+
+
 def rel_err(a, b):
     """max |a - b| / max |b|: the error measure every logit comparison in these tests uses."""
     a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)

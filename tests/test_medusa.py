@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file, save_file
 
-from conftest import FIXTURES, REPO, random_tensors, rel_err, tiny_config
+from conftest import FIXTURES, REPO, numgrad, random_tensors, rel_err, tiny_config
 from hostguard import GUARD
 from minispec import generate
 from minispec.generate import Context, Stats
@@ -73,18 +73,8 @@ def test_hand_derived_gradients_equal_central_finite_differences(version, num_la
     ref = lambda: reference_loss(heads.W, heads.b, heads.proj, base, h, labels)    # noqa: E731
     assert abs(float(loss) - ref()) < 1e-12
     assert set(grads) == ({"W", "b", "proj"} if version == "v1" else {"W", "b"})
-    eps = 1e-6
     for name, g in grads.items():
-        p = getattr(heads, name)
-        num = np.zeros_like(p)
-        for i in np.ndindex(p.shape):
-            old = p[i]
-            p[i] = old + eps
-            up = ref()
-            p[i] = old - eps
-            down = ref()
-            p[i] = old
-            num[i] = (up - down) / (2 * eps)
+        num = numgrad(ref, getattr(heads, name))                             # central differences, eps 1e-6
         assert rel_err(g, num) < 1e-6, name
 
 

@@ -4,24 +4,10 @@ training driver (resume == uninterrupted)."""
 import numpy as np
 import pytest
 
-from conftest import tiny_config
+from conftest import numgrad, tiny_config
 from minispec import backprop as bp
 
-EPS = 1e-6
-
-
-def numgrad(f, a):
-    """Central finite differences of the scalar f() with respect to every entry of array a (changed in place)."""
-    g = np.zeros_like(a)
-    for i in np.ndindex(a.shape):
-        old = a[i]
-        a[i] = old + EPS
-        up = f()
-        a[i] = old - EPS
-        down = f()
-        a[i] = old
-        g[i] = (up - down) / (2 * EPS)
-    return g
+EPS = 1e-6                       # the step of the sampled central differences below (numgrad uses the same)
 
 
 def close(a, b, tol=1e-6):
