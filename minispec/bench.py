@@ -8,6 +8,7 @@ same process, with the ratio. The environment (CPU, BLAS, threads, versions) is 
 import os
 import platform
 import statistics
+import threading
 import time
 
 import numpy as np
@@ -76,11 +77,23 @@ def private_memory():
     return 0
 
 
-def memory_bandwidth(mb=512, reps=3):
+def memory_bandwidth(mb=512, reps=3, threads=1):
     """This machine's DRAM read bandwidth in bytes/s: the best of `reps` sums over a `mb` MB array (far larger
-    than the caches), i.e. the speed at which a decode step could at best stream its weights."""
+    than the caches), split over `threads` threads (np.add.reduce releases the GIL), i.e. the speed at which a
+    decode step could at best stream its weights. One core does not saturate the memory here: measured 15 GB/s
+    with one thread, 27 GB/s with two."""
     a = np.ones(mb << 17, np.uint64)                                # mb MB
-    best = min(_timed(lambda: np.add.reduce(a)) for _ in range(reps))
+    parts = np.array_split(a, threads)
+
+    def read():
+        workers = [threading.Thread(target=np.add.reduce, args=(p,)) for p in parts[1:]]
+        for w in workers:
+            w.start()
+        np.add.reduce(parts[0])
+        for w in workers:
+            w.join()
+
+    best = min(_timed(read) for _ in range(reps))
     return a.nbytes / best
 
 
@@ -99,10 +112,11 @@ def bench_forward(model_dir, n_tokens=64, runs=5, device="auto", dtype="float32"
     load_s, mem_load = time.perf_counter() - t0, private_memory() - mem0
     c = model.config
     prompt = (np.arange(prompt_len) * 7 + 1) % c.vocab_size
-    state = {"peak": mem_load, "prefill": [], "bw": []}
+    state = {"peak": mem_load, "prefill": [], "bw": [], "bw_all": []}
 
     def first(_):
         state["bw"].append(memory_bandwidth())                      # interleaved with the decode runs
+        state["bw_all"].append(memory_bandwidth(threads=os.cpu_count() or 1))
         state["cache"] = model.new_cache()
         t = time.perf_counter()
         tok = int(to_host(model.forward(prompt, state["cache"])[-1].argmax()))
@@ -122,20 +136,27 @@ def bench_forward(model_dir, n_tokens=64, runs=5, device="auto", dtype="float32"
         a.size for lw in model.layers for a in lw.values())
     print(f"model: {model_dir} ({n_params / 1e6:.2f} M parameters, L={c.n_layers} D={c.dim} H={c.n_heads} "
           f"Hkv={c.n_kv_heads} W={c.sliding_window} V={c.vocab_size}), {dtype} on {model.device}")
-    print(f"minispec decode: {med:.1f} tokens/s (median of {runs} runs of {n_tokens - 1} timed tokens; "
-          f"runs {', '.join(f'{r:.0f}' for r in rates)})")
+    print(f"minispec decode: {med:.3g} tokens/s (median of {runs} runs of {n_tokens - 1} timed tokens; "
+          f"runs {', '.join(f'{r:.3g}' for r in rates)})")
     # the weight-streaming limit: each token reads every weight once (embedding row aside)
     bytes_per_token = model.weight_bytes()
-    bw = statistics.median(state["bw"])
+    bw, bw_all = statistics.median(state["bw"]), statistics.median(state["bw_all"])
     print(f"  weights ({model.weights}): loaded in {load_s:.2f} s; private memory (RssAnon) +{mem_load / 1e9:.3f} GB "
           f"after load, peak +{state['peak'] / 1e9:.3f} GB while decoding")
     print(f"  prefill: {prompt_len / statistics.median(state['prefill']):.1f} tokens/s ({prompt_len} tokens)")
     print(f"  weights read per token: {bytes_per_token / 1e6:.1f} MB -> {med * bytes_per_token / 1e9:.2f} GB/s achieved; "
-          f"memory read bandwidth measured here (interleaved): {bw / 1e9:.2f} GB/s")
+          f"memory read bandwidth measured here (interleaved): {bw / 1e9:.2f} GB/s on one core, "
+          f"{bw_all / 1e9:.2f} GB/s on all {os.cpu_count()}")
     cpu = (state["cpu1"] - state["cpu0"]) / max(state["n"], 1)
-    print(f"  {1 / med:.3f} s per token = {(1 / med) / (bytes_per_token / bw):.2f}x the "
-          f"bandwidth limit ({bytes_per_token / bw:.3f} s to read the weights once); CPU time of this process "
-          f"{cpu:.3f} s per token (all threads; wall < CPU/threads means the cores were shared)")
+    print(f"  {1 / med:.3f} s per token = {(1 / med) / (bytes_per_token / bw):.2f}x the one-core "
+          f"bandwidth limit ({bytes_per_token / bw:.3f} s to read the weights once), "
+          f"{(1 / med) / (bytes_per_token / bw_all):.2f}x the all-core limit ({bytes_per_token / bw_all:.3f} s); "
+          f"CPU time of this process {cpu:.3f} s per token (all threads; wall < CPU/threads means the cores were "
+          f"shared)")
+    # what verifying T drafted tokens costs in decode steps: where speculation can pay on this machine
+    costs, t1 = cost_curve(model, sizes=(1, 2, 4, 8), reps=3 if model.weights == "mapped" else 15, context=prompt_len)
+    print(f"  verify cost curve c(T) = time(T tokens) / time(1 token = {t1 * 1e3:.1f} ms): "
+          + ", ".join(f"c({T})={v:.2f}" for T, v in costs.items() if T > 1))
     if not compare_hf:
         return {"minispec": med}
     try:
@@ -198,17 +219,17 @@ def cost_curve(model, sizes=(1, 2, 4, 8, 16, 32, 64), reps=15, context=200):
     tokens (median of reps). Speculation pays only where c(T) stays well under the accepted tokens per step."""
     cache = model.new_cache()
     model.forward(np.arange(context) % model.config.vocab_size, cache)
-    times = {}
-    for T in sizes:
-        ids = np.arange(T) % model.config.vocab_size
+    blocks = {T: np.arange(T) % model.config.vocab_size for T in sizes}
+    for ids in blocks.values():
         model.forward_block(ids, cache)                         # warm-up
-        ts = []
-        for _ in range(reps):
+    ts = {T: [] for T in sizes}
+    for _ in range(reps):                                       # interleaved: a noisy spell hits every size
+        for T, ids in blocks.items():
             t0 = time.perf_counter()
             out = model.forward_block(ids, cache)
             to_host(out.logits[-1, :1])                         # wait for the device
-            ts.append(time.perf_counter() - t0)
-        times[T] = statistics.median(ts)
+            ts[T].append(time.perf_counter() - t0)
+    times = {T: statistics.median(v) for T, v in ts.items()}
     return {T: times[T] / times[1] for T in sizes}, times[1]
 
 

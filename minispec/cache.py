@@ -6,9 +6,14 @@ window, W is the maximum sequence length and writing past it is an error instead
 
 Speculation needs one more thing: a block of new tokens (a prefill chunk, a draft chain, a draft tree) is run
 against the committed slots WITHOUT being written into them. Its keys and values go to a scratch area beside
-the ring (slots W ... W + T - 1 of the same buffer, so attention reads one contiguous [W + T] range and nothing
-is concatenated), and `commit(rows)` then copies only the chosen rows into their ring slots. A block that is
+the ring (the T rows after the ring's slots in the same buffer, so attention reads one contiguous range and
+nothing is concatenated), and `commit(rows)` then copies only the chosen rows into their ring slots. A block that is
 never committed leaves the ring bit-identical, also when its positions would have wrapped around the ring.
+
+The ring is allocated as it fills: `capacity` slots, 0 at first, at least doubled by a commit that needs more,
+until it holds all W. Until then no position has reached W, so slot p % W is p and lies inside; attention reads
+the slots written so far, not all W (for Mistral 7B, W = 4096 slots of 32 layers hold 1.07 GB in float32, which a
+20-token prompt would otherwise read at every step).
 """
 import numpy as np
 
@@ -23,30 +28,38 @@ class RollingCache:
         self.block_len = 0                   # rows of the last block waiting in scratch
         self.offset = 0                      # scratch rows before the current block (a draft chain continued)
         self.scratch = scratch if scratch is not None else min(slots, 512)
-        shape = (n_layers, n_kv_heads, slots + self.scratch, head_dim)   # [L, Hkv, W + scratch, Dh]
+        self.capacity = 0                    # ring slots allocated so far (grows to W; see the module's notes)
+        shape = (n_layers, n_kv_heads, self.capacity + self.scratch, head_dim)   # [L, Hkv, capacity + scratch, Dh]
         self._k, self._v = xp.zeros(shape, dtype=dtype), xp.zeros(shape, dtype=dtype)
 
-    def _grow_scratch(self, T):
-        """Room for a block larger than any before (a big tree): new buffers, the ring copied over."""
-        shape = (self.L, self.Hkv, self.W + T, self.Dh)
+    def _resize(self, capacity, scratch):
+        """New buffers with `capacity` ring slots and `scratch` rows; the ring and the last block's scratch rows
+        (which a commit is about to copy, or a continued chain still reads) are copied over."""
+        shape = (self.L, self.Hkv, capacity + scratch, self.Dh)
         k, v = self.xp.zeros(shape, dtype=self._k.dtype), self.xp.zeros(shape, dtype=self._v.dtype)
-        old = self.W + self.scratch          # the ring and any scratch rows a continued chain still reads
-        k[:, :, :old], v[:, :, :old] = self._k, self._v
-        self._k, self._v, self.scratch = k, v, T
+        C, S = self.capacity, self.scratch
+        k[:, :, :C], v[:, :, :C] = self._k[:, :, :C], self._v[:, :, :C]
+        n = min(self.block_len, S, scratch)
+        k[:, :, capacity:capacity + n], v[:, :, capacity:capacity + n] = self._k[:, :, C:C + n], self._v[:, :, C:C + n]
+        self._k, self._v, self.capacity, self.scratch = k, v, capacity, scratch
+
+    def _grow_scratch(self, T):
+        """Room for a block larger than any before (a big tree)."""
+        self._resize(self.capacity, T)
 
     # ---- what a block forward reads -------------------------------------------------------------------------
     @property
     def keys(self):
-        """The committed ring, [L, Hkv, W, Dh] (a view)."""
-        return self._k[:, :, :self.W]
+        """The committed ring, [L, Hkv, capacity, Dh] (a view; capacity = W once the ring is full)."""
+        return self._k[:, :, :self.capacity]
 
     @property
     def values(self):
-        return self._v[:, :, :self.W]
+        return self._v[:, :, :self.capacity]
 
     def slot_positions(self):
-        """Absolute position held by each slot, -1 for a slot never written.   -> int64 [W] (host)"""
-        s = np.arange(self.W)
+        """Absolute position held by each slot, -1 for a slot never written.   -> int64 [capacity] (host)"""
+        s = np.arange(self.capacity)
         if not self.ring:
             return np.where(s < self.pos, s, -1)
         last = self.pos - 1                                              # newest committed position
@@ -65,13 +78,13 @@ class RollingCache:
         self.block_len, self.offset = T, offset
 
     def layer_kv(self, layer, T):
-        """Ring + the block's scratch rows of one layer: [Hkv, W + offset + T, Dh] views for attention."""
-        end = self.W + self.offset + T
+        """Ring + the block's scratch rows of one layer: [Hkv, capacity + offset + T, Dh] views for attention."""
+        end = self.capacity + self.offset + T
         return self._k[layer, :, :end], self._v[layer, :, :end]
 
     def write_block(self, layer, k, v):
         """Put a block's keys/values [Hkv, T, Dh] in scratch (never in the ring)."""
-        T, s = k.shape[1], self.W + self.offset
+        T, s = k.shape[1], self.capacity + self.offset
         self._k[layer, :, s:s + T] = k
         self._v[layer, :, s:s + T] = v
 
@@ -93,8 +106,10 @@ class RollingCache:
             rows, skipped = rows[-self.W:], n - self.W
         else:
             skipped = 0
+        if self.capacity < min(self.W, self.pos + n):                    # the ring grows (not yet full)
+            self._resize(min(self.W, max(self.pos + n, 2 * self.capacity)), self.scratch)
         dest = (self.pos + skipped + np.arange(len(rows))) % self.W if self.ring else self.pos + np.arange(len(rows))
-        src = self.W + rows
+        src = self.capacity + rows
         xp = self.xp
         src_d, dest_d = xp.asarray(src), xp.asarray(dest)
         self._k[:, :, dest_d] = self._k[:, :, src_d]

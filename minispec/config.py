@@ -2,6 +2,7 @@
 
 Letters used in shape comments across minispec (docs/shapes.md has the long version):
     T tokens in this call   S keys visible   W window (cache slots)   D dim   H query heads   Hkv kv heads
+    C ring slots allocated (grows to W)
     R = H / Hkv             Dh head_dim      F hidden_dim (FFN)       V vocab L layers
     N tree nodes            P tree paths     K heads / draft length
 

@@ -124,7 +124,7 @@ def prefix_forward(p, config, x, cache=None, keep=False):
     With a cache: positions cache.pos .. cache.pos + T - 1 against the committed slots; the block's keys and
     values wait in scratch, as in Model.forward_block: call cache.commit() to keep them (`prefix_advance` does).
     keep=True also returns the intermediates {"x", "h1" (attention_norm(x)), "q", "k", "v" (after RoPE; with a
-    cache k, v are [Hkv, W + T, Dh] incl. the committed slots), "mask", "o" [H, T, Dh], "x1" (after attention),
+    cache k, v are [Hkv, C + T, Dh] incl. the committed slots), "mask", "o" [H, T, Dh], "x1" (after attention),
     "h2" (ffn_norm(x1)), "x2" (after the FFN, before the final norm), "cos", "sin"}.
     """
     c = config
@@ -135,8 +135,8 @@ def prefix_forward(p, config, x, cache=None, keep=False):
     if cache is None:
         mask = sliding_window_mask(pos, pos, c.sliding_window)                   # [T, T]
     else:
-        mask = np.concatenate([sliding_window_mask(pos, cache.slot_positions(), c.sliding_window),   # [T, W]
-                               sliding_window_mask(pos, pos, c.sliding_window)], axis=1)         # [T, W + T]
+        mask = np.concatenate([sliding_window_mask(pos, cache.slot_positions(), c.sliding_window),   # [T, C]
+                               sliding_window_mask(pos, pos, c.sliding_window)], axis=1)         # [T, C + T]
     mask = xp.asarray(mask)
     cos, sin = rope_tables(pos, Dh, c.rope_theta, xp, x.dtype)                   # [T, Dh/2]
     h1 = rms_norm(x, p["attention_norm"], c.norm_eps)                            # [T, D]
@@ -144,7 +144,7 @@ def prefix_forward(p, config, x, cache=None, keep=False):
     if cache is not None:
         cache.begin_block(T)
         cache.write_block(0, k, v)
-        k, v = cache.layer_kv(0, T)                                              # [Hkv, W + T, Dh]
+        k, v = cache.layer_kv(0, T)                                              # [Hkv, C + T, Dh]
     o = attention(q, k, v, mask)                                                 # [H, T, Dh]
     x1 = x + linear(o.transpose(1, 0, 2).reshape(T, H * Dh), p["wo"])            # [T, D]
     h2 = rms_norm(x1, p["ffn_norm"], c.norm_eps)                                 # [T, D]

@@ -2,9 +2,9 @@
 
 A Mistral 7B in float32 is 29 GB; its bf16 file is 14.5 GB. On a CPU, `Model(..., weights="mapped")` keeps each
 matrix in the memory-mapped file (`weights.Tensor16`, [out, in] as stored) and widens it to float32 only inside a
-matmul, a block of output rows at a time, into one reused buffer sized for the cache, right before the block's
-product. Private memory is then the buffer, the cache and the activations, not the weights; the page cache holds
-the file and is shared and reclaimable.
+matmul, a block of output rows at a time, into a reused buffer sized for the cache, right before the block's
+product. Private memory is then the buffers, the cache and the activations, not the weights; the page cache
+holds the file and is shared and reclaimable.
 
 Why per block of OUTPUT rows: output j of `x @ W.T` is the dot product of x with row j of W, so computing the
 outputs block by block does exactly the same floating-point operations as one product with the whole widened
@@ -13,20 +13,37 @@ way (tests/test_mapped.py checks it bit for bit). Why small blocks: a block wide
 still in cache when BLAS reads it, so the memory traffic is one read of the 16-bit bytes; widening a whole matrix
 first would write and re-read twice its size in float32 from DRAM.
 
-A block of T rows is widened once for all T rows: a prefill chunk or a verification block widens each matrix
-once (`MappedMatrix.passes` counts), which is why verifying T tokens costs about one decode step here for small
-T (docs/real_mistral.md).
+Why two threads: widening costs the core more than reading the bytes costs the memory (one core widens and
+multiplies at about a third of what the memory delivers), so the blocks of each product are shared between
+THREADS threads, each with its own buffer. Whole blocks per thread keep every output one dot product.
+
+A block is widened once for all the rows of x: a verification block of T tokens widens each matrix once
+(`MappedMatrix.passes` counts) and then makes T matrix-vector products on it, so c(T) grows more slowly than on
+a model whose weights sit widened in memory, but the T products are not free (docs/real_mistral.md).
 """
 import contextlib
+import os
+import queue
+import threading
 
 import numpy as np
 
 from .weights import Tensor16
 
-# float32 bytes of one widened block for a matrix-vector product: it stays in L2 while gemv reads it. Rows per
-# block are a multiple of 16 so that BLAS's gemv kernel (4 or 8 rows at a time) splits a block's outputs the way
-# it splits the whole matrix's; each output is one dot product either way (checked bit for bit in the tests).
-GEMV_BLOCK_BYTES = 1 << 20
+# float32 bytes of one widened block for a matrix-vector product: it stays in cache (L3 here) while gemv reads it.
+# Rows per block are a multiple of 16 so that BLAS's gemv kernel (4 or 8 rows at a time) splits a block's outputs
+# the way it splits the whole matrix's; each output is one dot product either way (checked bit for bit in the
+# tests). Measured on this 2-core machine for Mistral 7B's 14336 x 4096 matrix with two threads: 1, 2, 4 and 8 MB
+# blocks took 2.0, 1.9, 1.7 and 2.4 times reading its bf16 bytes; smaller blocks pay Python's per-call overhead,
+# larger ones fall out of cache.
+GEMV_BLOCK_BYTES = 4 << 20
+
+# Threads that widen and multiply blocks of one product at the same time: the CPUs this process may use, at most
+# 8. Widening is bound by the core, not by the memory (about 0.3 ns per element here, where reading the bf16
+# bytes takes 0.07-0.12 ns), so more cores go faster until the memory's bandwidth is reached. Measured on this
+# 2-core machine only. Each thread has its own buffer and takes whole blocks, so every output is still the same
+# single dot product.
+THREADS = min(8, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
 
 
 _blas = []
@@ -34,9 +51,10 @@ _blas = []
 
 def one_blas_thread():
     """A context in which OpenBLAS runs single-threaded (threadpoolctl, where installed). The block products are
-    1 MB matrix-vector calls: waking a second BLAS thread for each costs more than it saves, and on a shared VM
-    it stalls (measured here: a T=1 step of a mapped 93 M-parameter model took 0.14-0.27 s of CPU with 2 BLAS
-    threads, 0.03 s with 1). Each output is still one dot product, so the logits do not change."""
+    matrix-vector calls of a few MB: waking BLAS's own threads for each costs more than it saves, and on a shared
+    VM it stalls (measured here: a T=1 step of a mapped 93 M-parameter model took 0.14-0.27 s of CPU with 2 BLAS
+    threads, 0.03 s with 1). minispec's own threads split the blocks instead. Each output is still one dot
+    product, so the logits do not change."""
     if not _blas:
         try:
             from threadpoolctl import ThreadpoolController
@@ -46,19 +64,50 @@ def one_blas_thread():
     return _blas[0].limit(limits=1, user_api="blas") if _blas[0] is not None else contextlib.nullcontext()
 
 
+class Helper(threading.Thread):
+    """A daemon thread that runs one function call at a time for `Workspace.split`: NumPy's ufuncs and `np.dot`
+    release the GIL while they loop, so its blocks are widened and multiplied on the other core. (`np.matmul`
+    on these shapes measured no faster with two threads than with one here, hence `np.dot` in `products`.)"""
+
+    def __init__(self):
+        super().__init__(daemon=True, name="minispec-mapped")
+        self.jobs, self.done = queue.Queue(), queue.Queue()
+        self.start()
+
+    def run(self):
+        while True:
+            f, args = self.jobs.get()
+            try:
+                f(*args)
+                self.done.put(None)
+            except BaseException as e:     # handed to the caller, which raises it
+                self.done.put(e)
+
+
+_helpers = []
+_split_lock = threading.Lock()      # one split product at a time in a process (the helpers are shared)
+
+
+def helpers(n):
+    while len(_helpers) < n:
+        _helpers.append(Helper())
+    return _helpers[:n]
+
+
 class Workspace:
-    """One float32 buffer shared by all mapped matrices of a model (one matmul runs at a time).
+    """The float32 buffers of a model's mapped matrices (one buffer per thread; one matmul runs at a time).
 
     A matrix-vector product (x with one row per matrix, as decoding and `linear`'s per-row path make) widens
-    blocks of GEMV_BLOCK_BYTES. A matrix-matrix product (a prefill chunk, a block of more than
+    blocks of GEMV_BLOCK_BYTES, THREADS at a time. A matrix-matrix product (a prefill chunk, a block of more than
     layers.GEMV_ROWS tokens) widens the WHOLE matrix into the buffer first: OpenBLAS's GEMM does not give
     bit-identical outputs when its right operand is cut into column blocks (its thread split and kernel choice
     depend on the sizes), and GEMM is compute-bound, so the extra pass is cheap there. The buffer then grows to
     the largest matrix (the output layer: V·D floats, 0.5 GB for Mistral 7B) and stays.
     """
 
-    def __init__(self):
-        self.flat = np.empty(0, np.float32)
+    def __init__(self, threads=None):
+        self.threads = THREADS if threads is None else threads
+        self.flat = [np.empty(0, np.float32) for _ in range(self.threads)]
 
     @staticmethod
     def block_rows(n_in, n_out, x_rows):
@@ -67,10 +116,44 @@ class Workspace:
             return min(n_out, max(16, GEMV_BLOCK_BYTES // (4 * n_in) // 16 * 16))
         return n_out
 
-    def buffer(self, rows, n_in):
-        if self.flat.size < rows * n_in:
-            self.flat = np.empty(rows * n_in, np.float32)
-        return self.flat[:rows * n_in].reshape(rows, n_in)                 # [rows, in] float32, reused
+    def buffer(self, rows, n_in, k=0):
+        """Thread k's buffer as [rows, in] float32 (reused; grown when too small)."""
+        if self.flat[k].size < rows * n_in:
+            self.flat[k] = np.empty(rows * n_in, np.float32)
+        return self.flat[k][:rows * n_in].reshape(rows, n_in)
+
+    def split(self, n_out, rows, work):
+        """Run work(start, stop, k) once per block of `rows` output rows (of 0..n_out) on the threads k = 0.. (0 is
+        the caller), and return when all are done; an exception in any is raised. Blocks are handed out one at a
+        time to whichever thread is free, so a core the hypervisor takes away for a while does not hold up the
+        rest (this VM's cores are shared: `top` shows up to 50% stolen time)."""
+        blocks = -(-n_out // rows)
+        n = min(self.threads, blocks)
+        if n == 1:
+            return work(0, n_out, 0)
+        taken, lock = [0], threading.Lock()
+
+        def run(k):
+            while True:
+                with lock:
+                    b = taken[0]
+                    taken[0] += 1
+                if b >= blocks:
+                    return
+                work(b * rows, min(n_out, (b + 1) * rows), k)
+
+        with _split_lock:
+            others = helpers(n - 1)
+            for k, h in enumerate(others, 1):
+                h.jobs.put((run, (k,)))
+            errors = []
+            try:
+                run(0)
+            except BaseException as e:
+                errors.append(e)
+            errors += [e for e in (h.done.get() for h in others) if e is not None]   # wait for all, always
+        if errors:
+            raise errors[0]
 
 
 class MappedMatrix:
@@ -94,15 +177,36 @@ class MappedMatrix:
     def __rmatmul__(self, x):
         """x [..., in] @ self -> [..., out] float32."""
         y = np.empty(x.shape[:-1] + (self.n_out,), np.float32)               # [..., out]
-        x_rows = x.shape[-2] if x.ndim > 1 else 1
-        rows = self.ws.block_rows(self.n_in, self.n_out, x_rows)
-        with one_blas_thread() if x_rows == 1 else contextlib.nullcontext():
-            for s in range(0, self.n_out, rows):
-                e = min(s + rows, self.n_out)
-                buf = self.widen_rows(s, e, self.ws.buffer(e - s, self.n_in))  # [rows, in] float32, in cache
-                y[..., s:e] = x @ buf.T                                       # [..., rows]
+        if x.ndim == 1 or x.shape[-2] == 1:
+            self.products(x.reshape(-1, self.n_in), y.reshape(-1, self.n_out))
+        else:
+            self.product(x, y)
         self.passes += 1
         return y
+
+    def products(self, x, y):
+        """y[t] = x[t] @ self for each row t of x [P, in] -> y [P, out]: one gemv per row on each widened block
+        (a verification block of T <= layers.GEMV_ROWS tokens arrives here as T rows of one), so a block is
+        widened once whatever P is, and each row gets exactly the dot products a one-row decode step gets."""
+        rows = self.ws.block_rows(self.n_in, self.n_out, 1)
+
+        def work(start, stop, k):
+            for s in range(start, stop, rows):
+                e = min(s + rows, stop)
+                buf = self.widen_rows(s, e, self.ws.buffer(e - s, self.n_in, k))   # [rows, in] float32, in cache
+                for t in range(x.shape[0]):
+                    np.dot(buf, x[t], out=y[t, s:e])                             # [rows] (gemv, releases the GIL)
+
+        with one_blas_thread():
+            self.ws.split(self.n_out, rows, work)
+
+    def product(self, x, y):
+        """y = x @ self for x [..., T, in] with T > 1: the whole matrix widened (the threads share the rows), then
+        one GEMM with BLAS's own threads."""
+        buf = self.ws.buffer(self.n_out, self.n_in)                           # [out, in] float32
+        self.ws.split(self.n_out, self.ws.block_rows(self.n_in, self.n_out, 1),
+                      lambda start, stop, k: self.widen_rows(start, stop, buf[start:stop]))
+        np.matmul(x, buf.T, out=y)                                            # [..., T, out]
 
     def widen_rows(self, start, stop, out):
         """Rows start..stop-1 of the fused [out, in] matrix (they may span parts) into out [stop - start, in]."""

@@ -285,7 +285,7 @@ def all_match_lists(model, calib):
         from .layers import sliding_window_mask
         slots = cache.slot_positions()
         ring = sliding_window_mask(q_pos, slots, c.sliding_window) & (slots[None, :] < q_pos[:, None])
-        mask = xp.asarray(np.concatenate([ring, np.eye(T, dtype=bool)], axis=1))           # [T, W + T]
+        mask = xp.asarray(np.concatenate([ring, np.eye(T, dtype=bool)], axis=1))           # [T, C + T]
         cos, sin = rope_tables(q_pos, Dh, c.rope_theta, xp, model.dtype)                   # [T, Dh/2]
         cache.begin_block(T)
 
@@ -298,7 +298,7 @@ def all_match_lists(model, calib):
                 v = qkv[:, (H + Hkv) * Dh:].reshape(T, Hkv, Dh).transpose(1, 0, 2)           # [Hkv, T, Dh]
                 q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
                 cache.write_block(i, k, v)              # layer i's scratch: rewritten by each sibling branch
-                k, v = cache.layer_kv(i, T)                                                  # [Hkv, W + T, Dh]
+                k, v = cache.layer_kv(i, T)                                                  # [Hkv, C + T, Dh]
                 o = attention(q, k, v, mask)                                                 # [H, T, Dh]
                 x = x + linear(o.transpose(1, 0, 2).reshape(T, H * Dh), lw["wo"])            # [T, D]
             if run_mlp:

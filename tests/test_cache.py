@@ -133,3 +133,31 @@ def test_property_random_configs_chunked_cache_forward_equals_oracle(H, ratio, D
     cache = m.new_cache()
     got = np.concatenate([m.forward(ids[s:s + chunk], cache) for s in range(0, T, chunk)])
     assert rel_err(got, oracle_forward(cfg, t, ids)) < 1e-11
+
+
+@pytest.mark.parametrize("name", ["gqa2_w6", "nowin"])
+def test_the_ring_is_allocated_as_it_fills_and_attention_reads_only_the_slots_written(name):
+    """capacity: 0 at first, at least doubled by a commit that needs more, never above W; a block never commits
+    more than room for itself. Decoding across every growth step still equals the oracle."""
+    cfg, t, m = make(name)
+    W = cfg.sliding_window or cfg.max_seq_len
+    ids = np.random.default_rng(7).integers(0, cfg.vocab_size, W + 3 if cfg.sliding_window else W)
+    cache = m.new_cache()
+    assert cache.capacity == 0 and cache.keys.shape[2] == 0
+    seen, capacities = [], []
+    orig = cache.layer_kv
+    cache.layer_kv = lambda i, T: seen.append(orig(i, T)[0].shape[1] - T) or orig(i, T)
+    steps = []
+    for i in range(len(ids)):
+        steps.append(m.forward(ids[i:i + 1], cache))
+        capacities.append(cache.capacity)
+        assert i + 1 <= cache.capacity <= W or cache.capacity == W
+    assert rel_err(np.concatenate(steps), oracle_forward(cfg, t, ids)) < 1e-12
+    # the ring slots attention read at step i: the capacity after step i - 1 (0 at the first step)
+    assert seen[::cfg.n_layers] == [0] + capacities[:-1]
+    grown = [c for a, c in zip([0] + capacities, capacities) if c != a]
+    assert grown == sorted(grown) and grown[-1] == W and all(b >= 2 * a or b == W for a, b in zip(grown, grown[1:]))
+    if name == "nowin":     # 64 positions of room, a 9-token prefill: the buffer holds 9 ring slots, not 64
+        cache2 = m.new_cache()
+        m.forward(ids[:9], cache2)
+        assert cache2.capacity == 9 and cache2.keys.shape[2] == 9
