@@ -11,7 +11,7 @@ nothing is concatenated), and `commit(rows)` then copies only the chosen rows in
 never committed leaves the ring bit-identical, also when its positions would have wrapped around the ring.
 
 The ring is allocated as it fills: `capacity` slots, 0 at first, at least doubled by a commit that needs more,
-until it holds all W. Until then no position has reached W, so slot p % W is p and lies inside; attention reads
+until it holds all W (the scratch rows likewise grow with the longest block seen). Until then no position has reached W, so slot p % W is p and lies inside; attention reads
 the slots written so far, not all W (for Mistral 7B, W = 4096 slots of 32 layers hold 1.07 GB in float32, which a
 20-token prompt would otherwise read at every step).
 """
@@ -27,8 +27,9 @@ class RollingCache:
         self.pos = 0                         # committed tokens = the next token's absolute position
         self.block_len = 0                   # rows of the last block waiting in scratch
         self.offset = 0                      # scratch rows before the current block (a draft chain continued)
-        self.scratch = scratch if scratch is not None else min(slots, 512)
+        self.chunk = scratch if scratch is not None else min(slots, 512)   # rows of the longest prefill chunk
         self.capacity = 0                    # ring slots allocated so far (grows to W; see the module's notes)
+        self.scratch = 0                     # scratch rows allocated so far (grows with the longest block)
         shape = (n_layers, n_kv_heads, self.capacity + self.scratch, head_dim)   # [L, Hkv, capacity + scratch, Dh]
         self._k, self._v = xp.zeros(shape, dtype=dtype), xp.zeros(shape, dtype=dtype)
 
@@ -44,8 +45,9 @@ class RollingCache:
         self._k, self._v, self.capacity, self.scratch = k, v, capacity, scratch
 
     def _grow_scratch(self, T):
-        """Room for a block larger than any before (a big tree)."""
-        self._resize(self.capacity, T)
+        """Room for a block larger than any before (a big tree): at least twice the rows, so that a draft chain
+        growing by one row a step reallocates only now and then."""
+        self._resize(self.capacity, max(T, 2 * self.scratch))
 
     # ---- what a block forward reads -------------------------------------------------------------------------
     @property

@@ -157,10 +157,10 @@ def prefix_forward(p, config, x, cache=None, keep=False):
 
 def prefix_advance(p, config, x, cache):
     """Run committed positions x [T, D] through the prefix layer and commit them all, in chunks of at most
-    min(W, scratch) rows (a chunk must not overwrite slots it still reads). Returns the outputs [T, D]."""
+    min(W, cache.chunk) rows (a chunk must not overwrite slots it still reads). Returns the outputs [T, D]."""
     xp = cache.xp
     out = xp.empty_like(x)                                                       # [T, D]
-    chunk = min(cache.W, cache.scratch)
+    chunk = min(cache.W, cache.chunk)
     for s in range(0, x.shape[0], chunk):
         out[s:s + chunk] = prefix_forward(p, config, x[s:s + chunk], cache)
         cache.commit()

@@ -119,8 +119,8 @@ class Model:
     @staticmethod
     def prefill_chunk(cache):
         """Tokens per prefill chunk: at most W (so a chunk never overwrites slots it still reads) and at most
-        the cache's scratch rows."""
-        return min(cache.W, cache.scratch)
+        cache.chunk (512 unless the cache was made with scratch=: the scratch rows a chunk needs)."""
+        return min(cache.W, cache.chunk)
 
     def forward_block(self, ids, cache, depths=None, parents_mask=None, skip=None, offset=0):
         """Run a block of T tokens against the committed cache WITHOUT writing it (K/V wait in scratch).

@@ -15,3 +15,4 @@ def test_pick_budget_charges_each_tree_the_heads_cost_of_its_own_depth():
     # a flat 0.1 for any depth: 2.76 / 1.1 wins
     budget, ratio = pick_budget(acc, costs, 0.1)
     assert budget == 3 and abs(ratio - 2.76 / 1.1) < 1e-9
+
