@@ -161,3 +161,19 @@ def test_the_ring_is_allocated_as_it_fills_and_attention_reads_only_the_slots_wr
         cache2 = m.new_cache()
         m.forward(ids[:9], cache2)
         assert cache2.capacity == 9 and cache2.keys.shape[2] == 9
+
+
+def test_scratch_rows_grow_to_the_longest_block_and_a_draft_chain_growing_by_one_row_reallocates_rarely():
+    cfg, t, m = make("nowin")
+    cache = m.new_cache()
+    assert cache.scratch == 0 and cache.chunk == min(cfg.max_seq_len, 512)
+    m.forward(np.arange(5), cache)
+    assert cache.scratch == 5
+    sizes = []
+    for k in range(1, 12):                                  # a chain continued one row at a time (Draft & Verify)
+        m.forward_block([3], cache, offset=k - 1)
+        sizes.append(cache.scratch)
+    cache.discard()
+    assert sizes[-1] >= 11 and len(set(sizes)) <= 3        # 5 -> 10 -> 20: two reallocations for 11 rows
+    m.forward([7], cache)
+    assert cache.scratch == sizes[-1]                        # a short block does not shrink it
