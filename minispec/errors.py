@@ -101,10 +101,10 @@ def check_token_ids(ids, vocab_size, what="ids"):
     return a.astype(np.int64, copy=False)
 
 
-def warn_if_past_max_positions(end, max_positions, what="the sequence (cached tokens + ids)"):
+def warn_if_past_max_positions(end, max_positions, what="the cached tokens + ids"):
     """A warning (not an error: RoPE still computes) when positions reach past max_position_embeddings."""
     if end > max_positions:
-        warnings.warn(f"{what} is {end} tokens long, more than the model's max_position_embeddings "
+        warnings.warn(f"{what} reach {end} positions, more than the model's max_position_embeddings "
                       f"({max_positions}): the model was not trained that far, expect worse text", stacklevel=3)
 
 

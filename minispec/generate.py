@@ -23,6 +23,7 @@ shares exactly the same verification and commit code. A proposer may count its o
 """
 import inspect
 import time
+import warnings
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -198,7 +199,6 @@ def generate(model, ids, decoder="ar", max_new_tokens=64, temperature=0.0, top_k
     or a proposer object). Stops at eos_id (included in the output; None disables it). on_token(id) is called
     for each new token as soon as it is final. Returns Output(tokens, stats)."""
     ids = [int(t) for t in check_token_ids(ids, model.config.vocab_size, what="prompt")]
-    warn_if_past_max_positions(len(ids), model.config.max_seq_len, what="the prompt")
     params = check_generation(temperature, top_k, top_p, seed, max_new_tokens)
     rng = np.random.default_rng(seed)
     rule = make_rule(params, acceptance, rng)
@@ -211,10 +211,16 @@ def generate(model, ids, decoder="ar", max_new_tokens=64, temperature=0.0, top_k
         raise UserError(f"the prompt ({len(ids)} tokens) + max_new_tokens ({max_new_tokens}) do not fit the cache "
                         f"of {cache.W} positions (max_seq_len; the model has no sliding window to wrap)")
 
+    # one warning for the whole request (the decode steps' block forwards do not check; the prefill's would)
+    end = cache.pos + len(ids) + max_new_tokens - 1                  # positions the request may reach
+    warn_if_past_max_positions(end, model.config.max_seq_len,
+                               what=f"the prompt ({len(ids)} tokens) + max_new_tokens ({max_new_tokens})")
     clock = time.perf_counter
     t0 = clock()
     if len(ids) > 1:          # the last prompt token is the first root: it is verified (and committed) by step 1
-        _, prompt_hidden = model.forward(ids[:-1], cache, return_hidden=True)              # [len - 1, D]
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*max_position_embeddings")   # said above already
+            _, prompt_hidden = model.forward(ids[:-1], cache, return_hidden=True)          # [len - 1, D]
         stats.forward_calls += -(-(len(ids) - 1) // model.prefill_chunk(cache))
     else:
         prompt_hidden = model.xp.zeros((0, model.config.dim), dtype=model.dtype)            # [0, D]

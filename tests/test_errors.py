@@ -99,11 +99,14 @@ def test_a_numpy_integer_array_of_ids_is_accepted_unchanged(model):
     assert np.array_equal(a, b) and a.shape == (3, 61)
 
 
-def test_a_prompt_longer_than_max_position_embeddings_warns_naming_both_numbers():
+def test_a_prompt_longer_than_max_position_embeddings_warns_once_naming_both_numbers():
     cfg = tiny_config(max_seq_len=12)
     m = Model(cfg, random_tensors(cfg), device="cpu")
-    with pytest.warns(UserWarning, match=r"13 .*12|12.*13"):
-        generate(m, list(range(1, 14)), max_new_tokens=1)
+    with pytest.warns(UserWarning, match=r"prompt \(13 tokens\) \+ max_new_tokens \(3\) reach 15 .*\(12\)") as caught:
+        generate(m, list(range(1, 14)), max_new_tokens=3)
+    assert len([w for w in caught if "max_position_embeddings" in str(w.message)]) == 1
+    with pytest.warns(UserWarning, match=r"reach 13 positions"):            # the prompt fits, the request does not
+        generate(m, list(range(1, 11)), max_new_tokens=4, eos_id=None)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         generate(m, list(range(1, 12)), max_new_tokens=1)
