@@ -68,6 +68,12 @@ class RollingCache:
         p = last - ((last - s) % self.W)                                 # the latest p <= last with p % W == s
         return np.where(p >= 0, p, -1)
 
+    def ring_positions(self):
+        """slot_positions() over all W slots, -1 also for the slots not allocated yet.   -> int64 [W] (host)"""
+        out = np.full(self.W, -1)
+        out[:self.capacity] = self.slot_positions()
+        return out
+
     def begin_block(self, T, offset=0):
         """Make room for a block of T rows in scratch (called once per block forward). offset > 0: the block
         continues the chain already in scratch rows 0..offset-1 and goes to rows offset..offset+T-1."""
