@@ -116,7 +116,7 @@ def test_a_cache_without_window_refuses_to_grow_past_max_seq_len():
     cfg, t, m = make("nowin")
     cache = m.new_cache()
     m.forward(np.zeros(64, int), cache)
-    with pytest.raises(ValueError, match="max_seq_len = 64"), pytest.warns(UserWarning, match="65 tokens.*64"):
+    with pytest.raises(ValueError, match="max_seq_len = 64"), pytest.warns(UserWarning, match="reach 65 positions.*64"):
         m.forward([1], cache)
 
 
