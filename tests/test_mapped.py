@@ -63,7 +63,8 @@ def test_mapped_logits_are_bit_identical_to_widened_logits_for_every_block_size(
     wide = eager(folder)
     mapped = minispec.load(folder, device="cpu", weights="mapped")
     assert mapped.weights == "mapped" and isinstance(mapped.layers[0]["w13"], MappedMatrix)
-    # several blocks per matrix in the gemv path (1 MB blocks of a 14.7 MB w13), whole-matrix GEMM above 12 rows
+    # several blocks per matrix in the gemv path (4 MB float32 blocks of w13, 29 MB widened), whole-matrix GEMM above
+    # 12 rows
     w13 = mapped.layers[0]["w13"]
     assert Workspace.block_rows(w13.n_in, w13.n_out, 1) * 4 < w13.n_out
     for T in (1, 2, 5, 12, 13, 20):
