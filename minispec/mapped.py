@@ -84,11 +84,16 @@ class Helper(threading.Thread):
                 self.done.put(e)
 
 
-_helpers = []
+_helpers, _helpers_pid = [], [os.getpid()]
 _split_lock = threading.Lock()      # one split product at a time in a process (the helpers are shared)
 
 
 def helpers(n):
+    """n helper threads of this process. A child made by fork inherits the list but not the threads: it starts
+    its own (else its first product would wait forever on threads that do not exist there)."""
+    if _helpers_pid[0] != os.getpid():
+        _helpers.clear()
+        _helpers_pid[0] = os.getpid()
     while len(_helpers) < n:
         _helpers.append(Helper())
     return _helpers[:n]

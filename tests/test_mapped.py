@@ -255,3 +255,21 @@ def test_widening_float16_bits_gives_numpys_own_conversion_for_every_finite_floa
     half = finite.view(np.float16).reshape(248, 256)
     out = Tensor16(half, "F16").widen()
     assert np.array_equal(out.view(np.uint32), half.astype(np.float32).view(np.uint32))   # -0.0 keeps its sign
+
+
+def times(x, w):
+    return x @ w
+
+
+@pytest.mark.skipif(not hasattr(__import__("os"), "fork"), reason="needs fork")
+def test_a_forked_child_runs_split_products_on_threads_of_its_own():
+    import multiprocessing
+    ws = Workspace(threads=2)
+    rows = Workspace.block_rows(64, 10 ** 6, 1)
+    w = MappedMatrix([Failing(4 * rows, 64, bad=4 * rows)], ws)
+    x = np.ones(64, np.float32)
+    assert np.array_equal(x @ w, np.full(4 * rows, 64.0, np.float32))     # the helper thread now exists here
+    ctx = multiprocessing.get_context("fork")
+    with ctx.Pool(1) as pool:
+        result = pool.apply_async(times, (x, w))
+        assert np.array_equal(result.get(timeout=30), np.full(4 * rows, 64.0, np.float32))
