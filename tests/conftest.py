@@ -53,3 +53,26 @@ def rel_err(a, b):
 def tiny():
     cfg = tiny_config()
     return cfg, random_tensors(cfg)
+
+
+@pytest.fixture
+def cli_model(tmp_path):
+    """(folder, cfg, tensors): a tiny random model in HF layout with the shipped 4096-piece tokenizer, for the
+    command line end to end (skipped where the tokenizer is not in the checkout)."""
+    import shutil
+    from test_weights import write_hf
+    tokenizer = SHIPPED / "tokenizer.model"
+    if not tokenizer.exists():
+        pytest.skip("no shipped tokenizer")
+    cfg = tiny_config(dim=16, n_layers=1, head_dim=8, hidden_dim=24, n_heads=2, n_kv_heads=1, vocab_size=4096,
+                      sliding_window=8)
+    tensors = random_tensors(cfg, seed=1)
+    folder = write_hf(tmp_path / "model", cfg, tensors)
+    shutil.copy(tokenizer, folder / "tokenizer.model")
+    return folder, cfg, tensors
+
+
+def code_corpus(path):
+    """A small text file of Python-like documents separated by NUL lines (what --text reads)."""
+    path.write_text("\n\0\n".join(f"def f{i}(x):\n    return x + {i}\n" * 3 for i in range(12)))
+    return path

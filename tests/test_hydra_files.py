@@ -165,19 +165,10 @@ def test_hydra_and_hydra_plus_plus_run_without_implicit_host_conversions_and_mat
         assert outs[0] == outs[1] == generate(plain, [1, 2, 3], max_new_tokens=12, eos_id=None).tokens
 
 
-def test_cli_generate_takes_hydra_and_hydra_plus_plus_from_the_decoder_registry(tmp_path, capsys):
-    import shutil
-    from conftest import REPO
+def test_cli_generate_takes_hydra_and_hydra_plus_plus_from_the_decoder_registry(capsys, cli_model):
     from minispec.cli import main
-    from test_weights import write_hf
-    tokenizer = REPO / "weights" / "stdlib-mistral" / "tokenizer.model"
-    if not tokenizer.exists():
-        pytest.skip("no shipped tokenizer")
-    cfg = tiny_config(dim=16, n_layers=1, head_dim=8, hidden_dim=24, n_heads=2, n_kv_heads=1, vocab_size=4096,
-                      sliding_window=8)
-    folder = write_hf(tmp_path / "model", cfg, random_tensors(cfg, seed=1))
-    shutil.copy(tokenizer, folder / "tokenizer.model")
-    m = Model(cfg, random_tensors(cfg, seed=1), device="cpu")
+    folder, cfg, tensors = cli_model
+    m = Model(cfg, tensors, device="cpu")
     random_heads(m, "mlp", num_heads=2).save(folder / "hydra")
     random_heads(m, "prefix-mlp", num_heads=2).save(folder / "hydra++")
     texts = []

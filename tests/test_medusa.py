@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file, save_file
 
-from conftest import FIXTURES, REPO, numgrad, random_tensors, rel_err, tiny_config
+from conftest import FIXTURES, numgrad, random_tensors, rel_err, tiny_config
 from hostguard import GUARD
 from minispec import generate
 from minispec.generate import Context, Stats
@@ -312,18 +312,11 @@ def test_medusa_runs_without_implicit_host_conversions_and_matches_numpy():
 # ---------------------------------------------------------------------------------------------------------
 # The CLI, end to end on a tiny random model with the shipped tokenizer
 # ---------------------------------------------------------------------------------------------------------
-def test_cli_train_heads_writes_heads_and_a_tree_that_generate_uses(tmp_path):
+def test_cli_train_heads_writes_heads_and_a_tree_that_generate_uses(tmp_path, cli_model):
+    from conftest import code_corpus
     from minispec.cli import main
-    from test_weights import write_hf
-    tokenizer = REPO / "weights" / "stdlib-mistral" / "tokenizer.model"
-    if not tokenizer.exists():
-        pytest.skip("no shipped tokenizer")
-    cfg = tiny_config(dim=16, n_layers=1, head_dim=8, hidden_dim=24, n_heads=2, n_kv_heads=1, vocab_size=4096,
-                      sliding_window=8)
-    folder = write_hf(tmp_path / "model", cfg, random_tensors(cfg, seed=1))
-    shutil.copy(tokenizer, folder / "tokenizer.model")
-    text = tmp_path / "corpus.txt"
-    text.write_text("\n\0\n".join(f"def f{i}(x):\n    return x + {i}\n" * 3 for i in range(12)))
+    folder, cfg, _ = cli_model
+    text = code_corpus(tmp_path / "corpus.txt")
     main(["train-heads", "--kind", "medusa", "--model", str(folder), "--device", "cpu", "--text", str(text),
           "--tokens", "600", "--heads", "2", "--budget", "4", "--top-k", "3", "--batch", "32", "--seq-len", "64"])
     cfg = json.loads((folder / "medusa" / "medusa_config.json").read_text())

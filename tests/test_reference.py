@@ -7,7 +7,6 @@ Two kinds of reference, two tolerances:
     must agree to 1e-12. Measured: ~2e-15..7e-15. (Stock HF "float64" keeps those in float32 and agrees
     with a pure float64 forward only to ~6e-7..2e-6 here, so it could not hold minispec to 1e-12.)
 """
-from pathlib import Path
 
 import numpy as np
 import pytest

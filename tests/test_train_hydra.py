@@ -352,23 +352,14 @@ def test_teacher_forced_tau_counts_the_right_prefix_of_each_path_by_hand():
 
 
 @pytest.mark.parametrize("kind", ["hydra", "hydra++"])
-def test_cli_train_heads_writes_hydra_heads_that_generate_finds(kind, tmp_path):
+def test_cli_train_heads_writes_hydra_heads_that_generate_finds(kind, tmp_path, cli_model):
     import json
-    import shutil
-    from conftest import REPO, random_tensors
+    from conftest import code_corpus
     from minispec.cli import main
     from minispec.generate import generate
     from minispec.model import load
-    from test_weights import write_hf
-    tokenizer = REPO / "weights" / "stdlib-mistral" / "tokenizer.model"
-    if not tokenizer.exists():
-        pytest.skip("no shipped tokenizer")
-    cfg = tiny_config(dim=16, n_layers=1, head_dim=8, hidden_dim=24, n_heads=2, n_kv_heads=1, vocab_size=4096,
-                      sliding_window=8)
-    folder = write_hf(tmp_path / "model", cfg, random_tensors(cfg, seed=1))
-    shutil.copy(tokenizer, folder / "tokenizer.model")
-    text = tmp_path / "corpus.txt"
-    text.write_text("\n\0\n".join(f"def f{i}(x):\n    return x + {i}\n" * 3 for i in range(12)))
+    folder, cfg, _ = cli_model
+    text = code_corpus(tmp_path / "corpus.txt")
     cache = tmp_path / "seqs.npz"
     args = ["train-heads", "--kind", kind, "--model", str(folder), "--device", "cpu", "--text", str(text),
             "--tokens", "600", "--heads", "2", "--budget", "4", "--top-k", "3", "--batch", "32", "--seq-len", "64",
