@@ -7,13 +7,14 @@ window, W is the maximum sequence length and writing past it is an error instead
 Speculation needs one more thing: a block of new tokens (a prefill chunk, a draft chain, a draft tree) is run
 against the committed slots WITHOUT being written into them. Its keys and values go to a scratch area beside
 the ring (the T rows after the ring's slots in the same buffer, so attention reads one contiguous range and
-nothing is concatenated), and `commit(rows)` then copies only the chosen rows into their ring slots. A block that is
-never committed leaves the ring bit-identical, also when its positions would have wrapped around the ring.
+nothing is concatenated), and `commit(rows)` then copies only the chosen rows into their ring slots. A block
+that is never committed leaves the ring bit-identical, also when its positions would have wrapped around it.
 
 The ring is allocated as it fills: `capacity` slots, 0 at first, at least doubled by a commit that needs more,
-until it holds all W (the scratch rows likewise grow with the longest block seen). Until then no position has reached W, so slot p % W is p and lies inside; attention reads
-the slots written so far, not all W (for Mistral 7B, W = 4096 slots of 32 layers hold 1.07 GB in float32, which a
-20-token prompt would otherwise read at every step).
+until it holds all W (the scratch rows likewise grow with the longest block seen). Until then no position has
+reached W, so slot p % W is p and lies inside; attention reads the slots written so far, not all W (for Mistral
+7B, W = 4096 slots of 32 layers hold 1.07 GB in float32, which a 20-token prompt would otherwise read at every
+step).
 """
 import numpy as np
 

@@ -115,11 +115,9 @@ class Workspace:
         self.flat = [np.empty(0, np.float32) for _ in range(self.threads)]
 
     @staticmethod
-    def block_rows(n_in, n_out, x_rows):
-        """Output rows widened per block for a product whose left operand has x_rows rows per matrix."""
-        if x_rows == 1:
-            return min(n_out, max(16, GEMV_BLOCK_BYTES // (4 * n_in) // 16 * 16))
-        return n_out
+    def block_rows(n_in, n_out):
+        """Output rows widened per block of an [out, in] matrix (the unit `split` hands out)."""
+        return min(n_out, max(16, GEMV_BLOCK_BYTES // (4 * n_in) // 16 * 16))
 
     def buffer(self, rows, n_in, k=0):
         """Thread k's buffer as [rows, in] float32 (reused; grown when too small)."""
@@ -127,15 +125,19 @@ class Workspace:
             self.flat[k] = np.empty(rows * n_in, np.float32)
         return self.flat[k][:rows * n_in].reshape(rows, n_in)
 
-    def split(self, n_out, rows, work):
-        """Run work(start, stop, k) once per block of `rows` output rows (of 0..n_out) on the threads k = 0.. (0 is
-        the caller), and return when all are done; an exception in any is raised. Blocks are handed out one at a
-        time to whichever thread is free, so a core the hypervisor takes away for a while does not hold up the
-        rest (this VM's cores are shared: `top` shows up to 50% stolen time)."""
+    def split(self, n_in, n_out, work):
+        """Run work(start, stop, k) once per block of output rows start..stop-1 of an [n_out, n_in] matrix
+        (`block_rows` at a time) on the threads k = 0.. (0 is the caller), and return when all are done; an
+        exception in any is raised. Blocks are handed out one at a time to whichever thread is free, so a core
+        the hypervisor takes away for a while does not hold up the rest (this VM's cores are shared: `top` shows
+        up to 50% stolen time)."""
+        rows = self.block_rows(n_in, n_out)
         blocks = -(-n_out // rows)
         n = min(self.threads, blocks)
         if n == 1:
-            return work(0, n_out, 0)
+            for s in range(0, n_out, rows):
+                work(s, min(n_out, s + rows), 0)
+            return
         taken, lock = [0], threading.Lock()
 
         def run(k):
@@ -193,24 +195,19 @@ class MappedMatrix:
         """y[t] = x[t] @ self for each row t of x [P, in] -> y [P, out]: one gemv per row on each widened block
         (a verification block of T <= layers.GEMV_ROWS tokens arrives here as T rows of one), so a block is
         widened once whatever P is, and each row gets exactly the dot products a one-row decode step gets."""
-        rows = self.ws.block_rows(self.n_in, self.n_out, 1)
-
-        def work(start, stop, k):
-            for s in range(start, stop, rows):
-                e = min(s + rows, stop)
-                buf = self.widen_rows(s, e, self.ws.buffer(e - s, self.n_in, k))   # [rows, in] float32, in cache
-                for t in range(x.shape[0]):
-                    np.dot(buf, x[t], out=y[t, s:e])                             # [rows] (gemv, releases the GIL)
+        def work(s, e, k):
+            buf = self.widen_rows(s, e, self.ws.buffer(e - s, self.n_in, k))       # [rows, in] float32, in cache
+            for t in range(x.shape[0]):
+                np.dot(buf, x[t], out=y[t, s:e])                                 # [rows] (gemv, releases the GIL)
 
         with one_blas_thread():
-            self.ws.split(self.n_out, rows, work)
+            self.ws.split(self.n_in, self.n_out, work)
 
     def product(self, x, y):
         """y = x @ self for x [..., T, in] with T > 1: the whole matrix widened (the threads share the rows), then
         one GEMM with BLAS's own threads."""
         buf = self.ws.buffer(self.n_out, self.n_in)                           # [out, in] float32
-        self.ws.split(self.n_out, self.ws.block_rows(self.n_in, self.n_out, 1),
-                      lambda start, stop, k: self.widen_rows(start, stop, buf[start:stop]))
+        self.ws.split(self.n_in, self.n_out, lambda start, stop, k: self.widen_rows(start, stop, buf[start:stop]))
         np.matmul(x, buf.T, out=y)                                            # [..., T, out]
 
     def widen_rows(self, start, stop, out):

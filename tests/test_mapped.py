@@ -66,7 +66,7 @@ def test_mapped_logits_are_bit_identical_to_widened_logits_for_every_block_size(
     # several blocks per matrix in the gemv path (4 MB float32 blocks of w13, 29 MB widened), whole-matrix GEMM above
     # 12 rows
     w13 = mapped.layers[0]["w13"]
-    assert Workspace.block_rows(w13.n_in, w13.n_out, 1) * 4 < w13.n_out
+    assert Workspace.block_rows(w13.n_in, w13.n_out) * 4 < w13.n_out
     for T in (1, 2, 5, 12, 13, 20):
         ids = (np.arange(T) * 37 + 5) % wide.config.vocab_size
         assert np.array_equal(mapped.forward(ids), wide.forward(ids)), T
@@ -101,7 +101,7 @@ class Failing:
 
 def test_an_error_in_another_threads_blocks_is_raised_by_the_product_and_the_next_product_still_runs():
     ws = Workspace(threads=2)
-    rows = Workspace.block_rows(64, 10 ** 6, 1)
+    rows = Workspace.block_rows(64, 10 ** 6)
     bad = MappedMatrix([Failing(4 * rows, 64, bad=3 * rows)], ws)          # the last block: the helper's half
     with pytest.raises(ValueError, match="refused"):
         np.ones(64, np.float32) @ bad
@@ -265,7 +265,7 @@ def times(x, w):
 def test_a_forked_child_runs_split_products_on_threads_of_its_own():
     import multiprocessing
     ws = Workspace(threads=2)
-    rows = Workspace.block_rows(64, 10 ** 6, 1)
+    rows = Workspace.block_rows(64, 10 ** 6)
     w = MappedMatrix([Failing(4 * rows, 64, bad=4 * rows)], ws)
     x = np.ones(64, np.float32)
     assert np.array_equal(x @ w, np.full(4 * rows, 64.0, np.float32))     # the helper thread now exists here
