@@ -28,11 +28,12 @@ def tiny_config(**kw):
     return MistralConfig(**base)
 
 
-def numgrad(f, a, eps=1e-6):
+def numgrad(f, a, eps=1e-6, entries=None):
     """Central finite differences of the scalar f() with respect to every entry of array a (changed in place and
-    restored): the independent reference every hand-derived gradient is checked against."""
+    restored), or only at the index tuples `entries` (the rest stay 0): the independent reference every
+    hand-derived gradient is checked against."""
     g = np.zeros_like(a)
-    for i in np.ndindex(a.shape):
+    for i in np.ndindex(a.shape) if entries is None else entries:
         old = a[i]
         a[i] = old + eps
         up = f()
