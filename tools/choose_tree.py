@@ -50,22 +50,29 @@ def main():
     budget, speedup = pick_budget(acc, costs, per_depth)
     cpu_tree, cpu_tau = build_tree(acc, budget)
     proposal = per_depth[cpu_tree.max_depth - 1]
-    gpu_tree, gpu_tau = build_tree(acc, args.gpu_budget)
     print("c(T):", ", ".join(f"c({T})={c:.2f}" for T, c in costs.items()), f"(1 token = {t1 * 1e3:.2f} ms)")
     print(f"heads: {proposal:.2f} AR steps per step ({cpu_tree.max_depth} of {heads.K} heads: the CPU tree's depth)")
+    save_trees(args, heads, acc, folder / "medusa_config.json", type(heads).save, costs, budget, cpu_tree, cpu_tau,
+               speedup, {"heads_cost_steps": round(proposal, 3)})
+
+
+def save_trees(args, heads, acc, config_path, save, costs, budget, cpu_tree, cpu_tau, speedup, choice):
+    """Print the chosen CPU tree and the GPU tree, set them as the heads' trees and save the heads with the
+    choice recorded in their config (its `training` record kept): the same tail for Medusa and Hydra."""
+    gpu_tree, gpu_tau = build_tree(acc, args.gpu_budget)
     print(f"CPU tree: {budget} nodes, expected tau {cpu_tau:.2f}, expected speedup {speedup:.2f}x: "
           f"{[list(p) for p in cpu_tree.paths[1:]]}")
     print(f"GPU tree: {args.gpu_budget} nodes, expected tau {gpu_tau:.2f}")
     heads.choices = [list(p) for p in cpu_tree.paths[1:]]
     heads.choices_cuda = [list(p) for p in gpu_tree.paths[1:]]
-    cfg = json.loads((folder / "medusa_config.json").read_text())
+    cfg = json.loads(config_path.read_text())
     extra = {k: cfg[k] for k in ("training",) if k in cfg}
-    extra["tree_choice"] = {"cpu_costs": {str(T): round(c, 3) for T, c in costs.items()},
-                            "heads_cost_steps": round(proposal, 3), "cpu_budget": budget,
-                            "cpu_expected_tau": round(cpu_tau, 3), "cpu_expected_speedup": round(speedup, 3),
-                            "gpu_budget": args.gpu_budget, "gpu_expected_tau": round(gpu_tau, 3)}
-    out = Path(args.out or folder)
-    heads.save(out, extra=extra, dtype=np.float16 if args.dtype == "float16" else np.float32)
+    extra["tree_choice"] = {"cpu_costs": {str(T): round(c, 3) for T, c in costs.items()}, **choice,
+                            "cpu_budget": budget, "cpu_expected_tau": round(cpu_tau, 3),
+                            "cpu_expected_speedup": round(speedup, 3), "gpu_budget": args.gpu_budget,
+                            "gpu_expected_tau": round(gpu_tau, 3)}
+    out = Path(args.out or config_path.parent)
+    save(heads, out, extra=extra, dtype=np.float16 if args.dtype == "float16" else np.float32)
     print(f"saved {out}")
 
 
@@ -123,26 +130,13 @@ def choose_hydra(args):
         best = max(best, (tau / (c + proposal_at[budget]), budget, tau))
     speedup, budget, cpu_tau = best
     cpu_tree, _ = build_tree(acc, budget)
-    gpu_tree, gpu_tau = build_tree(acc, args.gpu_budget)
     print("c(T):", ", ".join(f"c({T})={c:.2f}" for T, c in costs.items()), f"(1 token = {t1 * 1e3:.2f} ms)")
     print(f"{args.kind} proposal: {proposal_at[budget]:.2f} AR steps per step at {budget} nodes "
           f"({proposal_at[1]:.2f} at 1 node, {proposal_at[sizes[-1] - 1]:.2f} at {sizes[-1] - 1})")
-    print(f"CPU tree: {budget} nodes, expected tau {cpu_tau:.2f}, expected speedup {speedup:.2f}x: "
-          f"{[list(p) for p in cpu_tree.paths[1:]]}")
-    print(f"GPU tree: {args.gpu_budget} nodes, expected tau {gpu_tau:.2f}")
-    heads.choices = [list(p) for p in cpu_tree.paths[1:]]
-    heads.choices_cuda = [list(p) for p in gpu_tree.paths[1:]]
-    cfg = json.loads((folder / "hydra_config.json").read_text())
-    extra = {k: cfg[k] for k in ("training",) if k in cfg}
-    extra["tree_choice"] = {"cpu_costs": {str(T): round(c, 3) for T, c in costs.items()},
-                            "cpu_costs_from": Path(args.costs_from).name if args.costs_from else "measured",
-                            "proposal_cost_steps": {str(b): round(v, 3) for b, v in proposal_at.items()},
-                            "cpu_budget": budget, "cpu_expected_tau": round(cpu_tau, 3),
-                            "cpu_expected_speedup": round(speedup, 3), "gpu_budget": args.gpu_budget,
-                            "gpu_expected_tau": round(gpu_tau, 3)}
-    out = Path(args.out or folder)
-    save(heads, out, extra=extra, dtype=np.float16 if args.dtype == "float16" else np.float32)
-    print(f"saved {out}")
+    choice = {"cpu_costs_from": Path(args.costs_from).name if args.costs_from else "measured",
+              "proposal_cost_steps": {str(b): round(v, 3) for b, v in proposal_at.items()}}
+    save_trees(args, heads, acc, folder / "hydra_config.json", save, costs, budget, cpu_tree, cpu_tau, speedup,
+               choice)
 
 
 if __name__ == "__main__":
