@@ -77,3 +77,18 @@ def code_corpus(path):
     """A small text file of Python-like documents separated by NUL lines (what --text reads)."""
     path.write_text("\n\0\n".join(f"def f{i}(x):\n    return x + {i}\n" * 3 for i in range(12)))
     return path
+
+
+def assert_lossless(model, decoder, ids=(1, 5, 3), n=40, tol=1e-12):
+    """A speculative decoder's greedy tokens == AR's, and its committed cache == AR's at the same length: both
+    caches must hold exactly the prompt and the output minus its newest token, even when the decoder's last step
+    accepted more than max_new_tokens allowed. Returns the decoder's stats."""
+    from minispec import generate
+    cache = model.new_cache()
+    spec = generate(model, list(ids), decoder=decoder, max_new_tokens=n, eos_id=None, cache=cache)
+    ar_cache = model.new_cache()
+    ar = generate(model, list(ids), max_new_tokens=n, eos_id=None, cache=ar_cache)
+    assert spec.tokens == ar.tokens
+    assert cache.pos == ar_cache.pos == len(ids) + n - 1
+    assert rel_err(cache.keys, ar_cache.keys) < tol and rel_err(cache.values, ar_cache.values) < tol
+    return spec.stats

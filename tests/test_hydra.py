@@ -7,7 +7,7 @@ forward pass, AR decoding), never from minispec.hydra.
 import numpy as np
 import pytest
 
-from conftest import random_tensors, rel_err, tiny_config
+from conftest import assert_lossless, random_tensors, rel_err, tiny_config
 from test_sampling import SAME, chi2_test
 from minispec import generate
 from minispec.generate import Context, Stats
@@ -279,17 +279,6 @@ def test_the_prefix_cache_never_holds_a_rejected_token():
 # ---------------------------------------------------------------------------------------------------------
 # Greedy losslessness: tokens and the final cache, across several windows
 # ---------------------------------------------------------------------------------------------------------
-def assert_lossless(model, prop, ids=(1, 5, 3), n=40, tol=1e-12):
-    cache = model.new_cache()
-    spec = generate(model, list(ids), decoder=prop, max_new_tokens=n, eos_id=None, cache=cache)
-    ar_cache = model.new_cache()
-    ar = generate(model, list(ids), max_new_tokens=n, eos_id=None, cache=ar_cache)
-    assert spec.tokens == ar.tokens
-    assert cache.pos == ar_cache.pos == len(ids) + n - 1
-    assert rel_err(cache.keys, ar_cache.keys) < tol and rel_err(cache.values, ar_cache.values) < tol
-    return spec.stats
-
-
 @pytest.mark.parametrize("W", [4, 5, 6, 7, 8])
 @pytest.mark.parametrize("arch", ARCHS)
 @pytest.mark.parametrize("shape", ["chain", "tree"])

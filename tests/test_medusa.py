@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file, save_file
 
-from conftest import FIXTURES, numgrad, random_tensors, rel_err, tiny_config
+from conftest import FIXTURES, assert_lossless, numgrad, random_tensors, rel_err, tiny_config
 from hostguard import GUARD
 from minispec import generate
 from minispec.generate import Context, Stats
@@ -249,19 +249,9 @@ def test_missing_heads_say_how_to_train_them(tmp_path):
         generate(model, [1, 2], max_new_tokens=9).tokens
 
 
-def assert_lossless(model, heads, tree, ids=(1, 5, 3), n=40, tol=1e-12):
-    """Medusa's greedy tokens == AR's, and its committed cache == AR's at the same length."""
-    cache = model.new_cache()
-    spec = generate(model, list(ids), decoder=MedusaProposer(model, heads, tree), max_new_tokens=n, eos_id=None,
-                    cache=cache)
-    # both caches must hold exactly the prompt and the output minus its newest token, even when Medusa's last
-    # step accepted more than max_new_tokens allowed
-    ar_cache = model.new_cache()
-    ar = generate(model, list(ids), max_new_tokens=n, eos_id=None, cache=ar_cache)
-    assert spec.tokens == ar.tokens
-    assert cache.pos == ar_cache.pos == len(ids) + n - 1
-    assert rel_err(cache.keys, ar_cache.keys) < tol and rel_err(cache.values, ar_cache.values) < tol
-    return spec.stats
+def assert_medusa_lossless(model, heads, tree, **kw):
+    """Medusa's greedy tokens == AR's, and its committed cache == AR's at the same length (conftest)."""
+    return assert_lossless(model, MedusaProposer(model, heads, tree), **kw)
 
 
 @pytest.mark.parametrize("W", [4, 6, 8])
@@ -270,7 +260,7 @@ def test_greedy_medusa_emits_exactly_the_ar_tokens_and_leaves_the_same_cache(W, 
     model = tiny_model(W=W, V=24, seed=W)
     heads = random_heads(model, num_heads=4, seed=W)
     tree = Tree.chain(4) if shape == "chain" else Tree.from_choices(BRANCHING)
-    stats = assert_lossless(model, heads, tree)
+    stats = assert_medusa_lossless(model, heads, tree)
     steps = stats.accepted[1:-1]                                          # not the root-only first step, nor the last
     assert max(steps) > 1, "no draft token was ever accepted"
     assert min(steps) < tree.max_depth + 1, "no draft token was ever rejected"
@@ -279,8 +269,8 @@ def test_greedy_medusa_emits_exactly_the_ar_tokens_and_leaves_the_same_cache(W, 
 
 def test_greedy_medusa_is_lossless_in_float32_and_with_two_layer_v2_heads():
     model = tiny_model(W=5, V=24, seed=3, dtype="float32")
-    assert_lossless(model, random_heads(model, 3, num_layers=2, version="v2", seed=1), Tree.from_choices(BRANCHING[:7]),
-                    tol=1e-6)
+    assert_medusa_lossless(model, random_heads(model, 3, num_layers=2, version="v2", seed=1),
+                           Tree.from_choices(BRANCHING[:7]), tol=1e-6)
 
 
 def test_medusa_never_exceeds_max_new_tokens_and_stops_right_after_eos():
