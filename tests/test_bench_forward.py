@@ -11,16 +11,18 @@ from minispec import bench
 
 def test_memory_bandwidth_reads_every_element_once_spread_over_the_threads_it_is_given(monkeypatch):
     calls = []
+    together = threading.Barrier(3, timeout=10)                       # each read's three parts must run at once
 
     def reduce(a):
-        calls.append((threading.get_ident(), a.size))
+        calls.append(a.size)
+        together.wait()                                                # breaks (and fails) unless 3 threads meet
         return np.add.reduce(a)
 
     fake = SimpleNamespace(ones=np.ones, uint64=np.uint64, array_split=np.array_split, add=SimpleNamespace(reduce=reduce))
     monkeypatch.setattr(bench, "np", fake)
     assert bench.memory_bandwidth(mb=8, reps=2, threads=3) > 0
-    assert sum(n for _, n in calls) == 2 * (8 << 17)                   # 8 MB of uint64, read twice (reps)
-    assert len({t for t, _ in calls}) >= 3 and len(calls) == 6        # three parts per read, on three threads
+    assert sum(calls) == 2 * (8 << 17)                                 # 8 MB of uint64, read twice (reps)
+    assert len(calls) == 6                                             # three parts per read, on three threads
 
 
 def test_bench_forward_reports_both_bandwidth_limits_and_the_verify_cost_curve(capsys):
