@@ -14,7 +14,7 @@ import time
 import numpy as np
 
 from .backend import to_host
-from .model import load
+from .model import load, proc_bytes
 
 
 def environment():
@@ -68,13 +68,7 @@ def check_bench(n_tokens, runs, n_prompts=1, decoders=("ar",)):
 
 def private_memory():
     """Resident anonymous memory of this process in bytes (RssAnon: not counting mapped files), 0 without /proc."""
-    try:
-        for line in open("/proc/self/status"):
-            if line.startswith("RssAnon:"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return 0
+    return proc_bytes("/proc/self/status", "RssAnon") or 0
 
 
 def memory_bandwidth(mb=512, reps=3, threads=1):

@@ -182,15 +182,20 @@ class Model:
 
 
 # ---- weight storage -------------------------------------------------------------------------------------------
-def available_memory():
-    """MemAvailable from /proc/meminfo in bytes (None where there is no /proc)."""
+def proc_bytes(path, field):
+    """The size on the `field:` line of a /proc file (given there in kB) in bytes; None where there is no /proc."""
     try:
-        for line in open("/proc/meminfo"):
-            if line.startswith("MemAvailable:"):
+        for line in open(path):
+            if line.startswith(field + ":"):
                 return int(line.split()[1]) * 1024
     except OSError:
         pass
     return None
+
+
+def available_memory():
+    """MemAvailable from /proc/meminfo in bytes (None where there is no /proc)."""
+    return proc_bytes("/proc/meminfo", "MemAvailable")
 
 
 def choose_weights(weights, tensors, dtype, xp):

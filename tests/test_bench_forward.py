@@ -7,6 +7,7 @@ import numpy as np
 from conftest import FIXTURES
 
 from minispec import bench
+from minispec.model import proc_bytes
 
 
 def test_memory_bandwidth_reads_every_element_once_spread_over_the_threads_it_is_given(monkeypatch):
@@ -32,3 +33,11 @@ def test_bench_forward_reports_both_bandwidth_limits_and_the_verify_cost_curve(c
     one, both = map(float, re.search(r"= ([\d.]+)x the one-core .* ([\d.]+)x the all-core", out).groups())
     assert one > 0 and both > 0
     assert re.search(r"c\(2\)=[\d.]+, c\(4\)=[\d.]+, c\(8\)=[\d.]+", out)
+
+
+def test_proc_bytes_reads_the_named_field_in_kilobytes_and_is_none_without_the_file(tmp_path):
+    status = tmp_path / "status"
+    status.write_text("VmRSS:\t  9999 kB\nRssAnonX:\t 7 kB\nRssAnon:\t    1234 kB\n")   # a hand-written /proc file
+    assert proc_bytes(status, "RssAnon") == 1234 * 1024
+    assert proc_bytes(status, "VmSwap") is None
+    assert proc_bytes(tmp_path / "missing", "RssAnon") is None
