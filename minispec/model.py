@@ -21,7 +21,7 @@ from .cache import RollingCache
 from .errors import UserError, check_token_ids, warn_if_past_max_positions
 from .layers import GEMV_ROWS, attention, linear, qkv_heads, rms_norm, rope_tables, sliding_window_mask, swiglu
 from .mapped import MappedMatrix, MappedRows, Workspace, one_blas_thread
-from .weights import Tensor16, load_config, load_tensors
+from .weights import Tensor16, bf16_to_float32, load_config, load_tensors
 
 DTYPES = {"float16": np.float16, "float32": np.float32, "float64": np.float64}
 WEIGHTS = ("auto", "widened", "mapped")
@@ -231,8 +231,10 @@ def to_working_dtype(xp, t, dtype, name):
     over as their 16 bits and are widened there. float16: a tensor whose values overflow it is refused."""
     if isinstance(t, Tensor16):
         bits = np.ascontiguousarray(t.data if t.rows is None else t.data[t.rows])        # reads the file
+        if t.name is not None:      # every row is read now: refused at load, as a mapped row is at its first use
+            t.check_rows(bits, 0)
         d = to_device(xp, bits)
-        a = (d.astype(xp.uint32) << 16).view(xp.float32) if t.kind == "BF16" else d.astype(xp.float32)
+        a = bf16_to_float32(d) if t.kind == "BF16" else d.astype(xp.float32)              # NumPy or CuPy
     else:
         a = to_device(xp, np.asarray(t))
     if dtype == np.float16 and a.dtype != np.float16:

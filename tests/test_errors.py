@@ -204,10 +204,8 @@ def test_a_nan_in_a_model_tensor_is_refused_at_load_naming_the_tensor(tmp_path):
     assert "NaN" in str(e.value) or "non-finite" in str(e.value)
 
 
-@pytest.mark.parametrize("name", ["model.layers.1.mlp.down_proj.weight", "model.embed_tokens.weight"])
-def test_a_nan_in_a_mapped_bf16_tensor_is_refused_at_its_first_use_naming_the_tensor(tmp_path, name):
-    """Mapped weights are not read at load (that is the point of mapping), so the check runs as rows are first
-    widened: the first forward that reads the tensor names it (the embedding: when the bad row is looked up)."""
+def with_a_bf16_nan(tmp_path, name):
+    """A copy of the bf16 fixture whose tensor `name` holds a quiet NaN at [3, 4] (the file edited by hand)."""
     import json
     import struct
     folder = tmp_path / "m"
@@ -221,9 +219,22 @@ def test_a_nan_in_a_mapped_bf16_tensor_is_refused_at_its_first_use_naming_the_te
     at = 8 + n + info["data_offsets"][0] + 2 * (3 * cols + 4)               # element [3, 4]
     blob[at:at + 2] = struct.pack("<H", 0x7FC0)                             # a bf16 quiet NaN
     path.write_bytes(bytes(blob))
-    model = minispec.load(folder, device="cpu", weights="mapped")           # loads: nothing is read yet
+    return folder
+
+
+@pytest.mark.parametrize("name", ["model.layers.1.mlp.down_proj.weight", "model.embed_tokens.weight"])
+def test_a_nan_in_a_mapped_bf16_tensor_is_refused_at_its_first_use_naming_the_tensor(tmp_path, name):
+    """Mapped weights are not read at load (that is the point of mapping), so the check runs as rows are first
+    widened: the first forward that reads the tensor names it (the embedding: when the bad row is looked up)."""
+    model = minispec.load(with_a_bf16_nan(tmp_path, name), device="cpu", weights="mapped")   # nothing read yet
     with pytest.raises(ValueError, match=name.replace(".", r"\.") + ".*NaN or inf"):
         model.forward([1, 3, 2])
+
+
+@pytest.mark.parametrize("name", ["model.layers.1.mlp.down_proj.weight", "model.embed_tokens.weight"])
+def test_a_nan_in_a_bf16_tensor_is_refused_at_a_widened_load_naming_the_tensor(tmp_path, name):
+    with pytest.raises(ValueError, match=name.replace(".", r"\.") + ".*NaN or inf"):
+        minispec.load(with_a_bf16_nan(tmp_path, name), device="cpu", weights="widened")
 
 
 def test_an_inf_in_a_head_file_is_refused_at_load_naming_the_tensor(tmp_path, model):
