@@ -134,10 +134,6 @@ class Workspace:
         rows = self.block_rows(n_in, n_out)
         blocks = -(-n_out // rows)
         n = min(self.threads, blocks)
-        if n == 1:
-            for s in range(0, n_out, rows):
-                work(s, min(n_out, s + rows), 0)
-            return
         taken, lock = [0], threading.Lock()
 
         def run(k):
