@@ -37,8 +37,9 @@ def environment():
             f"threads env {threads or 'unset'}")
 
 
-def _decode_rate(step, first, n_tokens, runs):
-    """Median tokens/s of `runs` timed runs after one warm-up; step(token) -> next token; timer after token 1."""
+def _decode_rate(step, first, n_tokens, runs, after=None):
+    """Median tokens/s of `runs` timed runs after one warm-up; step(token) -> next token; timer after token 1.
+    after(r), if given, runs when run r's timer has stopped (what is sampled there is not timed)."""
     rates = []
     for r in range(runs + 1):
         tok = first(r)
@@ -46,6 +47,8 @@ def _decode_rate(step, first, n_tokens, runs):
         for _ in range(n_tokens - 1):
             tok = step(tok)
         dt = time.perf_counter() - t0
+        if after is not None:
+            after(r)
         if r > 0:
             rates.append((n_tokens - 1) / dt)
     return statistics.median(rates), rates
@@ -115,17 +118,17 @@ def bench_forward(model_dir, n_tokens=64, runs=5, device="auto", dtype="float32"
         t = time.perf_counter()
         tok = int(to_host(model.forward(prompt, state["cache"])[-1].argmax()))
         state["prefill"].append(time.perf_counter() - t)
-        state["cpu0"] = state["cpu1"] = time.process_time()
-        state["n"] = 0
+        state["cpu0"] = time.process_time()
         return tok
 
     def step(tok):
-        tok = int(to_host(model.forward([tok], state["cache"])[-1].argmax()))
-        state["peak"] = max(state["peak"], private_memory() - mem0)
-        state["cpu1"], state["n"] = time.process_time(), state["n"] + 1
-        return tok
+        return int(to_host(model.forward([tok], state["cache"])[-1].argmax()))
 
-    med, rates = _decode_rate(step, first, n_tokens, runs)
+    def after(_):   # outside the timer (a /proc read costs ~0.1 ms); the cache only grows during a run
+        state["peak"] = max(state["peak"], private_memory() - mem0)
+        state["cpu"] = (time.process_time() - state["cpu0"]) / (n_tokens - 1)
+
+    med, rates = _decode_rate(step, first, n_tokens, runs, after)
     n_params = sum(a.size for a in [model.tok_embeddings, model.output]) + sum(
         a.size for lw in model.layers for a in lw.values())
     print(f"model: {model_dir} ({n_params / 1e6:.2f} M parameters, L={c.n_layers} D={c.dim} H={c.n_heads} "
@@ -141,7 +144,7 @@ def bench_forward(model_dir, n_tokens=64, runs=5, device="auto", dtype="float32"
     print(f"  weights read per token: {bytes_per_token / 1e6:.1f} MB -> {med * bytes_per_token / 1e9:.2f} GB/s achieved; "
           f"memory read bandwidth measured here (interleaved): {bw / 1e9:.2f} GB/s on one core, "
           f"{bw_all / 1e9:.2f} GB/s on all {os.cpu_count()}")
-    cpu = (state["cpu1"] - state["cpu0"]) / max(state["n"], 1)
+    cpu = state["cpu"]                                              # of the last run
     print(f"  {1 / med:.3f} s per token = {(1 / med) / (bytes_per_token / bw):.2f}x the one-core "
           f"bandwidth limit ({bytes_per_token / bw:.3f} s to read the weights once), "
           f"{(1 / med) / (bytes_per_token / bw_all):.2f}x the all-core limit ({bytes_per_token / bw_all:.3f} s); "
