@@ -223,8 +223,8 @@ def train(heads, data, cfg=HydraTrainConfig(), checkpoint=None, checkpoint_every
         rng.bit_generator.state = state["epoch_rng"]
     history = []
     bar = Progress(total=total, initial=step, desc=f"train {heads.kind}", unit="step", disable=not progress)
+    epoch_rng = rng.bit_generator.state                         # what a resume needs to redraw this epoch
     while epoch < cfg.epochs and (stop_after is None or step < stop_after):
-        epoch_rng = rng.bit_generator.state                     # what a resume needs to redraw this epoch
         batches = make_batches(data["labels_h"], data["seqs"], cfg, rng, by_seq)
         for b in range(step - epoch * n_batches, n_batches):
             if stop_after is not None and step >= stop_after:
@@ -240,15 +240,14 @@ def train(heads, data, cfg=HydraTrainConfig(), checkpoint=None, checkpoint_every
             if checkpoint is not None and step % checkpoint_every == 0:
                 save_checkpoint(checkpoint, params, adam, {"step": step, "epoch": epoch, "epoch_rng": epoch_rng,
                                                            "config": asdict(cfg)})
-        else:
-            epoch += 1
-            continue
-        break
+        if step < (epoch + 1) * n_batches:                     # stopped inside the epoch
+            break
+        epoch += 1
+        epoch_rng = rng.bit_generator.state
     bar.close()
     if checkpoint is not None:
-        save_checkpoint(checkpoint, params, adam, {"step": step, "epoch": epoch,
-                                                   "epoch_rng": rng.bit_generator.state if epoch * n_batches == step
-                                                   else epoch_rng, "config": asdict(cfg)})
+        save_checkpoint(checkpoint, params, adam, {"step": step, "epoch": epoch, "epoch_rng": epoch_rng,
+                                                   "config": asdict(cfg)})
     return history
 
 

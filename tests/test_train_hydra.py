@@ -295,17 +295,20 @@ def test_batch_loss_gradients_equal_finite_differences_of_a_naive_loss(kind, lm_
             assert abs(grads[name][idx] - num) < 1e-6 * max(1.0, abs(num)), (name, idx, grads[name][idx], num)
 
 
+@pytest.mark.parametrize("where", ["mid-epoch", "epoch end"])
 @pytest.mark.parametrize("kind", ["hydra", "hydra++"])
-def test_training_resumed_from_a_checkpoint_equals_uninterrupted_training(kind, tmp_path):
+def test_training_resumed_from_a_checkpoint_equals_uninterrupted_training(kind, where, tmp_path):
     from minispec.train_hydra import HydraTrainConfig, param_dict, train
     cfg = HydraTrainConfig(epochs=3, batch=4 if kind == "hydra" else 9, lr=1e-2, teacher_weight=0.5, seed=3)
     _, heads_a, data, _ = tiny_setup(kind)
     hist_a = train(heads_a, data, cfg, progress=False)
     _, heads_b, data, _ = tiny_setup(kind)
     ck = tmp_path / "ck"
-    stop = len(hist_a) // 2 + 1               # mid-epoch
+    stop = len(hist_a) // 2 + 1 if where == "mid-epoch" else len(hist_a) // 3    # 3 epochs
     hist_b = train(heads_b, data, cfg, checkpoint=ck, checkpoint_every=1000, stop_after=stop, progress=False)
     assert len(hist_b) == stop and (tmp_path / "ck.json").exists() and (tmp_path / "ck.safetensors").exists()
+    _, heads_r, data, _ = tiny_setup(kind)    # resumed with the same limit: no step, the checkpoint rewritten as it was
+    assert train(heads_r, data, cfg, checkpoint=ck, checkpoint_every=1000, stop_after=stop, progress=False) == []
     _, heads_c, data, _ = tiny_setup(kind)    # a fresh process: untrained heads, state from the files only
     hist_c = train(heads_c, data, cfg, checkpoint=ck, progress=False)
     assert hist_b + hist_c == hist_a
