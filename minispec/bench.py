@@ -15,6 +15,7 @@ import numpy as np
 
 from .backend import to_host
 from .model import load, proc_bytes
+from .tree import expected_tau
 
 
 def environment():
@@ -400,43 +401,35 @@ def bench_decode(model_dir, decoders=("ar", "medusa"), n_tokens=128, n_prompts=8
     costs, t1 = cost_curve(model)
     print(f"verify cost curve on {model.device}: c(T) = time(T tokens) / time(1 token = {t1 * 1e3:.2f} ms): "
           + ", ".join(f"c({T})={c:.2f}" for T, c in costs.items()))
+    props = {name: DECODERS[name](model) for name in decoders[1:]}  # as generate made them (heads cached on the model)
     for name in decoders[1:]:
-        tree = getattr(DECODERS[name](model), "tree", None)             # a static tree's depth, if it has one
+        tree = getattr(props[name], "tree", None)                      # a static tree's depth, if it has one
         base = stats[decoders[0]]
         print(speculation_line(name, stats[name], costs, t1, results[name] / results[decoders[0]],
                                None if tree is None else tree.max_depth,
                                sum(s.decode_time for s in base) / sum(s.steps for s in base)))
     for name in ("hydra", "hydra++"):
-        if name in decoders:
-            from .hydra import HydraProposer
-            prop = HydraProposer(model, kind=name)
-            if prop.heads.accuracies is not None:
-                tree = [list(p) for p in prop.tree.paths[1:]]
-                expected = 1 + sum(np.prod([prop.heads.accuracies[d][r] for d, r in enumerate(p)]) for p in tree)
-                print(f"{name} tree of {len(tree)} nodes: expected tau {expected:.2f} (from the heads' stored top-k "
-                      f"accuracies, assumed independent) vs measured {results_tau[name]:.2f}")
+        if name in decoders and props[name].heads.accuracies is not None:
+            paths = [list(p) for p in props[name].tree.paths[1:]]
+            expected = expected_tau(props[name].heads.accuracies, paths)
+            print(f"{name} tree of {len(paths)} nodes: expected tau {expected:.2f} (from the heads' stored top-k "
+                  f"accuracies, assumed independent) vs measured {results_tau[name]:.2f}")
     if "draft_verify" in decoders:
         print_draft_verify(model, prompts, stats["draft_verify"], costs,
                            results["draft_verify"] / results[decoders[0]], results_tau["draft_verify"], n_tokens)
     if "medusa" in decoders:
-        from .medusa import load_heads
-        from pathlib import Path
-        heads = load_heads(Path(model_dir) / "medusa", model)
+        heads, shipped = props["medusa"].heads, props["medusa"].tree          # the tree the proposer ran
         if heads.accuracies is not None:
-            acc = np.asarray(heads.accuracies)
-            expected = 1 + sum(np.prod([acc[d][r] for d, r in enumerate(path)]) for path in heads.choices)
-            measured = results_tau.get("medusa")
-            print(f"medusa tree of {len(heads.choices)} nodes: expected tau {expected:.2f} (from the heads' held-out "
-                  f"top-k accuracies, assumed independent) vs measured {measured:.2f}")
-            from .tree import Tree
-            shipped = Tree.from_choices(heads.choices, n_heads=heads.K)
+            paths = [list(p) for p in shipped.paths[1:]]
+            print(f"medusa tree of {len(paths)} nodes: expected tau {expected_tau(heads.accuracies, paths):.2f} (from "
+                  f"the heads' held-out top-k accuracies, assumed independent) vs measured {results_tau['medusa']:.2f}")
             per_depth = [heads_cost(model, heads, t1, num_heads=d) for d in range(1, heads.K + 1)]
             proposal = per_depth[shipped.max_depth - 1]           # the proposer runs tree.max_depth heads
             budget, ratio = pick_budget(np.asarray(heads.accuracies), costs, per_depth)
             print(f"medusa heads cost {proposal:.2f} AR steps per step ({shipped.max_depth} of {heads.K} heads, as "
                   f"deep as the tree); the tree budget maximising the expected "
                   f"speedup tau / (c(budget + 1) + heads) here is {budget} nodes (expected {ratio:.2f}x); the "
-                  f"shipped tree has {len(heads.choices)} nodes")
+                  f"shipped tree has {len(paths)} nodes")
     return results, costs
 
 

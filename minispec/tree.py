@@ -148,6 +148,12 @@ class Tree:
 
 
 # ---------------------------------------------------------------------------------------------------------
+def expected_tau(accuracies, paths):
+    """1 + the sum over `paths` (choices lists: rank per depth) of the product of their per-depth accuracies
+    [K, k]: the expected tokens per step of a tree with those nodes, under `build_tree`'s independence assumption."""
+    return 1 + sum(float(np.prod([accuracies[d][r] for d, r in enumerate(p)])) for p in paths)
+
+
 def build_tree(accuracies, budget):
     """Medusa's tree construction (arXiv 2401.10774 §2.3.3; the choices behind `generate_medusa_buffers`' defaults).
 

@@ -146,3 +146,17 @@ def test_build_tree_is_closed_under_parents_optimal_and_its_tau_grows_with_budge
 def test_build_tree_rejects_bad_inputs(acc, budget, message):
     with pytest.raises(ValueError, match=message):
         build_tree(acc, budget)
+
+
+def test_expected_tau_is_one_plus_the_products_of_each_paths_accuracies_by_hand():
+    from minispec.tree import expected_tau
+    acc = [[0.5, 0.2], [0.4, 0.1]]
+    assert abs(expected_tau(acc, [[0], [1], [0, 0], [0, 1]]) - (1 + 0.5 + 0.2 + 0.5 * 0.4 + 0.5 * 0.1)) < 1e-15
+    assert expected_tau(acc, []) == 1
+
+
+def test_build_trees_expected_tau_is_that_of_the_paths_it_chose():
+    from minispec.tree import build_tree, expected_tau
+    acc = np.random.default_rng(3).uniform(0, 1, (3, 4))
+    tree, tau = build_tree(acc, 9)
+    assert abs(tau - expected_tau(acc, [list(p) for p in tree.paths[1:]])) < 1e-12
