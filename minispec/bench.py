@@ -15,7 +15,7 @@ import numpy as np
 
 from .backend import to_host
 from .model import load, proc_bytes
-from .tree import expected_tau
+from .tree import build_tree, expected_tau
 
 
 def environment():
@@ -245,19 +245,30 @@ def heads_cost(model, heads, t1, top_k=3, reps=20, num_heads=None):
     return statistics.median(ts) / t1
 
 
+def interp_cost(costs, T):
+    """c(T) of a verify cost curve {T: c(T)} (`cost_curve`), interpolated linearly between its measured sizes
+    (held constant beyond them); T a number (-> float) or an array (-> array)."""
+    sizes = sorted(costs)
+    c = np.interp(T, sizes, [costs[s] for s in sizes])
+    return float(c) if np.ndim(c) == 0 else c
+
+
 def pick_budget(accuracies, costs, proposal_cost=0.0):
     """The tree budget (nodes besides the root) maximising the expected speedup over AR on this backend,
     tau(budget) / (c(budget + 1) + proposal_cost), with c interpolated between measured sizes and
-    proposal_cost the drafting time per step in units of one AR step: one number, or a sequence whose entry
-    d - 1 is the cost of drafting a tree d deep (d heads run). Returns (budget, expected speedup)."""
-    from .tree import build_tree
-    sizes = sorted(costs)
+    proposal_cost the drafting time per step in units of one AR step: one number, a sequence whose entry
+    d - 1 is the cost of drafting a tree d deep (d heads run), or a function of the tree (a proposer whose cost
+    depends on the tree's shape). Returns (budget, expected speedup)."""
+    if callable(proposal_cost):
+        cost_of = proposal_cost
+    elif np.isscalar(proposal_cost):
+        cost_of = lambda tree: proposal_cost                                          # noqa: E731
+    else:
+        cost_of = lambda tree: proposal_cost[tree.max_depth - 1]                      # noqa: E731
     best = (0.0, 0)
-    for budget in range(1, sizes[-1]):
+    for budget in range(1, max(costs)):
         tree, tau = build_tree(accuracies, budget)
-        c = float(np.interp(budget + 1, sizes, [costs[s] for s in sizes]))
-        pc = proposal_cost if np.isscalar(proposal_cost) else proposal_cost[tree.max_depth - 1]
-        best = max(best, (tau / (c + pc), budget))
+        best = max(best, (tau / (interp_cost(costs, budget + 1) + cost_of(tree)), budget))
     return best[1], best[0]
 
 
@@ -456,8 +467,7 @@ def depth_acceptance(stats_list, max_depth=None):
 def predicted_speedup(tau, nodes, proposal_steps, costs):
     """The cost model: tau / (c(N) + proposal cost), with N the verified tree nodes per step (root included),
     c interpolated on the measured cost curve and the proposal cost in units of one AR step."""
-    sizes = sorted(costs)
-    return tau / (float(np.interp(nodes, sizes, [costs[s] for s in sizes])) + proposal_steps)
+    return tau / (interp_cost(costs, nodes) + proposal_steps)
 
 
 def speculation_line(name, stats_list, costs, t1, measured, max_depth=None, base_step=None):
@@ -476,8 +486,7 @@ def speculation_line(name, stats_list, costs, t1, measured, max_depth=None, base
     heads = (f", heads {counters['head_time_s'] / steps / t1:.2f} of them" if "head_time_s" in counters else "")
     calls = f", {counters['head_calls'] / steps:.1f} head calls/step" if "head_calls" in counters else ""
     acc = ", ".join(f"{a:.2f}" for a in depth_acceptance(stats_list, max_depth))
-    sizes = sorted(costs)
-    c_curve = float(np.interp(nodes, sizes, [costs[s] for s in sizes]))
+    c_curve = interp_cost(costs, nodes)
     c_run = (f" (in this run {sum(s.verify_time for s in stats_list) / steps / base_step:.2f})"
              if base_step else "")
     return (f"{name:>8}: per-depth acceptance [{acc}]; {nodes:.1f} nodes verified/step, c(N) = {c_curve:.2f}"

@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from .backend import to_host
+from .bench import interp_cost
 from .errors import MissingFileError, UserError
 from .sampling import sample, target_probs
 from .tree import Tree
@@ -276,7 +277,6 @@ def predicted_speedup(tau, drafted, draft_cost, costs):
     tau: measured tokens per step; drafted [steps]: draft tokens K_s of each step (each cost one draft forward);
     draft_cost r: one skipped one-token forward / one full one-token forward; costs {T: c(T)}: the verify cost
     curve (minispec.bench.cost_curve), interpolated linearly between its measured sizes."""
-    sizes = sorted(costs)
     K = np.asarray(drafted, dtype=np.float64)
-    c = np.interp(K + 1, sizes, [costs[s] for s in sizes])
+    c = interp_cost(costs, K + 1)
     return float(tau / np.mean(K * draft_cost + c))

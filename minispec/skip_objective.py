@@ -34,6 +34,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from .backend import to_host
+from .bench import interp_cost
 from .draft_verify import SkipSet
 from .errors import UserError
 
@@ -136,8 +137,7 @@ class CostModel:
 
     def verify(self, T):
         """c(T), interpolated between the measured sizes."""
-        sizes = sorted(self.curve)
-        return float(np.interp(T, sizes, [self.curve[s] for s in sizes]))
+        return interp_cost(self.curve, T)
 
     def to_json(self):
         return {"n_layers": self.n_layers, "base": self.base, "attn": self.attn, "mlp": self.mlp,

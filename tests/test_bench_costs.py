@@ -15,4 +15,7 @@ def test_pick_budget_charges_each_tree_the_heads_cost_of_its_own_depth():
     # a flat 0.1 for any depth: 2.76 / 1.1 wins
     budget, ratio = pick_budget(acc, costs, 0.1)
     assert budget == 3 and abs(ratio - 2.76 / 1.1) < 1e-9
+    # a cost of the tree itself (Hydra: one head call per node): 0.5 per node -> 1.9 / 1.5, 2.71 / 2, 2.76 / 2.5
+    budget, ratio = pick_budget(acc, costs, lambda tree: 0.5 * (tree.N - 1))
+    assert budget == 2 and abs(ratio - 2.71 / 2.0) < 1e-9
 

@@ -121,15 +121,14 @@ def choose_hydra(args):
         t1 = float("nan")
     else:
         costs, t1 = cost_curve(model, sizes=(1, 2, 3, 4, 6, 8, 12, 16, 24, 32))
-    sizes = sorted(costs)
-    best, proposal_at = (0.0, 0, 1.0), {}
-    for budget in range(1, sizes[-1]):
-        tree, tau = build_tree(acc, budget)
-        proposal_at[budget] = hydra_proposal_cost(model, heads, tree)
-        c = float(np.interp(budget + 1, sizes, [costs[s] for s in sizes]))
-        best = max(best, (tau / (c + proposal_at[budget]), budget, tau))
-    speedup, budget, cpu_tau = best
-    cpu_tree, _ = build_tree(acc, budget)
+    sizes, proposal_at = sorted(costs), {}
+
+    def proposal(tree):             # a Hydra draft's cost depends on the tree's shape (one head call per node)
+        proposal_at[tree.N - 1] = hydra_proposal_cost(model, heads, tree)
+        return proposal_at[tree.N - 1]
+
+    budget, speedup = pick_budget(acc, costs, proposal)
+    cpu_tree, cpu_tau = build_tree(acc, budget)
     print("c(T):", ", ".join(f"c({T})={c:.2f}" for T, c in costs.items()), f"(1 token = {t1 * 1e3:.2f} ms)")
     print(f"{args.kind} proposal: {proposal_at[budget]:.2f} AR steps per step at {budget} nodes "
           f"({proposal_at[1]:.2f} at 1 node, {proposal_at[sizes[-1] - 1]:.2f} at {sizes[-1] - 1})")
