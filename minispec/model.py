@@ -163,21 +163,36 @@ class Model:
 
     def _layers(self, ids, positions, mask, cache, skip):
         c, xp = self.config, self.xp
-        T, H, Hkv, Dh = len(ids), c.n_heads, c.n_kv_heads, c.head_dim
-        cos, sin = rope_tables(positions, Dh, c.rope_theta, xp, self.dtype)                 # [T, Dh/2]
+        cos, sin = rope_tables(positions, c.head_dim, c.rope_theta, xp, self.dtype)         # [T, Dh/2]
         x = self.tok_embeddings[xp.asarray(ids)]                                             # [T, D]
-        for i, lw in enumerate(self.layers):
+        for i in range(c.n_layers):
             if skip is None or not skip.attn[i]:     # a skipped sublayer is the identity on x; writes no K/V
-                h = rms_norm(x, lw["attention_norm"], c.norm_eps)                            # [T, D]
-                q, k, v = qkv_heads(h, lw["wqkv"], cos, sin, H, Hkv, Dh)   # [H, T, Dh], [Hkv, T, Dh] x 2
-                if cache is not None:
-                    cache.write_block(i, k, v)
-                    k, v = cache.layer_kv(i, T)                                              # [Hkv, C + T, Dh]
-                o = attention(q, k, v, mask)                                                 # [H, T, Dh]
-                x = x + linear(o.transpose(1, 0, 2).reshape(T, H * Dh), lw["wo"])            # [T, D]
+                x = self.attention_sublayer(i, x, cos, sin, mask, cache)                    # [T, D]
             if skip is None or not skip.mlp[i]:
-                x = x + swiglu(rms_norm(x, lw["ffn_norm"], c.norm_eps), lw["w13"], lw["w2"]) # [T, D]
-        hidden = rms_norm(x, self.norm, c.norm_eps)                                          # [T, D]
+                x = self.mlp_sublayer(i, x)                                                  # [T, D]
+        return self.final(x)
+
+    def attention_sublayer(self, i, x, cos, sin, mask, cache):
+        """x + layer i's attention: RMSNorm, q/k/v with RoPE, the block's keys/values into the cache's scratch
+        (with a cache: attention then reads the ring + the block), attention under mask, Wo.   [T, D] -> [T, D]"""
+        c, lw, T = self.config, self.layers[i], x.shape[0]
+        H, Hkv, Dh = c.n_heads, c.n_kv_heads, c.head_dim
+        h = rms_norm(x, lw["attention_norm"], c.norm_eps)                                    # [T, D]
+        q, k, v = qkv_heads(h, lw["wqkv"], cos, sin, H, Hkv, Dh)           # [H, T, Dh], [Hkv, T, Dh] x 2
+        if cache is not None:
+            cache.write_block(i, k, v)
+            k, v = cache.layer_kv(i, T)                                                      # [Hkv, C + T, Dh]
+        o = attention(q, k, v, mask)                                                         # [H, T, Dh]
+        return x + linear(o.transpose(1, 0, 2).reshape(T, H * Dh), lw["wo"])                # [T, D]
+
+    def mlp_sublayer(self, i, x):
+        """x + layer i's SwiGLU feed-forward on RMSNorm(x).   [T, D] -> [T, D]"""
+        lw = self.layers[i]
+        return x + swiglu(rms_norm(x, lw["ffn_norm"], self.config.norm_eps), lw["w13"], lw["w2"])
+
+    def final(self, x):
+        """The final RMSNorm and the output layer.   x [T, D] -> BlockOutput(logits [T, V], hidden [T, D])"""
+        hidden = rms_norm(x, self.norm, self.config.norm_eps)                                # [T, D]
         return BlockOutput(logits=linear(hidden, self.output), hidden=hidden)                # [T, V]
 
 

@@ -241,27 +241,41 @@ def match_list(model, calib, skip, context="committed", caches=None):
 def _committed_context_logits(model, seq, s, skip, caches, i):
     """Skipped-model logits at positions s-1 .. len-2, each query seeing the full model's cached keys/values of
     the positions before it and its own (a diagonal block mask), in one block forward."""
-    from .layers import sliding_window_mask
     if caches is not None and i < len(caches):
         cache = caches[i]
     else:
-        cache = model.new_cache()
-        if len(seq) > cache.W:
-            raise UserError(f"match_list: a calibration sequence of {len(seq)} tokens does not fit the "
-                             f"{cache.W}-slot cache; use shorter prompts/continuations or context='own'")
-        model.forward(seq, cache)                   # the full model's K/V of every position, committed
+        cache = _full_model_cache(model, seq)
         if caches is not None:
             caches.append(cache)
-    q_pos = np.arange(s - 1, len(seq) - 1)                                                 # [n_new]
-    slots = cache.slot_positions()                                                         # [W]
-    ring = sliding_window_mask(q_pos, slots, model.config.sliding_window) & (slots[None, :] < q_pos[:, None])
-    mask = np.concatenate([ring, np.eye(len(q_pos), dtype=bool)], axis=1)                # [n_new, W + n_new]
-    cache.begin_block(len(q_pos))
+    ids, q_pos, mask = _committed_block(model, seq, s, cache)
     # Model._run is the layer loop forward_block wraps; called directly for this one mask forward_block cannot
     # express (ring positions strictly before each query, the block diagonal)
-    out = model._run(np.asarray(seq[s - 1:-1], dtype=np.int64), q_pos, model.xp.asarray(mask), cache, skip=skip)
+    out = model._run(ids, q_pos, mask, cache, skip=skip)
     cache.discard()
     return out.logits
+
+
+def _full_model_cache(model, seq):
+    """A new cache holding the full model's K/V of every position of seq, committed."""
+    cache = model.new_cache()
+    if len(seq) > cache.W:
+        raise UserError(f"match_list: a calibration sequence of {len(seq)} tokens does not fit the "
+                         f"{cache.W}-slot cache; use shorter prompts/continuations or context='own'")
+    model.forward(seq, cache)
+    return cache
+
+
+def _committed_block(model, seq, s, cache):
+    """The committed-context block of seq's continuation from s: ids seq[s-1 .. len-2] at positions q_pos, and
+    the mask [n_new, C + n_new] on the device (each query sees the cached slots strictly before it and itself);
+    the block's scratch rows are begun (cache.discard() ends it)."""
+    from .layers import sliding_window_mask
+    q_pos = np.arange(s - 1, len(seq) - 1)                                                 # [n_new]
+    slots = cache.slot_positions()                                                         # [C]
+    ring = sliding_window_mask(q_pos, slots, model.config.sliding_window) & (slots[None, :] < q_pos[:, None])
+    mask = np.concatenate([ring, np.eye(len(q_pos), dtype=bool)], axis=1)                # [n_new, C + n_new]
+    cache.begin_block(len(q_pos))
+    return np.asarray(seq[s - 1:-1], dtype=np.int64), q_pos, model.xp.asarray(mask)
 
 
 def all_match_lists(model, calib):
@@ -269,54 +283,33 @@ def all_match_lists(model, calib):
 
     A depth-first walk over the layers: the residual stream after layers 0..i depends only on the decisions of
     those layers, so it is computed once per prefix (sum of 4^i layer passes for i = 1..L instead of L * 4^L,
-    4.5x fewer for L = 6) and each of the 4 choices of the next layer continues from it. The layer below is
-    Model._run's loop body with the committed-context mask of _committed_context_logits; tests check that every
+    4.5x fewer for L = 6) and each of the 4 choices of the next layer continues from it; layer i's attention is
+    computed once for its two MLP choices. The sublayers are the model's own (Model.attention_sublayer,
+    mlp_sublayer, final) under the committed-context mask of _committed_context_logits; tests check that every
     set's result equals match_list's."""
-    from .layers import apply_rope, attention, linear, rms_norm, rope_tables, swiglu
-    c, xp, L = model.config, model.xp, model.config.n_layers
-    H, Hkv, Dh = c.n_heads, c.n_kv_heads, c.head_dim
+    from .layers import rope_tables
+    c, L = model.config, model.config.n_layers
     out = {}
     for i_seq, (seq, s) in enumerate(zip(calib.sequences, calib.starts)):
-        cache = model.new_cache()
-        model.forward(seq, cache)                        # the full model's K/V of every position, committed
-        ids = np.asarray(seq[s - 1:-1], dtype=np.int64)
-        T, want = len(ids), np.asarray(seq[s:])
-        q_pos = np.arange(s - 1, len(seq) - 1)                                                 # [T]
-        from .layers import sliding_window_mask
-        slots = cache.slot_positions()
-        ring = sliding_window_mask(q_pos, slots, c.sliding_window) & (slots[None, :] < q_pos[:, None])
-        mask = xp.asarray(np.concatenate([ring, np.eye(T, dtype=bool)], axis=1))           # [T, C + T]
-        cos, sin = rope_tables(q_pos, Dh, c.rope_theta, xp, model.dtype)                   # [T, Dh/2]
-        cache.begin_block(T)
-
-        def layer(i, x, run_attn, run_mlp):
-            lw = model.layers[i]
-            if run_attn:
-                qkv = linear(rms_norm(x, lw["attention_norm"], c.norm_eps), lw["wqkv"])         # [T, (H+2Hkv)Dh]
-                q = qkv[:, :H * Dh].reshape(T, H, Dh).transpose(1, 0, 2)                     # [H, T, Dh]
-                k = qkv[:, H * Dh:(H + Hkv) * Dh].reshape(T, Hkv, Dh).transpose(1, 0, 2)     # [Hkv, T, Dh]
-                v = qkv[:, (H + Hkv) * Dh:].reshape(T, Hkv, Dh).transpose(1, 0, 2)           # [Hkv, T, Dh]
-                q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-                cache.write_block(i, k, v)              # layer i's scratch: rewritten by each sibling branch
-                k, v = cache.layer_kv(i, T)                                                  # [Hkv, C + T, Dh]
-                o = attention(q, k, v, mask)                                                 # [H, T, Dh]
-                x = x + linear(o.transpose(1, 0, 2).reshape(T, H * Dh), lw["wo"])            # [T, D]
-            if run_mlp:
-                x = x + swiglu(rms_norm(x, lw["ffn_norm"], c.norm_eps), lw["w13"], lw["w2"]) # [T, D]
-            return x
+        cache = _full_model_cache(model, seq)
+        ids, q_pos, mask = _committed_block(model, seq, s, cache)
+        want = np.asarray(seq[s:])
+        cos, sin = rope_tables(q_pos, c.head_dim, c.rope_theta, model.xp, model.dtype)     # [T, Dh/2]
 
         def walk(i, x, code):
             if i == L:
-                logits = linear(rms_norm(x, model.norm, c.norm_eps), model.output)         # [T, V]
+                logits = model.final(x).logits                                             # [T, V]
                 out.setdefault(code, [None] * len(calib.sequences))[i_seq] = \
                     np.asarray(to_host(logits.argmax(axis=-1))) == want
                 return
-            for skip_attn in (False, True):
+            # layer i's K/V go to its scratch rows, which only this attention reads (each sibling rewrites them)
+            attended = model.attention_sublayer(i, x, cos, sin, mask, cache)               # [T, D]
+            for skip_attn, y in ((False, attended), (True, x)):
                 for skip_mlp in (False, True):
-                    walk(i + 1, layer(i, x, not skip_attn, not skip_mlp),
+                    walk(i + 1, y if skip_mlp else model.mlp_sublayer(i, y),
                          code | (skip_attn << i) | (skip_mlp << (L + i)))
 
-        walk(0, model.tok_embeddings[xp.asarray(ids)], 0)                                  # x: [T, D]
+        walk(0, model.tok_embeddings[model.xp.asarray(ids)], 0)                            # x: [T, D]
         cache.discard()
     return out
 
