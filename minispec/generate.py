@@ -23,7 +23,6 @@ shares exactly the same verification and commit code. A proposer may count its o
 """
 import inspect
 import time
-import warnings
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -202,25 +201,22 @@ def generate(model, ids, decoder="ar", max_new_tokens=64, temperature=0.0, top_k
     params = check_generation(temperature, top_k, top_p, seed, max_new_tokens)
     rng = np.random.default_rng(seed)
     rule = make_rule(params, acceptance, rng)
+    if eos_id is not None:
+        check_int("eos_id", eos_id, low=0, what=" or None")
     proposer = make_proposer(decoder, model, **decoder_options) if isinstance(decoder, str) else decoder
     stats = Stats()
     cache = model.new_cache() if cache is None else cache
-    if eos_id is not None:
-        check_int("eos_id", eos_id, low=0, what=" or None")
-    if not cache.ring and cache.pos + len(ids) + max_new_tokens - 1 > cache.W:
+    end = cache.pos + len(ids) + max_new_tokens - 1                  # positions the request may reach
+    if not cache.ring and end > cache.W:
         raise UserError(f"the prompt ({len(ids)} tokens) + max_new_tokens ({max_new_tokens}) do not fit the cache "
                         f"of {cache.W} positions (max_seq_len; the model has no sliding window to wrap)")
-
-    # one warning for the whole request (the decode steps' block forwards do not check; the prefill's would)
-    end = cache.pos + len(ids) + max_new_tokens - 1                  # positions the request may reach
+    # one warning for the whole request (the decode steps' block forwards do not check; the prefill would)
     warn_if_past_max_positions(end, model.config.max_seq_len,
                                what=f"the prompt ({len(ids)} tokens) + max_new_tokens ({max_new_tokens})")
     clock = time.perf_counter
     t0 = clock()
     if len(ids) > 1:          # the last prompt token is the first root: it is verified (and committed) by step 1
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message=".*max_position_embeddings")   # said above already
-            _, prompt_hidden = model.forward(ids[:-1], cache, return_hidden=True)          # [len - 1, D]
+        _, prompt_hidden = model.forward(ids[:-1], cache, return_hidden=True, warn_positions=False)   # [len - 1, D]
         stats.forward_calls += -(-(len(ids) - 1) // model.prefill_chunk(cache))
     else:
         prompt_hidden = model.xp.zeros((0, model.config.dim), dtype=model.dtype)            # [0, D]

@@ -90,14 +90,15 @@ class Model:
                             ring=c.sliding_window is not None, scratch=scratch)
 
     # ---- the forward pass ---------------------------------------------------------------------------------------
-    def forward(self, ids, cache=None, return_hidden=False, skip=None):
+    def forward(self, ids, cache=None, return_hidden=False, skip=None, warn_positions=True):
         """Logits [T, V] for ids [T]. Without a cache: one pass over the whole sequence (positions 0..T-1).
         With a cache: positions continue after the cache; processed in chunks of at most W, each committed.
         skip: a SkipSet (the Draft & Verify draft model: those attention / MLP sublayers are the identity; a
-        cache filled this way holds nothing valid at the skipped attention layers)."""
+        cache filled this way holds nothing valid at the skipped attention layers). warn_positions=False: no
+        max_position_embeddings warning (`generate` gives one for the whole request)."""
         ids = check_token_ids(ids, self.config.vocab_size)                                    # [T] host int64
         start = 0 if cache is None else cache.pos
-        if start <= self.config.max_seq_len:         # warn once, on the call that crosses the limit
+        if warn_positions and start <= self.config.max_seq_len:     # once, on the call that crosses the limit
             warn_if_past_max_positions(start + len(ids), self.config.max_seq_len)
         if cache is None:
             pos = np.arange(len(ids))
