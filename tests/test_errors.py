@@ -105,6 +105,9 @@ def test_a_prompt_longer_than_max_position_embeddings_warns_once_naming_both_num
     with pytest.warns(UserWarning, match=r"prompt \(13 tokens\) \+ max_new_tokens \(3\) reach 15 .*\(12\)") as caught:
         generate(m, list(range(1, 14)), max_new_tokens=3)
     assert len([w for w in caught if "max_position_embeddings" in str(w.message)]) == 1
+    with pytest.warns(UserWarning, match=r"prompt \(14 tokens\)") as caught:     # its prefill alone (13) crosses too
+        generate(m, list(range(1, 15)), max_new_tokens=2)
+    assert len([w for w in caught if "max_position_embeddings" in str(w.message)]) == 1
     with pytest.warns(UserWarning, match=r"reach 13 positions"):            # the prompt fits, the request does not
         generate(m, list(range(1, 11)), max_new_tokens=4, eos_id=None)
     with warnings.catch_warnings():
