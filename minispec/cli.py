@@ -187,6 +187,9 @@ def cmd_bench(args):
 # ---------------------------------------------------------------------------------------------------------
 def cmd_train_heads(args):
     if args.kind in ("hydra", "hydra++"):
+        if not (args.data_cache and Path(args.data_cache).exists()):     # sequences from a cache need no text
+            from .train_heads import corpus_path
+            args.text = corpus_path(args.text, "--text")
         check_model_args(args)
         return cmd_train_hydra(args)
     from .train_heads import check_training, train_medusa
@@ -194,10 +197,9 @@ def cmd_train_heads(args):
         args.text = check_training(version=args.version, num_heads=args.heads, num_layers=args.layers,
                                    data=args.data, text=args.text, n_tokens=args.tokens, seq_len=args.seq_len,
                                    epochs=args.epochs, lr=args.lr, batch=args.batch, budget=args.budget,
-                                   top_k=args.top_k, seed=args.seed)
+                                   top_k=args.top_k, seed=args.seed, text_flag="--text")
     except UserError as e:
-        msg = as_flags(e, n_tokens="--tokens").replace("no text given", "no --text given").replace("a text file", "--text FILE")
-        raise UserError(msg if msg.startswith(("argument", "no ")) else f"argument --text: {msg}") from None
+        raise UserError(as_flags(e, n_tokens="--tokens")) from None
     check_model_args(args)
     train_medusa(args.model, out=args.out, version=args.version, num_heads=args.heads, num_layers=args.layers,
                  data=args.data, text=args.text, n_tokens=args.tokens, seq_len=args.seq_len, epochs=args.epochs,

@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from .backend import array_module, to_device, to_host
+from .errors import MissingFileError
 from .medusa import MedusaHeads, head_forward, topk_ids
 from .tree import build_tree
 
@@ -386,10 +387,10 @@ def train_medusa(model_dir, out=None, version="v1", num_heads=4, num_layers=1, d
 
 
 def check_training(version="v1", num_heads=4, num_layers=1, data="corpus", text=None, n_tokens=100_000, seq_len=512,
-                   epochs=1, lr=1e-3, batch=256, budget=10, top_k=10, seed=0):
+                   epochs=1, lr=1e-3, batch=256, budget=10, top_k=10, seed=0, text_flag=None):
     """The training options' rules (train_medusa and `minispec train-heads` share them, checked before the
-    model loads). Returns the corpus path: `text`, or data/corpus/train.txt of a source checkout."""
-    from .errors import MissingFileError, UserError, check_int, check_real
+    model loads). Returns the corpus path (`corpus_path`; text_flag: the option that gives it, for messages)."""
+    from .errors import UserError, check_int, check_real
     if version not in ("v1", "v2"):
         raise UserError(f"version must be 'v1' or 'v2', not {version!r}")
     if data not in ("corpus", "self"):
@@ -399,12 +400,19 @@ def check_training(version="v1", num_heads=4, num_layers=1, data="corpus", text=
                          ("top_k", top_k, 1), ("seed", seed, 0)):
         check_int(name, v, low=low)
     check_real("lr", lr, low=0, low_open=True)
+    return corpus_path(text, text_flag)
+
+
+def corpus_path(text, flag=None):
+    """The corpus to train on: the file `text`, or data/corpus/train.txt when text is None; MissingFileError if
+    there is none. flag: the command-line option that gives text (e.g. "--text"), named in the message."""
     build = "build one with `python tools/collect_corpus.py --out data/corpus` in a minispec checkout"
     if text is None:
         if not DEFAULT_TEXT.is_file():
-            raise MissingFileError(f"no corpus: no text given and no {DEFAULT_TEXT.relative_to(REPO)} here; {build}, "
-                                   f"or pass a text file")
+            raise MissingFileError(f"no corpus: no {flag or 'text'} given and no {DEFAULT_TEXT.relative_to(REPO)} "
+                                   f"here; {build}, or pass {f'{flag} FILE' if flag else 'a text file'}")
         return DEFAULT_TEXT
     if not Path(text).is_file():
-        raise MissingFileError(f"{text}: no such corpus file; {build}, or pass an existing text file")
+        raise MissingFileError(f"{f'argument {flag}: ' if flag else ''}{text}: no such corpus file; {build}, or "
+                               f"pass an existing text file")
     return text

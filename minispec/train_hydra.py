@@ -349,7 +349,7 @@ def train_hydra(model_dir, kind="hydra", out=None, num_heads=4, num_layers=None,
     from .hydra_files import save
     from .model import load
     from .tokenizer import Tokenizer
-    from .train_heads import DEFAULT_TEXT, REPO, corpus_prompts, corpus_sequences, self_distilled_sequences
+    from .train_heads import REPO, corpus_path, corpus_prompts, corpus_sequences, self_distilled_sequences
     from .tree import build_tree
 
     if kind not in KIND_ARCH:
@@ -361,18 +361,17 @@ def train_hydra(model_dir, kind="hydra", out=None, num_heads=4, num_layers=None,
     if data not in ("corpus", "self"):
         raise UserError(f"--data must be 'corpus' or 'self', not {data!r}")
     say = print if progress else (lambda *a, **k: None)
+    cached = data_cache is not None and Path(data_cache).exists()
+    if not cached:
+        text = corpus_path(text)                    # before the model loads
     t_start = time.time()
     model = load(model_dir, dtype=dtype, device=device)
     tok = Tokenizer.from_dir(model_dir)
     seq_len = min(seq_len, model.config.sliding_window or seq_len, model.config.cache_slots)
-    if data_cache is not None and Path(data_cache).exists():
+    if cached:
         seqs = load_sequences(data_cache)
         say(f"data: {len(seqs)} sequences from {data_cache}")
     else:
-        if text is None:
-            if not DEFAULT_TEXT.exists():
-                raise FileNotFoundError(f"no --text given and no {DEFAULT_TEXT} (build it with tools/collect_corpus.py)")
-            text = DEFAULT_TEXT
         if data == "corpus":
             seqs = corpus_sequences(tok, text, n_tokens, seq_len, seed)
         else:

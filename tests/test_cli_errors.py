@@ -141,9 +141,10 @@ def test_a_bench_option_that_would_measure_nothing_is_refused(capsys, no_loading
 
 
 # ---- train-heads --------------------------------------------------------------------------------------------------
-def test_train_heads_without_a_corpus_says_how_to_build_one(capsys, tmp_path, no_loading):
-    user_error(["train-heads", "--text", str(tmp_path / "train.txt")], capsys, "train.txt",
-               "tools/collect_corpus.py")
+@pytest.mark.parametrize("kind", ["medusa", "hydra", "hydra++"])
+def test_train_heads_without_a_corpus_says_how_to_build_one(capsys, tmp_path, no_loading, kind):
+    user_error(["train-heads", "--kind", kind, "--text", str(tmp_path / "train.txt")], capsys,
+               f"argument --text: {tmp_path / 'train.txt'}: no such corpus file", "tools/collect_corpus.py")
 
 
 @pytest.mark.parametrize("flag,value", [("--heads", "0"), ("--layers", "-1"), ("--tokens", "0"),

@@ -4,7 +4,7 @@ training driver (resume == uninterrupted)."""
 import numpy as np
 import pytest
 
-from conftest import numgrad, tiny_config
+from conftest import FIXTURES, numgrad, tiny_config
 from minispec import backprop as bp
 
 EPS = 1e-6                       # the step of the sampled central differences below (numgrad uses the same)
@@ -374,3 +374,12 @@ def test_cli_train_heads_writes_hydra_heads_that_generate_finds(kind, tmp_path, 
     assert json.loads((folder / kind / "hydra_config.json").read_text())["accuracies"] == conf["accuracies"]
     model = load(folder, device="cpu")
     assert len(generate(model, [1, 5], decoder=kind, max_new_tokens=6, eos_id=None).tokens) == 6
+
+
+def test_train_hydra_without_its_corpus_file_is_refused_naming_it_before_the_model_loads(tmp_path, monkeypatch):
+    import minispec.model
+    from minispec.errors import MissingFileError
+    from minispec.train_hydra import train_hydra
+    monkeypatch.setattr(minispec.model, "load_tensors", lambda *a, **k: pytest.fail("the model was loaded"))
+    with pytest.raises(MissingFileError, match="no such corpus file"):
+        train_hydra(FIXTURES / "gqa4_hd", text=tmp_path / "none.txt", progress=False)
