@@ -175,9 +175,11 @@ class TreePlan:
 
     For depth d = 0 .. max_depth - 1: parents[d] = node ids at depth d that have children (head d runs once on
     all of them), k[d] = the largest rank any of their children takes + 1, and for every node at depth d + 1
-    its parent's row in that batch (row[d]) and its rank (rank[d]), with the node ids (nodes[d])."""
+    its parent's row in that batch (row[d]) and its rank (rank[d]), with the node ids (nodes[d]). xp: the heads'
+    array module; the index arrays the walk uses on the device are copied there once (`on_device`), not at
+    every step."""
 
-    def __init__(self, tree):
+    def __init__(self, tree, xp=np):
         self.tree = tree
         self.parents, self.k, self.rows, self.ranks, self.nodes = [], [], [], [], []
         for d in range(tree.max_depth if tree.N > 1 else 0):
@@ -189,6 +191,9 @@ class TreePlan:
             self.rows.append(np.array([where[int(tree.parents[n])] for n in kids], np.int64))
             self.ranks.append(tree.rank[kids].astype(np.int64))
             self.k.append(int(tree.rank[kids].max()) + 1)
+        # per depth: the parents' node ids, the children's node ids, and each child's parent's node id
+        self.on_device = [(xp.asarray(p), xp.asarray(n), xp.asarray(p[r]))
+                          for p, n, r in zip(self.parents, self.nodes, self.rows)]
 
 
 def grounded_proposal(heads, plan, h, root, stats=None):
@@ -206,15 +211,14 @@ def grounded_proposal(heads, plan, h, root, stats=None):
     feats[0, D:2 * D] = E[int(root)]
     for d in range(depth):
         t0 = time.perf_counter()
-        par = plan.parents[d]
-        logits = head_forward(heads.heads[d], feats[xp.asarray(par), :(d + 2) * D])     # [B, V]
+        par, kids = plan.parents[d], plan.nodes[d]
+        par_d, kids_d, kid_par_d = plan.on_device[d]
+        logits = head_forward(heads.heads[d], feats[par_d, :(d + 2) * D])       # [B, V]
         top = to_host(topk_ids(logits, plan.k[d]))                               # [B, k]
-        kids = plan.nodes[d]
         tokens[kids] = top[plan.rows[d], plan.ranks[d]]
         if d + 1 < depth:                    # a child's row: its parent's row, then E(child token)
-            kd = xp.asarray(kids)
-            feats[kd, :(d + 2) * D] = feats[xp.asarray(par[plan.rows[d]]), :(d + 2) * D]
-            feats[kd, (d + 2) * D:(d + 3) * D] = E[xp.asarray(tokens[kids])]
+            feats[kids_d, :(d + 2) * D] = feats[kid_par_d, :(d + 2) * D]
+            feats[kids_d, (d + 2) * D:(d + 3) * D] = E[xp.asarray(tokens[kids])]
         if stats is not None:
             count(stats, "head_calls", 1)
             count(stats, "head_rows", len(par))
@@ -318,7 +322,7 @@ class HydraProposer:
         device = getattr(model, "device", None)
         tree = (stored_tree(heads.choices, heads.choices_cuda, heads.K, device, self.name) if tree is None
                 else as_tree(tree, heads.K, self.name))
-        self.model, self.heads, self.tree, self.plan = model, heads, tree, TreePlan(tree)
+        self.model, self.heads, self.tree, self.plan = model, heads, tree, TreePlan(tree, heads.xp)
         self.root_only = Tree.from_choices([])
         self.cache, self.h = None, None
 
