@@ -13,7 +13,7 @@ import numpy as np
 
 from .backend import array_module
 from .layers import apply_rope, linear, silu, softmax
-from .train_heads import silu_grad          # d silu(z)/dz, shared with Medusa's backward
+from .train_heads import cross_entropy, silu_grad   # shared with Medusa's training
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -188,19 +188,9 @@ def log_softmax(logits):
     return z - array_module(logits).log(array_module(logits).exp(z).sum(axis=-1, keepdims=True))
 
 
-def label_ce(logits, labels):
-    """Mean over labelled rows of -log q[label], q = softmax(logits), and d/dlogits = (q - onehot) / n.
-
-    logits [B, V], labels int [B] (-1: no label) -> (loss 0-d, dlogits [B, V])."""
-    xp = array_module(logits)
-    valid = (labels >= 0).astype(logits.dtype)                                  # [B]
-    n = xp.maximum(valid.sum(), logits.dtype.type(1))
-    rows, safe = xp.arange(logits.shape[0]), xp.where(labels >= 0, labels, 0)
-    lq = log_softmax(logits)                                                    # [B, V]
-    loss = -(lq[rows, safe] * valid).sum() / n
-    d = xp.exp(lq)                                                              # [B, V]
-    d[rows, safe] -= logits.dtype.type(1)
-    return loss, d * (valid / n)[:, None]
+# label_ce(logits, labels) -> (loss, dlogits): the mean cross-entropy over labelled rows and its gradient
+# (q - onehot) / n, the same loss Medusa's heads train on (train_heads.cross_entropy)
+label_ce = cross_entropy
 
 
 def teacher_ce(logits, teacher_logits, valid):

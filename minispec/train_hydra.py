@@ -96,7 +96,7 @@ def batch_loss(heads, data, rows_h, seqs, cfg):
         rows = to_device(xp, rows_h)
         loss, per_head, g = heads_loss(heads, H[rows], H, heads.embed, data["W_out"], data["ids"], data["labels"],
                                        rows, cfg.lm_weight, cfg.teacher_weight)
-        return loss, per_head, flat_grads(heads, g["heads"], None)
+        return loss, per_head, named(g["heads"], None)
     # Hydra++: u = prefix(h) over each sequence; rows index the batch's own packed u
     n = sum(L for _, L in seqs)
     u = xp.empty((n, c.dim), dtype=H.dtype)                                    # [n, D]
@@ -116,7 +116,7 @@ def batch_loss(heads, data, rows_h, seqs, cfg):
         for k in gp:
             gp[k] += gl[k]
         at += L
-    return loss, per_head, flat_grads(heads, g["heads"], gp)
+    return loss, per_head, named(g["heads"], gp)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -125,16 +125,14 @@ def batch_loss(heads, data, rows_h, seqs, cfg):
 def param_dict(heads):
     """{"head.{i}.{name}": array, "prefix.{name}": array}: views of the heads' own arrays (updated in place);
     arrays with no entries (ws/bs of 1-block heads) are left out."""
-    out = {f"head.{i}.{k}": v for i, p in enumerate(heads.heads) for k, v in p.items() if v.size}
-    if heads.prefix is not None:
-        out.update({f"prefix.{k}": v for k, v in heads.prefix.items()})
-    return out
+    return named(heads.heads, heads.prefix)
 
 
-def flat_grads(heads, head_grads, prefix_grads):
-    out = {f"head.{i}.{k}": v for i, g in enumerate(head_grads) for k, v in g.items() if v.size}
-    if prefix_grads is not None:
-        out.update({f"prefix.{k}": v for k, v in prefix_grads.items()})
+def named(head_dicts, prefix_dict):
+    """The per-head dicts and the prefix dict (or None) of parameters or of their gradients, by param_dict's names."""
+    out = {f"head.{i}.{k}": v for i, p in enumerate(head_dicts) for k, v in p.items() if v.size}
+    if prefix_dict is not None:
+        out.update({f"prefix.{k}": v for k, v in prefix_dict.items()})
     return out
 
 
