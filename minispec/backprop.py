@@ -14,6 +14,7 @@ import numpy as np
 from .backend import array_module
 from .layers import apply_rope, linear, silu, softmax
 from .train_heads import cross_entropy, silu_grad   # shared with Medusa's training
+from .train_heads import head_backward as head_backward_blocks
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -162,16 +163,10 @@ def head_backward(dlogits, p, saved):
                   dres_b = sum dy_1,  da = dy_1 res_wᵀ + dz_1 W_1ᵀ
 
     dlogits [T, V] -> (da [T, (i+2)D], {name: gradient} with the shapes of p)."""
-    xp = array_module(dlogits)
     a, zs, ys = saved["a"], saved["z"], saved["y"]
-    g = {"proj_w": ys[-1].T @ dlogits, "proj_b": dlogits.sum(axis=0),          # [D, V], [V]
-         "ws": xp.empty_like(p["ws"]), "bs": xp.empty_like(p["bs"])}            # [L-1, D, D], [L-1, D]
-    dy = dlogits @ p["proj_w"].T                                                # [T, D]
-    for layer in range(len(zs) - 1, 0, -1):
-        dz = dy * silu_grad(zs[layer])                                          # [T, D]
-        g["ws"][layer - 1] = ys[layer - 1].T @ dz                               # [D, D]
-        g["bs"][layer - 1] = dz.sum(axis=0)
-        dy = dy + dz @ p["ws"][layer - 1].T                                     # [T, D]
+    # blocks L .. 2 and the output layer are a Medusa head's residual blocks (inputs y_1 .. y_{L-1}): its backward
+    g = {"proj_b": dlogits.sum(axis=0)}                                         # [V]
+    g["ws"], g["bs"], g["proj_w"], dy = head_backward_blocks(dlogits, (ys, zs[1:]), p["ws"], p["proj_w"])
     dz = dy * silu_grad(zs[0])                                                  # [T, D]
     g["w1"], g["b1"] = a.T @ dz, dz.sum(axis=0)                                 # [(i+2)D, D], [D]
     g["res_w"], g["res_b"] = a.T @ dy, dy.sum(axis=0)

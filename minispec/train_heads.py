@@ -162,7 +162,8 @@ def head_backward(dlogits, saved, Ws, P, grad_proj=True):
         dP = x_Lh^T dlogits;   dx_Lh = dlogits P^T;   for l = Lh .. 1:  dz_l = dx_l ⊙ silu'(z_l),
         dW_l = x_{l-1}^T dz_l,   db_l = sum_rows dz_l,   dx_{l-1} = dx_l + dz_l W_l^T   (the residual path)
 
-    dlogits [T, V], saved = (xs, zs), Ws [Lh, D, D], P [D, V] -> (dWs [Lh, D, D], dbs [Lh, D], dP [D, V] or None)."""
+    dlogits [T, V], saved = (xs, zs), Ws [Lh, D, D], P [D, V] -> (dWs [Lh, D, D], dbs [Lh, D], dP [D, V] or None,
+    dx_0 [T, D], the gradient of the blocks' input)."""
     xs, zs = saved
     xp = array_module(dlogits)
     Lh, D = len(zs), xs[0].shape[1]
@@ -175,7 +176,7 @@ def head_backward(dlogits, saved, Ws, P, grad_proj=True):
         dWs[layer] = xs[layer].T @ dz                                            # [D, D]
         dbs[layer] = dz.sum(axis=0)                                              # [D]
         dx = dx + dz @ Ws[layer].T                                               # [T, D]
-    return dWs, dbs, dP
+    return dWs, dbs, dP, dx
 
 
 def medusa_loss(heads, h, labels, weights):
@@ -194,7 +195,7 @@ def medusa_loss(heads, h, labels, weights):
         logits, saved = head_forward(h, heads.W[k], heads.b[k], P, keep=True)     # [B, V]
         ce, dlogits = cross_entropy(logits, labels[k])
         per_head[k] = ce
-        dW, db, dP = head_backward(dlogits * h.dtype.type(weights[k]), saved, heads.W[k], P,
+        dW, db, dP, _ = head_backward(dlogits * h.dtype.type(weights[k]), saved, heads.W[k], P,
                                    grad_proj=heads.proj is not None)
         grads["W"][k], grads["b"][k] = dW, db
         if dP is not None:
