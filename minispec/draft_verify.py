@@ -26,7 +26,7 @@ import numpy as np
 
 from .backend import to_host
 from .bench import interp_cost
-from .errors import MissingFileError, UserError
+from .errors import MissingFileError, UserError, read_json
 from .sampling import sample, target_probs
 from .tree import Tree
 from .verify import Draft, count
@@ -118,12 +118,7 @@ class SkipSet:
 
     @classmethod
     def load(cls, path, n_layers=None):
-        with open(path) as f:
-            try:
-                d = json.load(f)
-            except json.JSONDecodeError as e:
-                raise UserError(f"{path}: not valid JSON ({e})") from None
-        return cls.from_json(d, n_layers=n_layers, where=str(path))
+        return cls.from_json(read_json(path), n_layers=n_layers, where=str(path))
 
 
 def skip_set_path(model_dir):

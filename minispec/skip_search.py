@@ -26,7 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import UserError
+from .errors import UserError, read_json
 from .skip_objective import (CostModel, Calibration, MeasuredObjective, PredictedObjective, calibrate, free_decisions,
                              from_code, from_params, measure_costs, search_space, to_code, to_params)
 
@@ -47,11 +47,10 @@ class Trace:
         """Read `path` if it exists (its header wins: a resumed search reuses its calibration and cost model),
         else start one from header (a dict, or a callable making it, so nothing is measured when resuming)."""
         if path is not None and os.path.exists(path):
-            with open(path) as f:
-                try:
-                    data = json.load(f)
-                except json.JSONDecodeError as e:
-                    raise UserError(f"{path}: not valid JSON ({e}); delete it to start the search afresh") from None
+            try:
+                data = read_json(path)
+            except UserError as e:
+                raise UserError(f"{e}; delete it to start the search afresh") from None
             if data.get("format") != FORMAT:
                 raise UserError(f"{path}: not a skip-search trace (format {data.get('format')!r}, want {FORMAT!r})")
             return cls(path, data)

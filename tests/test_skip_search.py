@@ -231,3 +231,14 @@ def test_the_chosen_set_can_be_required_to_reach_a_match_rate():
     assert best(ev, min_match=0.9)["code"] == 3
     with pytest.raises(ValueError, match="0.999"):
         best(ev, min_match=0.999)
+
+
+def test_a_broken_trace_file_is_refused_naming_its_line_and_saying_to_delete_it(tmp_path):
+    from minispec.errors import UserError
+    path = tmp_path / "trace.json"
+    path.write_text('{"format": 1,\n "runs": }\n')
+    with pytest.raises(UserError, match=r"trace\.json, line 2, column 10: invalid JSON .*delete it"):
+        Trace.open(str(path), {"n_layers": 2})
+    path.write_text("[1, 2]\n")                         # valid JSON, but not a trace
+    with pytest.raises(UserError, match=r"trace\.json: must hold a JSON object"):
+        Trace.open(str(path), {"n_layers": 2})
