@@ -10,7 +10,7 @@ import json
 import numpy as np
 import pytest
 
-from conftest import random_tensors, rel_err, tiny_config
+from conftest import assert_lossless, random_tensors, rel_err, tiny_config
 from hostguard import GUARD
 from minispec import generate
 from minispec.bench import draft_cost_inputs, draft_summary
@@ -379,12 +379,6 @@ def test_greedy_draft_and_verify_on_the_shipped_model_equals_ar_past_the_window_
     from minispec.tokenizer import Tokenizer
     model = load(SHIPPED, device="cpu")
     prompt = Tokenizer.from_dir(SHIPPED).encode("import os\nimport sys\n\n\ndef main(argv):\n")
-    n = model.config.sliding_window + 40
-    c_ar, c_dv = model.new_cache(), model.new_cache()
-    ar = generate(model, prompt, max_new_tokens=n, eos_id=None, cache=c_ar)
-    dv = generate(model, prompt, decoder="draft_verify", skip=SkipSet.from_lists(6, attn=[3], mlp=[3]),
-                  max_new_tokens=n, eos_id=None, cache=c_dv)
-    assert dv.tokens == ar.tokens
-    assert c_dv.pos == c_ar.pos == len(prompt) + n - 1
-    assert rel_err(c_dv.keys, c_ar.keys) < 1e-5 and rel_err(c_dv.values, c_ar.values) < 1e-5
-    assert dv.stats.tau > 1.5
+    proposer = DraftVerifyProposer(model, skip=SkipSet.from_lists(6, attn=[3], mlp=[3]))
+    stats = assert_lossless(model, proposer, ids=prompt, n=model.config.sliding_window + 40, tol=1e-5)
+    assert stats.tau > 1.5

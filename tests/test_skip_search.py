@@ -29,10 +29,6 @@ def calib(model):
     return calibrate(model, prompts, n_new=10)
 
 
-def flat_costs(base=1.0, attn=1.0, mlp=1.0):
-    return CostModel(L, base, attn, mlp, {1: 1.0, 64: 1.0})
-
-
 # ---- encoding ----------------------------------------------------------------------------------------------------
 def test_the_decision_vector_lists_attention_of_every_layer_first_then_mlp_as_the_authors_x_variables():
     s = SkipSet.from_lists(6, attn=[1], mlp=[2])
