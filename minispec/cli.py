@@ -70,7 +70,8 @@ def _model_arg(p):
 
 
 def check_model_args(args, tokenizer=True):
-    """The model folder (config readable, tokenizer present) and the device, checked without loading weights."""
+    """The model folder (config readable, tokenizer present) and the device, checked without loading weights.
+    Returns the model's Tokenizer (None with tokenizer=False)."""
     from .backend import resolve_device
     from .weights import load_config
     if args.model is None:
@@ -80,14 +81,16 @@ def check_model_args(args, tokenizer=True):
                             "weights/stdlib-mistral of a minispec checkout)")
         args.model = str(SOURCE_MODEL)
     load_config(args.model)
+    tok = None
     if tokenizer:
         from .tokenizer import Tokenizer
-        Tokenizer.from_dir(args.model)
+        tok = Tokenizer.from_dir(args.model)
     if args.device == "cuda":
         try:
             resolve_device("cuda")
         except UserError as e:
             raise UserError(f"argument --device: {e}") from None
+    return tok
 
 
 def check_prompt(prompt):
@@ -121,7 +124,8 @@ def check_heads(decoder, heads):
 # generate
 # ---------------------------------------------------------------------------------------------------------
 def check_generate(args):
-    from .generate import check_decoder
+    """generate's arguments, checked before the weights load (the decoder's name by argparse's choices, its
+    options by check_heads). Returns (decoder options, the model's Tokenizer)."""
     from .sampling import check_generation
     try:
         check_generation(args.temperature, args.top_k, args.top_p, args.seed, args.n)
@@ -129,19 +133,15 @@ def check_generate(args):
         raise UserError(as_flags(e)) from None
     check_prompt(args.prompt)
     options = check_heads(args.decoder, args.heads)
-    check_decoder(args.decoder, **options)
-    check_model_args(args)
-    return options
+    return options, check_model_args(args)
 
 
 def cmd_generate(args):
-    options = check_generate(args)
+    options, tok = check_generate(args)
     from .generate import generate, make_proposer
     from .model import load
-    from .tokenizer import Tokenizer
 
     model = load(args.model, dtype=args.dtype, device=args.device, weights=args.weights)
-    tok = Tokenizer.from_dir(args.model)
     proposer = make_proposer(args.decoder, model, **options)     # its heads load (or fail) before any output
     ids = tok.encode(args.prompt, bos=True)
     stream = tok.stream()
