@@ -19,9 +19,13 @@ import argparse
 import json
 import shutil
 import struct
+import sys
 from pathlib import Path
 
 import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from minispec.weights import hf_to_canonical                  # noqa: E402
 
 MISTRAL_7B_V01 = dict(dim=4096, n_layers=32, n_heads=32, n_kv_heads=8, hidden_dim=14336, vocab_size=32000,
                       sliding_window=4096, rope_theta=10000.0, norm_eps=1e-5, max_seq_len=32768)
@@ -48,23 +52,19 @@ def params_json(c):
 
 
 def tensor_list(c, layout):
-    """[(name, shape)] in the order HF's state dict has them (embedding, layer by layer, norm, lm_head)."""
+    """[(name, shape)] in the order HF's state dict has them (embedding, layer by layer, norm, lm_head); the
+    consolidated names are the HF ones through the reader's own map (minispec.weights.hf_to_canonical), so the
+    writer cannot drift from what minispec reads. Shapes are [out, in] in both layouts."""
     D, F, V, H, Hkv = c["dim"], c["hidden_dim"], c["vocab_size"], c["n_heads"], c["n_kv_heads"]
     Dh = D // H
-    hf = layout == "hf"
-    out = [("model.embed_tokens.weight" if hf else "tok_embeddings.weight", (V, D))]
+    out = [("model.embed_tokens.weight", (V, D))]
     for i in range(c["n_layers"]):
-        p = f"model.layers.{i}." if hf else f"layers.{i}."
-        names = ([("self_attn.q_proj", (H * Dh, D)), ("self_attn.k_proj", (Hkv * Dh, D)),
-                  ("self_attn.v_proj", (Hkv * Dh, D)), ("self_attn.o_proj", (D, H * Dh)),
-                  ("mlp.gate_proj", (F, D)), ("mlp.up_proj", (F, D)), ("mlp.down_proj", (D, F)),
-                  ("input_layernorm", (D,)), ("post_attention_layernorm", (D,))] if hf else
-                 [("attention.wq", (H * Dh, D)), ("attention.wk", (Hkv * Dh, D)), ("attention.wv", (Hkv * Dh, D)),
-                  ("attention.wo", (D, H * Dh)), ("feed_forward.w1", (F, D)), ("feed_forward.w3", (F, D)),
-                  ("feed_forward.w2", (D, F)), ("attention_norm", (D,)), ("ffn_norm", (D,))])
-        out += [(p + n + ".weight", s) for n, s in names]
-    out += [("model.norm.weight" if hf else "norm.weight", (D,)), ("lm_head.weight" if hf else "output.weight", (V, D))]
-    return out
+        out += [(f"model.layers.{i}.{n}.weight", s) for n, s in (
+            ("self_attn.q_proj", (H * Dh, D)), ("self_attn.k_proj", (Hkv * Dh, D)), ("self_attn.v_proj", (Hkv * Dh, D)),
+            ("self_attn.o_proj", (D, H * Dh)), ("mlp.gate_proj", (F, D)), ("mlp.up_proj", (F, D)),
+            ("mlp.down_proj", (D, F)), ("input_layernorm", (D,)), ("post_attention_layernorm", (D,)))]
+    out += [("model.norm.weight", (D,)), ("lm_head.weight", (V, D))]
+    return out if layout == "hf" else [(hf_to_canonical(n), s) for n, s in out]
 
 
 def random_bf16(rng, n, pool=None):
