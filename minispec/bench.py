@@ -295,6 +295,11 @@ def draft_cost_inputs(model, skip, sizes, reps=25, context=200, clock=time.proce
     Returns (r, {T: c(T)}): r = one draft token (the proposer's own work per token: its skipped one-token forward,
     argmax or sampling, confidence; timed as whole proposals of 4 tokens) / one full one-token forward, and
     c(T) = T-token verify forward / full one-token forward (the medians' ratios)."""
+    return _draft_costs(model, skip, sizes, reps, context, (clock,))[0]
+
+
+def _draft_costs(model, skip, sizes, reps, context, clocks):
+    """draft_cost_inputs for each of `clocks`, all read around the same calls -> [(r, {T: c(T)}), ...]."""
     from .draft_verify import DraftVerifyProposer
     from .generate import Context, Stats
     from .sampling import SamplingParams
@@ -304,42 +309,30 @@ def draft_cost_inputs(model, skip, sizes, reps=25, context=200, clock=time.proce
     proposer = DraftVerifyProposer(model, skip=skip, max_draft=K, gamma0=0.0, adaptive=False)
     ctx = Context(1, None, model, cache, SamplingParams(), np.random.default_rng(0), Stats())
     sizes = sorted(set(sizes) | {1})
-    times = {T: [] for T in sizes + ["draft"]}
+    times = [{T: [] for T in sizes + ["draft"]} for _ in clocks]
     for rep in range(reps + 1):
         for T in sizes + ["draft"]:
-            t0 = clock()
+            t0 = [clock() for clock in clocks]
             if T == "draft":
                 proposer.propose(ctx)
             else:
                 to_host(model.forward_block(np.arange(1, T + 1), cache).logits[-1, :1])
+            t1 = [clock() for clock in clocks]
             if rep:                                             # the first round is a warm-up
-                times[T].append(clock() - t0)
+                for ts, a, b in zip(times, t0, t1):
+                    ts[T].append(b - a)
     cache.discard()
-    med = {key: statistics.median(ts) for key, ts in times.items()}
-    return med["draft"] / K / med[1], {T: med[T] / med[1] for T in sizes}
+    out = []
+    for ts in times:
+        med = {key: statistics.median(v) for key, v in ts.items()}
+        out.append((med["draft"] / K / med[1], {T: med[T] / med[1] for T in sizes}))
+    return out
 
 
-def cpu_decode(model, prompts, decoders, n_tokens):
-    """CPU time (process_time) of decoding n_tokens after each prompt, decoders interleaved prompt by prompt,
-    the prefill's CPU time (measured alone) subtracted. -> ({name: seconds}, {name: [Stats]})"""
-    from .generate import generate
-    secs, stats = {n: 0.0 for n in decoders}, {n: [] for n in decoders}
-    for p in prompts:
-        t0 = time.process_time()
-        model.forward(p[:-1], model.new_cache())
-        prefill = time.process_time() - t0
-        for name in decoders:
-            t0 = time.process_time()
-            o = generate(model, p, decoder=name, max_new_tokens=n_tokens, eos_id=None)
-            secs[name] += time.process_time() - t0 - prefill
-            stats[name].append(o.stats)
-    return secs, stats
-
-
-def print_draft_verify(model, prompts, stats_list, costs, measured_speedup, measured_tau, n_tokens, baseline="ar"):
+def print_draft_verify(model, stats_list, cpu_secs, measured_speedup, measured_tau, baseline):
     """Draft & Verify's columns: draft lengths and the threshold over time from the bench's runs; then the cost
-    model tau / mean(K r + c(K + 1)) beside the measured speedup, both in wall time (the table above, c(T) from
-    cost_curve) and in CPU time (inputs and decodes re-measured here)."""
+    model tau / mean(K r + c(K + 1)) beside the measured speedup, in CPU time (cpu_secs: {decoder: decode CPU
+    seconds} of the same runs) and in wall time (the table above), r and c(T) timed in both clocks at once."""
     from .draft_verify import find_skip_set, predicted_speedup
     skip = find_skip_set(model)
     summary = draft_summary(stats_list)
@@ -351,22 +344,18 @@ def print_draft_verify(model, prompts, stats_list, costs, measured_speedup, meas
           f"{np.mean([a for a, _ in ends]):.3f}, ends {np.mean([b for _, b in ends]):.3f} (mean over prompts), "
           f"range {gam.min():.3f}..{gam.max():.3f}")
     drafted = [k for s in stats_list for k in s.drafted]
-    secs, cpu_stats = cpu_decode(model, prompts, [baseline, "draft_verify"], n_tokens)
-    dv = cpu_stats["draft_verify"]
-    K = [k for s in dv for k in s.drafted]
-    tau = sum(s.new_tokens for s in dv) / sum(s.steps for s in dv)
-    r, c = draft_cost_inputs(model, skip, [k + 1 for k in set(K)])
-    pred_cpu = predicted_speedup(tau, K, r, c)
-    meas_cpu = secs[baseline] / secs["draft_verify"]
-    r_wall, c_wall = draft_cost_inputs(model, skip, [k + 1 for k in set(drafted)], clock=time.perf_counter)
+    (r, c), (r_wall, c_wall) = _draft_costs(model, skip, [k + 1 for k in set(drafted)], 25, 200,
+                                            (time.process_time, time.perf_counter))
+    pred_cpu = predicted_speedup(measured_tau, drafted, r, c)
+    meas_cpu = cpu_secs[baseline] / cpu_secs["draft_verify"]
     pred_wall = predicted_speedup(measured_tau, drafted, r_wall, c_wall)
     print(f"draft_verify cost model (CPU time, one BLAS thread advised): one draft token r = {r:.2f} AR forwards, "
           f"c(T) = " + ", ".join(f"c({T})={v:.2f}" for T, v in sorted(c.items())) + "; predicted speedup "
           f"tau / mean(K r + c(K + 1)) = {pred_cpu:.2f}x vs measured {meas_cpu:.2f}x in CPU time "
-          f"(measured / predicted = {meas_cpu / pred_cpu:.2f}; tau {tau:.2f})")
+          f"(measured / predicted = {meas_cpu / pred_cpu:.2f}; tau {measured_tau:.2f})")
     print(f"draft_verify in wall time: measured {measured_speedup:.2f}x (table above) vs {pred_wall:.2f}x predicted "
           f"from r = {r_wall:.2f} and c(T) timed in wall time the same way")
-    return {"predicted_cpu": pred_cpu, "measured_cpu": meas_cpu, "r": r, "c": c, "tau": tau,
+    return {"predicted_cpu": pred_cpu, "measured_cpu": meas_cpu, "r": r, "c": c, "tau": measured_tau,
             "predicted_wall": pred_wall, "measured_wall": measured_speedup}
 
 
@@ -385,6 +374,7 @@ def bench_decode(model_dir, decoders=("ar", "medusa"), n_tokens=128, n_prompts=8
         generate(model, prompts[0], decoder=name, max_new_tokens=16)        # warm-up (loads heads, trees)
     # runs interleave the decoders (prompt by prompt), so that a slow phase of a shared machine hits all alike
     times = {name: [0.0] * runs for name in decoders}
+    cpu = {name: 0.0 for name in decoders}                              # CPU seconds of the decodes, all runs
     outs = {name: [] for name in decoders}
     stats = {name: [] for name in decoders}
     for r in range(runs):
@@ -392,6 +382,7 @@ def bench_decode(model_dir, decoders=("ar", "medusa"), n_tokens=128, n_prompts=8
             for name in decoders:
                 o = generate(model, p, decoder=name, max_new_tokens=n_tokens, eos_id=None)
                 times[name][r] += o.stats.decode_time
+                cpu[name] += o.stats.decode_cpu_time
                 if r == 0:
                     outs[name].append(o.tokens)
                     stats[name].append(o.stats)
@@ -426,8 +417,8 @@ def bench_decode(model_dir, decoders=("ar", "medusa"), n_tokens=128, n_prompts=8
             print(f"{name} tree of {len(paths)} nodes: expected tau {expected:.2f} (from the heads' stored top-k "
                   f"accuracies, assumed independent) vs measured {results_tau[name]:.2f}")
     if "draft_verify" in decoders:
-        print_draft_verify(model, prompts, stats["draft_verify"], costs,
-                           results["draft_verify"] / results[decoders[0]], results_tau["draft_verify"], n_tokens)
+        print_draft_verify(model, stats["draft_verify"], cpu, results["draft_verify"] / results[decoders[0]],
+                           results_tau["draft_verify"], decoders[0])
     if "medusa" in decoders:
         heads, shipped = props["medusa"].heads, props["medusa"].tree          # the tree the proposer ran
         if heads.accuracies is not None:

@@ -41,6 +41,7 @@ class Stats:
     forward_calls: int = 0                          # model forwards, prefill chunks included
     prefill_time: float = 0.0
     decode_time: float = 0.0                        # from the first step to the last token
+    decode_cpu_time: float = 0.0                    # this process's CPU time (all threads) over decode_time
     propose_time: float = 0.0                       # of decode_time: inside proposer.propose / observe
     verify_time: float = 0.0                        # of decode_time: inside verify (one forward + accept + commit)
     drafted: list = field(default_factory=list)     # draft tokens proposed per step (tree nodes after the root)
@@ -226,7 +227,7 @@ def generate(model, ids, decoder="ar", max_new_tokens=64, temperature=0.0, top_k
     stats.propose_time += clock() - t1
 
     out, root, hidden = [], ids[-1], None
-    t0 = clock()
+    t0, cpu0 = clock(), time.process_time()
     while len(out) < max_new_tokens:
         t1 = clock()
         draft = proposer.propose(Context(root, hidden, model, cache, params, rng, stats))
@@ -249,4 +250,5 @@ def generate(model, ids, decoder="ar", max_new_tokens=64, temperature=0.0, top_k
             break
         root, hidden = step.bonus, step.hidden
     stats.decode_time = time.perf_counter() - t0
+    stats.decode_cpu_time = time.process_time() - cpu0
     return Output(tokens=out, stats=stats)

@@ -32,6 +32,7 @@ def test_max_new_tokens_is_exact_and_the_stats_add_up(model):
     assert len(out.tokens) == 11 == s.new_tokens and s.steps == 11 and s.tau == 1.0
     assert s.histogram.tolist() == [0, 11] and s.forward_calls == 12     # one prefill chunk + 11 steps
     assert s.tokens_per_s > 0 and s.wall_time >= s.decode_time
+    assert 0 < s.decode_cpu_time and s.propose_time + s.verify_time <= s.decode_time
     assert generate(m, [1, 2], max_new_tokens=0).tokens == []
 
 
