@@ -69,9 +69,9 @@ def random_heads(model, arch, K, L, seed):
     return heads
 
 
-def minispec_logits(model, heads, ids):
-    """[K, T, V] teacher-forced logits (NaN where Hydra's roll wraps), from minispec's own functions."""
-    _, h = model.forward(ids, return_hidden=True)                                       # [T, D]
+def minispec_logits(model, heads, ids, h):
+    """[K, T, V] teacher-forced logits (NaN where Hydra's roll wraps) on the base hidden states h [T, D] of ids,
+    from minispec's own functions."""
     base = prefix_forward(heads.prefix, model.config, h) if heads.prefix is not None else h
     E, T = model.tok_embeddings, len(ids)
     out = np.full((heads.K, T, model.config.vocab_size), np.nan)
@@ -79,7 +79,13 @@ def minispec_logits(model, heads, ids):
         n = T - i - 1                                                                   # positions with x_{t+i+1}
         a = np.concatenate([base[:n]] + [E[np.asarray(ids[j + 1:j + 1 + n])] for j in range(i + 1)], axis=1)
         out[i, :n] = head_forward(heads.heads[i], a)
-    return out, h
+    return out
+
+
+def agree(model, heads, module, ids, h):
+    """(max relative error of minispec's logits against Hydra's module on the same inputs, whether < 1e-4)."""
+    err = compare(minispec_logits(model, heads, ids, h), hydra_logits(module, h, ids))
+    return err, err < 1e-4
 
 
 def hydra_logits(module, h, ids):
@@ -137,6 +143,7 @@ def main(argv=None):
     ids = list(np.random.default_rng(0).integers(3, model.config.vocab_size, T))
     embed = torch.nn.Embedding(model.config.vocab_size, model.config.dim)
     embed.weight.data[:] = torch.as_tensor(np.asarray(model.tok_embeddings))
+    _, h = model.forward(ids, return_hidden=True)                                       # [T, D] base hidden states
     failures = 0
     for arch, cls in (("mlp", HydraMLP), ("prefix-mlp", HydraPrefixMLP)):
         torch.manual_seed(0)
@@ -147,9 +154,7 @@ def main(argv=None):
             write_hydra(heads, tmp)
             module = make()
             result = module.load_state_dict(load_file(str(Path(tmp) / "hydra_lm_head.safetensors")), strict=True)
-            ours, h = minispec_logits(model, heads, ids)
-            err = compare(ours, hydra_logits(module, h, ids))
-            ok = err < 1e-4
+            err, ok = agree(model, heads, module, ids, h)
             failures += not ok
             print(f"{arch:>10}: minispec file -> Hydra {cls.__name__}.load_state_dict(strict=True): {result}; "
                   f"logits max rel err {err:.2e} over {args.heads} heads x {T} positions: {'PASS' if ok else 'FAIL'}")
@@ -166,9 +171,7 @@ def main(argv=None):
                 f'{{"hydra_num_heads": {args.heads}, "hydra_num_layers": {args.layers}, "hydra_head_arch": '
                 f'"{arch}", "grounded_heads": true, "hidden_state_offset": 0}}')
             back = read_hydra(tmp, model)
-            ours, h = minispec_logits(model, back, ids)
-            err = compare(ours, hydra_logits(module, h, ids))
-            ok = err < 1e-4
+            err, ok = agree(model, back, module, ids, h)
             failures += not ok
             print(f"{arch:>10}: Hydra {cls.__name__}.state_dict() ({len(sd)} tensors) -> minispec read_hydra: "
                   f"logits max rel err {err:.2e}: {'PASS' if ok else 'FAIL'}")
