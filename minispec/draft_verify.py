@@ -18,7 +18,6 @@ The shipped skip set of a model lives at <model.path>/draft_verify/skip_set.json
     anything else             optional provenance (objective, search trace file, measured tau and speedup), kept
                               in SkipSet.meta and ignored by decoding
 """
-import json
 import os
 from dataclasses import dataclass, field
 
@@ -26,7 +25,7 @@ import numpy as np
 
 from .backend import to_host
 from .bench import interp_cost
-from .errors import MissingFileError, UserError, read_json
+from .errors import MissingFileError, UserError, read_json, write_json_lines
 from .sampling import sample, target_probs
 from .tree import Tree
 from .verify import Draft, count
@@ -112,9 +111,7 @@ class SkipSet:
 
     def save(self, path):
         os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-        with open(path, "w") as f:        # one key per line, lists on one line: a diff shows which layer changed
-            f.write("{\n" + ",\n".join(f"  {json.dumps(k)}: {json.dumps(v)}" for k, v in self.to_json().items())
-                    + "\n}\n")
+        write_json_lines(path, self.to_json())      # lists on one line: a diff shows which layer changed
 
     @classmethod
     def load(cls, path, n_layers=None):

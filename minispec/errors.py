@@ -130,6 +130,13 @@ def read_json(path, expect=dict):
     return value
 
 
+def write_json_lines(path, d):
+    """Write the dict d as a JSON object with one key per line and each value on one line (a tree or a layer
+    list stays readable, and a diff shows which entry changed)."""
+    lines = [f"  {json.dumps(k)}: {json.dumps(v)}" for k, v in d.items()]
+    Path(path).write_text("{\n" + ",\n".join(lines) + "\n}\n")
+
+
 def check_finite(arr, name, source):
     """Refuse a weight tensor holding NaN or inf, naming it.
 

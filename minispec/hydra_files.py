@@ -36,8 +36,9 @@ from pathlib import Path
 import numpy as np
 
 from .backend import to_device, to_host
-from .errors import UserError, check_finite, read_json
+from .errors import UserError, check_finite, read_json, write_json_lines
 from .hydra import ARCHS, HydraHeads, head_input_width
+from .medusa import check_head_sizes, read_head_trees
 from .weights import CheckpointError, read_safetensors, safetensors_in
 
 CONFIG_NAME, WEIGHTS_NAME = "hydra_config.json", "hydra_heads.safetensors"
@@ -189,9 +190,7 @@ def save(heads, folder, extra=None, dtype=np.float32):
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     save_file(state_dict(heads, dtype), str(folder / WEIGHTS_NAME))
-    cfg = {**heads.config_dict(), **(extra or {})}
-    lines = [f"  {json.dumps(k)}: {json.dumps(v)}" for k, v in cfg.items()]     # one line per key: readable tree
-    (folder / CONFIG_NAME).write_text("{\n" + ",\n".join(lines) + "\n}\n")
+    write_json_lines(folder / CONFIG_NAME, {**heads.config_dict(), **(extra or {})})
 
 
 def load(folder, model):
@@ -200,15 +199,10 @@ def load(folder, model):
     cfg = read_json(folder / CONFIG_NAME, expect=dict)
     if cfg.get("kind") not in ("hydra", "hydra++"):
         raise CheckpointError(f"{folder / CONFIG_NAME}: kind is {cfg.get('kind')!r}, expected 'hydra' or 'hydra++'")
-    for key, have in (("hidden_size", model.config.dim), ("vocab_size", model.config.vocab_size)):
-        if cfg.get(key) != have:
-            raise CheckpointError(f"{folder / CONFIG_NAME}: {key} = {cfg.get(key)}, but the base model has {have}")
+    check_head_sizes(cfg, model, folder / CONFIG_NAME)
     heads = from_state_dict(model, read_safetensors(folder / WEIGHTS_NAME), cfg["arch"], cfg["num_heads"],
                             cfg["num_layers"], source=str(folder / WEIGHTS_NAME))
-    heads.choices = [list(ch) for ch in cfg.get("tree") or []]
-    heads.choices_cuda = [list(ch) for ch in cfg["tree_cuda"]] if cfg.get("tree_cuda") else None
-    heads.accuracies, heads.base_model = cfg.get("accuracies"), cfg.get("base_model")
-    return heads
+    return read_head_trees(heads, cfg)
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -29,7 +29,7 @@ from pathlib import Path
 import numpy as np
 
 from .backend import array_module, to_device, to_host
-from .errors import MissingFileError, check_finite, read_json
+from .errors import MissingFileError, check_finite, read_json, write_json_lines
 from .layers import linear, silu
 from .tree import Tree, as_tree, stored_tree
 from .verify import Draft, count
@@ -224,9 +224,7 @@ class MedusaHeads:
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
         save_file(self.state_dict(dtype), str(folder / WEIGHTS_NAME))
-        cfg = {**self.config(), **(extra or {})}
-        lines = [f"  {json.dumps(k)}: {json.dumps(v)}" for k, v in cfg.items()]   # one line per key: readable tree
-        (folder / CONFIG_NAME).write_text("{\n" + ",\n".join(lines) + "\n}\n")
+        write_json_lines(folder / CONFIG_NAME, {**self.config(), **(extra or {})})
 
     @classmethod
     def load(cls, folder, model):
@@ -238,15 +236,27 @@ class MedusaHeads:
         missing = [k for k in ("hidden_size", "vocab_size", "num_heads", "num_layers", "version") if k not in cfg]
         if missing:
             raise CheckpointError(f"{folder / CONFIG_NAME}: missing key(s) {missing}")
-        for key, have in (("hidden_size", model.config.dim), ("vocab_size", model.config.vocab_size)):
-            if cfg[key] != have:
-                raise CheckpointError(f"{folder / CONFIG_NAME}: {key} = {cfg[key]}, but the base model has {have}")
+        check_head_sizes(cfg, model, folder / CONFIG_NAME)
         heads = cls.from_state_dict(model, read_safetensors(folder / WEIGHTS_NAME), cfg["num_heads"],
                                     cfg["num_layers"], cfg["version"], source=str(folder / WEIGHTS_NAME))
-        heads.choices = [list(c) for c in cfg.get("tree") or []]
-        heads.choices_cuda = [list(c) for c in cfg["tree_cuda"]] if cfg.get("tree_cuda") else None
-        heads.accuracies, heads.base_model = cfg.get("accuracies"), cfg.get("base_model")
-        return heads
+        return read_head_trees(heads, cfg)
+
+
+# ---- a heads config (minispec's format, Medusa and Hydra alike) ------------------------------------------------
+def check_head_sizes(cfg, model, path):
+    """A heads config's hidden_size and vocab_size must be the base model's."""
+    for key, have in (("hidden_size", model.config.dim), ("vocab_size", model.config.vocab_size)):
+        if cfg.get(key) != have:
+            raise CheckpointError(f"{path}: {key} = {cfg.get(key)}, but the base model has {have}")
+
+
+def read_head_trees(heads, cfg):
+    """The stored trees (CPU and GPU), the accuracies they were built from and the base model's name, from a
+    heads config onto heads. Returns heads."""
+    heads.choices = [list(c) for c in cfg.get("tree") or []]
+    heads.choices_cuda = [list(c) for c in cfg["tree_cuda"]] if cfg.get("tree_cuda") else None
+    heads.accuracies, heads.base_model = cfg.get("accuracies"), cfg.get("base_model")
+    return heads
 
 
 def state_dict_shapes(num_heads, num_layers, D, V, version):
