@@ -46,7 +46,7 @@ from .errors import MissingFileError, UserError
 from .cache import RollingCache
 from .layers import attention, linear, qkv_heads, rms_norm, rope_tables, silu, sliding_window_mask, swiglu
 from .medusa import topk_ids
-from .tree import Tree, as_tree, stored_tree
+from .tree import Tree, proposer_tree
 from .verify import Draft, count
 
 ARCHS = ("mlp", "prefix-mlp")          # zankner/Hydra's hydra_head_arch values: Hydra, Hydra++
@@ -320,8 +320,7 @@ class HydraProposer:
             heads = load_heads(Path(heads), model)
         self.name = heads.kind
         device = getattr(model, "device", None)
-        tree = (stored_tree(heads.choices, heads.choices_cuda, heads.K, device, self.name) if tree is None
-                else as_tree(tree, heads.K, self.name))
+        tree = proposer_tree(tree, heads, device, self.name)
         self.model, self.heads, self.tree, self.plan = model, heads, tree, TreePlan(tree, heads.xp)
         self.root_only = Tree.from_choices([])
         self.cache, self.h = None, None

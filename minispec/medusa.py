@@ -31,7 +31,7 @@ import numpy as np
 from .backend import array_module, to_device, to_host
 from .errors import MissingFileError, check_finite, read_json, write_json_lines
 from .layers import linear, silu
-from .tree import Tree, as_tree, stored_tree
+from .tree import Tree, proposer_tree
 from .verify import Draft, count
 from .weights import CheckpointError, read_safetensors, safetensors_in
 
@@ -349,8 +349,7 @@ class MedusaProposer:
         elif isinstance(heads, (str, Path)):            # a folder of heads (e.g. `minispec generate --heads DIR`)
             heads = self._heads_in(model, Path(heads))
         device = getattr(model, "device", None)
-        tree = (stored_tree(heads.choices, heads.choices_cuda, heads.K, device, "medusa") if tree is None
-                else as_tree(tree, heads.K, "medusa"))
+        tree = proposer_tree(tree, heads, device, "medusa")
         need = int(tree.rank.max()) + 1 if tree.N > 1 else 1
         top_k = need if top_k is None else top_k
         if top_k < need:

@@ -188,12 +188,14 @@ def build_tree(accuracies, budget):
     return Tree.from_choices(chosen, n_heads=K, top_k=k), tau
 
 
-def stored_tree(choices, choices_cuda, n_heads, device, name):
-    """The tree a proposer uses by default: `choices_cuda` on a GPU when the heads store one (verifying N tokens
-    costs about one step there), else `choices` (sized from the CPU's cost curve), else the chain of n_heads.
-    `tree` given by the caller (a Tree or choices) is checked the same way by `as_tree`."""
-    gpu = device == "cuda" and choices_cuda
-    return as_tree((choices_cuda if gpu else choices) or Tree.chain(n_heads), n_heads, name)
+def proposer_tree(tree, heads, device, name):
+    """The tree a heads proposer uses: `tree` when the caller gives one (a Tree or choices), else the one the
+    heads store for this backend: `choices_cuda` on a GPU when stored (verifying N tokens costs about one step
+    there), else `choices` (sized from the CPU's cost curve), else the chain of the K heads."""
+    if tree is None:
+        gpu = device == "cuda" and heads.choices_cuda
+        tree = (heads.choices_cuda if gpu else heads.choices) or Tree.chain(heads.K)
+    return as_tree(tree, heads.K, name)
 
 
 def as_tree(tree, n_heads, name):
@@ -201,5 +203,5 @@ def as_tree(tree, n_heads, name):
     if not isinstance(tree, Tree):
         tree = Tree.from_choices(tree, n_heads=n_heads)
     if tree.max_depth > n_heads:
-        raise ValueError(f"{name}: the tree is {tree.max_depth} deep, but there are only {n_heads} heads")
+        raise UserError(f"{name}: the tree is {tree.max_depth} deep, but there are only {n_heads} heads")
     return tree
