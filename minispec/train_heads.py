@@ -327,6 +327,24 @@ def topk_accuracies(heads, H, labels, k=10, batch=256):
 # ---------------------------------------------------------------------------------------------------------
 # The driver: `minispec train-heads --kind medusa`
 # ---------------------------------------------------------------------------------------------------------
+def training_sequences(model, tok, data, text, n_tokens, seq_len, seed, prompt_len, gen_len, progress):
+    """The [(tokens, start)] sequences heads train on (Medusa and Hydra alike): data="corpus" cuts the text
+    into seq_len pieces; "self": the model's own greedy continuations of prompts cut from it (self-distillation)."""
+    if data == "corpus":
+        return corpus_sequences(tok, text, n_tokens, seq_len, seed)
+    return self_distilled_sequences(model, corpus_prompts(tok, text, prompt_len, seed),
+                                    min(gen_len, seq_len - prompt_len), tok.eos_id, n_tokens, progress)
+
+
+def split_heldout(seqs, heldout):
+    """(training, held-out) sequences: the last round(heldout · n) are held out, at least 1 and leaving 1."""
+    from .errors import UserError
+    if len(seqs) < 2:
+        raise UserError(f"need at least 2 sequences (train + held-out), got {len(seqs)}: raise --tokens")
+    n_held = min(len(seqs) - 1, max(1, int(round(heldout * len(seqs)))))
+    return seqs[:-n_held], seqs[-n_held:]
+
+
 def train_medusa(model_dir, out=None, version="v1", num_heads=4, num_layers=1, data="corpus", text=None,
                  n_tokens=100_000, seq_len=512, epochs=1, lr=1e-3, batch=256, budget=10, top_k=10, heldout=0.1,
                  seed=0, device="auto", dtype="float32", prompt_len=16, gen_len=112, progress=True):
@@ -344,15 +362,8 @@ def train_medusa(model_dir, out=None, version="v1", num_heads=4, num_layers=1, d
         seq_len = min(seq_len, model.config.cache_slots)
     say = print if progress else (lambda *a, **k: None)
 
-    if data == "corpus":
-        seqs = corpus_sequences(tok, text, n_tokens, seq_len, seed)
-    else:
-        seqs = self_distilled_sequences(model, corpus_prompts(tok, text, prompt_len, seed),
-                                        min(gen_len, seq_len - prompt_len), tok.eos_id, n_tokens, progress)
-    if len(seqs) < 2:
-        raise ValueError(f"need at least 2 sequences (train + held-out), got {len(seqs)}: raise --tokens")
-    n_held = min(len(seqs) - 1, max(1, int(round(heldout * len(seqs)))))
-    train_seqs, held_seqs = seqs[:-n_held], seqs[-n_held:]
+    seqs = training_sequences(model, tok, data, text, n_tokens, seq_len, seed, prompt_len, gen_len, progress)
+    train_seqs, held_seqs = split_heldout(seqs, heldout)
     say(f"data: {data}, {sum(len(s) for s, _ in train_seqs):,} training tokens in {len(train_seqs)} sequences, "
         f"{sum(len(s) for s, _ in held_seqs):,} held-out; computing the base model's hidden states once ...")
     H, labels = hidden_states(model, train_seqs, num_heads, progress)

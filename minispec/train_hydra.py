@@ -347,7 +347,7 @@ def train_hydra(model_dir, kind="hydra", out=None, num_heads=4, num_layers=None,
     from .hydra_files import save
     from .model import load
     from .tokenizer import Tokenizer
-    from .train_heads import REPO, corpus_path, corpus_prompts, corpus_sequences, self_distilled_sequences
+    from .train_heads import REPO, corpus_path, split_heldout, training_sequences
     from .tree import build_tree
 
     if kind not in KIND_ARCH:
@@ -370,18 +370,12 @@ def train_hydra(model_dir, kind="hydra", out=None, num_heads=4, num_layers=None,
         seqs = load_sequences(data_cache)
         say(f"data: {len(seqs)} sequences from {data_cache}")
     else:
-        if data == "corpus":
-            seqs = corpus_sequences(tok, text, n_tokens, seq_len, seed)
-        else:
-            seqs = self_distilled_sequences(model, corpus_prompts(tok, text, prompt_len, seed),
-                                            min(gen_len, seq_len - prompt_len), tok.eos_id, n_tokens, progress)
+        seqs = training_sequences(model, tok, data, text, n_tokens, seq_len, seed, prompt_len, gen_len, progress)
         if data_cache is not None:
             save_sequences(data_cache, seqs)
-    if len(seqs) < 2:
-        raise UserError(f"need at least 2 sequences (train + held-out), got {len(seqs)}: raise --tokens")
-    n_held = min(len(seqs) - 1, max(1, int(round(heldout * len(seqs)))))
+    train_seqs, held_seqs = split_heldout(seqs, heldout)
     say(f"computing the base model's hidden states once over {sum(len(s) for s, _ in seqs):,} tokens ...")
-    train_d, held_d = prepare(model, seqs[:-n_held], num_heads), prepare(model, seqs[-n_held:], num_heads)
+    train_d, held_d = prepare(model, train_seqs, num_heads), prepare(model, held_seqs, num_heads)
     t_data = time.time()
 
     heads = HydraHeads.create(model, num_heads, num_layers, KIND_ARCH[kind], seed=seed)
