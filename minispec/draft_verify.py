@@ -230,7 +230,7 @@ class DraftVerifyProposer:
         model, cache, xp = self.model, ctx.cache, self.model.xp
         tokens, tok = [int(ctx.root)], int(ctx.root)
         sampled = not ctx.params.greedy
-        q = xp.zeros((self.max_draft, model.config.vocab_size), dtype=model.dtype) if sampled else None   # [K, V]
+        q = xp.empty((self.max_draft, model.config.vocab_size), dtype=model.dtype) if sampled else None   # [K, V]
         for j in range(self.max_draft):
             out = model.forward_block([tok], cache, skip=self.skip, offset=j)              # logits [1, V]
             logits = out.logits[0]                                                        # [V]
