@@ -8,26 +8,21 @@ speculation) and from head references written out here.
 import numpy as np
 import pytest
 
-from conftest import random_tensors, rel_err, tiny_config
+from conftest import rel_err
 from minispec import generate
 from minispec.generate import Context, Stats
 from minispec.hydra import HydraProposer
 from minispec.medusa import MedusaProposer
-from minispec.model import Model
 from minispec.sampling import SamplingParams, greedy_accept
 from minispec.tree import Tree
 from minispec.verify import Draft, verify
 from test_hydra import random_heads as random_hydra_heads
 from test_hydra import ref_proposal
 from test_medusa import random_heads as random_medusa_heads
+from test_medusa import tiny_model
 
 BRANCHING = [[0], [1], [0, 0], [0, 1], [1, 0], [0, 0, 0], [0, 1, 0], [0, 0, 0, 0]]
 DECODERS = ["medusa", "hydra", "hydra++"]
-
-
-def tiny_model(W=5, V=24, seed=0):
-    cfg = tiny_config(sliding_window=W, vocab_size=V)
-    return Model(cfg, random_tensors(cfg, seed=seed), dtype="float64", device="cpu")
 
 
 def proposer(model, name, seed=0, tree=BRANCHING):
@@ -69,7 +64,7 @@ def run(model, name, ids=(1, 5, 3), n=30, seed=0):
 # ---------------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("name", DECODERS)
 def test_verified_hidden_and_path_hidden_are_the_forward_hidden_states_at_the_committed_positions(name):
-    model = tiny_model(seed=1)
+    model = tiny_model(W=5, seed=1)
     rec, out, seq, H = run(model, name, seed=1)
     before = len(seq) - sum(len(s.path) for _, s in rec.steps)           # committed by the prefill
     assert before == 2
@@ -85,7 +80,7 @@ def test_verified_hidden_and_path_hidden_are_the_forward_hidden_states_at_the_co
 
 @pytest.mark.parametrize("name", DECODERS)
 def test_the_proposer_receives_the_hidden_state_of_the_last_committed_node_and_drafts_from_it(name):
-    model = tiny_model(seed=2)
+    model = tiny_model(W=5, seed=2)
     rec, out, seq, H = run(model, name, seed=2)
     assert rec.calls[0][1] is None                                        # nothing verified yet
     for pos, hidden, root, draft in rec.calls[1:]:
@@ -103,7 +98,7 @@ def test_the_proposer_receives_the_hidden_state_of_the_last_committed_node_and_d
 @pytest.mark.parametrize("name", DECODERS)
 def test_a_fully_accepted_path_emits_the_bonus_token_and_advances_the_cache_by_the_whole_path(name):
     """A stub rule accepts the deepest path of the proposer's own draft and returns the argmax bonus."""
-    model = tiny_model(seed=3)
+    model = tiny_model(W=5, seed=3)
     prop = proposer(model, name, seed=3)
     ids = [1, 5, 3, 8]
     cache = model.new_cache()
@@ -133,7 +128,7 @@ def test_a_fully_accepted_path_emits_the_bonus_token_and_advances_the_cache_by_t
 
 
 def test_greedy_acceptance_of_the_models_own_continuation_accepts_it_all_and_adds_the_next_token():
-    model = tiny_model(seed=4)
+    model = tiny_model(W=5, seed=4)
     ids = [1, 5, 3]
     ar = generate(model, ids, max_new_tokens=5, eos_id=None).tokens
     cache = model.new_cache()
@@ -158,7 +153,7 @@ def medusa_ref_logits(heads, h, k):
 @pytest.mark.parametrize("version", ["v1", "v2"])
 @pytest.mark.parametrize("T", [1, 5, 20])
 def test_medusas_batched_heads_equal_a_per_head_reference_with_every_bias(version, T):
-    model = tiny_model(seed=5)
+    model = tiny_model(W=5, seed=5)
     heads = random_medusa_heads(model, num_heads=3, num_layers=2, version=version, seed=5)
     heads.b[...] = np.random.default_rng(5).standard_normal(heads.b.shape)      # biases that matter
     h = np.random.default_rng(6).standard_normal((T, model.config.dim))
