@@ -42,15 +42,20 @@ def tiny_model(W=6, V=24, seed=0, dtype="float64", device="cpu"):
 # ---------------------------------------------------------------------------------------------------------
 # Gradients: hand-derived == central finite differences of an independent reference loss
 # ---------------------------------------------------------------------------------------------------------
+def ref_head_logits(W, b, proj, base, h, k):
+    """Medusa head k written out: x + silu(x W + b) per block, then its projection (v1) or the base's (v2)."""
+    x = h
+    for layer in range(W.shape[1]):
+        z = x @ W[k, layer] + b[k, layer]
+        x = x + z / (1 + np.exp(-z))
+    return x @ (base if proj is None else proj[k])
+
+
 def reference_loss(W, b, proj, base, h, labels, decay=0.8):
     """sum_k decay^k · mean over labelled rows of -log softmax(head_k(h))[label], written out independently."""
     total = 0.0
     for k in range(W.shape[0]):
-        x = h
-        for layer in range(W.shape[1]):
-            z = x @ W[k, layer] + b[k, layer]
-            x = x + z / (1 + np.exp(-z))
-        logits = x @ (base if proj is None else proj[k])
+        logits = ref_head_logits(W, b, proj, base, h, k)
         rows = [t for t in range(h.shape[0]) if labels[k, t] >= 0]
         lse = np.log(np.exp(logits[rows]).sum(axis=1))
         total += decay ** k * np.mean(lse - logits[rows, labels[k, rows]])

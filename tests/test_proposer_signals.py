@@ -19,7 +19,7 @@ from minispec.verify import Draft, verify
 from test_hydra import random_heads as random_hydra_heads
 from test_hydra import ref_proposal
 from test_medusa import random_heads as random_medusa_heads
-from test_medusa import tiny_model
+from test_medusa import ref_head_logits, tiny_model
 
 BRANCHING = [[0], [1], [0, 0], [0, 1], [1, 0], [0, 0, 0], [0, 1, 0], [0, 0, 0, 0]]
 DECODERS = ["medusa", "hydra", "hydra++"]
@@ -142,12 +142,9 @@ def test_greedy_acceptance_of_the_models_own_continuation_accepts_it_all_and_add
 # ---------------------------------------------------------------------------------------------------------
 def medusa_ref_logits(heads, h, k):
     """Medusa head k written out, one head at a time: x + silu(x W + b) per block, then the projection."""
-    W, b = np.asarray(heads.W), np.asarray(heads.b)
-    x = np.asarray(h, np.float64)
-    for layer in range(W.shape[1]):
-        z = x @ W[k, layer] + b[k, layer]
-        x = x + z / (1 + np.exp(-z))
-    return x @ (np.asarray(heads.base_output) if heads.proj is None else np.asarray(heads.proj[k]))
+    proj = None if heads.proj is None else np.asarray(heads.proj)
+    return ref_head_logits(np.asarray(heads.W), np.asarray(heads.b), proj, np.asarray(heads.base_output),
+                           np.asarray(h, np.float64), k)
 
 
 @pytest.mark.parametrize("version", ["v1", "v2"])
