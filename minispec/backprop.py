@@ -12,7 +12,7 @@ Shapes: T rows (positions), D dim, H / Hkv heads, R = H / Hkv, Dh head dim, F ff
 import numpy as np
 
 from .backend import array_module
-from .layers import apply_rope, linear, silu, softmax
+from .layers import apply_rope, attention, silu, softmax, swiglu
 from .train_heads import cross_entropy, silu_grad   # shared with Medusa's training
 from .train_heads import head_backward as head_backward_blocks
 
@@ -47,17 +47,10 @@ def rope_backward(dy, cos, sin):
 # GQA attention under a boolean mask (layers.attention), keeping the probabilities
 # ---------------------------------------------------------------------------------------------------------
 def attention_forward(q, k, v, mask):
-    """layers.attention's arithmetic, also returning the softmax probabilities p [Hkv, R, T, S] for the backward.
+    """layers.attention, also returning the softmax probabilities p [Hkv, R, T, S] for the backward.
 
     q [H, T, Dh], k/v [Hkv, S, Dh], mask bool [T, S] (every row must see at least one key) -> (o [H, T, Dh], p)."""
-    xp = array_module(q)
-    H, T, Dh = q.shape
-    Hkv, S, _ = k.shape
-    scores = (q.reshape(Hkv, H // Hkv * T, Dh) @ k.transpose(0, 2, 1))        # [Hkv, R·T, S]
-    scores = scores.reshape(Hkv, H // Hkv, T, S) * q.dtype.type(1.0 / np.sqrt(Dh))
-    p = softmax(xp.where(mask, scores, q.dtype.type(-np.inf)))                  # [Hkv, R, T, S]
-    o = (p.reshape(Hkv, H // Hkv * T, S) @ v).reshape(H, T, Dh)                 # [H, T, Dh]
-    return o, p
+    return attention(q, k, v, mask, keep=True)
 
 
 def attention_backward(do, q, k, v, p):
@@ -86,11 +79,8 @@ def attention_backward(do, q, k, v, p):
 # SwiGLU: y = (silu(x W1) ⊙ x W3) W2, W1|W3 fused as w13 [D, 2F]
 # ---------------------------------------------------------------------------------------------------------
 def swiglu_forward(x, w13, w2):
-    """layers.swiglu's arithmetic, keeping (gu [T, 2F], g [T, F]) for the backward.  x [T, D] -> (y [T, D], saved)."""
-    F = w2.shape[0]
-    gu = linear(x, w13)                                                         # [T, 2F]
-    g = silu(gu[:, :F]) * gu[:, F:]                                             # [T, F]
-    return linear(g, w2), (gu, g)                                               # [T, D]
+    """layers.swiglu, keeping (gu [T, 2F], g [T, F]) for the backward.  x [T, D] -> (y [T, D], saved)."""
+    return swiglu(x, w13, w2, keep=True)
 
 
 def swiglu_backward(dy, x, w13, w2, saved):

@@ -88,11 +88,12 @@ def softmax(x, axis=-1):
     return e / e.sum(axis=axis, keepdims=True)
 
 
-def attention(q, k, v, mask):
+def attention(q, k, v, mask, keep=False):
     """Masked scaled dot-product attention with grouped kv heads (GQA, arXiv 2305.13245).
 
     q [H, T, Dh], k and v [Hkv, S, Dh], mask bool [T, S] -> [H, T, Dh]. Query head h uses kv head h // R:
     q is viewed as [Hkv, R, T, Dh] so each kv head meets its R query heads in one matmul (no repeat_kv copy).
+    keep=True also returns the probabilities [Hkv, R, T, S] (for a backward pass, minispec/backprop.py).
     """
     xp = array_module(q)
     H, T, Dh = q.shape
@@ -101,8 +102,9 @@ def attention(q, k, v, mask):
     scores = qg @ k.transpose(0, 2, 1)                              # [Hkv, R·T, S]
     scores = scores.reshape(Hkv, H // Hkv, T, S) * q.dtype.type(1.0 / np.sqrt(Dh))
     scores = xp.where(mask, scores, q.dtype.type(-np.inf))          # [Hkv, R, T, S]
-    p = softmax(scores).reshape(Hkv, H // Hkv * T, S)
-    return (p @ v).reshape(H, T, Dh)                                # [H, T, Dh]
+    p = softmax(scores)                                             # [Hkv, R, T, S]
+    o = (p.reshape(Hkv, H // Hkv * T, S) @ v).reshape(H, T, Dh)     # [H, T, Dh]
+    return (o, p) if keep else o
 
 
 # NumPy + OpenBLAS: for 2+ rows x @ W takes the GEMM path, which repacks the whole weight matrix first (~0.6 ms
@@ -125,11 +127,14 @@ def silu(x):
     return x * (half + half * xp.tanh(half * x))
 
 
-def swiglu(x, w13, w2):
+def swiglu(x, w13, w2, keep=False):
     """SwiGLU feed-forward (Shazeer 2020): (silu(x W1) ⊙ x W3) W2, with W1|W3 fused as one [D, 2F] matrix.
 
-    x [T, D], w13 [D, 2F], w2 [F, D] -> [T, D]
+    x [T, D], w13 [D, 2F], w2 [F, D] -> [T, D]; keep=True also returns (x W13 [T, 2F], the gated [T, F]) for a
+    backward pass (minispec/backprop.py).
     """
     F = w2.shape[0]
     gu = linear(x, w13)                                             # [T, 2F]
-    return linear(silu(gu[:, :F]) * gu[:, F:], w2)                  # [T, F] -> [T, D]
+    g = silu(gu[:, :F]) * gu[:, F:]                                 # [T, F]
+    y = linear(g, w2)                                               # [T, D]
+    return (y, (gu, g)) if keep else y
