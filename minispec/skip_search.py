@@ -243,7 +243,7 @@ def run_search(model, trace_path, methods=("bo", "random"), objective="predicted
         ends = keep_ends and method != "exhaustive"           # exhaustive: every set (restrict afterwards)
         settings = {"method": method, "objective": objective, "keep_ends": ends, "seed": seed,
                     "budget": len(search_space(L, ends)) if method == "exhaustive" else budget}
-        key = f"{method}{'-all' if method != 'exhaustive' and not ends else ''}/{objective}"
+        key = run_key(method, objective, keep_ends)
         done = trace.evaluations(key, settings)
         bar = Progress(total=settings["budget"], desc=key, unit="set", disable=not progress,
                    initial=sum(not e.get("duplicate") for e in done))
@@ -267,31 +267,34 @@ def run_search(model, trace_path, methods=("bo", "random"), objective="predicted
     return trace
 
 
+def run_key(method, objective, keep_ends):
+    """A run's name in the trace: e.g. "bo/predicted", "random-all/measured" (-all: the first and last layers may
+    be skipped too; an exhaustive run always covers every set)."""
+    return f"{method}{'-all' if method != 'exhaustive' and not keep_ends else ''}/{objective}"
+
+
 def cmd_search_skip(args):
     """The CLI entry (minispec.cli's search-skip parser)."""
+    from .cli import check_model_args
     from .draft_verify import skip_set_path
     from .model import load
-    from .tokenizer import Tokenizer
-    from .train_heads import DEFAULT_TEXT
-    model = load(args.model, dtype=args.dtype, device=args.device)
+    from .train_heads import corpus_path
+    check_model_args(args, tokenizer=False)         # the model folder (default: the shipped one) and the device
     out = Path(args.trace) if args.trace else Path(skip_set_path(args.model)).parent / "search_trace.json"
+    text = None if out.exists() else corpus_path(args.text, "--text")    # a resumed search has its prompts
+    model = load(args.model, dtype=args.dtype, device=args.device)
     prompts = None
-    if not out.exists():
-        text = Path(args.text) if args.text else DEFAULT_TEXT
-        if not text.exists():
-            raise SystemExit(f"search-skip: no calibration text {text} (pass --text FILE; the corpus is built by "
-                             f"tools/collect_corpus.py)")
-        tok = Tokenizer.from_dir(args.model)
-        prompts = calibration_prompts(tok, text, args.prompts, args.prompt_len, args.seed)
+    if text is not None:
+        from .tokenizer import Tokenizer
+        prompts = calibration_prompts(Tokenizer.from_dir(args.model), text, args.prompts, args.prompt_len, args.seed)
     try:
         trace = run_search(model, str(out), [m for m in args.method.split(",") if m], args.objective, args.budget,
                            args.seed, not args.all_layers, prompts, args.new, flat=args.flat_cost)
     except ImportError as e:
-        raise SystemExit(f"search-skip: {e}") from None
+        raise UserError(f"search-skip: {e}") from None
     print(f"trace: {out}")
     if args.write:
-        first = args.method.split(",")[0]
-        key = f"{first}{'-all' if args.all_layers and first != 'exhaustive' else ''}/{args.objective}"
+        key = run_key(args.method.split(",")[0], args.objective, not args.all_layers)
         b = best(trace.evaluations(key, trace.data["runs"][key]["settings"]), args.min_match)
         skip = from_code(b["code"], model.config.n_layers)
         how = key if args.min_match is None else f"{key}, the best set with a match rate >= {args.min_match}"

@@ -147,6 +147,11 @@ def test_train_heads_without_a_corpus_says_how_to_build_one(capsys, tmp_path, no
                f"argument --text: {tmp_path / 'train.txt'}: no such corpus file", "tools/collect_corpus.py")
 
 
+def test_search_skip_without_its_calibration_text_is_one_line_before_the_model_loads(capsys, tmp_path, no_loading):
+    user_error(["search-skip", "--text", str(tmp_path / "none.txt"), "--trace", str(tmp_path / "trace.json")],
+               capsys, f"argument --text: {tmp_path / 'none.txt'}: no such corpus file", "tools/collect_corpus.py")
+
+
 @pytest.mark.parametrize("flag,value", [("--heads", "0"), ("--layers", "-1"), ("--tokens", "0"),
                                         ("--seq-len", "1"), ("--epochs", "0"), ("--lr", "-0.001"),
                                         ("--lr", "nan"), ("--batch", "0"), ("--budget", "-1"),
