@@ -219,6 +219,7 @@ def cmd_train_hydra(args):
 # ---------------------------------------------------------------------------------------------------------
 def build_parser():
     from .generate import DECODERS
+    from .medusa import VERSIONS
     ap = Parser(prog="minispec", description="Mistral inference and speculative decoding in NumPy",
                 formatter_class=Help)
     ap.add_argument("--version", action="version", version=f"minispec {__version__}")
@@ -258,7 +259,7 @@ def build_parser():
                        formatter_class=Help)
     t.add_argument("--kind", default="medusa", choices=["medusa", "hydra", "hydra++"], help="which heads")
     _model_arg(t)
-    t.add_argument("--version", default="v1", choices=["v1", "v2"],
+    t.add_argument("--version", default="v1", choices=list(VERSIONS),
                    help="v1: each head owns a vocabulary projection; v2: heads share the model's output layer")
     t.add_argument("--heads", type=int, default=4, help="K heads (head k predicts the token k + 2 ahead)")
     t.add_argument("--layers", type=int, default=1, help="residual blocks per head")

@@ -23,7 +23,7 @@ import numpy as np
 
 from .backend import array_module, to_device, to_host
 from .errors import MissingFileError
-from .medusa import MedusaHeads, head_forward, topk_ids
+from .medusa import VERSIONS, MedusaHeads, head_forward, topk_ids
 from .tree import build_tree
 
 DECAY = 0.8                      # w_k = DECAY**k: the paper's constant (§2.2.1); FasterDecoding's axolotl
@@ -403,7 +403,7 @@ def check_training(version="v1", num_heads=4, num_layers=1, data="corpus", text=
     """The training options' rules (train_medusa and `minispec train-heads` share them, checked before the
     model loads). Returns the corpus path (`corpus_path`; text_flag: the option that gives it, for messages)."""
     from .errors import UserError, check_int, check_real
-    if version not in ("v1", "v2"):
+    if version not in VERSIONS:
         raise UserError(f"version must be 'v1' or 'v2', not {version!r}")
     if data not in ("corpus", "self"):
         raise UserError(f"data must be 'corpus' or 'self', not {data!r}")
