@@ -20,7 +20,7 @@ SOURCE_MODEL = Path(__file__).resolve().parent.parent / "weights" / "stdlib-mist
 FLAGS = {"temperature": "--temperature", "top_k": "--top-k", "top_p": "--top-p", "seed": "--seed",
          "max_new_tokens": "-n", "n_tokens": "-n", "runs": "--runs", "n_prompts": "--prompts",
          "decoders": "--decoders", "num_heads": "--heads", "num_layers": "--layers", "seq_len": "--seq-len",
-         "epochs": "--epochs", "lr": "--lr", "batch": "--batch", "budget": "--budget", "tokens": "--tokens"}
+         "epochs": "--epochs", "lr": "--lr", "batch": "--batch", "budget": "--budget"}
 
 
 class Parser(argparse.ArgumentParser):
