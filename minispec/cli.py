@@ -95,13 +95,11 @@ def check_model_args(args, tokenizer=True):
 
 def check_prompt(prompt):
     """sys.argv carries bytes that are not UTF-8 as lone surrogates (PEP 383); name the first one."""
-    try:
-        prompt.encode("utf-8")
-    except UnicodeEncodeError as e:
-        ch = prompt[e.start]
-        byte = f"byte 0x{ord(ch) - 0xDC00:02x}" if 0xDC80 <= ord(ch) <= 0xDCFF else f"character {ch!r}"
-        raise UserError(f"argument --prompt: not valid UTF-8 text ({byte} at character {e.start}); pass text "
-                        f"in your terminal's UTF-8 encoding") from None
+    from .errors import utf8_problem
+    problem = utf8_problem(prompt)
+    if problem:
+        raise UserError(f"argument --prompt: not valid UTF-8 text ({problem}); pass text in your terminal's "
+                        f"UTF-8 encoding")
 
 
 def check_heads(decoder, heads):

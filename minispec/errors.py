@@ -79,15 +79,13 @@ def check_token_ids(ids, vocab_size, what="ids"):
         a = np.asarray(ids)
     except ValueError as e:             # ragged nested lists
         raise UserError(f"{what} must be a 1-D sequence of token ids, got a ragged sequence ({e})") from None
+    if a.ndim == 1 and a.size == 0:                                 # [] is float64 to NumPy: before the dtype
+        raise UserError(f"{what} is empty: a prompt needs at least one token (e.g. BOS)")
     if a.dtype.kind not in "iu":                                    # bool is kind "b", floats "f", objects "O"
         kind = "bool" if a.dtype == np.bool_ else a.dtype.name if a.dtype.kind != "O" else "object"
-        if a.size == 0 and a.ndim == 1:
-            raise UserError(f"{what} is empty: a prompt needs at least one token (e.g. BOS)")
         raise UserError(f"{what} must hold integer token ids, got dtype {kind} (convert explicitly if intended)")
     if a.ndim != 1:
         raise UserError(f"{what} must be 1-D (one sequence of token ids), got shape {a.shape}")
-    if a.size == 0:
-        raise UserError(f"{what} is empty: a prompt needs at least one token (e.g. BOS)")
     if a.size <= 16:                # a decode step's few ids: Python's min/max beat two NumPy reductions
         values = a.tolist()
         lo, hi = min(values), max(values)
@@ -111,6 +109,18 @@ def warn_if_past_max_positions(end, max_positions, what="the cached tokens + ids
 # ---------------------------------------------------------------------------------------------------------
 # Files
 # ---------------------------------------------------------------------------------------------------------
+def utf8_problem(text):
+    """Where str `text` cannot be encoded as UTF-8, e.g. "byte 0xff at character 4" (sys.argv carries bytes that
+    are not UTF-8 as lone surrogates, PEP 383), or None when it can."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        ch = text[e.start]
+        what = f"byte 0x{ord(ch) - 0xDC00:02x}" if 0xDC80 <= ord(ch) <= 0xDCFF else f"character {ch!r}"
+        return f"{what} at character {e.start}"
+    return None
+
+
 def read_json(path, expect=dict):
     """The JSON value in `path` (a dict unless told otherwise), or UserError naming the file and the line."""
     path = Path(path)

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import sentencepiece as spm
 
-from .errors import MissingFileError, UserError
+from .errors import MissingFileError, UserError, is_int, utf8_problem
 
 # Mistral's reference code names the file by tokenizer version; HF repos call it tokenizer.model.
 TOKENIZER_NAMES = ("tokenizer.model", "tokenizer.model.v3", "tokenizer.model.v1")
@@ -45,15 +45,13 @@ class Tokenizer:
     def encode(self, text: str, bos: bool = True, eos: bool = False) -> list[int]:
         if not isinstance(text, str):
             raise UserError(f"encode: text must be a str, got {type(text).__name__} (decode bytes first)")
-        try:
-            text.encode("utf-8")
-        except UnicodeEncodeError as e:   # lone surrogates: undecodable bytes smuggled in (sys.argv does this)
-            raise UserError(f"encode: text is not valid UTF-8 (an undecodable byte at character {e.start})") from None
+        problem = utf8_problem(text)      # lone surrogates: undecodable bytes smuggled in (sys.argv does this)
+        if problem:
+            raise UserError(f"encode: text is not valid UTF-8 ({problem})")
         return [self.bos_id] * bos + self.sp.encode(text) + [self.eos_id] * eos
 
     def decode(self, ids) -> str:
         """Control ids (<s>, </s>) decode to nothing; the first piece loses its dummy-prefix space."""
-        from .errors import is_int
         ids = list(ids)
         bad = next((i for i in ids if not is_int(i) or not 0 <= i < self.vocab_size), None)
         if bad is not None:
