@@ -7,7 +7,6 @@ prints anything (the check_* functions below, which call the same validators as 
 exception is a bug and keeps its traceback. docs/errors.md lists the messages.
 """
 import argparse
-import inspect
 import sys
 from pathlib import Path
 
@@ -104,13 +103,11 @@ def check_prompt(prompt):
 
 def check_heads(decoder, heads):
     """--heads DIR: an existing folder, for a decoder whose factory takes heads=."""
-    from .generate import DECODERS
+    from .generate import decoders_with_heads
     if heads is None:
         return {}
-    params = inspect.signature(DECODERS[decoder]).parameters
-    takes = "heads" in params or any(p.kind == p.VAR_KEYWORD for p in params.values())
-    if not takes:
-        have = sorted(n for n, f in DECODERS.items() if "heads" in inspect.signature(f).parameters)
+    have = decoders_with_heads()
+    if decoder not in have:
         raise UserError(f"argument --heads: decoder {decoder!r} has no heads (decoders with heads: "
                         f"{', '.join(have) or 'none'})")
     if not Path(heads).is_dir():

@@ -144,6 +144,14 @@ def _draft_verify(model, skip=None, max_draft=None, gamma0=None, adaptive=True):
 DECODERS["draft_verify"] = _draft_verify
 
 
+def decoders_with_heads():
+    """The registered decoders whose factory takes heads= (a folder of heads or heads object), sorted."""
+    def takes(f):
+        params = inspect.signature(f).parameters
+        return "heads" in params or any(p.kind == p.VAR_KEYWORD for p in params.values())
+    return sorted(n for n, f in DECODERS.items() if takes(f))
+
+
 def check_decoder(name, **options):
     """The factory registered as `name`, or UserError listing the registered decoders; options the factory does
     not take are refused by name (a factory that takes **options checks its own)."""
