@@ -333,7 +333,8 @@ def print_draft_verify(model, stats_list, cpu_secs, measured_speedup, measured_t
     """Draft & Verify's columns: draft lengths and the threshold over time from the bench's runs; then the cost
     model tau / mean(K r + c(K + 1)) beside the measured speedup, in CPU time (cpu_secs: {decoder: decode CPU
     seconds} of the same runs) and in wall time (the table above), r and c(T) timed in both clocks at once."""
-    from .draft_verify import find_skip_set, predicted_speedup
+    from .draft_verify import find_skip_set
+    from .draft_verify import predicted_speedup as chain_speedup    # Draft & Verify's: tau / mean(K r + c(K + 1))
     skip = find_skip_set(model)
     summary = draft_summary(stats_list)
     gam = np.asarray(summary["series"].get("draft_verify.gamma", [np.nan]))
@@ -346,9 +347,9 @@ def print_draft_verify(model, stats_list, cpu_secs, measured_speedup, measured_t
     drafted = [k for s in stats_list for k in s.drafted]
     (r, c), (r_wall, c_wall) = _draft_costs(model, skip, [k + 1 for k in set(drafted)], 25, 200,
                                             (time.process_time, time.perf_counter))
-    pred_cpu = predicted_speedup(measured_tau, drafted, r, c)
+    pred_cpu = chain_speedup(measured_tau, drafted, r, c)
     meas_cpu = cpu_secs[baseline] / cpu_secs["draft_verify"]
-    pred_wall = predicted_speedup(measured_tau, drafted, r_wall, c_wall)
+    pred_wall = chain_speedup(measured_tau, drafted, r_wall, c_wall)
     print(f"draft_verify cost model (CPU time, one BLAS thread advised): one draft token r = {r:.2f} AR forwards, "
           f"c(T) = " + ", ".join(f"c({T})={v:.2f}" for T, v in sorted(c.items())) + "; predicted speedup "
           f"tau / mean(K r + c(K + 1)) = {pred_cpu:.2f}x vs measured {meas_cpu:.2f}x in CPU time "
@@ -469,11 +470,7 @@ def speculation_line(name, stats_list, costs, t1, measured, max_depth=None, base
     tau = sum(s.new_tokens for s in stats_list) / steps
     nodes = 1 + sum(sum(s.drafted) for s in stats_list) / steps
     propose = sum(s.propose_time for s in stats_list) / steps / t1         # AR steps per step
-    counters = {}
-    for s in stats_list:
-        for k, v in s.counters.items():
-            if isinstance(v, (int, float)):                 # counts and times (a list, e.g. gamma over time: not)
-                counters[k] = counters.get(k, 0) + v
+    counters = draft_summary(stats_list)["counters"]       # counts and times summed (lists, e.g. gamma: not)
     heads = (f", heads {counters['head_time_s'] / steps / t1:.2f} of them" if "head_time_s" in counters else "")
     calls = f", {counters['head_calls'] / steps:.1f} head calls/step" if "head_calls" in counters else ""
     acc = ", ".join(f"{a:.2f}" for a in depth_acceptance(stats_list, max_depth))
