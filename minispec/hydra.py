@@ -182,7 +182,7 @@ class TreePlan:
     def __init__(self, tree, xp=np):
         self.tree = tree
         self.parents, self.k, self.rows, self.ranks, self.nodes = [], [], [], [], []
-        for d in range(tree.max_depth if tree.N > 1 else 0):
+        for d in range(tree.max_depth):
             par = np.array([n for n in range(tree.N) if tree.depths[n] == d and tree.children[n]], np.int64)
             kids = np.array([n for n in range(tree.N) if tree.depths[n] == d + 1], np.int64)
             where = {int(n): r for r, n in enumerate(par)}

@@ -38,6 +38,7 @@ import numpy as np
 from .backend import to_device, to_host
 from .errors import UserError, check_finite, read_json, write_json_lines
 from .hydra import ARCHS, HydraHeads, head_input_width
+from .layers import rope_inv_freq
 from .medusa import check_head_sizes, read_head_trees
 from .weights import CheckpointError, read_safetensors, safetensors_in
 
@@ -87,8 +88,7 @@ def state_dict_shapes(arch, num_heads, num_layers, config, hydra_extras=False):
 
 def inv_freq(config):
     """RoPE's θ^(-2i/Dh) (the buffer zankner/Hydra's LlamaRotaryEmbedding stores, in float32)."""
-    return (1.0 / config.rope_theta ** (np.arange(0, config.head_dim, 2, dtype=np.float64) / config.head_dim)
-            ).astype(np.float32)
+    return rope_inv_freq(config.head_dim, config.rope_theta).astype(np.float32)
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -21,14 +21,18 @@ def rms_norm(x, weight, eps):
     return x / xp.sqrt(ms + x.dtype.type(eps)) * weight
 
 
+def rope_inv_freq(head_dim, theta):
+    """RoPE's frequencies θ^(-2i/Dh), i < Dh/2, in float64 on the host.   -> [Dh/2]"""
+    return 1.0 / theta ** (np.arange(0, head_dim, 2, dtype=np.float64) / head_dim)
+
+
 def rope_tables(positions, head_dim, theta, xp, dtype):
     """cos, sin of RoPE angles pos · θ^(-2i/Dh), i < Dh/2 (RoFormer, arXiv 2104.09864).   -> [T, Dh/2]
 
     Built in float64 on the host from integer positions, then cast: exact to the working dtype's rounding.
     """
     pos = np.asarray(positions, dtype=np.float64)                   # [T]
-    inv_freq = 1.0 / theta ** (np.arange(0, head_dim, 2, dtype=np.float64) / head_dim)   # [Dh/2]
-    ang = pos[:, None] * inv_freq[None, :]                          # [T, Dh/2]
+    ang = pos[:, None] * rope_inv_freq(head_dim, theta)[None, :]    # [T, Dh/2]
     return xp.asarray(np.cos(ang), dtype=dtype), xp.asarray(np.sin(ang), dtype=dtype)
 
 

@@ -295,7 +295,7 @@ def teacher_forced_tau(tree, ranks):
     """Mean over held-out positions of 1 + the number of tree nodes whose whole path is right, with head d's
     ranking taken teacher-forced at t: for greedy decoding this is the accepted length (bonus included) of a
     step taken at t. Positions where some head the tree uses has no label are left out.  -> float"""
-    depth = tree.max_depth if tree.N > 1 else 0
+    depth = tree.max_depth
     if depth == 0:
         return 1.0
     ok = (ranks[:depth] >= 0).all(axis=0)
