@@ -157,13 +157,12 @@ def main(argv=None):
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--no-tokenizer", action="store_true")
     ap.add_argument("--fast", action="store_true", help="reuse a random pool (several times faster, sizes only)")
-    for key in ("dim", "n_layers", "n_heads", "n_kv_heads", "hidden_dim", "vocab_size", "sliding_window"):
-        ap.add_argument("--" + {"n_layers": "layers", "hidden_dim": "hidden", "vocab_size": "vocab",
-                                "sliding_window": "window", "n_heads": "heads", "n_kv_heads": "kv-heads"}.get(key, key),
-                        dest=key, type=int, default=None)
+    flags = {"dim": "dim", "n_layers": "layers", "n_heads": "heads", "n_kv_heads": "kv-heads", "hidden_dim": "hidden",
+             "vocab_size": "vocab", "sliding_window": "window"}                # config key -> --flag
+    for key, flag in flags.items():
+        ap.add_argument("--" + flag, dest=key, type=int, default=None)
     a = ap.parse_args(argv)
-    overrides = {k: getattr(a, k) for k in ("dim", "n_layers", "n_heads", "n_kv_heads", "hidden_dim", "vocab_size",
-                                             "sliding_window") if getattr(a, k) is not None}
+    overrides = {k: getattr(a, k) for k in flags if getattr(a, k) is not None}
     out = make(a.out, layout=a.layout, shard_gb=a.shard_gb, seed=a.seed, tokenizer=not a.no_tokenizer, fast=a.fast,
                **overrides)
     size = sum(p.stat().st_size for p in out.iterdir())
