@@ -255,10 +255,16 @@ def test_docs_errors_md_shows_the_messages_the_command_line_gives(capsys, monkey
     assert checked >= 20
 
 
+def shipped_copy(tmp_path, without=("medusa", "hydra*", "draft_verify")):
+    """tmp_path/model: the shipped model without the decoders' files named in `without`."""
+    folder = tmp_path / "model"
+    shutil.copytree(SHIPPED, folder, ignore=shutil.ignore_patterns(*without))
+    return folder
+
+
 def test_a_decoder_whose_heads_are_missing_fails_before_the_prompt_is_printed(capsys, tmp_path):
     """The model loads, but the decoder's heads are not next to it: one line, and no half-printed output."""
-    folder = tmp_path / "model"
-    shutil.copytree(SHIPPED, folder, ignore=shutil.ignore_patterns("medusa", "hydra*", "draft_verify"))
+    folder = shipped_copy(tmp_path)
     user_error(["generate", "--model", str(folder), "--decoder", "medusa", "--device", "cpu"], capsys,
                "Medusa heads", "train-heads")
 
@@ -268,14 +274,12 @@ def test_a_decoder_whose_heads_are_missing_fails_before_the_prompt_is_printed(ca
                                             ("draft_verify", ["skip set", "search-skip"])])
 def test_the_new_decoders_without_their_files_fail_in_one_line_saying_how_to_make_them(capsys, tmp_path, decoder,
                                                                                        words):
-    folder = tmp_path / "model"
-    shutil.copytree(SHIPPED, folder, ignore=shutil.ignore_patterns("medusa", "hydra*", "draft_verify"))
+    folder = shipped_copy(tmp_path)
     user_error(["generate", "--model", str(folder), "--decoder", decoder, "--device", "cpu"], capsys, *words)
 
 
 def test_a_broken_skip_set_file_is_refused_in_one_line_naming_the_file_and_key(capsys, tmp_path):
-    folder = tmp_path / "model"
-    shutil.copytree(SHIPPED, folder, ignore=shutil.ignore_patterns("medusa", "hydra*"))
+    folder = shipped_copy(tmp_path, without=("medusa", "hydra*"))
     (folder / "draft_verify" / "skip_set.json").write_text('{"attention": [1], "mlp": "three", "n_layers": 6}')
     user_error(["generate", "--model", str(folder), "--decoder", "draft_verify", "--device", "cpu"], capsys,
                "skip_set.json", "'mlp'")
