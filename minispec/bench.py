@@ -13,9 +13,16 @@ import time
 
 import numpy as np
 
+from pathlib import Path
+
 from .backend import to_host
-from .model import load, proc_bytes
-from .tree import build_tree, expected_tau
+from .decoders.draft_verify import draft_cost_inputs, find_skip_set
+from .decoders.registry import DECODERS, check_decoder, generate
+from .errors import UserError, check_int
+from .mistral.model import load, proc_bytes
+from .mistral.tokenizer import Tokenizer
+from .speculative.costs import chain_speedup, cost_curve, heads_cost, interp_cost, pick_budget, tree_speedup
+from .speculative.tree import expected_tau
 
 
 def environment():
@@ -58,8 +65,6 @@ def _decode_rate(step, first, n_tokens, runs, after=None):
 def check_bench(n_tokens, runs, n_prompts=1, decoders=("ar",)):
     """The bench options that would measure nothing: a rate needs >= 2 tokens (the timer starts after the
     first), >= 1 timed run, >= 1 prompt, and registered decoders (the first is the baseline)."""
-    from .errors import UserError, check_int
-    from .generate import check_decoder
     check_int("n_tokens", n_tokens, low=2, what=" (the timer starts after the first token)")
     check_int("runs", runs, low=1)
     check_int("n_prompts", n_prompts, low=1)
@@ -197,7 +202,6 @@ def bench_forward(model_dir, n_tokens=64, runs=5, device="auto", dtype="float32"
 def heldout_prompts(model_dir, tok, n_prompts=8, prompt_tokens=48):
     """Prompts cut from the shipped held-out files (heldout_sample.txt next to the weights): each starts at
     a line start and holds ~prompt_tokens tokens. Falls back to a fixed code prompt where there is no sample."""
-    from pathlib import Path
     sample = Path(model_dir) / "heldout_sample.txt"
     if not sample.exists():
         return [tok.encode("def quicksort(arr):\n")] * n_prompts
@@ -210,66 +214,6 @@ def heldout_prompts(model_dir, tok, n_prompts=8, prompt_tokens=48):
             j += 1
         prompts.append(ids[:prompt_tokens])
     return prompts
-
-
-def cost_curve(model, sizes=(1, 2, 4, 8, 16, 32, 64), reps=15, context=200):
-    """c(T) = time of one block forward of T tokens / time for 1 token, against a cache holding `context`
-    tokens (median of reps). Speculation pays only where c(T) stays well under the accepted tokens per step."""
-    cache = model.new_cache()
-    model.forward(np.arange(context) % model.config.vocab_size, cache)
-    blocks = {T: np.arange(T) % model.config.vocab_size for T in sizes}
-    for ids in blocks.values():
-        model.forward_block(ids, cache)                         # warm-up
-    ts = {T: [] for T in sizes}
-    for _ in range(reps):                                       # interleaved: a noisy spell hits every size
-        for T, ids in blocks.items():
-            t0 = time.perf_counter()
-            out = model.forward_block(ids, cache)
-            to_host(out.logits[-1, :1])                         # wait for the device
-            ts[T].append(time.perf_counter() - t0)
-    times = {T: statistics.median(v) for T, v in ts.items()}
-    return {T: times[T] / times[1] for T in sizes}, times[1]
-
-
-def heads_cost(model, heads, t1, top_k=3, reps=20, num_heads=None):
-    """Median time of one Medusa proposal (the first num_heads heads' top-k on one hidden state), in units of t1
-    (one AR step). The proposer runs only as many heads as its tree is deep: pass num_heads = tree.max_depth
-    (None times all K heads, which overstates a shallow tree's cost)."""
-    hidden = model.forward([1], model.new_cache(), return_hidden=True)[1][0]
-    heads.topk(hidden, top_k, num_heads=num_heads)
-    ts = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        heads.topk(hidden, top_k, num_heads=num_heads)
-        ts.append(time.perf_counter() - t0)
-    return statistics.median(ts) / t1
-
-
-def interp_cost(costs, T):
-    """c(T) of a verify cost curve {T: c(T)} (`cost_curve`), interpolated linearly between its measured sizes
-    (held constant beyond them); T a number (-> float) or an array (-> array)."""
-    sizes = sorted(costs)
-    c = np.interp(T, sizes, [costs[s] for s in sizes])
-    return float(c) if np.ndim(c) == 0 else c
-
-
-def pick_budget(accuracies, costs, proposal_cost=0.0):
-    """The tree budget (nodes besides the root) maximising the expected speedup over AR on this backend,
-    tau(budget) / (c(budget + 1) + proposal_cost), with c interpolated between measured sizes and
-    proposal_cost the drafting time per step in units of one AR step: one number, a sequence whose entry
-    d - 1 is the cost of drafting a tree d deep (d heads run), or a function of the tree (a proposer whose cost
-    depends on the tree's shape). Returns (budget, expected speedup)."""
-    if callable(proposal_cost):
-        cost_of = proposal_cost
-    elif np.isscalar(proposal_cost):
-        cost_of = lambda tree: proposal_cost                                          # noqa: E731
-    else:
-        cost_of = lambda tree: proposal_cost[tree.max_depth - 1]                      # noqa: E731
-    best = (0.0, 0)
-    for budget in range(1, max(costs)):
-        tree, tau = build_tree(accuracies, budget)
-        best = max(best, (tau / (interp_cost(costs, budget + 1) + cost_of(tree)), budget))
-    return best[1], best[0]
 
 
 def draft_summary(stats_list):
@@ -288,53 +232,10 @@ def draft_summary(stats_list):
     return {"drafted": dict(sorted(hist.items())), "counters": counters, "series": series}
 
 
-def draft_cost_inputs(model, skip, sizes, reps=25, context=200, clock=time.process_time):
-    """The cost model's inputs in CPU time of this process (time.process_time; run with one BLAS thread): on a
-    shared machine a call's WALL time grows faster than its work (a longer call is preempted more often), CPU
-    time does not. All timed alternately, round-robin, against a cache holding `context` tokens.
-    Returns (r, {T: c(T)}): r = one draft token (the proposer's own work per token: its skipped one-token forward,
-    argmax or sampling, confidence; timed as whole proposals of 4 tokens) / one full one-token forward, and
-    c(T) = T-token verify forward / full one-token forward (the medians' ratios)."""
-    return _draft_costs(model, skip, sizes, reps, context, (clock,))[0]
-
-
-def _draft_costs(model, skip, sizes, reps, context, clocks):
-    """draft_cost_inputs for each of `clocks`, all read around the same calls -> [(r, {T: c(T)}), ...]."""
-    from .draft_verify import DraftVerifyProposer
-    from .generate import Context, Stats
-    from .sampling import SamplingParams
-    cache = model.new_cache()
-    model.forward(np.arange(context) % model.config.vocab_size, cache)
-    K = 4
-    proposer = DraftVerifyProposer(model, skip=skip, max_draft=K, gamma0=0.0, adaptive=False)
-    ctx = Context(1, None, model, cache, SamplingParams(), np.random.default_rng(0), Stats())
-    sizes = sorted(set(sizes) | {1})
-    times = [{T: [] for T in sizes + ["draft"]} for _ in clocks]
-    for rep in range(reps + 1):
-        for T in sizes + ["draft"]:
-            t0 = [clock() for clock in clocks]
-            if T == "draft":
-                proposer.propose(ctx)
-            else:
-                to_host(model.forward_block(np.arange(1, T + 1), cache).logits[-1, :1])
-            t1 = [clock() for clock in clocks]
-            if rep:                                             # the first round is a warm-up
-                for ts, a, b in zip(times, t0, t1):
-                    ts[T].append(b - a)
-    cache.discard()
-    out = []
-    for ts in times:
-        med = {key: statistics.median(v) for key, v in ts.items()}
-        out.append((med["draft"] / K / med[1], {T: med[T] / med[1] for T in sizes}))
-    return out
-
-
 def print_draft_verify(model, stats_list, cpu_secs, measured_speedup, measured_tau, baseline):
     """Draft & Verify's columns: draft lengths and the threshold over time from the bench's runs; then the cost
     model tau / mean(K r + c(K + 1)) beside the measured speedup, in CPU time (cpu_secs: {decoder: decode CPU
     seconds} of the same runs) and in wall time (the table above), r and c(T) timed in both clocks at once."""
-    from .draft_verify import find_skip_set
-    from .draft_verify import predicted_speedup as chain_speedup    # Draft & Verify's: tau / mean(K r + c(K + 1))
     skip = find_skip_set(model)
     summary = draft_summary(stats_list)
     gam = np.asarray(summary["series"].get("draft_verify.gamma", [np.nan]))
@@ -345,8 +246,8 @@ def print_draft_verify(model, stats_list, cpu_secs, measured_speedup, measured_t
           f"{np.mean([a for a, _ in ends]):.3f}, ends {np.mean([b for _, b in ends]):.3f} (mean over prompts), "
           f"range {gam.min():.3f}..{gam.max():.3f}")
     drafted = [k for s in stats_list for k in s.drafted]
-    (r, c), (r_wall, c_wall) = _draft_costs(model, skip, [k + 1 for k in set(drafted)], 25, 200,
-                                            (time.process_time, time.perf_counter))
+    (r, c), (r_wall, c_wall) = draft_cost_inputs(model, skip, [k + 1 for k in set(drafted)], 25, 200,
+                                                 (time.process_time, time.perf_counter))
     pred_cpu = chain_speedup(measured_tau, drafted, r, c)
     meas_cpu = cpu_secs[baseline] / cpu_secs["draft_verify"]
     pred_wall = chain_speedup(measured_tau, drafted, r_wall, c_wall)
@@ -362,8 +263,6 @@ def print_draft_verify(model, stats_list, cpu_secs, measured_speedup, measured_t
 
 def bench_decode(model_dir, decoders=("ar", "medusa"), n_tokens=128, n_prompts=8, runs=2, device="auto",
                  dtype="float32"):
-    from .generate import DECODERS, generate
-    from .tokenizer import Tokenizer
     check_bench(n_tokens, runs, n_prompts, decoders)
     print("environment:", environment())
     model = load(model_dir, dtype=dtype, device=device)
@@ -456,12 +355,6 @@ def depth_acceptance(stats_list, max_depth=None):
     return out
 
 
-def predicted_speedup(tau, nodes, proposal_steps, costs):
-    """The cost model: tau / (c(N) + proposal cost), with N the verified tree nodes per step (root included),
-    c interpolated on the measured cost curve and the proposal cost in units of one AR step."""
-    return tau / (interp_cost(costs, nodes) + proposal_steps)
-
-
 def speculation_line(name, stats_list, costs, t1, measured, max_depth=None, base_step=None):
     """One decoder's line: per-depth acceptance, head calls and proposal cost (stats.propose_time, plus the head
     time the proposer counted itself), c(N) from the cost curve and, given base_step (the baseline's seconds per
@@ -480,4 +373,4 @@ def speculation_line(name, stats_list, costs, t1, measured, max_depth=None, base
     return (f"{name:>8}: per-depth acceptance [{acc}]; {nodes:.1f} nodes verified/step, c(N) = {c_curve:.2f}"
             f"{c_run}{calls}; proposal "
             f"{propose:.2f} AR steps/step{heads}; speedup predicted tau / (c(N) + proposal) = "
-            f"{predicted_speedup(tau, nodes, propose, costs):.2f}x, measured {measured:.2f}x")
+            f"{tree_speedup(tau, nodes, propose, costs):.2f}x, measured {measured:.2f}x")

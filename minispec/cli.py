@@ -10,8 +10,20 @@ import argparse
 import sys
 from pathlib import Path
 
-from . import __version__
-from .errors import UserError
+from . import __version__, bench
+from .backend import resolve_device
+from .decoders.draft_verify import skip_set_path
+from .decoders.medusa import VERSIONS
+from .decoders.registry import DECODERS, decoders_with_heads, generate, make_proposer
+from .errors import UserError, utf8_problem
+from .mistral.model import DTYPES, load
+from .mistral.tokenizer import Tokenizer
+from .mistral.weights import load_config
+from .speculative.sampling import check_generation
+from .training.skip_objective import from_code
+from .training.skip_search import best, calibration_prompts, run_key, run_search
+from .training.train_hydra import train_hydra
+from .training.train_medusa import check_training, corpus_path, train_medusa
 
 # The shipped model lives in the source tree (weights/ is not package data: a wheel does not carry it).
 SOURCE_MODEL = Path(__file__).resolve().parent.parent / "weights" / "stdlib-mistral"
@@ -56,7 +68,6 @@ def as_flags(err, **flags):
 # Shared argument checks (before anything loads)
 # ---------------------------------------------------------------------------------------------------------
 def _model_arg(p):
-    from .model import DTYPES
     p.add_argument("--model", default=None,
                    help="model folder (HF or Mistral layout); default: the shipped weights/stdlib-mistral of a "
                         "source checkout")
@@ -71,8 +82,6 @@ def _model_arg(p):
 def check_model_args(args, tokenizer=True):
     """The model folder (config readable, tokenizer present) and the device, checked without loading weights.
     Returns the model's Tokenizer (None with tokenizer=False)."""
-    from .backend import resolve_device
-    from .weights import load_config
     if args.model is None:
         if not SOURCE_MODEL.is_dir():
             raise UserError("no --model given, and the shipped model is not installed: weights/ comes with the "
@@ -82,7 +91,6 @@ def check_model_args(args, tokenizer=True):
     load_config(args.model)
     tok = None
     if tokenizer:
-        from .tokenizer import Tokenizer
         tok = Tokenizer.from_dir(args.model)
     if args.device == "cuda":
         try:
@@ -94,7 +102,6 @@ def check_model_args(args, tokenizer=True):
 
 def check_prompt(prompt):
     """sys.argv carries bytes that are not UTF-8 as lone surrogates (PEP 383); name the first one."""
-    from .errors import utf8_problem
     problem = utf8_problem(prompt)
     if problem:
         raise UserError(f"argument --prompt: not valid UTF-8 text ({problem}); pass text in your terminal's "
@@ -103,7 +110,6 @@ def check_prompt(prompt):
 
 def check_heads(decoder, heads):
     """--heads DIR: an existing folder, for a decoder whose factory takes heads=."""
-    from .generate import decoders_with_heads
     if heads is None:
         return {}
     have = decoders_with_heads()
@@ -121,7 +127,6 @@ def check_heads(decoder, heads):
 def check_generate(args):
     """generate's arguments, checked before the weights load (the decoder's name by argparse's choices, its
     options by check_heads). Returns (decoder options, the model's Tokenizer)."""
-    from .sampling import check_generation
     try:
         check_generation(args.temperature, args.top_k, args.top_p, args.seed, args.n)
     except UserError as e:
@@ -133,8 +138,6 @@ def check_generate(args):
 
 def cmd_generate(args):
     options, tok = check_generate(args)
-    from .generate import generate, make_proposer
-    from .model import load
 
     model = load(args.model, dtype=args.dtype, device=args.device, weights=args.weights)
     proposer = make_proposer(args.decoder, model, **options)     # its heads load (or fail) before any output
@@ -162,7 +165,6 @@ def cmd_generate(args):
 # bench
 # ---------------------------------------------------------------------------------------------------------
 def cmd_bench(args):
-    from . import bench
     decoders = [d.strip() for d in args.decoders.split(",")] if args.decoders.strip() else []
     try:
         bench.check_bench(args.n, args.runs, args.prompts, decoders)
@@ -183,11 +185,9 @@ def cmd_bench(args):
 def cmd_train_heads(args):
     if args.kind in ("hydra", "hydra++"):
         if not (args.data_cache and Path(args.data_cache).exists()):     # sequences from a cache need no text
-            from .train_heads import corpus_path
             args.text = corpus_path(args.text, "--text")
         check_model_args(args)
         return cmd_train_hydra(args)
-    from .train_heads import check_training, train_medusa
     try:
         args.text = check_training(version=args.version, num_heads=args.heads, num_layers=args.layers,
                                    data=args.data, text=args.text, n_tokens=args.tokens, seq_len=args.seq_len,
@@ -203,7 +203,6 @@ def cmd_train_heads(args):
 
 
 def cmd_train_hydra(args):
-    from .train_hydra import train_hydra
     train_hydra(args.model, kind=args.kind, out=args.out, num_heads=args.heads, num_layers=args.hydra_layers,
                 data=args.data, text=args.text, data_cache=args.data_cache, n_tokens=args.tokens,
                 seq_len=args.seq_len, epochs=args.epochs, lr=args.lr, batch=args.batch, lm_weight=args.lm_weight,
@@ -212,9 +211,58 @@ def cmd_train_hydra(args):
 
 
 # ---------------------------------------------------------------------------------------------------------
+def cmd_search_skip(args):
+    """`minispec search-skip`: Draft & Verify's skip-set search (minispec.training.skip_search)."""
+    check_model_args(args, tokenizer=False)         # the model folder (default: the shipped one) and the device
+    out = Path(args.trace) if args.trace else Path(skip_set_path(args.model)).parent / "search_trace.json"
+    text = None if out.exists() else corpus_path(args.text, "--text")    # a resumed search has its prompts
+    model = load(args.model, dtype=args.dtype, device=args.device)
+    prompts = None
+    if text is not None:
+        prompts = calibration_prompts(Tokenizer.from_dir(args.model), text, args.prompts, args.prompt_len, args.seed)
+    try:
+        trace = run_search(model, str(out), [m for m in args.method.split(",") if m], args.objective, args.budget,
+                           args.seed, not args.all_layers, prompts, args.new, flat=args.flat_cost)
+    except ImportError as e:
+        raise UserError(f"search-skip: {e}") from None
+    print(f"trace: {out}")
+    if args.write:
+        key = run_key(args.method.split(",")[0], args.objective, not args.all_layers)
+        b = best(trace.evaluations(key, trace.data["runs"][key]["settings"]), args.min_match)
+        skip = from_code(b["code"], model.config.n_layers)
+        how = key if args.min_match is None else f"{key}, the best set with a match rate >= {args.min_match}"
+        skip = type(skip)(skip.attn, skip.mlp, {"chosen_by": how, "search_trace": out.name, "calibration": {
+            k: v for k, v in b.items() if k not in ("code", "params")}})
+        path = Path(skip_set_path(args.model))
+        skip.save(path)
+        print(f"wrote {path}: {skip}")
+
+
+def add_search_skip(sub, model_arg):
+    """The `search-skip` subcommand."""
+    s = sub.add_parser("search-skip", help="search the Draft & Verify skip set (BO vs random vs exhaustive)")
+    model_arg(s)
+    s.add_argument("--method", default="bo,random", help="comma-separated: bo, random, exhaustive")
+    s.add_argument("--objective", default="predicted", choices=["predicted", "measured"],
+                   help="predicted: teacher-forced matchness + cost model (noise-free); measured: tokens/s")
+    s.add_argument("--budget", type=int, default=60, help="distinct sets evaluated per method (bo, random)")
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--all-layers", action="store_true", help="also let the search skip the first/last layer")
+    s.add_argument("--trace", default=None, help="trace JSON (default MODEL/draft_verify/search_trace.json); "
+                                                 "an existing one is resumed")
+    s.add_argument("--text", default=None, help="calibration text (default data/corpus/train.txt)")
+    s.add_argument("--prompts", type=int, default=8, help="calibration prompts")
+    s.add_argument("--prompt-len", type=int, default=32, help="tokens per calibration prompt")
+    s.add_argument("--new", type=int, default=48, help="greedy tokens per calibration prompt")
+    s.add_argument("--flat-cost", action="store_true", help="c(T) = 1 (a GPU-like backend) in the cost model")
+    s.add_argument("--write", action="store_true", help="write MODEL/draft_verify/skip_set.json: the best set "
+                                                        "of the first method")
+    s.add_argument("--min-match", type=float, default=None, help="--write: the best set among those whose "
+                                                                 "teacher-forced match rate reaches this (predicted)")
+    s.set_defaults(func=cmd_search_skip)
+
+
 def build_parser():
-    from .generate import DECODERS
-    from .medusa import VERSIONS
     ap = Parser(prog="minispec", description="Mistral inference and speculative decoding in NumPy",
                 formatter_class=Help)
     ap.add_argument("--version", action="version", version=f"minispec {__version__}")
@@ -283,7 +331,6 @@ def build_parser():
                                                      "training resumes from it if it exists")
     t.set_defaults(func=cmd_train_heads)
 
-    from .skip_search import add_parser as add_search_skip      # Draft & Verify's skip-set search
     add_search_skip(sub, _model_arg)
     return ap
 

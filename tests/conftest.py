@@ -6,8 +6,8 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))   # tests/hostguard.py
 
-from minispec.config import MistralConfig        # noqa: E402
-from minispec.weights import canonical_names     # noqa: E402
+from minispec.mistral.config import MistralConfig        # noqa: E402
+from minispec.mistral.weights import canonical_names     # noqa: E402
 
 FIXTURES = Path(__file__).parent / "fixtures"
 REPO = Path(__file__).parent.parent

@@ -5,7 +5,7 @@ import pytest
 from conftest import FIXTURES, rel_err, random_tensors, tiny_config
 from hostguard import GUARD, GuardArray, HostConversionError
 from minispec.backend import array_module, resolve_device, to_host
-from minispec.model import Model, load
+from minispec.mistral.model import Model, load
 
 
 def test_the_host_guard_refuses_implicit_conversion_and_host_arrays_in_device_math():
@@ -53,7 +53,7 @@ def _cupy_or_skip():
 @pytest.mark.parametrize("name", ["gqa4_hd", "mqa_w6_v5cfg", "gqa2_nowin"])
 def test_cupy_logits_equal_numpy_logits_on_the_fixtures(name):
     _cupy_or_skip()
-    from minispec.weights import read_safetensors
+    from minispec.mistral.weights import read_safetensors
     ids = np.array(read_safetensors(FIXTURES / name / "reference.safetensors")["ids"])
     for dtype, tol in (("float32", 1e-5), ("float64", 1e-12)):
         gpu, cpu = load(FIXTURES / name, dtype=dtype, device="cuda"), load(FIXTURES / name, dtype=dtype, device="cpu")

@@ -1,7 +1,7 @@
 """The cost model that picks the CPU tree charges a tree only for the heads its depth runs."""
 import numpy as np
 
-from minispec.bench import pick_budget
+from minispec.speculative.costs import pick_budget
 
 
 def test_pick_budget_charges_each_tree_the_heads_cost_of_its_own_depth():

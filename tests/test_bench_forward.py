@@ -7,7 +7,7 @@ import numpy as np
 from conftest import FIXTURES
 
 from minispec import bench
-from minispec.model import proc_bytes
+from minispec.mistral.model import proc_bytes
 
 
 def test_memory_bandwidth_reads_every_element_once_spread_over_the_threads_it_is_given(monkeypatch):

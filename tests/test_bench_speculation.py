@@ -1,6 +1,7 @@
 """bench decode's decoder-agnostic columns, on hand-worked numbers."""
-from minispec.bench import depth_acceptance, predicted_speedup, speculation_line
-from minispec.generate import Stats
+from minispec.bench import depth_acceptance, speculation_line
+from minispec.speculative.costs import tree_speedup
+from minispec.speculative.loop import Stats
 
 
 def test_per_depth_acceptance_is_the_conditional_rate_along_the_accepted_path():
@@ -19,7 +20,7 @@ def test_a_wide_shallow_tree_reports_only_its_own_depths():
 
 def test_the_cost_model_divides_tau_by_the_interpolated_verify_cost_plus_the_proposal():
     costs = {1: 1.0, 2: 1.5, 4: 2.5}                     # c(3) interpolates to 2.0
-    assert abs(predicted_speedup(2.0, 3, 0.5, costs) - 2.0 / 2.5) < 1e-12
+    assert abs(tree_speedup(2.0, 3, 0.5, costs) - 2.0 / 2.5) < 1e-12
 
 
 def test_the_decoder_line_reports_head_calls_proposal_cost_and_both_speedups():

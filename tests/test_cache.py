@@ -4,8 +4,8 @@ import pytest
 from hypothesis import given, settings, strategies as st
 
 from conftest import random_tensors, rel_err, tiny_config
-from minispec.model import Model
-from minispec.oracle import oracle_forward
+from minispec.mistral.model import Model
+from minispec.mistral.oracle import oracle_forward
 
 CONFIGS = {  # name: (config overrides) — MHA, GQA, MQA, head_dim != D/H, short windows, no window
     "mha_w4": dict(n_heads=4, n_kv_heads=4, sliding_window=4),

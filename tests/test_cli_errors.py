@@ -10,7 +10,7 @@ import pytest
 
 from conftest import REPO, SHIPPED
 
-import minispec.model
+import minispec.mistral.model
 
 
 def run_cli(argv, capsys):
@@ -27,7 +27,7 @@ def no_loading(monkeypatch):
     """Arguments must be checked before the weights are read: reading them fails the test."""
     def refuse(*a, **k):
         raise AssertionError("the model was loaded before the arguments were checked")
-    monkeypatch.setattr(minispec.model, "load_tensors", refuse)
+    monkeypatch.setattr(minispec.mistral.model, "load_tensors", refuse)
 
 
 def user_error(argv, capsys, *names):
@@ -174,7 +174,7 @@ def test_the_help_of_every_command_shows_defaults_and_choices(capsys, cmd):
     out = " ".join(out.split())         # argparse wraps lines to the terminal's width
     assert "default" in out and "{auto,cpu,cuda}" in out and "default: auto" in out
     if cmd == ["generate"]:
-        from minispec.generate import DECODERS
+        from minispec.decoders.registry import DECODERS
         assert "{" + ",".join(sorted(DECODERS)) + "}" in out and "medusa" in DECODERS    # choices = the registry
         assert "default: 64" in out and "temperature 0" in out
     if cmd == ["bench"]:
@@ -236,8 +236,8 @@ def test_docs_errors_md_shows_the_messages_the_command_line_gives(capsys, monkey
     table = (REPO / "docs" / "errors.md").read_text().split("## Command line")[1].split("## Python API")[0]
     rows = re.findall(r"^\| `minispec ([^`$]*)` \| `` ?(.*?) ?`` \|$|^\| `minispec ([^`$]*)` \| `([^`]*)` \|$",
                       table, re.M)
-    from minispec.generate import DECODERS, decoders_with_heads
-    from minispec.model import DTYPES
+    from minispec.decoders.registry import DECODERS, decoders_with_heads
+    from minispec.mistral.model import DTYPES
     # lists that grow with the registries (new decoders, dtypes) are compared as they are now
     now = {"'ar', 'medusa'": ", ".join(repr(d) for d in sorted(DECODERS)),
            "'float32', 'float64'": ", ".join(repr(d) for d in DTYPES),

@@ -1,7 +1,7 @@
 """Reading model configs: both config.json layouts seen in the wild, and Mistral's params.json."""
 import pytest
 
-from minispec.config import MistralConfig
+from minispec.mistral.config import MistralConfig
 
 MISTRAL_7B_V01 = {  # the released Mistral-7B-v0.1 config.json (top-level rope_theta)
     "architectures": ["MistralForCausalLM"], "bos_token_id": 1, "eos_token_id": 2, "hidden_act": "silu",

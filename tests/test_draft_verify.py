@@ -13,13 +13,15 @@ import pytest
 from conftest import assert_lossless, random_tensors, rel_err, tiny_config
 from hostguard import GUARD
 from minispec import generate
-from minispec.bench import draft_cost_inputs, draft_summary
-from minispec.draft_verify import (DraftVerifyProposer, ExitRule, SkipSet, find_skip_set, predicted_speedup,
-                                   skip_set_path, update_threshold)
-from minispec.generate import DECODERS, Context, Stats
-from minispec.model import Model
-from minispec.oracle import oracle_forward
-from minispec.sampling import SamplingParams
+from minispec.decoders.draft_verify import draft_cost_inputs
+from minispec.bench import draft_summary
+from minispec.decoders.draft_verify import (DraftVerifyProposer, ExitRule, SkipSet, find_skip_set, skip_set_path, update_threshold)
+from minispec.speculative.costs import chain_speedup
+from minispec.decoders.registry import DECODERS
+from minispec.speculative.loop import Context, Stats
+from minispec.mistral.model import Model
+from minispec.mistral.oracle import oracle_forward
+from minispec.speculative.sampling import SamplingParams
 from test_sampling import SAME, chi2_test
 
 
@@ -278,9 +280,9 @@ def test_unset_options_come_from_the_skip_set_file_then_from_the_authors_default
 def test_the_cost_model_prediction_matches_a_hand_computed_value():
     # steps drafting 1, 1 and 3 tokens at r = 0.5 with c(2) = 1.5, c(4) = 2.5 (c(3) absent: no interpolation
     # needed here): step costs 0.5 + 1.5 = 2, 2, 1.5 + 2.5 = 4 -> mean 8/3 AR steps; tau 2 -> 2 / (8/3) = 0.75
-    assert predicted_speedup(2.0, [1, 1, 3], 0.5, {1: 1.0, 2: 1.5, 4: 2.5}) == pytest.approx(0.75, abs=1e-12)
+    assert chain_speedup(2.0, [1, 1, 3], 0.5, {1: 1.0, 2: 1.5, 4: 2.5}) == pytest.approx(0.75, abs=1e-12)
     # c(3) interpolated halfway between c(2) = 1.5 and c(4) = 2.5: one step drafting 2 costs 2·0.5 + 2 = 3
-    assert predicted_speedup(3.0, [2], 0.5, {1: 1.0, 2: 1.5, 4: 2.5}) == pytest.approx(1.0, abs=1e-12)
+    assert chain_speedup(3.0, [2], 0.5, {1: 1.0, 2: 1.5, 4: 2.5}) == pytest.approx(1.0, abs=1e-12)
 
 
 def test_the_bench_summary_counts_draft_lengths_sums_counters_and_concatenates_series():
@@ -376,7 +378,7 @@ def test_greedy_draft_and_verify_on_the_shipped_model_equals_ar_past_the_window_
     the shipped skip set: identical tokens and cache after the ring wrapped, and real speculation (tau > 1.5)."""
     from conftest import SHIPPED
     from minispec import load
-    from minispec.tokenizer import Tokenizer
+    from minispec.mistral.tokenizer import Tokenizer
     model = load(SHIPPED, device="cpu")
     prompt = Tokenizer.from_dir(SHIPPED).encode("import os\nimport sys\n\n\ndef main(argv):\n")
     proposer = DraftVerifyProposer(model, skip=SkipSet.from_lists(6, attn=[3], mlp=[3]))

@@ -10,9 +10,9 @@ import pytest
 from safetensors.numpy import load_file, save_file
 
 import minispec
-from minispec.config import MistralConfig
-from minispec.generate import generate
-from minispec.model import Model
+from minispec.mistral.config import MistralConfig
+from minispec.decoders.registry import generate
+from minispec.mistral.model import Model
 
 from conftest import FIXTURES, random_tensors, tiny_config
 
@@ -45,7 +45,7 @@ def test_generate_refuses_a_bad_sampling_parameter_naming_it(model, kw, names):
 
 def test_the_api_and_the_cli_apply_the_same_sampling_rules():
     """One validator: the CLI's message for --top-p 1.5 is the API's message for top_p=1.5, flag spelled as a flag."""
-    from minispec.sampling import check_generation
+    from minispec.speculative.sampling import check_generation
     with pytest.raises(ValueError) as e:
         check_generation(top_p=1.5)
     assert str(e.value).startswith("top_p must be")
@@ -241,9 +241,10 @@ def test_a_nan_in_a_bf16_tensor_is_refused_at_a_widened_load_naming_the_tensor(t
 
 
 def test_an_inf_in_a_head_file_is_refused_at_load_naming_the_tensor(tmp_path, model):
-    from minispec.medusa import MedusaHeads, load_heads
+    from minispec.decoders.medusa import MedusaHeads
+    from minispec.decoders.medusa_files import load_heads, save
     heads = MedusaHeads.create(model, num_heads=2, num_layers=1, version="v2")
-    heads.save(tmp_path)
+    save(heads, tmp_path)
     t = load_file(str(tmp_path / "medusa_heads.safetensors"))
     t["1.0.linear.bias"] = t["1.0.linear.bias"].copy()
     t["1.0.linear.bias"][0] = np.inf
@@ -253,8 +254,9 @@ def test_an_inf_in_a_head_file_is_refused_at_load_naming_the_tensor(tmp_path, mo
 
 
 def test_an_invalid_head_config_names_the_file_and_line(tmp_path, model):
-    from minispec.medusa import MedusaHeads, load_heads
-    MedusaHeads.create(model, num_heads=2, num_layers=1, version="v2").save(tmp_path)
+    from minispec.decoders.medusa import MedusaHeads
+    from minispec.decoders.medusa_files import load_heads, save
+    save(MedusaHeads.create(model, num_heads=2, num_layers=1, version="v2"), tmp_path)
     (tmp_path / "medusa_config.json").write_text('{"kind": "medusa",\n "num_heads": 2\n "x": 1}')
     with pytest.raises(ValueError, match=r"medusa_config.json.*line 3"):
         load_heads(tmp_path, model)
@@ -262,7 +264,7 @@ def test_an_invalid_head_config_names_the_file_and_line(tmp_path, model):
 
 # ---- tokenizer ------------------------------------------------------------------------------------------------------
 def test_the_tokenizer_is_at_the_top_level():
-    assert minispec.Tokenizer is minispec.tokenizer.Tokenizer
+    assert minispec.Tokenizer is minispec.mistral.tokenizer.Tokenizer
 
 
 def test_text_that_is_not_valid_utf8_is_refused_by_the_tokenizer():

@@ -4,8 +4,8 @@ import pytest
 
 from conftest import random_tensors, tiny_config
 from minispec import generate
-from minispec.model import Model
-from minispec.oracle import oracle_forward
+from minispec.mistral.model import Model
+from minispec.mistral.oracle import oracle_forward
 
 
 @pytest.fixture(scope="module")

@@ -2,7 +2,7 @@
 lossless sampling (the file formats: tests/test_hydra_files.py).
 
 Every expected value comes from a reference written here (a naive head, a naive prefix layer, the model's own
-forward pass, AR decoding), never from minispec.hydra.
+forward pass, AR decoding), never from minispec.decoders.hydra.
 """
 import numpy as np
 import pytest
@@ -10,11 +10,11 @@ import pytest
 from conftest import assert_lossless, random_tensors, rel_err, tiny_config
 from test_sampling import SAME, chi2_test
 from minispec import generate
-from minispec.generate import Context, Stats
-from minispec.hydra import HydraHeads, HydraProposer, head_forward, prefix_forward
-from minispec.model import Model
-from minispec.sampling import SamplingParams
-from minispec.tree import Tree
+from minispec.speculative.loop import Context, Stats
+from minispec.decoders.hydra import HydraHeads, HydraProposer, head_forward, prefix_forward
+from minispec.mistral.model import Model
+from minispec.speculative.sampling import SamplingParams
+from minispec.speculative.tree import Tree
 
 BRANCHING = [[0], [1], [0, 0], [0, 1], [1, 0], [0, 0, 0], [0, 1, 0], [0, 0, 0, 0]]
 ARCHS = ["mlp", "prefix-mlp"]
@@ -322,7 +322,7 @@ def test_tree_rejection_sampling_of_hydra_drafts_reproduces_the_models_own_two_t
     right often) is verified by one forward, and the rejection rule is applied 10000 times; when only the bonus
     comes out, the second token is drawn from the model itself. The histogram of the first two emitted tokens
     must be p(b | prompt) p(c | prompt, b) from the model's forward pass; "same" means p > 1e-4."""
-    from minispec.generate import make_rule
+    from minispec.speculative.acceptance import make_rule
     model = tiny_model(W=6, V=5, seed=11)
     ids = [1, 3, 2]
     ar = generate(model, ids, max_new_tokens=20, eos_id=None).tokens

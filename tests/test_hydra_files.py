@@ -11,10 +11,11 @@ from safetensors.numpy import load_file, save_file
 from conftest import SHIPPED, random_tensors, rel_err, tiny_config
 import minispec
 from minispec import generate
-from minispec.hydra import HydraProposer, prefix_forward
-from minispec.hydra_files import load_heads, read_hydra, write_hydra
-from minispec.model import Model
-from minispec.weights import CheckpointError
+from minispec.decoders.hydra import HydraProposer, prefix_forward
+from minispec.decoders.hydra_files import load_heads, read_hydra, save, write_hydra
+from minispec.decoders.registry import make_proposer
+from minispec.mistral.model import Model
+from minispec.mistral.weights import CheckpointError
 from test_hydra import ARCHS, BRANCHING, random_heads, tiny_model
 
 
@@ -94,7 +95,7 @@ def test_minispec_format_keeps_trees_and_accuracies_and_the_proposer_picks_the_c
     model = tiny_model()
     heads = random_heads(model, "prefix-mlp", num_heads=2)
     heads.choices, heads.choices_cuda, heads.accuracies = [[0], [1], [0, 0]], [[0], [1], [0, 0], [1, 0]], [[.5, .2], [.3, .1]]
-    heads.save(tmp_path)
+    save(heads, tmp_path)
     back = load_heads(tmp_path, model)
     assert back.choices == heads.choices and back.choices_cuda == heads.choices_cuda and back.accuracies == heads.accuracies
     assert back.arch == "prefix-mlp" and back.kind == "hydra++"
@@ -142,12 +143,10 @@ def test_missing_heads_say_how_to_train_them(tmp_path):
         k = re.escape(kind)
         with pytest.raises(FileNotFoundError, match=rf"no {k} heads next to .*minispec train-heads --kind {k} --model"):
             generate(model, [1, 2], decoder=kind)
-    random_heads(model, "prefix-mlp", num_heads=2).save(tmp_path / "hydra++")
+    save(random_heads(model, "prefix-mlp", num_heads=2), tmp_path / "hydra++")
     assert generate(model, [1, 2], decoder="hydra++", max_new_tokens=9).tokens == \
         generate(model, [1, 2], max_new_tokens=9).tokens
-    first = model._hydrapp_heads[1]
-    generate(model, [1, 2], decoder="hydra++", max_new_tokens=2)
-    assert model._hydrapp_heads[1] is first                               # loaded once per model
+    assert make_proposer("hydra++", model).heads is make_proposer("hydra++", model).heads   # loaded once per model
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -159,7 +158,7 @@ def test_hydra_and_hydra_plus_plus_run_without_implicit_host_conversions_and_mat
     t = random_tensors(cfg, seed=2)
     plain, guarded = Model(cfg, t, device="cpu"), Model(cfg, t, device=GUARD)
     for arch in ARCHS:
-        random_heads(plain, arch, seed=2).save(tmp_path / arch)
+        save(random_heads(plain, arch, seed=2), tmp_path / arch)
         outs = [generate(m, [1, 2, 3], decoder=HydraProposer(m, heads=load_heads(tmp_path / arch, m), tree=BRANCHING),
                          max_new_tokens=12, eos_id=None).tokens for m in (guarded, plain)]
         assert outs[0] == outs[1] == generate(plain, [1, 2, 3], max_new_tokens=12, eos_id=None).tokens
@@ -169,8 +168,8 @@ def test_cli_generate_takes_hydra_and_hydra_plus_plus_from_the_decoder_registry(
     from minispec.cli import main
     folder, cfg, tensors = cli_model
     m = Model(cfg, tensors, device="cpu")
-    random_heads(m, "mlp", num_heads=2).save(folder / "hydra")
-    random_heads(m, "prefix-mlp", num_heads=2).save(folder / "hydra++")
+    save(random_heads(m, "mlp", num_heads=2), folder / "hydra")
+    save(random_heads(m, "prefix-mlp", num_heads=2), folder / "hydra++")
     texts = []
     for decoder in ("ar", "hydra", "hydra++"):
         main(["generate", "--model", str(folder), "--device", "cpu", "--decoder", decoder, "-n", "12", "--prompt", "x"])
@@ -184,7 +183,7 @@ def test_cli_generate_takes_hydra_and_hydra_plus_plus_from_the_decoder_registry(
 
 
 def test_an_inf_in_a_hydra_head_file_is_refused_at_load_naming_the_tensor(tmp_path):
-    from minispec.hydra_files import WEIGHTS_NAME
+    from minispec.decoders.hydra_files import WEIGHTS_NAME
     model = minispec.load(SHIPPED, device="cpu")
     folder = tmp_path / "hydra"
     shutil.copytree(SHIPPED / "hydra", folder)

@@ -2,7 +2,7 @@
 import numpy as np
 import pytest
 
-from minispec.layers import (apply_rope, attention, qkv_heads, repeat_kv, rms_norm, rope_tables, silu,
+from minispec.mistral.layers import (apply_rope, attention, qkv_heads, repeat_kv, rms_norm, rope_tables, silu,
                              sliding_window_mask, softmax, swiglu)
 
 DTYPES = [np.float32, np.float64]
@@ -132,7 +132,7 @@ def test_silu_does_not_overflow_for_large_negative_inputs():
 @pytest.mark.parametrize("T", [1, 2, 5, 12, 13, 40])
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_linear_equals_the_matrix_product_for_every_row_count(T, dtype):
-    from minispec.layers import linear
+    from minispec.mistral.layers import linear
     rng = np.random.default_rng(T)
     x, w = rng.standard_normal((T, 7)).astype(dtype), rng.standard_normal((7, 5)).astype(dtype)
     y = linear(x, w)

@@ -13,11 +13,11 @@ import pytest
 from conftest import FIXTURES, REPO, rel_err
 
 import minispec
-from minispec import mapped as mapped_mod
-from minispec import model as model_mod
-from minispec.layers import rms_norm, softmax
-from minispec.mapped import MappedMatrix, Workspace
-from minispec.weights import load_config, load_tensors
+from minispec.mistral import mapped as mapped_mod
+from minispec.mistral import model as model_mod
+from minispec.mistral.layers import rms_norm, softmax
+from minispec.mistral.mapped import MappedMatrix, Workspace
+from minispec.mistral.weights import load_config, load_tensors
 
 sys.path.insert(0, str(REPO / "tools"))
 import make_shaped_checkpoint  # noqa: E402
@@ -249,7 +249,7 @@ def test_mapped_matrices_read_as_arrays_equal_the_widened_model_arrays():
 
 
 def test_widening_float16_bits_gives_numpys_own_conversion_for_every_finite_float16():
-    from minispec.weights import Tensor16
+    from minispec.mistral.weights import Tensor16
     bits = np.arange(1 << 16, dtype=np.uint32).astype(np.uint16)
     finite = bits[(bits & 0x7C00) != 0x7C00]                                 # 63488 patterns, ±0 and subnormals
     half = finite.view(np.float16).reshape(248, 256)

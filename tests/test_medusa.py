@@ -9,14 +9,16 @@ from safetensors.numpy import load_file, save_file
 from conftest import FIXTURES, assert_lossless, numgrad, random_tensors, rel_err, tiny_config
 from hostguard import GUARD
 from minispec import generate
-from minispec.generate import Context, Stats
-from minispec.sampling import SamplingParams
-from minispec.medusa import (MedusaHeads, MedusaProposer, read_fasterdecoding, write_fasterdecoding)
-from minispec.model import Model, load
-from minispec.train_heads import (TrainConfig, hidden_states, make_labels, medusa_loss, heldout_loss,
+from minispec.speculative.loop import Context, Stats
+from minispec.speculative.sampling import SamplingParams
+from minispec.decoders.medusa import MedusaHeads, MedusaProposer
+from minispec.decoders.medusa_files import read_fasterdecoding, write_fasterdecoding
+from minispec.decoders.medusa_files import load as load_medusa, save as save_medusa
+from minispec.mistral.model import Model, load
+from minispec.training.train_medusa import (TrainConfig, hidden_states, make_labels, medusa_loss, heldout_loss,
                                   self_distilled_sequences, topk_accuracies, train)
-from minispec.tree import Tree
-from minispec.weights import CheckpointError
+from minispec.speculative.tree import Tree
+from minispec.mistral.weights import CheckpointError
 
 BRANCHING = [[0], [1], [2], [0, 0], [0, 1], [1, 0], [0, 0, 0], [0, 1, 0], [0, 0, 0, 0]]
 
@@ -188,12 +190,12 @@ def test_minispec_format_keeps_the_tree_and_the_accuracies(tmp_path, fixture_mod
     heads = random_heads(fixture_model, num_heads=2, version="v2")
     heads.choices, heads.accuracies = [[0], [1], [0, 0]], [[0.5, 0.2], [0.3, 0.1]]
     heads.choices_cuda = [[0], [1], [0, 0], [0, 1]]
-    heads.save(tmp_path)
+    save_medusa(heads, tmp_path)
     cfg = json.loads((tmp_path / "medusa_config.json").read_text())
     assert cfg == {"kind": "medusa", "version": "v2", "num_heads": 2, "num_layers": 1, "hidden_size": 48,
                    "vocab_size": 256, "tree": [[0], [1], [0, 0]], "tree_cuda": [[0], [1], [0, 0], [0, 1]],
                    "accuracies": [[0.5, 0.2], [0.3, 0.1]], "base_model": "gqa4_hd"}
-    back = MedusaHeads.load(tmp_path, fixture_model)
+    back = load_medusa(tmp_path, fixture_model)
     assert back.choices == heads.choices and rel_err(back.W, heads.W) < 1e-6
     assert back.choices_cuda == heads.choices_cuda
     assert MedusaProposer(fixture_model, back).tree.paths == ((), (0,), (1,), (0, 0))    # CPU model: "tree"
@@ -203,7 +205,7 @@ def test_a_pickle_file_is_refused_with_the_torch_conversion_line(tmp_path, fixtu
     write_fasterdecoding(random_heads(fixture_model, 2), tmp_path)
     (tmp_path / "medusa_lm_head.safetensors").rename(tmp_path / "medusa_lm_head.pt")
     for where in (tmp_path, tmp_path / "medusa_lm_head.pt"):
-        with pytest.raises(CheckpointError, match=r"safetensors\.torch\.save_file\(torch\.load\(.*weights_only=True"):
+        with pytest.raises(CheckpointError, match=r"st\.save_file\(torch\.load\(.*weights_only=True"):
             read_fasterdecoding(where, fixture_model)
 
 
@@ -249,7 +251,7 @@ def test_missing_heads_say_how_to_train_them(tmp_path):
     model = load(folder, dtype="float64", device="cpu")
     with pytest.raises(FileNotFoundError, match=r"no Medusa heads next to .*minispec train-heads --kind medusa --model"):
         generate(model, [1, 2], decoder="medusa")
-    random_heads(model, 2).save(folder / "medusa")                         # then the decoder name finds them
+    save_medusa(random_heads(model, 2), folder / "medusa")                         # then the decoder name finds them
     assert generate(model, [1, 2], decoder="medusa", max_new_tokens=9).tokens == \
         generate(model, [1, 2], max_new_tokens=9).tokens
 

@@ -3,8 +3,8 @@ import numpy as np
 import pytest
 
 from conftest import FIXTURES, rel_err
-from minispec.oracle import native_rope_rows, oracle_forward
-from minispec.weights import load_config, load_tensors, read_safetensors
+from minispec.mistral.oracle import native_rope_rows, oracle_forward
+from minispec.mistral.weights import load_config, load_tensors, read_safetensors
 
 
 @pytest.mark.parametrize("name", ["mha_w8", "gqa2_nowin", "gqa4_hd", "mqa_w6_v5cfg"])

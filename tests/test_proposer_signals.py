@@ -10,12 +10,13 @@ import pytest
 
 from conftest import rel_err
 from minispec import generate
-from minispec.generate import Context, Stats
-from minispec.hydra import HydraProposer
-from minispec.medusa import MedusaProposer
-from minispec.sampling import SamplingParams, greedy_accept
-from minispec.tree import Tree
-from minispec.verify import Draft, verify
+from minispec.speculative.loop import Context, Stats
+from minispec.decoders.hydra import HydraProposer
+from minispec.decoders.medusa import MedusaProposer
+from minispec.speculative.sampling import SamplingParams
+from minispec.speculative.acceptance import greedy_accept
+from minispec.speculative.tree import Tree
+from minispec.speculative.verify import Draft, verify
 from test_hydra import random_heads as random_hydra_heads
 from test_hydra import ref_proposal
 from test_medusa import random_heads as random_medusa_heads

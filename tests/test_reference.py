@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 
 from conftest import FIXTURES, rel_err
-from minispec.model import load
-from minispec.weights import read_safetensors
+from minispec.mistral.model import load
+from minispec.mistral.weights import read_safetensors
 
 HF_FOLDERS = ["mha_w8", "gqa2_nowin", "gqa4_hd", "mqa_w6_v5cfg", "gqa4_hd_consolidated", "gqa4_hd_sharded",
               "gqa4_hd_bf16"]

@@ -53,7 +53,7 @@ def test_the_license_is_the_apache_2_text_and_pyproject_says_so_in_spdx():
 
 
 def test_no_module_of_the_package_needs_tqdm():
-    """tqdm is not a runtime dependency: the package's progress bars are minispec.progress."""
+    """tqdm is not a runtime dependency: the package's progress bars are minispec.training.progress."""
     for path in (REPO / "minispec").glob("*.py"):
         for node in ast.walk(ast.parse(path.read_text())):
             names = [a.name for a in node.names] if isinstance(node, ast.Import) else \
@@ -75,7 +75,7 @@ def test_the_readme_python_blocks_run_as_written():
 
 
 def test_the_readme_names_only_decoders_that_are_registered():
-    from minispec.generate import DECODERS
+    from minispec.decoders.registry import DECODERS
     text = (REPO / "README.md").read_text()
     for m in re.finditer(r"--decoder (\w+)", text):
         assert m.group(1) in DECODERS, m.group(0)
@@ -94,7 +94,7 @@ def test_the_docs_say_the_shipped_heads_are_stored_as_they_are():
 
 def test_the_built_in_progress_bar_counts_and_prints_one_summary_line_off_a_terminal():
     import io
-    from minispec.progress import Progress
+    from minispec.training.progress import Progress
     out = io.StringIO()                             # not a tty: no redraws, one line at the end
     seen = list(Progress(range(7), desc="hidden states", unit="seq", file=out))
     assert seen == list(range(7))

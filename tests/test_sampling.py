@@ -11,9 +11,9 @@ import numpy as np
 import pytest
 
 from hostguard import GUARD, GuardArray
-from minispec.sampling import (SamplingParams, chain_rejection_accept, greedy_accept, sample, target_probs,
-                               tree_rejection_accept, typical_accept)
-from minispec.tree import Tree
+from minispec.speculative.sampling import SamplingParams, sample, target_probs
+from minispec.speculative.acceptance import (chain_rejection_accept, greedy_accept, tree_rejection_accept, typical_accept)
+from minispec.speculative.tree import Tree
 
 SAME, DIFFERENT = 1e-4, 1e-6     # χ² p-value thresholds: "same distribution" passes p > SAME; "lossy" needs p < DIFFERENT
 

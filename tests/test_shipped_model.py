@@ -10,8 +10,8 @@ import pytest
 
 from conftest import FIXTURES, SHIPPED, rel_err
 from minispec import generate, load
-from minispec.tokenizer import Tokenizer
-from minispec.weights import read_safetensors
+from minispec.mistral.tokenizer import Tokenizer
+from minispec.mistral.weights import read_safetensors
 
 SEPARATOR = "\n\0\n"        # between files in heldout_sample.txt (tools/collect_corpus.py)
 

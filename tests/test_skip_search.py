@@ -6,12 +6,10 @@ import numpy as np
 import pytest
 
 from conftest import random_tensors, tiny_config
-from minispec.draft_verify import SkipSet
-from minispec.model import Model
-from minispec.skip_objective import (Calibration, CostModel, PredictedObjective, calibrate, chain_steps, chain_tau,
-                                     free_decisions, from_code, from_params, iid_tau, match_list, predicted_speedup,
-                                     search_space, to_code, to_params, to_vector)
-from minispec.skip_search import Trace, best, best_so_far, bo_search, exhaustive_search, random_search
+from minispec.decoders.draft_verify import SkipSet
+from minispec.mistral.model import Model
+from minispec.training.skip_objective import (Calibration, CostModel, PredictedObjective, calibrate, chain_steps, chain_tau, free_decisions, from_code, from_params, iid_tau, match_list, best_chain_speedup, search_space, to_code, to_params, to_vector)
+from minispec.training.skip_search import Trace, best, best_so_far, bo_search, exhaustive_search, random_search
 
 L = 3
 
@@ -112,11 +110,11 @@ def test_simulated_tau_of_independent_matches_follows_the_geometric_formula():
 
 def test_the_predicted_speedup_is_tau_over_draft_plus_verify_cost_at_the_best_draft_length():
     # every token matches: tau_k = k + 1 exactly (20 tokens: k = 4 -> 4 steps of 5); S_k = (k+1) / (0.5 k + 1)
-    r = predicted_speedup([np.ones(20, bool)], draft_cost=0.5, verify_cost=lambda T: 1.0, k_max=4)
+    r = best_chain_speedup([np.ones(20, bool)], draft_cost=0.5, verify_cost=lambda T: 1.0, k_max=4)
     assert (r["k"], r["tau"], r["alpha"]) == (4, 5.0, 1.0)
     assert r["speedup"] == pytest.approx(5 / (4 * 0.5 + 1))
     # a steep verify cost curve makes one draft token the best choice
-    r = predicted_speedup([np.ones(20, bool)], draft_cost=0.5, verify_cost=lambda T: T, k_max=4)
+    r = best_chain_speedup([np.ones(20, bool)], draft_cost=0.5, verify_cost=lambda T: T, k_max=4)
     assert r["k"] == 1 and r["speedup"] == pytest.approx(2 / (0.5 + 2))
 
 
@@ -204,7 +202,7 @@ def test_a_draft_that_is_the_full_model_gains_nothing_and_a_free_draft_gains_its
 
 
 def test_the_depth_first_walk_over_every_set_gives_each_sets_own_matches(model, calib):
-    from minispec.skip_objective import all_match_lists
+    from minispec.training.skip_objective import all_match_lists
     every = all_match_lists(model, calib)
     assert sorted(every) == list(range(4 ** L))
     for code in [0, 1, 5, 18, 33, 63, 4 ** L - 1] + list(range(0, 64, 7)):

@@ -10,7 +10,7 @@ import pytest
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
-from minispec.tokenizer import Tokenizer
+from minispec.mistral.tokenizer import Tokenizer
 
 OWN_TOKENIZER = Path(__file__).resolve().parents[1] / "weights" / "stdlib-mistral" / "tokenizer.model"
 PARROT = "\U0001f99c"  # 🦜: not a piece of Mistral's v1 vocabulary, so it is encoded as 4 byte-fallback pieces

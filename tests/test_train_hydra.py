@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 
 from conftest import FIXTURES, numgrad, tiny_config
-from minispec import backprop as bp
+from minispec.training import backprop as bp
 
 EPS = 1e-6                       # the step of the sampled central differences below (numgrad uses the same)
 
@@ -107,7 +107,7 @@ def test_rms_norm_backward_equals_finite_differences():
 
 
 def test_rope_backward_equals_finite_differences():
-    from minispec.layers import rope_tables
+    from minispec.mistral.layers import rope_tables
     rng = np.random.default_rng(1)
     x, G = rng.standard_normal((2, 4, 6)), rng.standard_normal((2, 4, 6))
     pos = np.array([0, 3, 7, 130])
@@ -154,7 +154,7 @@ def random_prefix(D, H, Hkv, Dh, F, rng, scale=0.4):
 
 
 def test_prefix_layer_backward_equals_finite_differences():
-    from minispec.hydra import prefix_forward
+    from minispec.decoders.hydra import prefix_forward
     rng = np.random.default_rng(3)
     T, D, H, Hkv, Dh, F, W, eps = 5, 6, 4, 2, 4, 7, 3, 1e-5
     cfg = tiny_config(dim=D, n_heads=H, n_kv_heads=Hkv, head_dim=Dh, hidden_dim=F, sliding_window=W, norm_eps=eps)
@@ -179,7 +179,7 @@ def random_head(width, D, V, L, rng):
 
 @pytest.mark.parametrize("L", [1, 3])
 def test_hydra_head_backward_equals_finite_differences(L):
-    from minispec.hydra import head_forward
+    from minispec.decoders.hydra import head_forward
     rng = np.random.default_rng(4 + L)
     T, D, V, width = 4, 3, 7, 9                              # head i = 1: a = concat(h, E(x1), E(x2)), 3·D wide
     p = random_head(width, D, V, L, rng)
@@ -229,9 +229,9 @@ def test_label_and_teacher_cross_entropies_and_their_gradients():
 # ---------------------------------------------------------------------------------------------------------
 def tiny_setup(kind, num_heads=2, num_layers=2, seed=0):
     from conftest import random_tensors
-    from minispec.hydra import HydraHeads, KIND_ARCH
-    from minispec.model import Model
-    from minispec.train_hydra import prepare
+    from minispec.decoders.hydra import HydraHeads, KIND_ARCH
+    from minispec.mistral.model import Model
+    from minispec.training.train_hydra import prepare
     cfg = tiny_config(dim=8, head_dim=4, n_heads=2, n_kv_heads=1, hidden_dim=12, vocab_size=11, sliding_window=4)
     model = Model(cfg, random_tensors(cfg, seed=seed), dtype="float64", device="cpu")
     rng = np.random.default_rng(seed + 1)
@@ -270,7 +270,7 @@ def ref_batch_loss(model, heads, seqs, rows_of_seq, lm_w, t_w):
 @pytest.mark.parametrize("kind,lm_w,t_w", [("hydra", 1.0, 0.0), ("hydra", 0.7, 0.4), ("hydra++", 0.0, 1.0),
                                            ("hydra++", 1.0, 0.5)])
 def test_batch_loss_gradients_equal_finite_differences_of_a_naive_loss(kind, lm_w, t_w):
-    from minispec.train_hydra import HydraTrainConfig, batch_loss, param_dict
+    from minispec.training.train_hydra import HydraTrainConfig, batch_loss, param_dict
     model, heads, data, seqs = tiny_setup(kind)
     cfg = HydraTrainConfig(lm_weight=lm_w, teacher_weight=t_w)
     starts = [s for s, _ in data["seqs"]]
@@ -298,7 +298,7 @@ def test_batch_loss_gradients_equal_finite_differences_of_a_naive_loss(kind, lm_
 @pytest.mark.parametrize("where", ["mid-epoch", "epoch end"])
 @pytest.mark.parametrize("kind", ["hydra", "hydra++"])
 def test_training_resumed_from_a_checkpoint_equals_uninterrupted_training(kind, where, tmp_path):
-    from minispec.train_hydra import HydraTrainConfig, param_dict, train
+    from minispec.training.train_hydra import HydraTrainConfig, param_dict, train
     cfg = HydraTrainConfig(epochs=3, batch=4 if kind == "hydra" else 9, lr=1e-2, teacher_weight=0.5, seed=3)
     _, heads_a, data, _ = tiny_setup(kind)
     hist_a = train(heads_a, data, cfg, progress=False)
@@ -336,8 +336,8 @@ def test_the_fused_head_loss_is_the_weighted_sum_of_the_two_cross_entropies():
 # Held-out measures and the CLI end to end
 # ---------------------------------------------------------------------------------------------------------
 def test_teacher_forced_tau_counts_the_right_prefix_of_each_path_by_hand():
-    from minispec.train_hydra import teacher_forced_tau, topk_accuracies
-    from minispec.tree import Tree
+    from minispec.training.train_hydra import teacher_forced_tau, topk_accuracies
+    from minispec.speculative.tree import Tree
     # ranks[d, t]: where the label of head d sits in its top-k at position t (k = 3: not in the top-3; -1: none)
     ranks = np.array([[0, 1, 0, 3, 0],
                       [0, 0, 2, 0, -1]])
@@ -355,8 +355,8 @@ def test_cli_train_heads_writes_hydra_heads_that_generate_finds(kind, tmp_path, 
     import json
     from conftest import code_corpus
     from minispec.cli import main
-    from minispec.generate import generate
-    from minispec.model import load
+    from minispec.decoders.registry import generate
+    from minispec.mistral.model import load
     folder, cfg, _ = cli_model
     text = code_corpus(tmp_path / "corpus.txt")
     cache = tmp_path / "seqs.npz"
@@ -377,9 +377,9 @@ def test_cli_train_heads_writes_hydra_heads_that_generate_finds(kind, tmp_path, 
 
 
 def test_train_hydra_without_its_corpus_file_is_refused_naming_it_before_the_model_loads(tmp_path, monkeypatch):
-    import minispec.model
+    import minispec.mistral.model
     from minispec.errors import MissingFileError
-    from minispec.train_hydra import train_hydra
-    monkeypatch.setattr(minispec.model, "load_tensors", lambda *a, **k: pytest.fail("the model was loaded"))
+    from minispec.training.train_hydra import train_hydra
+    monkeypatch.setattr(minispec.mistral.model, "load_tensors", lambda *a, **k: pytest.fail("the model was loaded"))
     with pytest.raises(MissingFileError, match="no such corpus file"):
         train_hydra(FIXTURES / "gqa4_hd", text=tmp_path / "none.txt", progress=False)

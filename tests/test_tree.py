@@ -4,7 +4,7 @@ import itertools
 import numpy as np
 import pytest
 
-from minispec.tree import Tree, build_tree
+from minispec.speculative.tree import Tree, build_tree
 
 # Hand-worked: choices [[0],[1],[0,0],[0,1],[1,0],[0,0,0]] (given shuffled) become nodes sorted by (depth, path):
 #   0: root   1: [0]   2: [1]   3: [0,0]   4: [0,1]   5: [1,0]   6: [0,0,0]
@@ -149,14 +149,14 @@ def test_build_tree_rejects_bad_inputs(acc, budget, message):
 
 
 def test_expected_tau_is_one_plus_the_products_of_each_paths_accuracies_by_hand():
-    from minispec.tree import expected_tau
+    from minispec.speculative.tree import expected_tau
     acc = [[0.5, 0.2], [0.4, 0.1]]
     assert abs(expected_tau(acc, [[0], [1], [0, 0], [0, 1]]) - (1 + 0.5 + 0.2 + 0.5 * 0.4 + 0.5 * 0.1)) < 1e-15
     assert expected_tau(acc, []) == 1
 
 
 def test_build_trees_expected_tau_is_that_of_the_paths_it_chose():
-    from minispec.tree import build_tree, expected_tau
+    from minispec.speculative.tree import build_tree, expected_tau
     acc = np.random.default_rng(3).uniform(0, 1, (3, 4))
     tree, tau = build_tree(acc, 9)
     assert abs(tau - expected_tau(acc, [list(p) for p in tree.paths[1:]])) < 1e-12

@@ -3,7 +3,7 @@
 CPU ("tree"): the budget maximising the expected speedup tau(budget) / (c(budget + 1) + heads cost), the heads
 cost being that of the tree's depth of heads (the proposer runs no more), with
 c(T) the verify cost curve measured here (minispec.bench.cost_curve) and tau from the heads' held-out top-k
-accuracies (minispec.tree.build_tree). GPU ("tree_cuda"): a verify of up to dozens of tokens costs about one
+accuracies (minispec.speculative.tree.build_tree). GPU ("tree_cuda"): a verify of up to dozens of tokens costs about one
 step there, so the tree is simply grown to --gpu-budget nodes. The heads are rewritten in --dtype.
 
     python tools/choose_tree.py --model weights/stdlib-mistral --heads weights/stdlib-mistral/medusa
@@ -22,9 +22,9 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import minispec                                       # noqa: E402
-from minispec.bench import cost_curve, heads_cost, pick_budget    # noqa: E402
-from minispec.medusa import load_heads                # noqa: E402
-from minispec.tree import build_tree                  # noqa: E402
+from minispec.speculative.costs import cost_curve, heads_cost, pick_budget  # noqa: E402
+from minispec.decoders.medusa_files import load_heads  # noqa: E402
+from minispec.speculative.tree import build_tree                  # noqa: E402
 
 
 def main():
@@ -82,7 +82,7 @@ def hydra_proposal_cost(model, heads, tree, reps=31):
     alternately so that a busy machine slows both alike."""
     import statistics
     import time
-    from minispec.hydra import TreePlan, grounded_proposal, new_prefix_cache, prefix_advance
+    from minispec.decoders.hydra import TreePlan, grounded_proposal, new_prefix_cache, prefix_advance
     base = model.new_cache()
     _, hidden = model.forward(list(range(1, 40)), base, return_hidden=True)                  # [39, D]
     plan, cache = TreePlan(tree), None
@@ -106,12 +106,12 @@ def hydra_proposal_cost(model, heads, tree, reps=31):
 
 
 def prefix_forward_uncommitted(heads, x, cache):
-    from minispec.hydra import prefix_forward
+    from minispec.decoders.hydra import prefix_forward
     return prefix_forward(heads.prefix, heads.config, x, cache)     # block waits in scratch, never committed
 
 
 def choose_hydra(args):
-    from minispec.hydra_files import load_heads, save
+    from minispec.decoders.hydra_files import load_heads, save
     folder = Path(args.heads or Path(args.model) / args.kind)
     model = minispec.load(args.model, device="cpu")
     heads = load_heads(folder, model)

@@ -123,7 +123,7 @@ def main():
     n_params = sum(p.numel() for p in model.parameters())
 
     import minispec
-    from minispec.tokenizer import Tokenizer
+    from minispec.mistral.tokenizer import Tokenizer
     mm, tok = minispec.load(folder, device="cpu"), Tokenizer.from_dir(folder)
     samples = []
     for p in PROMPTS:

@@ -24,7 +24,7 @@ sys.path.insert(0, str(ROOT))
 
 from minispec import generate, load                         # noqa: E402
 from minispec.backend import resolve_device, to_host       # noqa: E402
-from minispec.weights import read_safetensors              # noqa: E402
+from minispec.mistral.weights import read_safetensors              # noqa: E402
 
 sys.path.insert(0, str(ROOT / "tools"))
 import make_shaped_checkpoint                               # noqa: E402

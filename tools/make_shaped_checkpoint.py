@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from minispec.weights import hf_to_canonical                  # noqa: E402
+from minispec.mistral.weights import hf_to_canonical                  # noqa: E402
 
 MISTRAL_7B_V01 = dict(dim=4096, n_layers=32, n_heads=32, n_kv_heads=8, hidden_dim=14336, vocab_size=32000,
                       sliding_window=4096, rope_theta=10000.0, norm_eps=1e-5, max_seq_len=32768)
@@ -53,7 +53,7 @@ def params_json(c):
 
 def tensor_list(c, layout):
     """[(name, shape)] in the order HF's state dict has them (embedding, layer by layer, norm, lm_head); the
-    consolidated names are the HF ones through the reader's own map (minispec.weights.hf_to_canonical), so the
+    consolidated names are the HF ones through the reader's own map (minispec.mistral.weights.hf_to_canonical), so the
     writer cannot drift from what minispec reads. Shapes are [out, in] in both layouts."""
     D, F, V, H, Hkv = c["dim"], c["hidden_dim"], c["vocab_size"], c["n_heads"], c["n_kv_heads"]
     Dh = D // H

@@ -16,9 +16,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .backend import resolve_device, to_device, to_host
+from ..backend import resolve_device, to_device, to_host
+from ..errors import UserError, check_token_ids, warn_if_past_max_positions
 from .cache import RollingCache
-from .errors import UserError, check_token_ids, warn_if_past_max_positions
 from .layers import GEMV_ROWS, attention, linear, qkv_heads, rms_norm, rope_tables, sliding_window_mask, swiglu
 from .mapped import MappedMatrix, MappedRows, Workspace, one_blas_thread
 from .weights import Tensor16, bf16_to_float32, load_config, load_tensors

@@ -21,15 +21,20 @@ from pathlib import Path
 
 import numpy as np
 
-from .backend import array_module, to_device, to_host
-from .errors import MissingFileError
-from .medusa import VERSIONS, MedusaHeads, head_forward, topk_ids
-from .tree import build_tree
+from ..backend import array_module, to_device, to_host
+from ..decoders.medusa import VERSIONS, MedusaHeads, head_forward, topk_ids
+from ..decoders.medusa_files import save as save_heads
+from ..decoders.registry import generate
+from ..errors import check_int, check_real, MissingFileError, UserError
+from ..mistral.model import load
+from ..mistral.tokenizer import Tokenizer
+from ..speculative.tree import build_tree
+from .progress import Progress
 
 DECAY = 0.8                      # w_k = DECAY**k: the paper's constant (§2.2.1); FasterDecoding's axolotl
                                  # configs set medusa_decay_coefficient: 0.8
 DOC_SEPARATOR = "\n\0\n"         # between documents of data/corpus/*.txt (tools/collect_corpus.py SEPARATOR)
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 DEFAULT_TEXT = REPO / "data" / "corpus" / "train.txt"
 
 
@@ -86,8 +91,6 @@ def self_distilled_sequences(model, prompts, gen_len, eos_id, n_tokens=None, pro
     """[(prompt + greedy continuation, len(prompt)), ...]: the base model continues each prompt greedily for
     gen_len tokens (stopping after eos_id), until n_tokens tokens in all (None: every prompt). The labels are
     then the model's own greedy tokens."""
-    from .progress import Progress
-    from .generate import generate
     out, total = [], 0
     bar = Progress(total=n_tokens, desc="self-distillation", unit="tok", disable=not progress)
     for prompt in prompts:
@@ -113,7 +116,6 @@ def hidden_states(model, sequences, num_heads, progress=False):
     N = sum(len(ids) for ids, _ in sequences)
     H = xp.empty((N, model.config.dim), dtype=model.dtype)                        # [N, D]
     labels = np.empty((num_heads, N), dtype=np.int64)                             # [K, N]
-    from .progress import Progress
     at = 0
     for ids, first in Progress(sequences, desc="hidden states", unit="seq", disable=not progress):
         n = len(ids)
@@ -276,7 +278,6 @@ def train(heads, H, labels, cfg=TrainConfig(), progress=True):
 
     Minibatches of cfg.batch positions drawn without replacement each epoch (positions with at least one label).
     Returns the loss of every step (host floats)."""
-    from .progress import Progress
     xp = array_module(H)
     rows = np.flatnonzero((labels >= 0).any(axis=0))                            # trainable positions
     labels_d = to_device(xp, labels)                                             # [K, N]
@@ -338,7 +339,6 @@ def training_sequences(model, tok, data, text, n_tokens, seq_len, seed, prompt_l
 
 def split_heldout(seqs, heldout):
     """(training, held-out) sequences: the last round(heldout · n) are held out, at least 1 and leaving 1."""
-    from .errors import UserError
     if len(seqs) < 2:
         raise UserError(f"need at least 2 sequences (train + held-out), got {len(seqs)}: raise --tokens")
     n_held = min(len(seqs) - 1, max(1, int(round(heldout * len(seqs)))))
@@ -350,8 +350,6 @@ def train_medusa(model_dir, out=None, version="v1", num_heads=4, num_layers=1, d
                  seed=0, device="auto", dtype="float32", prompt_len=16, gen_len=112, progress=True):
     """Train Medusa heads for the model in model_dir and save them (default <model_dir>/medusa/), with the tree
     built from their held-out accuracies for `budget` nodes. Returns (heads, report dict)."""
-    from .model import load
-    from .tokenizer import Tokenizer
 
     text = check_training(version=version, num_heads=num_heads, num_layers=num_layers, data=data, text=text,
                           n_tokens=n_tokens, seq_len=seq_len, epochs=epochs, lr=lr, batch=batch, budget=budget,
@@ -393,7 +391,7 @@ def train_medusa(model_dir, out=None, version="v1", num_heads=4, num_layers=1, d
     if data == "self":
         report.update(prompt_len=prompt_len, gen_len=gen_len)
     out = Path(model_dir) / "medusa" if out is None else Path(out)
-    heads.save(out, extra={"training": report})
+    save_heads(heads, out, extra={"training": report})
     say(f"saved {out}")
     return heads, report
 
@@ -402,7 +400,6 @@ def check_training(version="v1", num_heads=4, num_layers=1, data="corpus", text=
                    epochs=1, lr=1e-3, batch=256, budget=10, top_k=10, seed=0, text_flag=None):
     """The training options' rules (train_medusa and `minispec train-heads` share them, checked before the
     model loads). Returns the corpus path (`corpus_path`; text_flag: the option that gives it, for messages)."""
-    from .errors import UserError, check_int, check_real
     if version not in VERSIONS:
         raise UserError(f"version must be 'v1' or 'v2', not {version!r}")
     if data not in ("corpus", "self"):

@@ -20,7 +20,7 @@ reproduces, teacher-forced, in ONE parallel forward over the full model's contin
                    Leviathan et al. 2023, arXiv 2211.17192)
         c_d      = time of one draft token (a one-token forward of the skipped model) / time of one full step,
                    from a linear cost model of the sublayers (base + per attention + per MLP), measured once
-        c(T)     = verify cost curve: time of a T-token block forward / time of one token (measure_costs: the
+        c(T)     = verify cost curve: time of a T-token block forward / time of one token (fit_cost_model: the
                    minimum over repetitions, like c_d, measured once and stored in the search trace)
         S_k      = tau_k / (k * c_d + c(k + 1))             AR makes 1 token per unit of time
         predicted speedup = max over k = 1..k_max of S_k   (the draft length it picks is reported as k)
@@ -33,10 +33,12 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .backend import to_host
-from .bench import interp_cost
-from .draft_verify import SkipSet
-from .errors import UserError
+from ..backend import to_host
+from ..decoders.draft_verify import SkipSet
+from ..decoders.registry import generate
+from ..errors import UserError
+from ..mistral.layers import rope_tables, sliding_window_mask
+from ..speculative.costs import interp_cost, measure_costs, speedup
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -148,48 +150,45 @@ class CostModel:
         return cls(d["n_layers"], d["base"], d["attn"], d["mlp"], {int(T): c for T, c in d["curve"].items()})
 
 
-def predicted_speedup(match_list, draft_cost, verify_cost, k_max=8):
-    """max over k of S_k = tau_k / (k * c_d + c(k + 1)) (module docstring). verify_cost: T -> c(T).
-    Returns dict(speedup, k, tau, alpha)."""
+def best_chain_speedup(match_list, draft_cost, verify_cost, k_max=8):
+    """max over k of S_k = tau_k / (k * c_d + c(k + 1)) (module docstring; minispec.speculative.costs.speedup).
+    verify_cost: {T: c(T)} or T -> c(T). Returns dict(speedup, k, tau, alpha)."""
     alpha = float(np.mean(np.concatenate([np.asarray(m, float) for m in match_list])))
     best = None
     for k in range(1, k_max + 1):
         tau = chain_tau(match_list, k)
-        s = tau / (k * draft_cost + verify_cost(k + 1))
+        s = speedup(tau, interp_cost(verify_cost, k + 1), k * draft_cost)
         if best is None or s > best["speedup"]:
             best = dict(speedup=s, k=k, tau=tau, alpha=alpha)
     return best
 
 
-def measure_costs(model, context=64, reps=60, sizes=(1, 2, 3, 4, 6, 8, 12, 16), flat=False):
-    """Fit the CostModel on this machine against a cache of `context` tokens, all timings interleaved: one-token
-    forwards with nothing / every attention / every MLP / everything skipped (least squares for base, attn,
-    mlp), and T-token block forwards for c(T) (flat=True: c(T) = 1 instead, a GPU-like backend).
+def fit_cost_model(model, context=64, reps=60, sizes=(1, 2, 3, 4, 6, 8, 12, 16), flat=False):
+    """Fit the CostModel on this machine against a cache of `context` tokens: one-token forwards with nothing /
+    every attention / every MLP / everything skipped, interleaved (least squares for base, attn, mlp), and the
+    verify cost curve c(T) from minispec.speculative.costs.measure_costs (flat=True: c(T) = 1 instead, a
+    GPU-like backend).
 
     Each timing is the MINIMUM over reps, not the median: on a shared CPU a longer call is more likely to be
-    preempted, which inflates medians unevenly (measured here: the full one-token forward's median 4x its
-    minimum, the all-skipped one's 1.7x); the minimum is the machine's cost of the work itself."""
+    preempted, which inflates medians unevenly; the minimum is the machine's cost of the work itself."""
     L, V = model.config.n_layers, model.config.vocab_size
     variants = [SkipSet.none(L), SkipSet((True,) * L, (False,) * L), SkipSet((False,) * L, (True,) * L),
                 SkipSet((True,) * L, (True,) * L)]
-    jobs = [([5], v) for v in variants] + [(list(np.arange(T) % V), None) for T in sizes if T > 1]
     cache = model.new_cache()
     model.forward(np.arange(context) % V, cache)
-    times = [np.inf] * len(jobs)
+    times = [np.inf] * len(variants)
     for r in range(reps + 1):
-        for j, (ids, skip) in enumerate(jobs):
+        for j, skip in enumerate(variants):
             t0 = time.perf_counter()
-            out = model.forward_block(ids, cache, skip=skip)
+            out = model.forward_block([5], cache, skip=skip)
             to_host(out.logits[-1, :1])                      # wait for the device
             if r:                                            # the first round warms up
                 times[j] = min(times[j], time.perf_counter() - t0)
             cache.discard()
-    t = np.array(times[:4])                                                                # [4]
+    t = np.array(times)                                                                    # [4]
     A = np.array([[1, L, L], [1, 0, L], [1, L, 0], [1, 0, 0]], dtype=float)               # columns: base, attn, mlp
     base, attn, mlp = np.linalg.lstsq(A, t, rcond=None)[0]
-    curve = {1: 1.0}
-    for (ids, _), tj in zip(jobs[4:], times[4:]):
-        curve[len(ids)] = 1.0 if flat else float(tj / t[0])
+    curve = {T: 1.0 for T in sizes} if flat else measure_costs(model, sizes, reps, context, stat=min)[0][0]
     return CostModel(L, max(float(base), 0.0), max(float(attn), 0.0), max(float(mlp), 0.0), curve)
 
 
@@ -209,7 +208,6 @@ class Calibration:
 
 def calibrate(model, prompts, n_new=48):
     """Greedy AR continuations of n_new tokens (no EOS stop) of each prompt."""
-    from .generate import generate
     seqs = [[int(t) for t in p] + generate(model, p, max_new_tokens=n_new, eos_id=None).tokens for p in prompts]
     return Calibration(seqs, [len(p) for p in prompts])
 
@@ -269,7 +267,6 @@ def _committed_block(model, seq, s, cache):
     """The committed-context block of seq's continuation from s: ids seq[s-1 .. len-2] at positions q_pos, and
     the mask [n_new, C + n_new] on the device (each query sees the cached slots strictly before it and itself);
     the block's scratch rows are begun (cache.discard() ends it)."""
-    from .layers import sliding_window_mask
     q_pos = np.arange(s - 1, len(seq) - 1)                                                 # [n_new]
     slots = cache.slot_positions()                                                         # [C]
     ring = sliding_window_mask(q_pos, slots, model.config.sliding_window) & (slots[None, :] < q_pos[:, None])
@@ -287,7 +284,6 @@ def all_match_lists(model, calib):
     computed once for its two MLP choices. The sublayers are the model's own (Model.attention_sublayer,
     mlp_sublayer, final) under the committed-context mask of _committed_context_logits; tests check that every
     set's result equals match_list's."""
-    from .layers import rope_tables
     c, L = model.config, model.config.n_layers
     out = {}
     for i_seq, (seq, s) in enumerate(zip(calib.sequences, calib.starts)):
@@ -334,8 +330,8 @@ class PredictedObjective:
         else:
             m = match_list(self.model, self.calib, skip, self.context, self._caches)
         c_d = self.costs.draft(skip)
-        r = predicted_speedup(m, c_d, self.costs.verify, self.k_max)
-        flat = predicted_speedup(m, c_d, lambda T: 1.0, self.k_max)     # the same draft where c(T) = 1 (GPU-like)
+        r = best_chain_speedup(m, c_d, self.costs.verify, self.k_max)
+        flat = best_chain_speedup(m, c_d, lambda T: 1.0, self.k_max)     # the same draft where c(T) = 1 (GPU-like)
         return dict(value=r["speedup"], match=r["alpha"], tau=r["tau"], k=r["k"], draft_cost=c_d,
                     flat_speedup=flat["speedup"], flat_k=flat["k"], flat_tau=flat["tau"])
 
@@ -348,7 +344,6 @@ class MeasuredObjective:
         self.model, self.prompts, self.n_new, self.options = model, prompts, n_new, decoder_options
 
     def __call__(self, skip):
-        from .generate import generate
         tokens = steps = 0
         seconds = 0.0
         for p in self.prompts:

@@ -11,10 +11,10 @@ Shapes: T rows (positions), D dim, H / Hkv heads, R = H / Hkv, Dh head dim, F ff
 """
 import numpy as np
 
-from .backend import array_module
-from .layers import apply_rope, attention, silu, softmax, swiglu
-from .train_heads import cross_entropy, silu_grad   # shared with Medusa's training
-from .train_heads import head_backward as head_backward_blocks
+from ..backend import array_module
+from ..mistral.layers import apply_rope, attention, silu, softmax, swiglu
+from .train_medusa import cross_entropy, silu_grad   # shared with Medusa's training
+from .train_medusa import head_backward as head_backward_blocks
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -29,13 +29,20 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
+from safetensors.numpy import save_file
 
+from ..backend import array_module, to_device, to_host
+from ..decoders.hydra import head_forward, HydraHeads, KIND_ARCH, prefix_forward
+from ..decoders.hydra_files import save
+from ..decoders.medusa import topk_ids
+from ..errors import UserError
+from ..mistral.model import load
+from ..mistral.tokenizer import Tokenizer
+from ..mistral.weights import read_safetensors
+from ..speculative.tree import build_tree
 from . import backprop as bp
-from .backend import array_module, to_device, to_host
-from .errors import UserError
-from .hydra import HydraHeads, head_forward, prefix_forward
-from .medusa import topk_ids
-from .train_heads import Adam, lr_at
+from .progress import Progress
+from .train_medusa import Adam, corpus_path, hidden_states, lr_at, REPO, split_heldout, training_sequences
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -169,7 +176,6 @@ def make_batches(labels, seq_bounds, cfg, rng, by_sequence):
 def save_checkpoint(path, params, adam, state):
     """path.safetensors (parameters and Adam moments) + path.json (step, epoch, the epoch's RNG state as ints,
     the config): no pickle anywhere."""
-    from safetensors.numpy import save_file
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tensors = {}
@@ -183,7 +189,6 @@ def save_checkpoint(path, params, adam, state):
 
 def load_checkpoint(path, params, adam):
     """Restore parameters and Adam moments in place from save_checkpoint's files; returns the json state."""
-    from .weights import read_safetensors
     path = Path(path)
     tensors = read_safetensors(path.with_suffix(".safetensors"))
     for name, a in params.items():
@@ -206,7 +211,6 @@ def train(heads, data, cfg=HydraTrainConfig(), checkpoint=None, checkpoint_every
     run: the epoch's batches are redrawn from the saved RNG state), and they are rewritten every
     checkpoint_every steps and at the end. stop_after: stop after this many steps in all (tests, time limits).
     Returns the loss of every step run in this call (host floats)."""
-    from .progress import Progress
     by_seq = heads.prefix is not None
     params = param_dict(heads)
     adam = Adam(params, cfg.beta1, cfg.beta2, cfg.eps)
@@ -325,7 +329,6 @@ def save_sequences(path, seqs):
 
 def prepare(model, seqs, num_heads):
     """The frozen base model's hidden states over the sequences, once, and what training reads."""
-    from .train_heads import hidden_states
     xp = model.xp
     H, labels = hidden_states(model, seqs, num_heads)                         # [N, D] device, [K, N] host
     lens = np.array([len(s) for s, _ in seqs])
@@ -343,12 +346,6 @@ def train_hydra(model_dir, kind="hydra", out=None, num_heads=4, num_layers=None,
     (default <model_dir>/<kind>/, float16), with trees built from their held-out accuracies (`budget` nodes
     for "tree", `gpu_budget` for "tree_cuda"). Defaults per kind: hydra 1 block, lm 1 / teacher 0; hydra++
     4 blocks, lm 0 / teacher 1 (zankner/Hydra's Hydra++ recipe). Returns (heads, report dict)."""
-    from .hydra import KIND_ARCH
-    from .hydra_files import save
-    from .model import load
-    from .tokenizer import Tokenizer
-    from .train_heads import REPO, corpus_path, split_heldout, training_sequences
-    from .tree import build_tree
 
     if kind not in KIND_ARCH:
         raise UserError(f"--kind must be one of {sorted(KIND_ARCH)} for Hydra training, not {kind!r}")

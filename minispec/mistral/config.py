@@ -16,7 +16,7 @@ import math
 from dataclasses import dataclass
 from typing import Optional
 
-from .errors import UserError, is_int, is_real, read_json
+from ..errors import UserError, is_int, is_real, read_json
 
 DEFAULT_ROPE_THETA = 10000.0        # Mistral 7B v0.1 (arXiv 2310.06825 inherits Llama's RoPE base)
 DEFAULT_MAX_SEQ_LEN = 32768         # cache slots when there is no sliding window and no stated maximum

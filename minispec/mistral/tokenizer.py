@@ -14,7 +14,7 @@ from pathlib import Path
 
 import sentencepiece as spm
 
-from .errors import MissingFileError, UserError, is_int, utf8_problem
+from ..errors import MissingFileError, UserError, is_int, utf8_problem
 
 # Mistral's reference code names the file by tokenizer version; HF repos call it tokenizer.model.
 TOKENIZER_NAMES = ("tokenizer.model", "tokenizer.model.v3", "tokenizer.model.v1")

@@ -15,28 +15,23 @@ W_l and b_l start at zero, so an untrained head is the identity followed by P_k.
 The proposer takes each head's top-k tokens at the last verified position and places them on a static tree
 (minispec.tree, Medusa's "choices"); the shared verifier (minispec.verify) checks the whole tree in one forward.
 
-Files. minispec's own format, a folder:  medusa_config.json + medusa_heads.safetensors.
-FasterDecoding's format (FasterDecoding/Medusa), a folder:  config.json (medusa_num_heads, medusa_num_layers,
-base_model_name_or_path) + medusa_lm_head.safetensors. Both use FasterDecoding's tensor names in Hugging Face
-(out, in) orientation:
+Files (minispec.decoders.medusa_files): minispec's own format and FasterDecoding's. Both use FasterDecoding's
+tensor names in Hugging Face (out, in) orientation:
     {head}.{layer}.linear.weight  [D, D]     {head}.{layer}.linear.bias  [D]     {head}.{num_layers}.weight  [V, D] (v1)
 Shapes: K heads, Lh = num_layers (residual blocks per head; L is the base model's layers), T tokens, D dim,
 V vocab.
 """
-import json
 from pathlib import Path
 
 import numpy as np
 
-from .backend import array_module, to_device, to_host
-from .errors import MissingFileError, check_finite, read_json, write_json_lines
-from .layers import linear, silu
-from .tree import Tree, proposer_tree
-from .verify import Draft, count
-from .weights import CheckpointError, read_safetensors, safetensors_in
+from ..backend import array_module, to_device, to_host
+from ..errors import check_finite
+from ..mistral.layers import linear, silu
+from ..mistral.weights import CheckpointError
+from ..speculative.tree import Tree, proposer_tree
+from ..speculative.verify import Draft, count
 
-CONFIG_NAME, WEIGHTS_NAME = "medusa_config.json", "medusa_heads.safetensors"
-FD_CONFIG_NAME, FD_WEIGHTS_NAME = "config.json", "medusa_lm_head.safetensors"
 VERSIONS = ("v1", "v2")
 
 
@@ -211,53 +206,6 @@ class MedusaHeads:
         """Top-k token ids of each head for one hidden state [D] -> host int64 [K, k], by decreasing logit."""
         return to_host(topk_ids(self.logits(hidden, num_heads), k)).astype(np.int64)
 
-    # ---- files --------------------------------------------------------------------------------------------
-    def config(self):
-        return {"kind": "medusa", "version": self.version, "num_heads": self.K, "num_layers": self.L,
-                "hidden_size": self.D, "vocab_size": self.V, "tree": self.choices, "tree_cuda": self.choices_cuda,
-                "accuracies": self.accuracies, "base_model": self.base_model}
-
-    def save(self, folder, extra=None, dtype=np.float32):
-        """minispec's format: folder/medusa_config.json (+ `extra` entries, e.g. a training record) and
-        folder/medusa_heads.safetensors (float32, or float16 to halve the file; widened again at load)."""
-        from safetensors.numpy import save_file
-        folder = Path(folder)
-        folder.mkdir(parents=True, exist_ok=True)
-        save_file(self.state_dict(dtype), str(folder / WEIGHTS_NAME))
-        write_json_lines(folder / CONFIG_NAME, {**self.config(), **(extra or {})})
-
-    @classmethod
-    def load(cls, folder, model):
-        """Heads saved by `save`, onto the model's device and dtype (the sizes must match the model)."""
-        folder = Path(folder)
-        cfg = read_json(folder / CONFIG_NAME)
-        if cfg.get("kind") != "medusa":
-            raise CheckpointError(f"{folder / CONFIG_NAME}: kind is {cfg.get('kind')!r}, expected 'medusa'")
-        missing = [k for k in ("hidden_size", "vocab_size", "num_heads", "num_layers", "version") if k not in cfg]
-        if missing:
-            raise CheckpointError(f"{folder / CONFIG_NAME}: missing key(s) {missing}")
-        check_head_sizes(cfg, model, folder / CONFIG_NAME)
-        heads = cls.from_state_dict(model, read_safetensors(folder / WEIGHTS_NAME), cfg["num_heads"],
-                                    cfg["num_layers"], cfg["version"], source=str(folder / WEIGHTS_NAME))
-        return read_head_trees(heads, cfg)
-
-
-# ---- a heads config (minispec's format, Medusa and Hydra alike) ------------------------------------------------
-def check_head_sizes(cfg, model, path):
-    """A heads config's hidden_size and vocab_size must be the base model's."""
-    for key, have in (("hidden_size", model.config.dim), ("vocab_size", model.config.vocab_size)):
-        if cfg.get(key) != have:
-            raise CheckpointError(f"{path}: {key} = {cfg.get(key)}, but the base model has {have}")
-
-
-def read_head_trees(heads, cfg):
-    """The stored trees (CPU and GPU), the accuracies they were built from and the base model's name, from a
-    heads config onto heads. Returns heads."""
-    heads.choices = [list(c) for c in cfg.get("tree") or []]
-    heads.choices_cuda = [list(c) for c in cfg["tree_cuda"]] if cfg.get("tree_cuda") else None
-    heads.accuracies, heads.base_model = cfg.get("accuracies"), cfg.get("base_model")
-    return heads
-
 
 def state_dict_shapes(num_heads, num_layers, D, V, version):
     """{FasterDecoding tensor name: (out, in) shape} of K heads."""
@@ -276,78 +224,19 @@ def _model_name(model):
 
 
 # ---------------------------------------------------------------------------------------------------------
-# FasterDecoding/Medusa interoperability
-# ---------------------------------------------------------------------------------------------------------
-def _refuse_pickle(path):
-    raise CheckpointError(
-        f"{path}: refusing a pickle-based file (FasterDecoding ships medusa_lm_head.pt). Unpickling can run "
-        f"arbitrary code, so minispec never does it. Convert it once, in a trusted environment, with torch:\n"
-        f"    import torch, safetensors.torch\n"
-        f"    safetensors.torch.save_file(torch.load({str(path)!r}, weights_only=True), 'medusa_lm_head.safetensors')\n"
-        f"and put medusa_lm_head.safetensors next to its config.json.")
-
-
-def read_fasterdecoding(folder, model):
-    """Heads from a FasterDecoding/Medusa folder: config.json (medusa_num_heads, medusa_num_layers) +
-    medusa_lm_head.safetensors, onto `model`'s device (the model supplies D, V and, for v2, the output layer).
-
-    A file without the projection keys ({head}.{num_layers}.weight) is read as minispec "v2": heads that share
-    the base model's output layer. A .pt/.bin file is refused with the one-line torch conversion. Tensor names
-    may carry the `medusa_head.` prefix of full-model Medusa checkpoints."""
-    weights = safetensors_in(folder, FD_WEIGHTS_NAME, _refuse_pickle)
-    folder = Path(folder)
-    cfg = read_json(folder / FD_CONFIG_NAME)
-    for key in ("medusa_num_heads", "medusa_num_layers"):
-        if key not in cfg:
-            raise CheckpointError(f"{folder / FD_CONFIG_NAME}: no {key!r} (not a FasterDecoding Medusa config)")
-    tensors = read_safetensors(weights)
-    if tensors and all(n.startswith("medusa_head.") for n in tensors):
-        tensors = {n[len("medusa_head."):]: a for n, a in tensors.items()}
-    heads = MedusaHeads.from_state_dict(model, tensors, int(cfg["medusa_num_heads"]), int(cfg["medusa_num_layers"]),
-                                        source=str(weights))
-    heads.base_model = cfg.get("base_model_name_or_path", heads.base_model)
-    return heads
-
-
-def write_fasterdecoding(heads, folder):
-    """Write FasterDecoding's layout: config.json + medusa_lm_head.safetensors (float32; v2: no projection keys,
-    so FasterDecoding itself cannot run a v2 file: its heads always own a projection)."""
-    from safetensors.numpy import save_file
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    save_file(heads.state_dict(), str(folder / FD_WEIGHTS_NAME))
-    cfg = {"medusa_num_heads": heads.K, "medusa_num_layers": heads.L, "base_model_name_or_path": heads.base_model}
-    (folder / FD_CONFIG_NAME).write_text(json.dumps(cfg, indent=1) + "\n")
-
-
-def load_heads(folder, model):
-    """Heads from a folder in either format (minispec's medusa_config.json, or FasterDecoding's config.json)."""
-    folder = Path(folder)
-    if (folder / CONFIG_NAME).exists():
-        return MedusaHeads.load(folder, model)
-    if (folder / FD_CONFIG_NAME).exists():
-        return read_fasterdecoding(folder, model)
-    raise CheckpointError(f"{folder}: neither {CONFIG_NAME} (minispec) nor {FD_CONFIG_NAME} (FasterDecoding) found")
-
-
-# ---------------------------------------------------------------------------------------------------------
 # The proposer: decoder "medusa" of minispec.generate
 # ---------------------------------------------------------------------------------------------------------
 class MedusaProposer:
     """Draft = a static tree whose node at depth d takes a top-k token of head d-1 (Medusa §2.1.2).
 
-    heads: MedusaHeads, default <model.path>/medusa/; tree: a minispec.tree.Tree or a choices list, default the
+    heads: MedusaHeads (the registry's factory finds them: minispec.decoders.heads.heads_for); tree: a minispec.tree.Tree or a choices list, default the
     tree stored with the heads for this backend ("tree_cuda" on a GPU when stored, where a verify of N tokens
     costs about one step; else "tree", sized from the CPU's cost curve c(T)), the chain of K tokens when none
     is stored; top_k: candidates read per head, default what the tree needs (its largest rank + 1).
     """
     name = "medusa"
 
-    def __init__(self, model, heads=None, tree=None, top_k=None):
-        if heads is None:
-            heads = self._heads_next_to(model)
-        elif isinstance(heads, (str, Path)):            # a folder of heads (e.g. `minispec generate --heads DIR`)
-            heads = self._heads_in(model, Path(heads))
+    def __init__(self, model, heads, tree=None, top_k=None):
         device = getattr(model, "device", None)
         tree = proposer_tree(tree, heads, device, "medusa")
         need = int(tree.rank.max()) + 1 if tree.N > 1 else 1
@@ -356,24 +245,6 @@ class MedusaProposer:
             raise ValueError(f"medusa: the tree uses rank {need - 1}, so top_k must be >= {need}, got {top_k}")
         self.heads, self.tree, self.top_k = heads, tree, top_k
         self.root_only = Tree.from_choices([])
-
-    @staticmethod
-    def _heads_next_to(model):
-        path = getattr(model, "path", None)
-        folder = Path(path) / "medusa" if path else None
-        if folder is None or not folder.is_dir():
-            raise MissingFileError(f"no Medusa heads next to {path}: train them with "
-                                    f"`minispec train-heads --kind medusa --model {path}`")
-        return MedusaProposer._heads_in(model, folder)
-
-    @staticmethod
-    def _heads_in(model, folder):
-        if not folder.is_dir():
-            raise MissingFileError(f"{folder}: no such folder of Medusa heads")
-        cached = getattr(model, "_medusa_heads", None)      # one load per model, not one per generate() call
-        if cached is None or cached[0] != folder:
-            model._medusa_heads = cached = (folder, load_heads(folder, model))
-        return cached[1]
 
     def start(self, ctx, prompt_hidden):
         pass

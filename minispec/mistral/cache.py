@@ -18,7 +18,7 @@ step).
 """
 import numpy as np
 
-from .errors import UserError
+from ..errors import UserError
 
 
 class RollingCache:

@@ -20,8 +20,8 @@ from pathlib import Path
 
 import numpy as np
 
+from ..errors import MissingFileError, UserError, check_finite, read_json
 from .config import MistralConfig
-from .errors import MissingFileError, UserError, check_finite, read_json
 
 _DTYPES = {"F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": np.uint16,
            "I64": np.int64, "I32": np.int32, "I16": np.int16, "I8": np.int8, "U8": np.uint8, "BOOL": np.bool_}

@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .backend import to_device
+from ..backend import to_device
 
 
 @dataclass

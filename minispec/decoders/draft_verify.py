@@ -19,16 +19,18 @@ The shipped skip set of a model lives at <model.path>/draft_verify/skip_set.json
                               in SkipSet.meta and ignored by decoding
 """
 import os
+import time
 from dataclasses import dataclass, field
 
 import numpy as np
 
-from .backend import to_host
-from .bench import interp_cost
-from .errors import MissingFileError, UserError, read_json, write_json_lines
-from .sampling import sample, target_probs
-from .tree import Tree
-from .verify import Draft, count
+from ..backend import to_host
+from ..errors import MissingFileError, UserError, read_json, write_json_lines
+from ..speculative.costs import measure_costs
+from ..speculative.loop import Context, Stats
+from ..speculative.sampling import SamplingParams, sample, target_probs
+from ..speculative.tree import Tree
+from ..speculative.verify import Draft, count
 
 SKIP_SET_FILE = os.path.join("draft_verify", "skip_set.json")
 
@@ -260,15 +262,20 @@ class DraftVerifyProposer:
                                                   step.drafted == self.max_draft, self.rule)
 
 
-# ---- the cost model -----------------------------------------------------------------------------------------------
-def predicted_speedup(tau, drafted, draft_cost, costs):
-    """The speedup over plain decoding that the cost model predicts, in units of one AR step (a 1-token forward):
+# ---- the cost model's inputs ------------------------------------------------------------------------------------
+def draft_cost_inputs(model, skip, sizes, reps=25, context=200, clock=time.process_time, K=4):
+    """Draft & Verify's cost-model inputs (r, {T: c(T)}) for minispec.speculative.costs.chain_speedup (a list of
+    them, one per clock, when clock is a tuple): r = one draft token (the proposer's own work per token: its skipped one-token forward, argmax or sampling,
+    confidence; timed as whole proposals of K tokens) / one full one-token forward, c(T) the verify cost curve,
+    all timed round-robin against a cache holding `context` tokens by measure_costs (medians).
 
-        speedup = tau / mean over steps s of ( K_s · r + c(K_s + 1) )
+    The default clock is CPU time of this process (run with one BLAS thread): on a shared machine a call's WALL
+    time grows faster than its work (a longer call is preempted more often), CPU time does not."""
+    proposer = DraftVerifyProposer(model, skip=skip, max_draft=K, gamma0=0.0, adaptive=False)
 
-    tau: measured tokens per step; drafted [steps]: draft tokens K_s of each step (each cost one draft forward);
-    draft_cost r: one skipped one-token forward / one full one-token forward; costs {T: c(T)}: the verify cost
-    curve (minispec.bench.cost_curve), interpolated linearly between its measured sizes."""
-    K = np.asarray(drafted, dtype=np.float64)
-    c = interp_cost(costs, K + 1)
-    return float(tau / np.mean(K * draft_cost + c))
+    def propose(cache):
+        proposer.propose(Context(1, None, model, cache, SamplingParams(), np.random.default_rng(0), Stats()))
+    clocks = clock if isinstance(clock, tuple) else (clock,)
+    out = [(r, curve) for curve, _, r in measure_costs(model, sizes, reps, context, clocks, propose=propose,
+                                                        propose_tokens=K)]
+    return out if isinstance(clock, tuple) else out[0]

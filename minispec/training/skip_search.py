@@ -22,13 +22,14 @@ what the uninterrupted one would have.
 """
 import json
 import os
-from pathlib import Path
 
 import numpy as np
 
-from .errors import UserError, read_json
+from ..errors import UserError, read_json
 from .skip_objective import (CostModel, Calibration, MeasuredObjective, PredictedObjective, calibrate, free_decisions,
                              from_code, from_params, measure_costs, search_space, to_code, to_params)
+from .train_medusa import corpus_prompts
+from .progress import Progress
 
 FORMAT = "minispec-skip-search/1"
 INSTALL_HINT = "bo needs the optional package bayesian-optimization: pip install 'minispec[search]'"
@@ -209,7 +210,6 @@ def best_so_far(evaluations):
 # ---------------------------------------------------------------------------------------------------------
 def calibration_prompts(tok, text, n_prompts=8, prompt_len=32, seed=0):
     """Calibration prompts cut from a training text at random places (minispec.train_heads.corpus_prompts)."""
-    from .train_heads import corpus_prompts
     g = corpus_prompts(tok, text, prompt_len, seed=seed)
     return [next(g) for _ in range(n_prompts)]
 
@@ -218,7 +218,6 @@ def run_search(model, trace_path, methods=("bo", "random"), objective="predicted
                keep_ends=True, prompts=None, n_new=48, context="committed", flat=False, progress=True, log=print):
     """Run (or resume) each method on one objective, recording into the trace. prompts: calibration prompts
     (only read when the trace is new). Returns the Trace."""
-    from .progress import Progress
     L = model.config.n_layers
 
     def header():
@@ -271,59 +270,3 @@ def run_key(method, objective, keep_ends):
     """A run's name in the trace: e.g. "bo/predicted", "random-all/measured" (-all: the first and last layers may
     be skipped too; an exhaustive run always covers every set)."""
     return f"{method}{'-all' if method != 'exhaustive' and not keep_ends else ''}/{objective}"
-
-
-def cmd_search_skip(args):
-    """The CLI entry (minispec.cli's search-skip parser)."""
-    from .cli import check_model_args
-    from .draft_verify import skip_set_path
-    from .model import load
-    from .train_heads import corpus_path
-    check_model_args(args, tokenizer=False)         # the model folder (default: the shipped one) and the device
-    out = Path(args.trace) if args.trace else Path(skip_set_path(args.model)).parent / "search_trace.json"
-    text = None if out.exists() else corpus_path(args.text, "--text")    # a resumed search has its prompts
-    model = load(args.model, dtype=args.dtype, device=args.device)
-    prompts = None
-    if text is not None:
-        from .tokenizer import Tokenizer
-        prompts = calibration_prompts(Tokenizer.from_dir(args.model), text, args.prompts, args.prompt_len, args.seed)
-    try:
-        trace = run_search(model, str(out), [m for m in args.method.split(",") if m], args.objective, args.budget,
-                           args.seed, not args.all_layers, prompts, args.new, flat=args.flat_cost)
-    except ImportError as e:
-        raise UserError(f"search-skip: {e}") from None
-    print(f"trace: {out}")
-    if args.write:
-        key = run_key(args.method.split(",")[0], args.objective, not args.all_layers)
-        b = best(trace.evaluations(key, trace.data["runs"][key]["settings"]), args.min_match)
-        skip = from_code(b["code"], model.config.n_layers)
-        how = key if args.min_match is None else f"{key}, the best set with a match rate >= {args.min_match}"
-        skip = type(skip)(skip.attn, skip.mlp, {"chosen_by": how, "search_trace": out.name, "calibration": {
-            k: v for k, v in b.items() if k not in ("code", "params")}})
-        path = Path(skip_set_path(args.model))
-        skip.save(path)
-        print(f"wrote {path}: {skip}")
-
-
-def add_parser(sub, model_arg):
-    """The `search-skip` subcommand (called from minispec.cli.main)."""
-    s = sub.add_parser("search-skip", help="search the Draft & Verify skip set (BO vs random vs exhaustive)")
-    model_arg(s)
-    s.add_argument("--method", default="bo,random", help="comma-separated: bo, random, exhaustive")
-    s.add_argument("--objective", default="predicted", choices=["predicted", "measured"],
-                   help="predicted: teacher-forced matchness + cost model (noise-free); measured: tokens/s")
-    s.add_argument("--budget", type=int, default=60, help="distinct sets evaluated per method (bo, random)")
-    s.add_argument("--seed", type=int, default=0)
-    s.add_argument("--all-layers", action="store_true", help="also let the search skip the first/last layer")
-    s.add_argument("--trace", default=None, help="trace JSON (default MODEL/draft_verify/search_trace.json); "
-                                                 "an existing one is resumed")
-    s.add_argument("--text", default=None, help="calibration text (default data/corpus/train.txt)")
-    s.add_argument("--prompts", type=int, default=8, help="calibration prompts")
-    s.add_argument("--prompt-len", type=int, default=32, help="tokens per calibration prompt")
-    s.add_argument("--new", type=int, default=48, help="greedy tokens per calibration prompt")
-    s.add_argument("--flat-cost", action="store_true", help="c(T) = 1 (a GPU-like backend) in the cost model")
-    s.add_argument("--write", action="store_true", help="write MODEL/draft_verify/skip_set.json: the best set "
-                                                        "of the first method")
-    s.add_argument("--min-match", type=float, default=None, help="--write: the best set among those whose "
-                                                                 "teacher-forced match rate reaches this (predicted)")
-    s.set_defaults(func=cmd_search_skip)

@@ -41,13 +41,13 @@ from pathlib import Path
 
 import numpy as np
 
-from .backend import array_module, to_host
-from .errors import MissingFileError, UserError
-from .cache import RollingCache
-from .layers import attention, linear, qkv_heads, rms_norm, rope_tables, silu, sliding_window_mask, swiglu
+from ..backend import array_module, to_host
+from ..errors import UserError
+from ..mistral.cache import RollingCache
+from ..mistral.layers import attention, linear, qkv_heads, rms_norm, rope_tables, silu, sliding_window_mask, swiglu
+from ..speculative.tree import Tree, proposer_tree
+from ..speculative.verify import Draft, count
 from .medusa import topk_ids
-from .tree import Tree, proposer_tree
-from .verify import Draft, count
 
 ARCHS = ("mlp", "prefix-mlp")          # zankner/Hydra's hydra_head_arch values: Hydra, Hydra++
 KIND_ARCH = {"hydra": "mlp", "hydra++": "prefix-mlp"}
@@ -284,16 +284,6 @@ class HydraHeads:
         """Head i on a batch a [B, (i+2)·D] -> [B, V]."""
         return head_forward(self.heads[i], a)
 
-    def save(self, folder, extra=None, dtype=np.float32):
-        """minispec's format (hydra_files.save): hydra_config.json (+ extra entries) + hydra_heads.safetensors."""
-        from .hydra_files import save
-        save(self, folder, extra, dtype)
-
-    def config_dict(self):
-        return {"kind": self.kind, "arch": self.arch, "num_heads": self.K, "num_layers": self.L,
-                "hidden_size": self.D, "vocab_size": self.V, "tree": self.choices, "tree_cuda": self.choices_cuda,
-                "accuracies": self.accuracies, "base_model": self.base_model}
-
 
 # ---------------------------------------------------------------------------------------------------------
 # The proposer: decoders "hydra" and "hydra++" of minispec.generate
@@ -301,44 +291,20 @@ class HydraHeads:
 class HydraProposer:
     """Draft = the stored tree, filled depth by depth by the grounded proposal.
 
-    kind "hydra" (heads at <model.path>/hydra/) or "hydra++" (<model.path>/hydra++/); heads: a HydraHeads to
-    use instead; tree: a Tree or choices, default the tree stored with the heads for this backend ("tree_cuda"
+    heads: a HydraHeads, plain Hydra's or Hydra++'s (the registry's factory finds them:
+    minispec.decoders.heads.heads_for); tree: a Tree or choices, default the tree stored with the heads for this backend ("tree_cuda"
     on a GPU when stored, else "tree"), the chain of K tokens when none is stored.
     Hydra++: start() fills the prefix layer's cache with the prompt's hidden states; observe() runs the newly
     committed path's hidden states through it and commits them, so it never sees a rejected token; the prefix
     output at the last committed position replaces h_t."""
 
-    def __init__(self, model, kind="hydra", heads=None, tree=None):
-        if kind not in KIND_ARCH:
-            raise UserError(f"Hydra kind must be one of {sorted(KIND_ARCH)}, not {kind!r}")
-        if heads is None:
-            heads = self._heads_next_to(model, kind)
-        elif isinstance(heads, (str, Path)):            # a folder of heads (e.g. `minispec generate --heads DIR`)
-            from .hydra_files import load_heads
-            if not Path(heads).is_dir():
-                raise MissingFileError(f"{heads}: no such folder of {kind} heads")
-            heads = load_heads(Path(heads), model)
+    def __init__(self, model, heads, tree=None):
         self.name = heads.kind
         device = getattr(model, "device", None)
         tree = proposer_tree(tree, heads, device, self.name)
         self.model, self.heads, self.tree, self.plan = model, heads, tree, TreePlan(tree, heads.xp)
         self.root_only = Tree.from_choices([])
         self.cache, self.h = None, None
-
-    @staticmethod
-    def _heads_next_to(model, kind):
-        from .hydra_files import load_heads
-        path = getattr(model, "path", None)
-        folder = Path(path) / kind if path else None
-        if folder is None or not folder.is_dir():
-            raise MissingFileError(f"no {kind} heads next to {path}: train them with "
-                                    f"`minispec train-heads --kind {kind} --model {path}`")
-        attr = "_hydra_heads" if kind == "hydra" else "_hydrapp_heads"
-        cached = getattr(model, attr, None)          # one load per model, not one per generate() call
-        if cached is None or cached[0] != folder:
-            cached = (folder, load_heads(folder, model))
-            setattr(model, attr, cached)
-        return cached[1]
 
     def start(self, ctx, prompt_hidden):
         self.h = None

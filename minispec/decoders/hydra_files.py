@@ -34,13 +34,14 @@ import json
 from pathlib import Path
 
 import numpy as np
+from safetensors.numpy import save_file
 
-from .backend import to_device, to_host
-from .errors import UserError, check_finite, read_json, write_json_lines
+from ..backend import to_device, to_host
+from ..errors import UserError, check_finite, read_json
+from ..mistral.layers import rope_inv_freq
+from ..mistral.weights import CheckpointError, read_safetensors, safetensors_in
+from .heads import check_head_sizes, load_either, read_head_trees, refuse_pickle, save_folder
 from .hydra import ARCHS, HydraHeads, head_input_width
-from .layers import rope_inv_freq
-from .medusa import check_head_sizes, read_head_trees
-from .weights import CheckpointError, read_safetensors, safetensors_in
 
 CONFIG_NAME, WEIGHTS_NAME = "hydra_config.json", "hydra_heads.safetensors"
 HY_CONFIG_NAME, HY_WEIGHTS_NAME = "config.json", "hydra_lm_head.safetensors"
@@ -184,13 +185,16 @@ def from_state_dict(model, tensors, arch, num_heads, num_layers, source="state d
 # ---------------------------------------------------------------------------------------------------------
 # minispec's format
 # ---------------------------------------------------------------------------------------------------------
+def config(heads):
+    """The heads' hydra_config.json entries."""
+    return {"kind": heads.kind, "arch": heads.arch, "num_heads": heads.K, "num_layers": heads.L,
+            "hidden_size": heads.D, "vocab_size": heads.V, "tree": heads.choices, "tree_cuda": heads.choices_cuda,
+            "accuracies": heads.accuracies, "base_model": heads.base_model}
+
+
 def save(heads, folder, extra=None, dtype=np.float32):
     """folder/hydra_config.json (+ `extra` entries, e.g. a training record) + folder/hydra_heads.safetensors."""
-    from safetensors.numpy import save_file
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    save_file(state_dict(heads, dtype), str(folder / WEIGHTS_NAME))
-    write_json_lines(folder / CONFIG_NAME, {**heads.config_dict(), **(extra or {})})
+    save_folder(folder, state_dict(heads, dtype), {**config(heads), **(extra or {})}, CONFIG_NAME, WEIGHTS_NAME)
 
 
 def load(folder, model):
@@ -209,13 +213,11 @@ def load(folder, model):
 # zankner/Hydra's format
 # ---------------------------------------------------------------------------------------------------------
 def _refuse_pickle(path):
-    raise CheckpointError(
-        f"{path}: refusing a pickle-based file (zankner/Hydra saves hydra_lm_head.pt with torch.save). Unpickling "
-        f"can run arbitrary code, so minispec never does it. Convert it once, in a trusted environment, with torch "
-        f"(clone(): Hydra's shared blocks share storage, which safetensors refuses):\n"
-        f"    python -c \"import torch, safetensors.torch as st; sd = torch.load({str(path)!r}, weights_only=True); "
-        f"st.save_file({{k: v.clone().contiguous() for k, v in sd.items()}}, 'hydra_lm_head.safetensors')\"\n"
-        f"and put hydra_lm_head.safetensors next to its config.json.")
+    # clone(): Hydra's shared blocks share storage, which safetensors refuses
+    refuse_pickle(path, "zankner/Hydra saves hydra_lm_head.pt with torch.save",
+                  f"python -c \"import torch, safetensors.torch as st; sd = torch.load({str(path)!r}, "
+                  f"weights_only=True); st.save_file({{k: v.clone().contiguous() for k, v in sd.items()}}, "
+                  f"'hydra_lm_head.safetensors')\"", HY_WEIGHTS_NAME)
 
 
 def read_hydra(folder, model):
@@ -251,7 +253,6 @@ def blocks_equal(p):
 def write_hydra(heads, folder):
     """zankner/Hydra's layout: config.json + hydra_lm_head.safetensors (float32, with the extra tensors its
     modules hold, so that load_state_dict(strict=True) accepts it). Refuses heads whose blocks 2..L differ."""
-    from safetensors.numpy import save_file
     bad = [i for i, p in enumerate(heads.heads) if not blocks_equal(p)]
     if bad:
         raise UserError(f"write_hydra: head {bad[0]}'s blocks 2..{heads.L} have different weights, but zankner/Hydra "
@@ -273,9 +274,5 @@ def write_hydra(heads, folder):
 
 def load_heads(folder, model):
     """Heads from a folder in either format (minispec's hydra_config.json, or zankner/Hydra's config.json)."""
-    folder = Path(folder)
-    if (folder / CONFIG_NAME).exists():
-        return load(folder, model)
-    if (folder / HY_CONFIG_NAME).exists():
-        return read_hydra(folder, model)
-    raise CheckpointError(f"{folder}: neither {CONFIG_NAME} (minispec) nor {HY_CONFIG_NAME} (zankner/Hydra) found")
+    return load_either(folder, [(CONFIG_NAME, "minispec", lambda f: load(f, model)),
+                                (HY_CONFIG_NAME, "zankner/Hydra", lambda f: read_hydra(f, model))])

@@ -1,7 +1,4 @@
-"""Sampling and the acceptance rules of speculative decoding (docs/design.md, "One verifier").
-
-Reading order: the target distribution (temperature, top-k, top-p), drawing one token from it, then the four
-acceptance rules a verifier can apply to a drafted chain or tree:
+"""The acceptance rules of speculative decoding (docs/design.md, "One verifier"): which drafted tokens to keep.
 
     rule                     drafts                      lossless?   source
     greedy_accept            tree (or chain)             exact       argmax match (Medusa §2.1.2, Stern et al. 2018)
@@ -9,117 +6,21 @@ acceptance rules a verifier can apply to a drafted chain or tree:
     chain_rejection_accept   chain drawn from q          yes         Leviathan et al. 2023, Chen et al. 2023
     tree_rejection_accept    tree of top-k candidates    yes         recursive rejection sampling (SpecInfer, Sequoia)
 
-All rules take the target distributions from `target_probs` on the verifier's logits, computed on the logits'
-device; only token ids, a few probabilities, and accept/reject bits cross to the host. Randomness comes from a
-host `numpy.random.Generator`, one uniform number per decision, so a NumPy and a CuPy run with the same seed make
-the same decisions (up to the rare uniform that lands within float rounding of a CDF boundary).
+All rules take the target distributions from `target_probs` on the verifier's logits; only token ids, a few
+probabilities, and accept/reject bits cross to the host. `make_rule` binds one of them to the sampling parameters
+for the verifier (minispec.speculative.verify).
 
 Trees are duck-typed: the rules read `tree.children` (and `tree.retrieve`, `tree.parents` for typical
-acceptance) of a minispec.tree.Tree; `Tree.chain(K)` is the chain case. Shapes: N tree nodes, V vocab, K draft.
+acceptance) of a minispec.speculative.tree.Tree; `Tree.chain(K)` is the chain case. Shapes: N tree nodes,
+V vocab, K draft.
 """
-from dataclasses import dataclass
-
 import numpy as np
 
-from .backend import array_module, to_device, to_host
-from .errors import UserError, check_int, check_real
-from .layers import softmax
+from ..backend import array_module, to_device, to_host
+from ..errors import UserError
+from .sampling import sample, target_probs
 
 
-MIN_TEMPERATURE = 1e-6      # smaller: logits / T can overflow float32 (|logits| > 3e32); greedy is spelled 0
-
-
-@dataclass(frozen=True)
-class SamplingParams:
-    """How the target distribution is shaped from logits. temperature 0 means greedy (argmax).
-
-    top_k 0 means no top-k cut; top_p 1 means no nucleus cut. Applied in the order temperature, top-k, top-p,
-    as Hugging Face's logits warpers and vLLM do (top-p measures mass after the top-k cut). At temperature 0
-    the argmax is taken and top_k / top_p change nothing (they are still checked, with the same rules).
-    Invalid values raise minispec.errors.UserError naming the parameter (`check_generation` adds seed and
-    max_new_tokens: it is the one validator generate() and the command line share).
-    """
-    temperature: float = 0.0
-    top_k: int = 0
-    top_p: float = 1.0
-
-    def __post_init__(self):
-        check_real("temperature", self.temperature, low=0, what=" (0: greedy)")
-        if 0 < self.temperature < MIN_TEMPERATURE:
-            raise UserError(f"temperature must be 0 (greedy) or >= {MIN_TEMPERATURE:g}: a smaller one overflows "
-                            f"logits / temperature in float32 (and samples the argmax anyway), got {self.temperature!r}")
-        check_int("top_k", self.top_k, low=0, what=" (0: no top-k cut)")
-        check_real("top_p", self.top_p, low=0, high=1, low_open=True, what=" (1: no nucleus cut)")
-
-    @property
-    def greedy(self):
-        return self.temperature == 0
-
-
-def check_generation(temperature=0.0, top_k=0, top_p=1.0, seed=0, max_new_tokens=64):
-    """The one check of generate()'s sampling arguments (the command line calls it before loading anything):
-    SamplingParams' rules, plus seed (None or an int >= 0, what numpy.random.default_rng accepts; None draws
-    fresh entropy) and max_new_tokens (an int >= 0; a float or a bool is refused, not truncated).
-    Returns the SamplingParams."""
-    if seed is not None:
-        check_int("seed", seed, low=0)
-    check_int("max_new_tokens", max_new_tokens, low=0)
-    return SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p)
-
-
-# ---------------------------------------------------------------------------------------------------------
-# The target distribution and one draw from it
-
-def target_probs(logits, params):
-    """logits [..., V] -> the distribution sampling draws from, [..., V], same namespace and dtype.
-
-    temperature 0: the one-hot of the argmax (first index on ties), so that acceptance rules treat greedy
-    decoding as sampling from a point mass. Otherwise softmax(logits / temperature), then
-      top-k: keep the k largest logits (all tokens tied with the k-th are kept, as in Hugging Face's TopK warper);
-      top-p: keep the smallest set of most probable tokens whose mass reaches top_p (nucleus sampling,
-             Holtzman et al. 2020), i.e. token x stays iff the mass of the tokens ranked above it is < top_p;
-             the top token always stays;
-    and renormalise.
-    """
-    xp = array_module(logits)
-    V = logits.shape[-1]
-    dt = logits.dtype.type
-    if params.temperature == 0:
-        best = logits.argmax(axis=-1)[..., None]                                 # [..., 1]
-        return (xp.arange(V) == best).astype(logits.dtype)                       # [..., V]
-    z = logits / dt(params.temperature)                                          # [..., V]
-    if 0 < params.top_k < V:
-        kth = xp.sort(z, axis=-1)[..., V - params.top_k:V - params.top_k + 1]    # [..., 1] k-th largest
-        z = xp.where(z >= kth, z, dt(-np.inf))
-    p = softmax(z)                                                               # [..., V]
-    if params.top_p < 1:
-        ranked = xp.sort(p, axis=-1)[..., ::-1]                                  # [..., V] descending
-        above = xp.cumsum(ranked, axis=-1) - ranked                              # mass ranked strictly above
-        n_keep = (above < dt(params.top_p)).sum(axis=-1, keepdims=True)          # [..., 1], >= 1
-        cutoff = xp.take_along_axis(ranked, n_keep - 1, axis=-1)                 # [..., 1] smallest kept prob
-        p = xp.where(p >= cutoff, p, dt(0))
-        p = p / p.sum(axis=-1, keepdims=True)
-    return p
-
-
-def sample(probs, rng):
-    """One token id (python int) from probs [V] (any non-negative weights; normalised here).
-
-    Inverse CDF on the device: u = 1 - rng.random() in (0, 1] from the host generator, token = the number of
-    CDF entries below u · total. u > 0 means a zero-probability token is never returned. Exactly one uniform is
-    drawn per call, so the same seed gives the same tokens on NumPy and CuPy.
-    """
-    cdf = array_module(probs).cumsum(probs)                                      # [V]
-    total = float(cdf[-1])
-    if not 0 < total < np.inf:
-        raise ValueError(f"sample: probabilities must have a positive finite sum, got {total}")
-    u = 1.0 - rng.random()
-    # u · total <= total, and a python float compares in the array's dtype on NumPy 2 and CuPy alike
-    return min(int((cdf < u * total).sum()), probs.shape[-1] - 1)
-
-
-# ---------------------------------------------------------------------------------------------------------
-# Acceptance rules
 
 def greedy_accept(tree, tokens, logits):
     """Greedy verification (exact: the output equals greedy decoding of the target model).
@@ -247,3 +148,32 @@ def tree_rejection_accept(tree, tokens, target, rng):
         else:
             # rest == 0 means the last child was accepted with probability 1; the fallback guards rounding only
             return path, sample(residual if rest > 0 else row, rng)
+
+
+def rejection_accept(draft, target, rng):
+    """Lossless rejection sampling of a draft against the target distributions target [N, V]: chain rejection
+    sampling with the draft's own q when the draft was sampled (draft.q is set; the tree must be a chain),
+    recursive rejection sampling of point-mass candidates otherwise. Returns (path, bonus)."""
+    if draft.q is None:
+        return tree_rejection_accept(draft.tree, draft.tokens, target, rng)
+    K = draft.tree.N - 1
+    if draft.tree.max_depth != K:
+        raise ValueError("a draft with q (sampled tokens) must be a chain")
+    n, bonus = chain_rejection_accept(draft.tokens[1:], draft.q, target, rng)
+    return list(range(n + 1)), bonus        # a chain's nodes are 0..K in order
+
+
+def make_rule(params, acceptance, rng):
+    """The acceptance rule, rule(draft, logits [N, V]) -> (path, bonus): greedy for temperature 0, lossless
+    rejection sampling otherwise ("typical" on request: Medusa's lossy rule)."""
+    if acceptance is None:
+        acceptance = "greedy" if params.greedy else "rejection"
+    if acceptance == "greedy":
+        if not params.greedy:
+            raise UserError("acceptance='greedy' needs temperature=0")
+        return lambda draft, logits: greedy_accept(draft.tree, draft.tokens, logits)
+    if acceptance == "rejection":
+        return lambda draft, logits: rejection_accept(draft, target_probs(logits, params), rng)
+    if acceptance == "typical":
+        return lambda draft, logits: typical_accept(draft.tree, draft.tokens, logits, params, rng=rng)
+    raise UserError(f"acceptance must be 'greedy', 'rejection' or 'typical', not {acceptance!r}")

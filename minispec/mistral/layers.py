@@ -5,7 +5,7 @@ dtype, and returns arrays of the same. Shapes use the letters of minispec/config
 """
 import numpy as np
 
-from .backend import array_module
+from ..backend import array_module
 
 
 def rms_norm(x, weight, eps):

@@ -23,8 +23,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .backend import to_host
-from .errors import UserError
+from ..backend import to_host
+from ..errors import UserError
 
 
 def _readonly(a):

@@ -1,0 +1,98 @@
+"""Medusa head files: minispec's own format and FasterDecoding/Medusa's.
+
+minispec's format, a folder:  medusa_config.json + medusa_heads.safetensors.
+FasterDecoding's format (FasterDecoding/Medusa), a folder:  config.json (medusa_num_heads, medusa_num_layers,
+base_model_name_or_path) + medusa_lm_head.safetensors. Both hold MedusaHeads.state_dict(): FasterDecoding's
+tensor names in Hugging Face (out, in) orientation (minispec.decoders.medusa).
+"""
+import json
+from pathlib import Path
+
+import numpy as np
+from safetensors.numpy import save_file
+
+from ..errors import read_json
+from ..mistral.weights import CheckpointError, read_safetensors, safetensors_in
+from .heads import check_head_sizes, load_either, read_head_trees, refuse_pickle, save_folder
+from .medusa import MedusaHeads
+
+CONFIG_NAME, WEIGHTS_NAME = "medusa_config.json", "medusa_heads.safetensors"
+FD_CONFIG_NAME, FD_WEIGHTS_NAME = "config.json", "medusa_lm_head.safetensors"
+
+
+# ---------------------------------------------------------------------------------------------------------
+# minispec's format
+# ---------------------------------------------------------------------------------------------------------
+def config(heads):
+    """The heads' medusa_config.json entries."""
+    return {"kind": "medusa", "version": heads.version, "num_heads": heads.K, "num_layers": heads.L,
+            "hidden_size": heads.D, "vocab_size": heads.V, "tree": heads.choices, "tree_cuda": heads.choices_cuda,
+            "accuracies": heads.accuracies, "base_model": heads.base_model}
+
+
+def save(heads, folder, extra=None, dtype=np.float32):
+    """folder/medusa_config.json (+ `extra` entries, e.g. a training record) and folder/medusa_heads.safetensors
+    (float32, or float16 to halve the file; widened again at load)."""
+    save_folder(folder, heads.state_dict(dtype), {**config(heads), **(extra or {})}, CONFIG_NAME, WEIGHTS_NAME)
+
+
+def load(folder, model):
+    """Heads saved by `save`, onto the model's device and dtype (the sizes must match the model)."""
+    folder = Path(folder)
+    cfg = read_json(folder / CONFIG_NAME)
+    if cfg.get("kind") != "medusa":
+        raise CheckpointError(f"{folder / CONFIG_NAME}: kind is {cfg.get('kind')!r}, expected 'medusa'")
+    missing = [k for k in ("hidden_size", "vocab_size", "num_heads", "num_layers", "version") if k not in cfg]
+    if missing:
+        raise CheckpointError(f"{folder / CONFIG_NAME}: missing key(s) {missing}")
+    check_head_sizes(cfg, model, folder / CONFIG_NAME)
+    heads = MedusaHeads.from_state_dict(model, read_safetensors(folder / WEIGHTS_NAME), cfg["num_heads"],
+                                        cfg["num_layers"], cfg["version"], source=str(folder / WEIGHTS_NAME))
+    return read_head_trees(heads, cfg)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# FasterDecoding/Medusa interoperability
+# ---------------------------------------------------------------------------------------------------------
+def _refuse_pickle(path):
+    refuse_pickle(path, "FasterDecoding ships medusa_lm_head.pt",
+                  f"python -c \"import torch, safetensors.torch as st; st.save_file(torch.load({str(path)!r}, "
+                  f"weights_only=True), 'medusa_lm_head.safetensors')\"", FD_WEIGHTS_NAME)
+
+
+def read_fasterdecoding(folder, model):
+    """Heads from a FasterDecoding/Medusa folder: config.json (medusa_num_heads, medusa_num_layers) +
+    medusa_lm_head.safetensors, onto `model`'s device (the model supplies D, V and, for v2, the output layer).
+
+    A file without the projection keys ({head}.{num_layers}.weight) is read as minispec "v2": heads that share
+    the base model's output layer. A .pt/.bin file is refused with the one-line torch conversion. Tensor names
+    may carry the `medusa_head.` prefix of full-model Medusa checkpoints."""
+    weights = safetensors_in(folder, FD_WEIGHTS_NAME, _refuse_pickle)
+    folder = Path(folder)
+    cfg = read_json(folder / FD_CONFIG_NAME)
+    for key in ("medusa_num_heads", "medusa_num_layers"):
+        if key not in cfg:
+            raise CheckpointError(f"{folder / FD_CONFIG_NAME}: no {key!r} (not a FasterDecoding Medusa config)")
+    tensors = read_safetensors(weights)
+    if tensors and all(n.startswith("medusa_head.") for n in tensors):
+        tensors = {n[len("medusa_head."):]: a for n, a in tensors.items()}
+    heads = MedusaHeads.from_state_dict(model, tensors, int(cfg["medusa_num_heads"]), int(cfg["medusa_num_layers"]),
+                                        source=str(weights))
+    heads.base_model = cfg.get("base_model_name_or_path", heads.base_model)
+    return heads
+
+
+def write_fasterdecoding(heads, folder):
+    """Write FasterDecoding's layout: config.json + medusa_lm_head.safetensors (float32; v2: no projection keys,
+    so FasterDecoding itself cannot run a v2 file: its heads always own a projection)."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    save_file(heads.state_dict(), str(folder / FD_WEIGHTS_NAME))
+    cfg = {"medusa_num_heads": heads.K, "medusa_num_layers": heads.L, "base_model_name_or_path": heads.base_model}
+    (folder / FD_CONFIG_NAME).write_text(json.dumps(cfg, indent=1) + "\n")
+
+
+def load_heads(folder, model):
+    """Heads from a folder in either format (minispec's medusa_config.json, or FasterDecoding's config.json)."""
+    return load_either(folder, [(CONFIG_NAME, "minispec", lambda f: load(f, model)),
+                                (FD_CONFIG_NAME, "FasterDecoding", lambda f: read_fasterdecoding(f, model))])

@@ -1,0 +1,127 @@
+"""The decoders by name, and generate(): minispec's one entry point for decoding.
+
+    out = minispec.generate(model, ids, decoder="ar", max_new_tokens=64, temperature=0.0, seed=0)
+    out.tokens            # the new token ids (never past max_new_tokens, never past the first EOS)
+    out.stats             # steps, tokens per step (histogram, tau), forward calls, times, tokens/s
+
+A decoder name maps to a factory factory(model, **options) -> Proposer (minispec.speculative.loop). "ar"
+proposes nothing (the root-only tree), so plain decoding is the verifier's degenerate case. The registry sits
+above the loop: the loop knows no decoder, and a new decoder is one file in this folder and one line here.
+"""
+import inspect
+
+import numpy as np
+
+from ..errors import UserError, check_int, check_token_ids, warn_if_past_max_positions
+from ..speculative.acceptance import make_rule
+from ..speculative.loop import run_loop
+from ..speculative.sampling import check_generation
+from ..speculative.tree import Tree
+from ..speculative.verify import Draft
+from .draft_verify import DraftVerifyProposer
+from .heads import heads_for
+from .hydra import HydraProposer
+from .hydra_files import load_heads as load_hydra
+from .medusa import MedusaProposer
+from .medusa_files import load_heads as load_medusa
+
+
+class Autoregressive:
+    """The empty draft: every step verifies only the root, i.e. one ordinary decoding step."""
+    name = "ar"
+
+    def __init__(self, model):
+        self.tree = Tree.from_choices([])
+
+    def start(self, ctx, prompt_hidden):
+        pass
+
+    def propose(self, ctx):
+        return Draft(self.tree, [ctx.root])
+
+    def observe(self, step):
+        pass
+
+
+def medusa(model, heads=None, tree=None, top_k=None):
+    """Decoder "medusa": K independent heads on the last hidden state, a static tree. heads: MedusaHeads, a folder,
+    or None for <model>/medusa/."""
+    return MedusaProposer(model, heads_for(model, heads, "medusa", load_medusa, "Medusa"), tree=tree, top_k=top_k)
+
+
+def hydra_heads(model, heads, kind):
+    """Hydra heads of `kind` for a decoder of that name: a Hydra++ decoder refuses plain Hydra heads and back."""
+    heads = heads_for(model, heads, kind, load_hydra)
+    if heads.kind != kind:
+        raise UserError(f"decoder {kind!r} needs {kind} heads, but these are {heads.kind} heads (arch {heads.arch!r})")
+    return heads
+
+
+def hydra(model, heads=None, tree=None):
+    """Decoder "hydra": sequentially dependent heads (heads at <model>/hydra/ unless given)."""
+    return HydraProposer(model, hydra_heads(model, heads, "hydra"), tree=tree)
+
+
+def hydra_pp(model, heads=None, tree=None):
+    """Decoder "hydra++": Hydra's heads after a prefix attention layer (heads at <model>/hydra++/ unless given)."""
+    return HydraProposer(model, hydra_heads(model, heads, "hydra++"), tree=tree)
+
+
+def draft_verify(model, skip=None, max_draft=None, gamma0=None, adaptive=True):
+    """Decoder "draft_verify": the model itself with some sublayers skipped drafts a chain. skip: a SkipSet, a
+    skip_set.json path, or None for <model>/draft_verify/skip_set.json."""
+    return DraftVerifyProposer(model, skip=skip, max_draft=max_draft, gamma0=gamma0, adaptive=adaptive)
+
+
+DECODERS = {"ar": Autoregressive, "medusa": medusa, "hydra": hydra, "hydra++": hydra_pp, "draft_verify": draft_verify}
+
+
+def decoders_with_heads():
+    """The registered decoders whose factory takes heads= (a folder of heads or heads object), sorted."""
+    def takes(f):
+        params = inspect.signature(f).parameters
+        return "heads" in params or any(p.kind == p.VAR_KEYWORD for p in params.values())
+    return sorted(n for n, f in DECODERS.items() if takes(f))
+
+
+def check_decoder(name, **options):
+    """The factory registered as `name`, or UserError listing the registered decoders; options the factory does
+    not take are refused by name (a factory that takes **options checks its own)."""
+    if name not in DECODERS:
+        raise UserError(f"decoder must be one of {', '.join(repr(d) for d in sorted(DECODERS))}, not {name!r}")
+    factory = DECODERS[name]
+    try:
+        inspect.signature(factory).bind(None, **options)
+    except TypeError as e:
+        raise UserError(f"decoder {name!r} does not take that option: {e}") from None
+    except ValueError:          # no signature (a builtin): nothing to check here
+        pass
+    return factory
+
+
+def make_proposer(name, model, **options):
+    """The proposer of registered decoder `name` for this model."""
+    return check_decoder(name, **options)(model, **options)
+
+
+def generate(model, ids, decoder="ar", max_new_tokens=64, temperature=0.0, top_k=0, top_p=1.0, seed=0,
+             eos_id=2, acceptance=None, on_token=None, cache=None, **decoder_options):
+    """Decode up to max_new_tokens after the prompt ids with `decoder` ("ar" or a registered speculative one,
+    or a proposer object). Stops at eos_id (included in the output; None disables it). on_token(id) is called
+    for each new token as soon as it is final. Returns Output(tokens, stats)."""
+    ids = [int(t) for t in check_token_ids(ids, model.config.vocab_size, what="prompt")]
+    params = check_generation(temperature, top_k, top_p, seed, max_new_tokens)
+    rng = np.random.default_rng(seed)
+    rule = make_rule(params, acceptance, rng)
+    if eos_id is not None:
+        check_int("eos_id", eos_id, low=0, what=" or None")
+    proposer = make_proposer(decoder, model, **decoder_options) if isinstance(decoder, str) else decoder
+    cache = model.new_cache() if cache is None else cache
+    end = cache.pos + len(ids) + max_new_tokens - 1                  # positions the request may reach
+    if not cache.ring and end > cache.W:
+        raise UserError(f"the prompt ({len(ids)} tokens) + max_new_tokens ({max_new_tokens}) do not fit the cache "
+                        f"of {cache.W} positions (max_seq_len; the model has no sliding window to wrap)")
+    # one warning for the whole request (the decode steps' block forwards do not check; the prefill would)
+    warn_if_past_max_positions(end, model.config.max_seq_len,
+                               what=f"the prompt ({len(ids)} tokens) + max_new_tokens ({max_new_tokens})")
+    return run_loop(model, ids, proposer, rule, params, rng, max_new_tokens, eos_id, on_token, cache)
