@@ -43,8 +43,8 @@ import numpy as np
 
 from ..backend import array_module, to_host
 from ..errors import UserError
-from ..mistral.cache import RollingCache
-from ..mistral.layers import attention, linear, qkv_heads, rms_norm, rope_tables, silu, sliding_window_mask, swiglu
+from ..mistral.layers import linear, rms_norm, rope_tables, silu
+from ..mistral.model import attention_sublayer, block_mask, mlp_sublayer, new_cache, prefill_chunks
 from ..speculative.tree import Tree, proposer_tree
 from ..speculative.verify import Draft, count
 from .medusa import topk_ids
@@ -112,57 +112,38 @@ def init_prefix(model, rng=None, scale=0.02):
 
 def new_prefix_cache(model, scratch=None):
     """The prefix layer's own rolling cache: 1 layer, the base model's Hkv, Dh and window."""
-    c = model.config
-    return RollingCache(1, c.n_kv_heads, c.head_dim, c.cache_slots, model.xp, model.dtype,
-                        ring=c.sliding_window is not None, scratch=scratch)
+    return new_cache(model.config, 1, model.xp, model.dtype, scratch)
 
 
 def prefix_forward(p, config, x, cache=None, keep=False):
-    """The prefix layer over base final-norm hidden states x [T, D] -> [T, D] (Hydra++'s prefix attention).
+    """The prefix layer over base final-norm hidden states x [T, D] -> [T, D] (Hydra++'s prefix attention): the
+    base model's own decoder-layer functions (minispec.mistral.model attention_sublayer, mlp_sublayer,
+    block_mask) on the prefix layer's weights, then its final RMSNorm.
 
     Without a cache: the whole sequence at positions 0 .. T-1 under the causal sliding-window mask.
     With a cache: positions cache.pos .. cache.pos + T - 1 against the committed slots; the block's keys and
     values wait in scratch, as in Model.forward_block: call cache.commit() to keep them (`prefix_advance` does).
-    keep=True also returns the intermediates {"x", "h1" (attention_norm(x)), "q", "k", "v" (after RoPE; with a
-    cache k, v are [Hkv, C + T, Dh] incl. the committed slots), "mask", "o" [H, T, Dh], "x1" (after attention),
-    "h2" (ffn_norm(x1)), "x2" (after the FFN, before the final norm), "cos", "sin"}.
+    keep=True also returns the intermediates a backward needs: attention_sublayer's and mlp_sublayer's, and
+    "x1" (after attention), "x2" (after the FFN, before the final norm).
     """
-    c = config
-    xp = array_module(x)
-    T, H, Hkv, Dh = x.shape[0], c.n_heads, c.n_kv_heads, c.head_dim
-    start = cache.pos if cache is not None else 0
-    pos = start + np.arange(T)                                                   # [T]
-    if cache is None:
-        mask = sliding_window_mask(pos, pos, c.sliding_window)                   # [T, T]
-    else:
-        mask = np.concatenate([sliding_window_mask(pos, cache.slot_positions(), c.sliding_window),   # [T, C]
-                               sliding_window_mask(pos, pos, c.sliding_window)], axis=1)         # [T, C + T]
-    mask = xp.asarray(mask)
-    cos, sin = rope_tables(pos, Dh, c.rope_theta, xp, x.dtype)                   # [T, Dh/2]
-    h1 = rms_norm(x, p["attention_norm"], c.norm_eps)                            # [T, D]
-    q, k, v = qkv_heads(h1, p["wqkv"], cos, sin, H, Hkv, Dh)                     # [H, T, Dh], [Hkv, T, Dh] x 2
+    c, xp = config, array_module(x)
+    pos = (cache.pos if cache is not None else 0) + np.arange(x.shape[0])       # [T]
+    mask = xp.asarray(block_mask(pos, cache, c.sliding_window))                  # [T, C + T] or [T, T]
+    cos, sin = rope_tables(pos, c.head_dim, c.rope_theta, xp, x.dtype)           # [T, Dh/2]
     if cache is not None:
-        cache.begin_block(T)
-        cache.write_block(0, k, v)
-        k, v = cache.layer_kv(0, T)                                              # [Hkv, C + T, Dh]
-    o = attention(q, k, v, mask)                                                 # [H, T, Dh]
-    x1 = x + linear(o.transpose(1, 0, 2).reshape(T, H * Dh), p["wo"])            # [T, D]
-    h2 = rms_norm(x1, p["ffn_norm"], c.norm_eps)                                 # [T, D]
-    x2 = x1 + swiglu(h2, p["w13"], p["w2"])                                      # [T, D]
+        cache.begin_block(x.shape[0])
+    x1, att = attention_sublayer(p, c, x, cos, sin, mask, cache, 0, keep=True)   # [T, D]
+    x2, ffn = mlp_sublayer(p, c, x1, keep=True)                                  # [T, D]
     out = rms_norm(x2, p["norm"], c.norm_eps)                                    # [T, D]
-    if keep:
-        return out, dict(x=x, h1=h1, q=q, k=k, v=v, mask=mask, o=o, x1=x1, h2=h2, x2=x2, cos=cos, sin=sin)
-    return out
+    return (out, dict(att, **ffn, x1=x1, x2=x2)) if keep else out
 
 
 def prefix_advance(p, config, x, cache):
-    """Run committed positions x [T, D] through the prefix layer and commit them all, in chunks of at most
-    min(W, cache.chunk) rows (a chunk must not overwrite slots it still reads). Returns the outputs [T, D]."""
-    xp = cache.xp
-    out = xp.empty_like(x)                                                       # [T, D]
-    chunk = min(cache.W, cache.chunk)
-    for s in range(0, x.shape[0], chunk):
-        out[s:s + chunk] = prefix_forward(p, config, x[s:s + chunk], cache)
+    """Run committed positions x [T, D] through the prefix layer and commit them all, chunk by chunk as the
+    model's prefill does (minispec.mistral.model.prefill_chunks). Returns the outputs [T, D]."""
+    out = cache.xp.empty_like(x)                                                 # [T, D]
+    for s, e in prefill_chunks(x.shape[0], cache):
+        out[s:e] = prefix_forward(p, config, x[s:e], cache)
         cache.commit()
     return out
 

@@ -85,9 +85,7 @@ class Model:
     # ---- construction -------------------------------------------------------------------------------------------
     def new_cache(self, scratch=None):
         """An empty rolling cache: W = sliding_window slots per layer (max_seq_len where there is no window)."""
-        c = self.config
-        return RollingCache(c.n_layers, c.n_kv_heads, c.head_dim, c.cache_slots, self.xp, self.dtype,
-                            ring=c.sliding_window is not None, scratch=scratch)
+        return new_cache(self.config, self.config.n_layers, self.xp, self.dtype, scratch)
 
     # ---- the forward pass ---------------------------------------------------------------------------------------
     def forward(self, ids, cache=None, return_hidden=False, skip=None, warn_positions=True):
@@ -102,13 +100,12 @@ class Model:
             warn_if_past_max_positions(start + len(ids), self.config.max_seq_len)
         if cache is None:
             pos = np.arange(len(ids))
-            mask = sliding_window_mask(pos, pos, self.config.sliding_window)                 # [T, T]
+            mask = block_mask(pos, None, self.config.sliding_window)                         # [T, T]
             out = self._run(ids, pos, self.xp.asarray(mask), cache=None, skip=skip)
             return (out.logits, out.hidden) if return_hidden else out.logits
-        chunk = self.prefill_chunk(cache)
         logits, hidden = [], []
-        for s in range(0, len(ids), chunk):
-            out = self.forward_block(ids[s:s + chunk], cache, skip=skip)
+        for s, e in prefill_chunks(len(ids), cache):
+            out = self.forward_block(ids[s:e], cache, skip=skip)
             cache.commit()
             logits.append(out.logits)
             hidden.append(out.hidden)
@@ -116,12 +113,6 @@ class Model:
         logits = logits[0] if len(logits) == 1 else xp.concatenate(logits)
         hidden = hidden[0] if len(hidden) == 1 else xp.concatenate(hidden)
         return (logits, hidden) if return_hidden else logits
-
-    @staticmethod
-    def prefill_chunk(cache):
-        """Tokens per prefill chunk: at most W (so a chunk never overwrites slots it still reads) and at most
-        cache.chunk (512 unless the cache was made with scratch=: the scratch rows a chunk needs)."""
-        return min(cache.W, cache.chunk)
 
     def forward_block(self, ids, cache, depths=None, parents_mask=None, skip=None, offset=0):
         """Run a block of T tokens against the committed cache WITHOUT writing it (K/V wait in scratch).
@@ -142,12 +133,7 @@ class Model:
             raise UserError(f"forward_block: {T} ids need depths [{T}] and parents_mask [{T}, {T}], got "
                             f"{list(depths.shape)} and {list(block_visible.shape)}")
         q_pos = cache.pos + offset + depths                                                  # [T]
-        window = self.config.sliding_window
-        prior = cache.pos + np.arange(offset)                                                # [offset] scratch rows
-        mask = np.concatenate([sliding_window_mask(q_pos, cache.slot_positions(), window),  # [T, C] ring
-                               sliding_window_mask(q_pos, prior, window),                   # [T, offset]
-                               block_visible & sliding_window_mask(q_pos, q_pos, window)],
-                              axis=1)                                                        # [T, C + offset + T]
+        mask = block_mask(q_pos, cache, self.config.sliding_window, block_visible, offset)   # [T, C + offset + T]
         cache.begin_block(T, offset)
         return self._run(ids, q_pos, self.xp.asarray(mask), cache, skip=skip)
 
@@ -174,27 +160,79 @@ class Model:
         return self.final(x)
 
     def attention_sublayer(self, i, x, cos, sin, mask, cache):
-        """x + layer i's attention: RMSNorm, q/k/v with RoPE, the block's keys/values into the cache's scratch
-        (with a cache: attention then reads the ring + the block), attention under mask, Wo.   [T, D] -> [T, D]"""
-        c, lw, T = self.config, self.layers[i], x.shape[0]
-        H, Hkv, Dh = c.n_heads, c.n_kv_heads, c.head_dim
-        h = rms_norm(x, lw["attention_norm"], c.norm_eps)                                    # [T, D]
-        q, k, v = qkv_heads(h, lw["wqkv"], cos, sin, H, Hkv, Dh)           # [H, T, Dh], [Hkv, T, Dh] x 2
-        if cache is not None:
-            cache.write_block(i, k, v)
-            k, v = cache.layer_kv(i, T)                                                      # [Hkv, C + T, Dh]
-        o = attention(q, k, v, mask)                                                         # [H, T, Dh]
-        return x + linear(o.transpose(1, 0, 2).reshape(T, H * Dh), lw["wo"])                # [T, D]
+        """x + layer i's attention (module function attention_sublayer).   [T, D] -> [T, D]"""
+        return attention_sublayer(self.layers[i], self.config, x, cos, sin, mask, cache, i)
 
     def mlp_sublayer(self, i, x):
-        """x + layer i's SwiGLU feed-forward on RMSNorm(x).   [T, D] -> [T, D]"""
-        lw = self.layers[i]
-        return x + swiglu(rms_norm(x, lw["ffn_norm"], self.config.norm_eps), lw["w13"], lw["w2"])
+        """x + layer i's SwiGLU feed-forward (module function mlp_sublayer).   [T, D] -> [T, D]"""
+        return mlp_sublayer(self.layers[i], self.config, x)
 
     def final(self, x):
         """The final RMSNorm and the output layer.   x [T, D] -> BlockOutput(logits [T, V], hidden [T, D])"""
         hidden = rms_norm(x, self.norm, self.config.norm_eps)                                # [T, D]
         return BlockOutput(logits=linear(hidden, self.output), hidden=hidden)                # [T, V]
+
+
+# ---- one decoder layer, for the model's layers and any layer built like them (Hydra++'s prefix layer) -------
+def attention_sublayer(lw, config, x, cos, sin, mask, cache=None, layer=0, keep=False):
+    """x + attention: RMSNorm, q/k/v with RoPE, the block's keys/values into the cache's scratch (with a cache:
+    attention then reads layer `layer`'s ring + the block), attention under mask, Wo.   [T, D] -> [T, D]
+
+    lw: one layer's weights {"attention_norm" [D], "wqkv" [D, (H+2Hkv)Dh], "wo" [H·Dh, D], ...}. keep=True also
+    returns what a backward pass needs: {"x", "h1" (the normed input), "q", "k", "v" (after RoPE; with a cache
+    k, v include the committed slots), "mask", "o" [H, T, Dh], "cos", "sin"}."""
+    c, T = config, x.shape[0]
+    H, Hkv, Dh = c.n_heads, c.n_kv_heads, c.head_dim
+    h = rms_norm(x, lw["attention_norm"], c.norm_eps)                                        # [T, D]
+    q, k, v = qkv_heads(h, lw["wqkv"], cos, sin, H, Hkv, Dh)               # [H, T, Dh], [Hkv, T, Dh] x 2
+    if cache is not None:
+        cache.write_block(layer, k, v)
+        k, v = cache.layer_kv(layer, T)                                                      # [Hkv, C + T, Dh]
+    o = attention(q, k, v, mask)                                                             # [H, T, Dh]
+    out = x + linear(o.transpose(1, 0, 2).reshape(T, H * Dh), lw["wo"])                     # [T, D]
+    return (out, dict(x=x, h1=h, q=q, k=k, v=v, mask=mask, o=o, cos=cos, sin=sin)) if keep else out
+
+
+def mlp_sublayer(lw, config, x, keep=False):
+    """x + the SwiGLU feed-forward on RMSNorm(x).   [T, D] -> [T, D]; keep=True also returns {"h2": the normed
+    input}."""
+    h = rms_norm(x, lw["ffn_norm"], config.norm_eps)                                         # [T, D]
+    out = x + swiglu(h, lw["w13"], lw["w2"])                                                 # [T, D]
+    return (out, {"h2": h}) if keep else out
+
+
+def block_mask(q_pos, cache, window, block_visible=None, offset=0):
+    """Which keys a block of queries at positions q_pos [T] sees: [committed slots | scratch rows 0..offset-1 |
+    the block], window applied on absolute positions; block_visible bool [T, T] (default causal) says which block
+    rows each row may see (its ancestors, for a tree). Without a cache: the block alone.   -> bool [T, S] host"""
+    T = len(q_pos)
+    block_visible = np.tril(np.ones((T, T), bool)) if block_visible is None else block_visible
+    own = block_visible & sliding_window_mask(q_pos, q_pos, window)                          # [T, T]
+    if cache is None:
+        return own
+    prior = cache.pos + np.arange(offset)                                                    # [offset]
+    return np.concatenate([sliding_window_mask(q_pos, cache.slot_positions(), window),      # [T, C] ring
+                           sliding_window_mask(q_pos, prior, window), own], axis=1)         # [T, C + offset + T]
+
+
+def new_cache(config, n_layers, xp, dtype, scratch=None):
+    """An empty rolling cache for n_layers layers shaped like this config's: W = sliding_window slots per layer
+    (max_seq_len where there is no window, and then it does not wrap)."""
+    c = config
+    return RollingCache(n_layers, c.n_kv_heads, c.head_dim, c.cache_slots, xp, dtype,
+                        ring=c.sliding_window is not None, scratch=scratch)
+
+
+def prefill_chunk(cache):
+    """Tokens per prefill chunk: at most W (so a chunk never overwrites slots it still reads) and at most
+    cache.chunk (512 unless the cache was made with scratch=: the scratch rows a chunk needs)."""
+    return min(cache.W, cache.chunk)
+
+
+def prefill_chunks(n, cache):
+    """(start, end) of each chunk of n tokens to run and commit one after another into cache."""
+    step = prefill_chunk(cache)
+    return [(s, min(s + step, n)) for s in range(0, n, step)]
 
 
 # ---- weight storage -------------------------------------------------------------------------------------------

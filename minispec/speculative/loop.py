@@ -26,6 +26,7 @@ from typing import Protocol
 
 import numpy as np
 
+from ..mistral.model import prefill_chunks
 from .sampling import SamplingParams
 from .verify import Draft, Verified, verify
 
@@ -109,7 +110,7 @@ def run_loop(model, ids, proposer, rule, params, rng, max_new_tokens, eos_id, on
     t0 = clock()
     if len(ids) > 1:          # the last prompt token is the first root: it is verified (and committed) by step 1
         _, prompt_hidden = model.forward(ids[:-1], cache, return_hidden=True, warn_positions=False)   # [len - 1, D]
-        stats.forward_calls += -(-(len(ids) - 1) // model.prefill_chunk(cache))
+        stats.forward_calls += len(prefill_chunks(len(ids) - 1, cache))
     else:
         prompt_hidden = model.xp.zeros((0, model.config.dim), dtype=model.dtype)            # [0, D]
     stats.prefill_time = clock() - t0
