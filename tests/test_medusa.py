@@ -13,7 +13,7 @@ from minispec.speculative.loop import Context, Stats
 from minispec.speculative.sampling import SamplingParams
 from minispec.decoders.medusa import MedusaHeads, MedusaProposer
 from minispec.decoders.medusa_files import read_fasterdecoding, write_fasterdecoding
-from minispec.decoders.medusa_files import load as load_medusa, save as save_medusa
+from minispec.decoders.medusa_files import load as load_medusa, save as save_medusa, state_dict
 from minispec.mistral.model import Model, load
 from minispec.training.train_medusa import (TrainConfig, hidden_states, make_labels, medusa_loss, heldout_loss,
                                   self_distilled_sequences, topk_accuracies, train)
@@ -212,7 +212,7 @@ def test_a_pickle_file_is_refused_with_the_torch_conversion_line(tmp_path, fixtu
 def test_a_misshaped_or_missing_key_is_named_with_both_shapes(tmp_path, fixture_model):
     heads = random_heads(fixture_model, 2)
     write_fasterdecoding(heads, tmp_path)
-    sd = heads.state_dict()
+    sd = state_dict(heads)
     sd["1.0.linear.weight"] = np.zeros((48, 47), np.float32)
     save_file(sd, str(tmp_path / "medusa_lm_head.safetensors"))
     with pytest.raises(CheckpointError, match=r"'1\.0\.linear\.weight' has shape \[48, 47\], expected \[48, 48\]"):

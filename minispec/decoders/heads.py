@@ -10,7 +10,7 @@ from pathlib import Path
 
 from safetensors.numpy import save_file
 
-from ..errors import MissingFileError, write_json_lines
+from ..errors import MissingFileError, check_finite, write_json_lines
 from ..mistral.weights import CheckpointError
 
 # model -> {folder: heads}: a decoder built for every generate() call loads its heads once per model
@@ -31,6 +31,24 @@ def read_head_trees(heads, cfg):
     heads.choices_cuda = [list(c) for c in cfg["tree_cuda"]] if cfg.get("tree_cuda") else None
     heads.accuracies, heads.base_model = cfg.get("accuracies"), cfg.get("base_model")
     return heads
+
+
+def check_tensors(tensors, expected, source, what, optional=None):
+    """A heads state dict against its expected {name: shape}: every expected tensor there with its shape, nothing
+    else but the optional ones {name: shape}, everything finite; one error naming the tensor, both shapes and
+    `what` the heads are (kind, sizes)."""
+    optional = optional or {}
+    for name, shape in expected.items():
+        if name not in tensors:
+            raise CheckpointError(f"{source}: missing tensor {name!r} (expected shape {list(shape)}; {what})")
+    for name in sorted(tensors):
+        shape = expected.get(name, optional.get(name))
+        if shape is None:
+            raise CheckpointError(f"{source}: unexpected tensor {name!r} (shape {list(tensors[name].shape)}) for {what}")
+        if tuple(tensors[name].shape) != tuple(shape):
+            raise CheckpointError(f"{source}: tensor {name!r} has shape {list(tensors[name].shape)}, expected "
+                                  f"{list(shape)} ({what})")
+        check_finite(tensors[name], name, source)
 
 
 def save_folder(folder, tensors, config, config_name, weights_name):

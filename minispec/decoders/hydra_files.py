@@ -37,10 +37,10 @@ import numpy as np
 from safetensors.numpy import save_file
 
 from ..backend import to_device, to_host
-from ..errors import UserError, check_finite, read_json
+from ..errors import UserError, read_json
 from ..mistral.layers import rope_inv_freq
 from ..mistral.weights import CheckpointError, read_safetensors, safetensors_in
-from .heads import check_head_sizes, load_either, read_head_trees, refuse_pickle, save_folder
+from .heads import check_head_sizes, check_tensors, load_either, read_head_trees, refuse_pickle, save_folder
 from .hydra import ARCHS, HydraHeads, head_input_width
 
 CONFIG_NAME, WEIGHTS_NAME = "hydra_config.json", "hydra_heads.safetensors"
@@ -134,18 +134,8 @@ def from_state_dict(model, tensors, arch, num_heads, num_layers, source="state d
     c, xp, dt = model.config, model.xp, model.dtype
     expected = state_dict_shapes(arch, num_heads, num_layers, c)
     optional = {k: s for k, s in state_dict_shapes(arch, num_heads, num_layers, c, True).items() if k not in expected}
-    what = f"Hydra {arch}, {num_heads} heads x {num_layers} layers, D={c.dim}, V={c.vocab_size}"
-    for name, shape in expected.items():
-        if name not in tensors:
-            raise CheckpointError(f"{source}: missing tensor {name!r} (expected shape {list(shape)}; {what})")
-    for name in tensors:
-        shape = expected.get(name, optional.get(name))
-        if shape is None:
-            raise CheckpointError(f"{source}: unexpected tensor {name!r} (shape {list(tensors[name].shape)}) for {what}")
-        if tuple(tensors[name].shape) != shape:
-            raise CheckpointError(f"{source}: tensor {name!r} has shape {list(tensors[name].shape)}, expected "
-                                  f"{list(shape)} ({what})")
-        check_finite(tensors[name], name, source)
+    check_tensors(tensors, expected, source, f"Hydra {arch}, {num_heads} heads x {num_layers} layers, D={c.dim}, "
+                  f"V={c.vocab_size}", optional)
     rot = LAYER + "self_attn.rotary_emb.inv_freq"
     if rot in tensors and not np.allclose(np.asarray(tensors[rot], np.float64), inv_freq(c), rtol=1e-5):
         raise CheckpointError(f"{source}: {rot} does not match the base model's rope_theta = {c.rope_theta}")

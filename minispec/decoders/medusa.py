@@ -25,10 +25,8 @@ from pathlib import Path
 
 import numpy as np
 
-from ..backend import array_module, to_device, to_host
-from ..errors import check_finite
+from ..backend import array_module, to_host
 from ..mistral.layers import linear, silu
-from ..mistral.weights import CheckpointError
 from ..speculative.tree import Tree, proposer_tree
 from ..speculative.verify import Draft, count
 
@@ -132,57 +130,7 @@ class MedusaHeads:
         if version == "v1":
             proj = xp.empty((num_heads,) + tuple(model.output.shape), dtype=dt)  # [K, D, V]
             proj[...] = model.output[None]
-        return cls(W, b, proj, model.output, version, base_model=_model_name(model))
-
-    @classmethod
-    def from_state_dict(cls, model, tensors, num_heads, num_layers, version=None, source="state dict"):
-        """Heads from FasterDecoding-named host tensors in (out, in) orientation; transposed once to (in, out).
-
-        version None: v1 if head 0's projection key is present, else v2. Every expected key must be present with
-        its shape (one error naming the key and both shapes); any other key is an error too."""
-        D, V = model.config.dim, model.config.vocab_size
-        if version is None:
-            version = "v1" if f"0.{num_layers}.weight" in tensors else "v2"
-        expected = state_dict_shapes(num_heads, num_layers, D, V, version)
-        for name, shape in expected.items():
-            if name not in tensors:
-                raise CheckpointError(f"{source}: missing tensor {name!r} (expected shape {list(shape)}; Medusa "
-                                      f"{version}, {num_heads} heads x {num_layers} layers, D={D}, V={V})")
-            if tuple(tensors[name].shape) != shape:
-                raise CheckpointError(f"{source}: tensor {name!r} has shape {list(tensors[name].shape)}, expected "
-                                      f"{list(shape)} (Medusa {version}, D={D}, V={V} from the base model)")
-        extra = sorted(set(tensors) - set(expected))
-        if extra:
-            raise CheckpointError(f"{source}: unexpected tensor {extra[0]!r} (shape {list(tensors[extra[0]].shape)}) "
-                                  f"for Medusa {version} with {num_heads} heads x {num_layers} layers")
-        for name in expected:
-            check_finite(tensors[name], name, source)
-        xp, dt = model.xp, model.dtype
-        K, L = num_heads, num_layers
-        W, b = np.empty((K, L, D, D), dt), np.empty((K, L, D), dt)               # host staging, then one copy
-        for k in range(K):
-            for layer in range(L):
-                W[k, layer] = np.asarray(tensors[f"{k}.{layer}.linear.weight"], dt).T     # (out, in) -> (in, out)
-                b[k, layer] = np.asarray(tensors[f"{k}.{layer}.linear.bias"], dt)
-        proj = None
-        if version == "v1":
-            proj = np.empty((K, D, V), dt)
-            for k in range(K):
-                proj[k] = np.asarray(tensors[f"{k}.{L}.weight"], dt).T                   # [V, D] -> [D, V]
-        put = lambda a: None if a is None else to_device(xp, np.ascontiguousarray(a))    # noqa: E731
-        return cls(put(W), put(b), put(proj), model.output, version, base_model=_model_name(model))
-
-    def state_dict(self, dtype=np.float32):
-        """{FasterDecoding name: host array in (out, in) orientation}."""
-        W, b = to_host(self.W), to_host(self.b)
-        out = {}
-        for k in range(self.K):
-            for layer in range(self.L):
-                out[f"{k}.{layer}.linear.weight"] = np.ascontiguousarray(W[k, layer].T, dtype=dtype)
-                out[f"{k}.{layer}.linear.bias"] = np.ascontiguousarray(b[k, layer], dtype=dtype)
-            if self.proj is not None:
-                out[f"{k}.{self.L}.weight"] = np.ascontiguousarray(to_host(self.proj[k]).T, dtype=dtype)
-        return out
+        return cls(W, b, proj, model.output, version, base_model=model_name(model))
 
     # ---- inference ----------------------------------------------------------------------------------------
     def logits(self, hidden, num_heads=None):
@@ -207,19 +155,7 @@ class MedusaHeads:
         return to_host(topk_ids(self.logits(hidden, num_heads), k)).astype(np.int64)
 
 
-def state_dict_shapes(num_heads, num_layers, D, V, version):
-    """{FasterDecoding tensor name: (out, in) shape} of K heads."""
-    shapes = {}
-    for k in range(num_heads):
-        for layer in range(num_layers):
-            shapes[f"{k}.{layer}.linear.weight"] = (D, D)
-            shapes[f"{k}.{layer}.linear.bias"] = (D,)
-        if version == "v1":
-            shapes[f"{k}.{num_layers}.weight"] = (V, D)
-    return shapes
-
-
-def _model_name(model):
+def model_name(model):
     return Path(model.path).name if getattr(model, "path", None) else None
 
 

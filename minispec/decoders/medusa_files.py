@@ -2,8 +2,8 @@
 
 minispec's format, a folder:  medusa_config.json + medusa_heads.safetensors.
 FasterDecoding's format (FasterDecoding/Medusa), a folder:  config.json (medusa_num_heads, medusa_num_layers,
-base_model_name_or_path) + medusa_lm_head.safetensors. Both hold MedusaHeads.state_dict(): FasterDecoding's
-tensor names in Hugging Face (out, in) orientation (minispec.decoders.medusa).
+base_model_name_or_path) + medusa_lm_head.safetensors. Both hold state_dict(heads): FasterDecoding's
+tensor names in Hugging Face (out, in) orientation.
 """
 import json
 from pathlib import Path
@@ -11,13 +11,68 @@ from pathlib import Path
 import numpy as np
 from safetensors.numpy import save_file
 
+from ..backend import to_device, to_host
 from ..errors import read_json
 from ..mistral.weights import CheckpointError, read_safetensors, safetensors_in
-from .heads import check_head_sizes, load_either, read_head_trees, refuse_pickle, save_folder
-from .medusa import MedusaHeads
+from .heads import check_head_sizes, check_tensors, load_either, read_head_trees, refuse_pickle, save_folder
+from .medusa import MedusaHeads, model_name
 
 CONFIG_NAME, WEIGHTS_NAME = "medusa_config.json", "medusa_heads.safetensors"
 FD_CONFIG_NAME, FD_WEIGHTS_NAME = "config.json", "medusa_lm_head.safetensors"
+
+
+# ---------------------------------------------------------------------------------------------------------
+# FasterDecoding's tensor names, both formats
+# ---------------------------------------------------------------------------------------------------------
+def state_dict_shapes(num_heads, num_layers, D, V, version):
+    """{FasterDecoding tensor name: (out, in) shape} of K heads."""
+    shapes = {}
+    for k in range(num_heads):
+        for layer in range(num_layers):
+            shapes[f"{k}.{layer}.linear.weight"] = (D, D)
+            shapes[f"{k}.{layer}.linear.bias"] = (D,)
+        if version == "v1":
+            shapes[f"{k}.{num_layers}.weight"] = (V, D)
+    return shapes
+
+
+def from_state_dict(model, tensors, num_heads, num_layers, version=None, source="state dict"):
+    """MedusaHeads from FasterDecoding-named host tensors in (out, in) orientation; transposed once to (in, out).
+
+    version None: v1 if head 0's projection key is present, else v2. Every expected key must be present with
+    its shape (one error naming the key and both shapes); any other key is an error too."""
+    D, V = model.config.dim, model.config.vocab_size
+    if version is None:
+        version = "v1" if f"0.{num_layers}.weight" in tensors else "v2"
+    check_tensors(tensors, state_dict_shapes(num_heads, num_layers, D, V, version), source,
+                  f"Medusa {version}, {num_heads} heads x {num_layers} layers, D={D}, V={V} from the base model")
+    xp, dt = model.xp, model.dtype
+    K, L = num_heads, num_layers
+    W, b = np.empty((K, L, D, D), dt), np.empty((K, L, D), dt)               # host staging, then one copy
+    for k in range(K):
+        for layer in range(L):
+            W[k, layer] = np.asarray(tensors[f"{k}.{layer}.linear.weight"], dt).T     # (out, in) -> (in, out)
+            b[k, layer] = np.asarray(tensors[f"{k}.{layer}.linear.bias"], dt)
+    proj = None
+    if version == "v1":
+        proj = np.empty((K, D, V), dt)
+        for k in range(K):
+            proj[k] = np.asarray(tensors[f"{k}.{L}.weight"], dt).T                   # [V, D] -> [D, V]
+    put = lambda a: None if a is None else to_device(xp, np.ascontiguousarray(a))    # noqa: E731
+    return MedusaHeads(put(W), put(b), put(proj), model.output, version, base_model=model_name(model))
+
+
+def state_dict(heads, dtype=np.float32):
+    """{FasterDecoding name: host array in (out, in) orientation}."""
+    W, b = to_host(heads.W), to_host(heads.b)
+    out = {}
+    for k in range(heads.K):
+        for layer in range(heads.L):
+            out[f"{k}.{layer}.linear.weight"] = np.ascontiguousarray(W[k, layer].T, dtype=dtype)
+            out[f"{k}.{layer}.linear.bias"] = np.ascontiguousarray(b[k, layer], dtype=dtype)
+        if heads.proj is not None:
+            out[f"{k}.{heads.L}.weight"] = np.ascontiguousarray(to_host(heads.proj[k]).T, dtype=dtype)
+    return out
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -33,7 +88,7 @@ def config(heads):
 def save(heads, folder, extra=None, dtype=np.float32):
     """folder/medusa_config.json (+ `extra` entries, e.g. a training record) and folder/medusa_heads.safetensors
     (float32, or float16 to halve the file; widened again at load)."""
-    save_folder(folder, heads.state_dict(dtype), {**config(heads), **(extra or {})}, CONFIG_NAME, WEIGHTS_NAME)
+    save_folder(folder, state_dict(heads, dtype), {**config(heads), **(extra or {})}, CONFIG_NAME, WEIGHTS_NAME)
 
 
 def load(folder, model):
@@ -46,7 +101,7 @@ def load(folder, model):
     if missing:
         raise CheckpointError(f"{folder / CONFIG_NAME}: missing key(s) {missing}")
     check_head_sizes(cfg, model, folder / CONFIG_NAME)
-    heads = MedusaHeads.from_state_dict(model, read_safetensors(folder / WEIGHTS_NAME), cfg["num_heads"],
+    heads = from_state_dict(model, read_safetensors(folder / WEIGHTS_NAME), cfg["num_heads"],
                                         cfg["num_layers"], cfg["version"], source=str(folder / WEIGHTS_NAME))
     return read_head_trees(heads, cfg)
 
@@ -76,7 +131,7 @@ def read_fasterdecoding(folder, model):
     tensors = read_safetensors(weights)
     if tensors and all(n.startswith("medusa_head.") for n in tensors):
         tensors = {n[len("medusa_head."):]: a for n, a in tensors.items()}
-    heads = MedusaHeads.from_state_dict(model, tensors, int(cfg["medusa_num_heads"]), int(cfg["medusa_num_layers"]),
+    heads = from_state_dict(model, tensors, int(cfg["medusa_num_heads"]), int(cfg["medusa_num_layers"]),
                                         source=str(weights))
     heads.base_model = cfg.get("base_model_name_or_path", heads.base_model)
     return heads
@@ -87,7 +142,7 @@ def write_fasterdecoding(heads, folder):
     so FasterDecoding itself cannot run a v2 file: its heads always own a projection)."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    save_file(heads.state_dict(), str(folder / FD_WEIGHTS_NAME))
+    save_file(state_dict(heads), str(folder / FD_WEIGHTS_NAME))
     cfg = {"medusa_num_heads": heads.K, "medusa_num_layers": heads.L, "base_model_name_or_path": heads.base_model}
     (folder / FD_CONFIG_NAME).write_text(json.dumps(cfg, indent=1) + "\n")
 
