@@ -59,7 +59,7 @@ def save_folder(folder, tensors, config, config_name, weights_name):
     write_json_lines(folder / config_name, config)
 
 
-def refuse_pickle(path, source, convert, target):
+def refuse_heads_pickle(path, source, convert, target):
     """The one error for a pickle-based heads file: `source` says who writes it, `convert` is the one-line torch
     conversion to `target` (a .safetensors name). Unpickling can run arbitrary code, so minispec never does it."""
     raise CheckpointError(

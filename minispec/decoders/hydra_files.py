@@ -40,7 +40,7 @@ from ..backend import to_device, to_host
 from ..errors import UserError, read_json
 from ..mistral.layers import rope_inv_freq
 from ..mistral.weights import CheckpointError, read_safetensors, safetensors_in
-from .heads import check_head_sizes, check_tensors, load_either, read_head_trees, refuse_pickle, save_folder
+from .heads import check_head_sizes, check_tensors, load_either, read_head_trees, refuse_heads_pickle, save_folder
 from .hydra import ARCHS, HydraHeads, head_input_width
 
 CONFIG_NAME, WEIGHTS_NAME = "hydra_config.json", "hydra_heads.safetensors"
@@ -204,7 +204,7 @@ def load(folder, model):
 # ---------------------------------------------------------------------------------------------------------
 def _refuse_pickle(path):
     # clone(): Hydra's shared blocks share storage, which safetensors refuses
-    refuse_pickle(path, "zankner/Hydra saves hydra_lm_head.pt with torch.save",
+    refuse_heads_pickle(path, "zankner/Hydra saves hydra_lm_head.pt with torch.save",
                   f"python -c \"import torch, safetensors.torch as st; sd = torch.load({str(path)!r}, "
                   f"weights_only=True); st.save_file({{k: v.clone().contiguous() for k, v in sd.items()}}, "
                   f"'hydra_lm_head.safetensors')\"", HY_WEIGHTS_NAME)

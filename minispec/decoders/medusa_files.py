@@ -14,7 +14,7 @@ from safetensors.numpy import save_file
 from ..backend import to_device, to_host
 from ..errors import read_json
 from ..mistral.weights import CheckpointError, read_safetensors, safetensors_in
-from .heads import check_head_sizes, check_tensors, load_either, read_head_trees, refuse_pickle, save_folder
+from .heads import check_head_sizes, check_tensors, load_either, read_head_trees, refuse_heads_pickle, save_folder
 from .medusa import MedusaHeads, model_name
 
 CONFIG_NAME, WEIGHTS_NAME = "medusa_config.json", "medusa_heads.safetensors"
@@ -110,7 +110,7 @@ def load(folder, model):
 # FasterDecoding/Medusa interoperability
 # ---------------------------------------------------------------------------------------------------------
 def _refuse_pickle(path):
-    refuse_pickle(path, "FasterDecoding ships medusa_lm_head.pt",
+    refuse_heads_pickle(path, "FasterDecoding ships medusa_lm_head.pt",
                   f"python -c \"import torch, safetensors.torch as st; st.save_file(torch.load({str(path)!r}, "
                   f"weights_only=True), 'medusa_lm_head.safetensors')\"", FD_WEIGHTS_NAME)
 
