@@ -83,8 +83,8 @@ def private_memory():
 def memory_bandwidth(mb=512, reps=3, threads=1):
     """This machine's DRAM read bandwidth in bytes/s: the best of `reps` sums over a `mb` MB array (far larger
     than the caches), split over `threads` threads (np.add.reduce releases the GIL), i.e. the speed at which a
-    decode step could at best stream its weights. One core does not saturate the memory here: measured 15 GB/s
-    with one thread, 27 GB/s with two."""
+    decode step could at best stream its weights. One core need not saturate the memory, so `bench forward`
+    measures with one thread and with all (docs/real_mistral.md lists what it printed)."""
     a = np.ones(mb << 17, np.uint64)                                # mb MB
     parts = np.array_split(a, threads)
 
@@ -130,7 +130,7 @@ def bench_forward(model_dir, n_tokens=64, runs=5, device="auto", dtype="float32"
     def step(tok):
         return int(to_host(model.forward([tok], state["cache"])[-1].argmax()))
 
-    def after(_):   # outside the timer (a /proc read costs ~0.1 ms); the cache only grows during a run
+    def after(_):   # outside the timer (a /proc read is a system call, not decoding); the cache only grows in a run
         state["peak"] = max(state["peak"], private_memory() - mem0)
         state["cpu"] = (time.process_time() - state["cpu0"]) / (n_tokens - 1)
 

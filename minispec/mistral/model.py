@@ -158,8 +158,8 @@ class Model:
         skip: a SkipSet (minispec.draft_verify) or None — skip.attn[i] / skip.mlp[i] drop that sublayer."""
         if self.storage == "mapped" and len(ids) <= GEMV_ROWS:
             # The mapped products run on minispec's own threads (mapped.THREADS). BLAS's threads, woken by the
-            # small attention products in between, would spin on the core the second of those needs: measured
-            # 3.4 s per 7B-shaped token with them, 2.3 s without. Each result is the same either way.
+            # small attention products in between, would spin on the core the second of those needs (the cost
+            # is measured in docs/real_mistral.md, "What it took"). Each result is the same either way.
             with one_blas_thread():
                 return self._layers(ids, positions, mask, cache, skip)
         return self._layers(ids, positions, mask, cache, skip)
