@@ -3,8 +3,9 @@
 Three words, one meaning each (docs/shapes.md uses the same ones):
     tree     the N tokens one draft proposes, node 0 the root: the token already chosen (the previous step's bonus
              token). `Tree` is a tree with its buffers built; a parameter named `tree` takes a Tree or choices.
-    choice   one node written as the top-k ranks on the way down to it (Medusa's term): (0, 1) is "the rank-0
-             token of head 0, then the rank-1 token of head 1"; its parent is (0,), the root's choice is ().
+    choice   one node written as the top-k ranks on the way down to it (an entry of Medusa's `medusa_choices`):
+             (0, 1) is "the rank-0 token of head 0, then the rank-1 token of head 1"; its parent is (0,), the
+             root's choice is ().
     choices  a tree written as the choices of its nodes other than the root: Medusa's published `medusa_choices`
              format. Head files store them under the JSON keys "tree" and "tree_cuda" (`heads.choices`,
              `heads.choices_cuda`); `Tree.from_choices` builds the tree, `tree.choices[1:]` gives them back.
