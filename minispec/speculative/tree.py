@@ -1,6 +1,6 @@
 """Static candidate trees for Medusa and Hydra (Medusa, arXiv 2401.10774, §2.1.2 "tree attention", §2.3.3).
 
-Three words, one meaning each (docs/shapes.md uses the same ones):
+Four words, one meaning each (docs/shapes.md uses the same ones):
     tree     the N tokens one draft proposes, node 0 the root: the token already chosen (the previous step's bonus
              token). `Tree` is a tree with its buffers built; a parameter named `tree` takes a Tree or choices.
     choice   one node written as the top-k ranks on the way down to it (an entry of Medusa's `medusa_choices`):
