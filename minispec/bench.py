@@ -83,8 +83,8 @@ def private_memory():
 def memory_bandwidth(mb=512, reps=3, threads=1):
     """This machine's DRAM read bandwidth in bytes/s: the best of `reps` sums over a `mb` MB array (far larger
     than the caches), split over `threads` threads (np.add.reduce releases the GIL), i.e. the speed at which a
-    decode step could at best stream its weights. One core does not saturate the memory here: measured 15 GB/s
-    with one thread, 27 GB/s with two."""
+    decode step could at best stream its weights. One core need not saturate the memory, so `bench forward`
+    measures with one thread and with all (docs/real_mistral.md lists what it printed)."""
     a = np.ones(mb << 17, np.uint64)                                # mb MB
     parts = np.array_split(a, threads)
 
@@ -130,7 +130,7 @@ def bench_forward(model_dir, n_tokens=64, runs=5, device="auto", dtype="float32"
     def step(tok):
         return int(to_host(model.forward([tok], state["cache"])[-1].argmax()))
 
-    def after(_):   # outside the timer (a /proc read costs ~0.1 ms); the cache only grows during a run
+    def after(_):   # outside the timer (a /proc read is a system call, not decoding); the cache only grows in a run
         state["peak"] = max(state["peak"], private_memory() - mem0)
         state["cpu"] = (time.process_time() - state["cpu0"]) / (n_tokens - 1)
 
@@ -144,7 +144,7 @@ def bench_forward(model_dir, n_tokens=64, runs=5, device="auto", dtype="float32"
     # the weight-streaming limit: each token reads every weight once (embedding row aside)
     bytes_per_token = model.weight_bytes()
     bw, bw_all = statistics.median(state["bw"]), statistics.median(state["bw_all"])
-    print(f"  weights ({model.weights}): loaded in {load_s:.2f} s; private memory (RssAnon) +{mem_load / 1e9:.3f} GB "
+    print(f"  weights ({model.storage}): loaded in {load_s:.2f} s; private memory (RssAnon) +{mem_load / 1e9:.3f} GB "
           f"after load, peak +{state['peak'] / 1e9:.3f} GB while decoding")
     print(f"  prefill: {prompt_len / statistics.median(state['prefill']):.1f} tokens/s ({prompt_len} tokens)")
     print(f"  weights read per token: {bytes_per_token / 1e6:.1f} MB -> {med * bytes_per_token / 1e9:.2f} GB/s achieved; "
@@ -157,7 +157,7 @@ def bench_forward(model_dir, n_tokens=64, runs=5, device="auto", dtype="float32"
           f"CPU time of this process {cpu:.3f} s per token (all threads; wall < CPU/threads means the cores were "
           f"shared)")
     # what verifying T drafted tokens costs in decode steps: where speculation can pay on this machine
-    costs, t1 = cost_curve(model, sizes=(1, 2, 4, 8), reps=3 if model.weights == "mapped" else 15, context=prompt_len)
+    costs, t1 = cost_curve(model, sizes=(1, 2, 4, 8), reps=3 if model.storage == "mapped" else 15, context=prompt_len)
     print(f"  verify cost curve c(T) = time(T tokens) / time(1 token = {t1 * 1e3:.1f} ms): "
           + ", ".join(f"c({T})={v:.2f}" for T, v in costs.items() if T > 1))
     if not compare_hf:
@@ -312,9 +312,9 @@ def bench_decode(model_dir, decoders=("ar", "medusa"), n_tokens=128, n_prompts=8
                                sum(s.decode_time for s in base) / sum(s.steps for s in base)))
     for name in ("hydra", "hydra++"):
         if name in decoders and props[name].heads.accuracies is not None:
-            paths = [list(p) for p in props[name].tree.paths[1:]]
-            expected = expected_tau(props[name].heads.accuracies, paths)
-            print(f"{name} tree of {len(paths)} nodes: expected tau {expected:.2f} (from the heads' stored top-k "
+            choices = [list(p) for p in props[name].tree.choices[1:]]
+            expected = expected_tau(props[name].heads.accuracies, choices)
+            print(f"{name} tree of {len(choices)} nodes: expected tau {expected:.2f} (from the heads' stored top-k "
                   f"accuracies, assumed independent) vs measured {results_tau[name]:.2f}")
     if "draft_verify" in decoders:
         print_draft_verify(model, stats["draft_verify"], cpu, results["draft_verify"] / results[decoders[0]],
@@ -322,8 +322,9 @@ def bench_decode(model_dir, decoders=("ar", "medusa"), n_tokens=128, n_prompts=8
     if "medusa" in decoders:
         heads, shipped = props["medusa"].heads, props["medusa"].tree          # the tree the proposer ran
         if heads.accuracies is not None:
-            paths = [list(p) for p in shipped.paths[1:]]
-            print(f"medusa tree of {len(paths)} nodes: expected tau {expected_tau(heads.accuracies, paths):.2f} (from "
+            choices = [list(p) for p in shipped.choices[1:]]
+            expected = expected_tau(heads.accuracies, choices)
+            print(f"medusa tree of {len(choices)} nodes: expected tau {expected:.2f} (from "
                   f"the heads' held-out top-k accuracies, assumed independent) vs measured {results_tau['medusa']:.2f}")
             per_depth = [heads_cost(model, heads, t1, num_heads=d) for d in range(1, heads.K + 1)]
             proposal = per_depth[shipped.max_depth - 1]           # the proposer runs tree.max_depth heads
@@ -331,7 +332,7 @@ def bench_decode(model_dir, decoders=("ar", "medusa"), n_tokens=128, n_prompts=8
             print(f"medusa heads cost {proposal:.2f} AR steps per step ({shipped.max_depth} of {heads.K} heads, as "
                   f"deep as the tree); the tree budget maximising the expected "
                   f"speedup tau / (c(budget + 1) + heads) here is {budget} nodes (expected {ratio:.2f}x); the "
-                  f"shipped tree has {len(paths)} nodes")
+                  f"shipped tree has {len(choices)} nodes")
     return results, costs
 
 

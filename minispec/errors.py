@@ -70,8 +70,8 @@ def check_token_ids(ids, vocab_size, what="ids"):
 
     Refused rather than "fixed": a 2-D array (flattening it would silently join rows), floats and bools
     (truncation and True == 1 hide a mistake), ids outside the vocabulary (a negative id would read another
-    row of the embedding). Cost: about 5 µs for a decode step's 4 ids (the unchecked conversion it replaces
-    took 2.7 µs; a step of the shipped model takes ~3 ms), measured with `python -m timeit`.
+    row of the embedding). Its cost is a few Python-level checks per call, small beside a forward (docs/design.md,
+    "Errors", gives the command that times it).
     """
     if hasattr(ids, "get") and not isinstance(ids, np.ndarray):     # CuPy: one explicit copy to the host
         ids = ids.get()

@@ -65,6 +65,18 @@ def test_prefill_is_cut_into_chunks_of_at_most_W_and_cache_memory_is_constant():
     assert cache.keys.nbytes == nbytes
 
 
+def test_new_cache_chunk_sets_the_prefill_chunk_and_chunked_prefill_still_equals_the_oracle():
+    cfg, t, m = make("nowin")                            # no window: only chunk= bounds the chunks
+    cache = m.new_cache(chunk=7)
+    sizes = []
+    orig = m.forward_block
+    m.forward_block = lambda ids, c, **kw: sizes.append(len(ids)) or orig(ids, c, **kw)
+    ids = np.random.default_rng(4).integers(0, cfg.vocab_size, 30)
+    logits = m.forward(ids, cache)
+    assert sizes == [7, 7, 7, 7, 2] and cache.chunk == 7
+    assert rel_err(logits, oracle_forward(cfg, t, ids)) < 1e-12
+
+
 @pytest.mark.parametrize("name", ["gqa2_w6", "mqa_w3", "nowin"])
 def test_a_block_forward_without_commit_leaves_the_cache_bit_identical(name):
     cfg, t, m = make(name, dtype="float32")

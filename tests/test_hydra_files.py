@@ -99,7 +99,7 @@ def test_minispec_format_keeps_trees_and_accuracies_and_the_proposer_picks_the_c
     back = load_heads(tmp_path, model)
     assert back.choices == heads.choices and back.choices_cuda == heads.choices_cuda and back.accuracies == heads.accuracies
     assert back.arch == "prefix-mlp" and back.kind == "hydra++"
-    assert HydraProposer(model, heads=back).tree.paths == ((), (0,), (1,), (0, 0))
+    assert HydraProposer(model, heads=back).tree.choices == ((), (0,), (1,), (0, 0))
     assert "input_embed_fn.weight" not in load_file(str(tmp_path / "hydra_heads.safetensors"))
 
 

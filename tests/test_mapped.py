@@ -62,7 +62,7 @@ def test_mapped_logits_are_bit_identical_to_widened_logits_for_every_block_size(
     folder = shaped[0] if layout == "hf" else shaped[1]
     wide = eager(folder)
     mapped = minispec.load(folder, device="cpu", weights="mapped")
-    assert mapped.weights == "mapped" and isinstance(mapped.layers[0]["w13"], MappedMatrix)
+    assert mapped.storage == "mapped" and isinstance(mapped.layers[0]["w13"], MappedMatrix)
     # several blocks per matrix in the gemv path (4 MB float32 blocks of w13, 29 MB widened), whole-matrix GEMM above
     # 12 rows
     w13 = mapped.layers[0]["w13"]
@@ -175,10 +175,10 @@ def test_loading_mapped_reads_no_weights_and_decoding_keeps_private_memory_far_b
 def test_auto_storage_maps_exactly_when_the_widened_model_would_not_fit(shaped, monkeypatch):
     f32_bytes = 2 * sum(p.stat().st_size for p in shaped[0].glob("*.safetensors"))
     monkeypatch.setattr(model_mod, "available_memory", lambda: int(f32_bytes * 1.2))        # 0.75 x 1.2 < 1
-    assert minispec.load(shaped[0], device="cpu").weights == "mapped"
+    assert minispec.load(shaped[0], device="cpu").storage == "mapped"
     monkeypatch.setattr(model_mod, "available_memory", lambda: int(f32_bytes * 1.5))
-    assert minispec.load(shaped[0], device="cpu").weights == "widened"
-    assert minispec.load(FIXTURES / "gqa4_hd", device="cpu").weights == "widened"          # float32 checkpoint
+    assert minispec.load(shaped[0], device="cpu").storage == "widened"
+    assert minispec.load(FIXTURES / "gqa4_hd", device="cpu").storage == "widened"          # float32 checkpoint
 
 
 def test_mapped_weights_refuse_a_float32_checkpoint_and_a_float64_dtype_with_clear_errors(shaped):

@@ -19,6 +19,7 @@ from minispec.training.train_medusa import (TrainConfig, hidden_states, make_lab
                                   self_distilled_sequences, topk_accuracies, train)
 from minispec.speculative.tree import Tree
 from minispec.mistral.weights import CheckpointError
+from minispec.errors import UserError
 
 BRANCHING = [[0], [1], [2], [0, 0], [0, 1], [1, 0], [0, 0, 0], [0, 1, 0], [0, 0, 0, 0]]
 
@@ -198,7 +199,7 @@ def test_minispec_format_keeps_the_tree_and_the_accuracies(tmp_path, fixture_mod
     back = load_medusa(tmp_path, fixture_model)
     assert back.choices == heads.choices and rel_err(back.W, heads.W) < 1e-6
     assert back.choices_cuda == heads.choices_cuda
-    assert MedusaProposer(fixture_model, back).tree.paths == ((), (0,), (1,), (0, 0))    # CPU model: "tree"
+    assert MedusaProposer(fixture_model, back).tree.choices == ((), (0,), (1,), (0, 0))    # CPU model: "tree"
 
 
 def test_a_pickle_file_is_refused_with_the_torch_conversion_line(tmp_path, fixture_model):
@@ -241,8 +242,8 @@ def test_the_proposer_drafts_the_root_first_and_head_d_at_depth_d_plus_1(fixture
     tree, tokens = d.tree, d.tokens
     top = np.argsort(-heads.logits(hidden[-1]), axis=-1)                   # [K, V]
     assert tokens[0] == 17 and len(tokens) == 8
-    for node, path in enumerate(tree.paths[1:], start=1):
-        assert tokens[node] == top[len(path) - 1, path[-1]]
+    for node, choice in enumerate(tree.choices[1:], start=1):
+        assert tokens[node] == top[len(choice) - 1, choice[-1]]
 
 
 def test_missing_heads_say_how_to_train_them(tmp_path):
@@ -254,6 +255,19 @@ def test_missing_heads_say_how_to_train_them(tmp_path):
     save_medusa(random_heads(model, 2), folder / "medusa")                         # then the decoder name finds them
     assert generate(model, [1, 2], decoder="medusa", max_new_tokens=9).tokens == \
         generate(model, [1, 2], max_new_tokens=9).tokens
+
+
+def test_medusa_refuses_bad_heads_and_options_with_a_user_error_as_hydra_does(fixture_model):
+    heads = random_heads(fixture_model, 2)
+    W, b, out = heads.W, heads.b, heads.base_output
+    mistakes = [(lambda: MedusaHeads(W, b, None, out, "v3"), r"version must be one of \('v1', 'v2'\), not 'v3'"),
+                (lambda: MedusaHeads(W, b, None, out, "v1"), r"v1 heads need their own projection"),
+                (lambda: MedusaHeads.create(fixture_model, num_heads=0), r"num_heads >= 1 .* got 0, 1"),
+                (lambda: MedusaProposer(fixture_model, heads, tree=[[0], [2]], top_k=2),
+                 r"uses rank 2, so top_k must be >= 3, got 2")]
+    for make, message in mistakes:
+        with pytest.raises(UserError, match=message):
+            make()
 
 
 def assert_medusa_lossless(model, heads, tree, **kw):

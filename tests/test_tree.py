@@ -22,7 +22,7 @@ HAND_CHOICES = [[0, 0, 0], [1], [0, 1], [0], [1, 0], [0, 0]]
 def test_hand_worked_tree_has_the_parents_depths_heads_and_ranks_drawn_above():
     t = Tree.from_choices(HAND_CHOICES)
     assert t.N == 7 and t.P == 3 and t.max_depth == 3
-    assert t.paths == ((), (0,), (1,), (0, 0), (0, 1), (1, 0), (0, 0, 0))
+    assert t.choices == ((), (0,), (1,), (0, 0), (0, 1), (1, 0), (0, 0, 0))
     assert t.parents.tolist() == [-1, 0, 0, 1, 1, 2, 3]
     assert t.depths.tolist() == [0, 1, 1, 2, 2, 2, 3]
     assert t.head.tolist() == [-1, 0, 0, 1, 1, 1, 2]
@@ -65,7 +65,7 @@ def test_empty_choices_give_the_root_alone_which_is_plain_autoregressive_decodin
 def test_chain_of_k_is_a_causal_line_of_rank_zero_tokens(K):
     t = Tree.chain(K)
     assert t.N == K + 1 and t.P == 1 and t.max_depth == K
-    assert t.paths[1:] == tuple((0,) * d for d in range(1, K + 1))
+    assert t.choices[1:] == tuple((0,) * d for d in range(1, K + 1))
     assert t.parents.tolist() == [-1] + list(range(K))
     np.testing.assert_array_equal(t.mask, np.tril(np.ones((K + 1, K + 1), dtype=bool)))
     assert t.retrieve.tolist() == [list(range(K + 1))]
@@ -87,11 +87,11 @@ def test_candidates_refuse_a_topk_table_too_small_for_the_tree():
 
 
 @pytest.mark.parametrize("choices, kw, message", [
-    ([[0], []], {}, r"choices\[1\] is an empty path"),
+    ([[0], []], {}, r"choices\[1\] is empty \(the root is implicit"),
     ([[0], [-1]], {}, r"choices\[1\] = \[-1\] has a negative rank -1"),
     ([[0], [3]], {"top_k": 3}, r"choices\[1\] = \[3\] uses rank 3, but top_k = 3"),
     ([[0], [0, 0], [0, 0, 0]], {"n_heads": 2}, r"choices\[2\] = \[0, 0, 0\] has depth 3, but there are only n_heads = 2"),
-    ([[0], [1, 0]], {}, r"choices\[1\] = \[1, 0\] has no parent: the path \[1\] is missing"),
+    ([[0], [1, 0]], {}, r"choices\[1\] = \[1, 0\] has no parent: the choice \[1\] is missing"),
     ([[0], [1], [0]], {}, r"choices\[2\] = \[0\] duplicates choices\[0\]"),
     ([[0], [0.5]], {}, r"not an int"),
     ([[0], 1], {}, r"choices\[1\] = 1 is not a list of ranks"),
@@ -105,7 +105,7 @@ def test_bad_trees_raise_value_errors_that_name_the_offending_path(choices, kw, 
 def test_build_tree_on_hand_computable_accuracies_picks_the_three_best_paths():
     # path products: [0] .6, [1] .2, [0,0] .6*.5=.3, [0,1] .06, [1,0] .1, [1,1] .02 -> best three: [0], [0,0], [1]
     t, tau = build_tree([[0.6, 0.2], [0.5, 0.1]], 3)
-    assert [list(p) for p in t.paths[1:]] == [[0], [1], [0, 0]]
+    assert [list(p) for p in t.choices[1:]] == [[0], [1], [0, 0]]
     assert tau == pytest.approx(1 + 0.6 + 0.2 + 0.3, abs=1e-12)
 
 
@@ -132,7 +132,7 @@ def test_build_tree_is_closed_under_parents_optimal_and_its_tau_grows_with_budge
     for budget in range(0, len(products) + 1, 3):
         t, tau = build_tree(acc, budget)
         assert t.N == budget + 1
-        assert all(p[:-1] in set(t.paths) for p in t.paths[1:])
+        assert all(p[:-1] in set(t.choices) for p in t.choices[1:])
         assert tau == pytest.approx(1 + sum(products[:budget]), abs=1e-12)
         assert tau >= last
         last = tau
@@ -159,4 +159,4 @@ def test_build_trees_expected_tau_is_that_of_the_paths_it_chose():
     from minispec.speculative.tree import build_tree, expected_tau
     acc = np.random.default_rng(3).uniform(0, 1, (3, 4))
     tree, tau = build_tree(acc, 9)
-    assert abs(tau - expected_tau(acc, [list(p) for p in tree.paths[1:]])) < 1e-12
+    assert abs(tau - expected_tau(acc, [list(p) for p in tree.choices[1:]])) < 1e-12

@@ -61,10 +61,10 @@ def save_trees(args, heads, acc, config_path, save, costs, budget, cpu_tree, cpu
     choice recorded in their config (its `training` record kept): the same tail for Medusa and Hydra."""
     gpu_tree, gpu_tau = build_tree(acc, args.gpu_budget)
     print(f"CPU tree: {budget} nodes, expected tau {cpu_tau:.2f}, expected speedup {speedup:.2f}x: "
-          f"{[list(p) for p in cpu_tree.paths[1:]]}")
+          f"{[list(p) for p in cpu_tree.choices[1:]]}")
     print(f"GPU tree: {args.gpu_budget} nodes, expected tau {gpu_tau:.2f}")
-    heads.choices = [list(p) for p in cpu_tree.paths[1:]]
-    heads.choices_cuda = [list(p) for p in gpu_tree.paths[1:]]
+    heads.choices = [list(p) for p in cpu_tree.choices[1:]]
+    heads.choices_cuda = [list(p) for p in gpu_tree.choices[1:]]
     cfg = json.loads(config_path.read_text())
     extra = {k: cfg[k] for k in ("training",) if k in cfg}
     extra["tree_choice"] = {"cpu_costs": {str(T): round(c, 3) for T, c in costs.items()}, **choice,
@@ -88,7 +88,7 @@ def hydra_proposal_cost(model, heads, tree, reps=31):
     plan, cache = TreePlan(tree), None
     if heads.prefix is not None:
         cache = new_prefix_cache(model)
-        prefix_advance(heads.prefix, heads.config, hidden[:-2], cache)
+        prefix_advance(heads.prefix, heads.model_config, hidden[:-2], cache)
     tp, ta = [], []
     for r in range(reps + 1):
         t0 = time.perf_counter()
@@ -107,7 +107,7 @@ def hydra_proposal_cost(model, heads, tree, reps=31):
 
 def prefix_forward_uncommitted(heads, x, cache):
     from minispec.decoders.hydra import prefix_forward
-    return prefix_forward(heads.prefix, heads.config, x, cache)     # block waits in scratch, never committed
+    return prefix_forward(heads.prefix, heads.model_config, x, cache)     # block waits in scratch, never committed
 
 
 def choose_hydra(args):

@@ -110,9 +110,9 @@ def init_prefix(model, rng=None, scale=0.02):
             "ffn_norm": xp.ones(D, dt), "w13": put((D, 2 * F)), "w2": put((F, D)), "norm": xp.ones(D, dt)}
 
 
-def new_prefix_cache(model, scratch=None):
+def new_prefix_cache(model, chunk=None):
     """The prefix layer's own rolling cache: 1 layer, the base model's Hkv, Dh and window."""
-    return new_cache(model.config, 1, model.xp, model.dtype, scratch)
+    return new_cache(model.config, 1, model.xp, model.dtype, chunk)
 
 
 def prefix_forward(p, config, x, cache=None, keep=False):
@@ -214,7 +214,8 @@ class HydraHeads:
     """K Hydra heads (arch "mlp") or Hydra++ heads (arch "prefix-mlp": + the prefix layer) on a model's device.
 
     heads: list of K parameter dicts (module docstring); prefix: the prefix layer's dict or None; embed: the base
-    model's embedding table [V, D] (shared, not owned); choices / choices_cuda: stored trees (Medusa's choices)
+    model's embedding table [V, D] (shared, not owned); model_config: the base model's MistralConfig (its D, V, and
+    the prefix layer's shapes); choices / choices_cuda: stored trees (Medusa's choices)
     for the CPU and for GPUs; accuracies [K][k]: the measured top-k accuracies they were built from."""
 
     def __init__(self, heads, prefix, model, arch=None, choices=(), choices_cuda=None, accuracies=None):
@@ -225,7 +226,7 @@ class HydraHeads:
             raise UserError(f"Hydra arch {arch!r}: " + ("needs a prefix layer" if prefix is None
                                                          else "has no prefix layer"))
         self.heads, self.prefix, self.arch = list(heads), prefix, arch
-        self.config, self.embed, self.xp = model.config, model.tok_embeddings, model.xp
+        self.model_config, self.embed, self.xp = model.config, model.tok_embeddings, model.xp
         self.choices = [list(map(int, c)) for c in choices]
         self.choices_cuda = [list(map(int, c)) for c in choices_cuda] if choices_cuda else None
         self.accuracies = accuracies
@@ -241,11 +242,11 @@ class HydraHeads:
 
     @property
     def D(self):
-        return self.config.dim
+        return self.model_config.dim
 
     @property
     def V(self):
-        return self.config.vocab_size
+        return self.model_config.vocab_size
 
     @property
     def kind(self):
@@ -292,7 +293,7 @@ class HydraProposer:
         if self.heads.prefix is not None:
             self.cache = new_prefix_cache(ctx.model)
             if prompt_hidden.shape[0]:
-                prefix_advance(self.heads.prefix, self.heads.config, prompt_hidden, self.cache)
+                prefix_advance(self.heads.prefix, self.heads.model_config, prompt_hidden, self.cache)
 
     def propose(self, ctx):
         """Draft(tree, tokens [N]); tokens[0] = ctx.root. Before the first verification (ctx.hidden None) the
@@ -304,5 +305,6 @@ class HydraProposer:
 
     def observe(self, step):
         if self.heads.prefix is not None:
-            out = prefix_advance(self.heads.prefix, self.heads.config, step.path_hidden, self.cache)   # [len(path), D]
+            out = prefix_advance(self.heads.prefix, self.heads.model_config, step.path_hidden,
+                                 self.cache)                                                  # [len(path), D]
             self.h = out[-1]

@@ -97,7 +97,7 @@ def inv_freq(config):
 # ---------------------------------------------------------------------------------------------------------
 def state_dict(heads, dtype=np.float32, hydra_extras=False):
     """{zankner/Hydra name: host array, (out, in)}; hydra_extras: the extra tensors Hydra's modules need."""
-    arch, c = heads.arch, heads.config
+    arch, c = heads.arch, heads.model_config
     t = lambda a: np.ascontiguousarray(to_host(a).T, dtype=dtype)            # noqa: E731 (in, out) -> (out, in)
     v = lambda a: np.ascontiguousarray(to_host(a), dtype=dtype)              # noqa: E731
     out = {}
@@ -248,7 +248,7 @@ def write_hydra(heads, folder):
         raise UserError(f"write_hydra: head {bad[0]}'s blocks 2..{heads.L} have different weights, but zankner/Hydra "
                          f"builds them as one shared module ([ResBlock(D)] * (L - 1)) and would keep only one of "
                          f"them; minispec refuses to write a file that would not compute what these heads compute")
-    c = heads.config
+    c = heads.model_config
     if heads.prefix is not None and (c.rope_theta != 10000.0 or c.head_dim * c.n_heads != c.dim):
         raise UserError(f"write_hydra: zankner/Hydra's prefix layer (its LlamaAttention) always uses RoPE base 10000 "
                          f"and head_dim = hidden_size / num_attention_heads; this model has rope_theta = "

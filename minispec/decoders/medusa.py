@@ -26,6 +26,7 @@ from pathlib import Path
 import numpy as np
 
 from ..backend import array_module, to_host
+from ..errors import UserError
 from ..mistral.layers import linear, silu
 from ..speculative.tree import Tree, proposer_tree
 from ..speculative.verify import Draft, count
@@ -81,14 +82,15 @@ class MedusaHeads:
 
     W [K, Lh, D, D] (in, out), b [K, Lh, D], proj [K, D, V] for v1 or None for v2 (then `base_output`, the
     model's own [D, V] output layer, is every head's projection). `choices` is the tree stored with the heads
-    (Medusa's list of rank paths), `accuracies` the measured top-k accuracies [K][k] it was built from.
+    (Medusa's choices: one list of ranks per node), `accuracies` the measured top-k accuracies [K][k] it was
+    built from.
     """
 
     def __init__(self, W, b, proj, base_output, version, choices=(), accuracies=None, base_model=None):
         if version not in VERSIONS:
-            raise ValueError(f"Medusa version must be one of {VERSIONS}, not {version!r}")
+            raise UserError(f"Medusa version must be one of {VERSIONS}, not {version!r}")
         if (proj is None) != (version == "v2"):
-            raise ValueError(f"Medusa {version}: " + ("v1 heads need their own projection [K, D, V]" if proj is None
+            raise UserError(f"Medusa {version}: " + ("v1 heads need their own projection [K, D, V]" if proj is None
                                                       else "v2 heads share the base output layer; proj must be None"))
         self.W, self.b, self.proj, self.base_output, self.version = W, b, proj, base_output, version
         self.choices = [list(map(int, c)) for c in choices]
@@ -122,7 +124,7 @@ class MedusaHeads:
         """Untrained heads: W = b = 0 (FasterDecoding's ResBlock zero-inits its linear layer), so every block is
         the identity; v1 projections are copies of the base output layer."""
         if num_heads < 1 or num_layers < 0:
-            raise ValueError(f"Medusa: need num_heads >= 1 and num_layers >= 0, got {num_heads}, {num_layers}")
+            raise UserError(f"Medusa: need num_heads >= 1 and num_layers >= 0, got {num_heads}, {num_layers}")
         xp, dt, D = model.xp, model.dtype, model.config.dim
         W = xp.zeros((num_heads, num_layers, D, D), dtype=dt)                    # [K, Lh, D, D]
         b = xp.zeros((num_heads, num_layers, D), dtype=dt)                       # [K, Lh, D]
@@ -178,7 +180,7 @@ class MedusaProposer:
         need = int(tree.rank.max()) + 1 if tree.N > 1 else 1
         top_k = need if top_k is None else top_k
         if top_k < need:
-            raise ValueError(f"medusa: the tree uses rank {need - 1}, so top_k must be >= {need}, got {top_k}")
+            raise UserError(f"medusa: the tree uses rank {need - 1}, so top_k must be >= {need}, got {top_k}")
         self.heads, self.tree, self.top_k = heads, tree, top_k
         self.root_only = Tree.from_choices([])
 

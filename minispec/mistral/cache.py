@@ -22,13 +22,13 @@ from ..errors import UserError
 
 
 class RollingCache:
-    def __init__(self, n_layers, n_kv_heads, head_dim, slots, xp, dtype, ring=True, scratch=None):
+    def __init__(self, n_layers, n_kv_heads, head_dim, slots, xp, dtype, ring=True, chunk=None):
         self.W, self.ring, self.xp = slots, ring, xp
         self.L, self.Hkv, self.Dh = n_layers, n_kv_heads, head_dim
         self.pos = 0                         # committed tokens = the next token's absolute position
         self.block_len = 0                   # rows of the last block waiting in scratch
         self.offset = 0                      # scratch rows before the current block (a draft chain continued)
-        self.chunk = scratch if scratch is not None else min(slots, 512)   # rows of the longest prefill chunk
+        self.chunk = chunk if chunk is not None else min(slots, 512)       # tokens per prefill chunk (at most)
         self.capacity = 0                    # ring slots allocated so far (grows to W; see the module's notes)
         self.scratch = 0                     # scratch rows allocated so far (grows with the longest block)
         shape = (n_layers, n_kv_heads, self.capacity + self.scratch, head_dim)   # [L, Hkv, capacity + scratch, Dh]

@@ -111,9 +111,10 @@ def attention(q, k, v, mask, keep=False):
     return (o, p) if keep else o
 
 
-# NumPy + OpenBLAS: for 2+ rows x @ W takes the GEMM path, which repacks the whole weight matrix first (~0.6 ms
-# for a 192 x 4096 matrix, vs 0.08 ms for one row's gemv); a stack of per-row gemv calls is several times cheaper
-# up to about a dozen rows, and speculative verification lives exactly there (docs/design.md, "Performance facts").
+# NumPy + OpenBLAS: for 2+ rows x @ W takes the GEMM path, which packs the whole weight matrix first, while one
+# row takes gemv, which streams the matrix once; on a CPU a stack of per-row gemv calls costs less than that GEMM
+# for a few rows, and speculative verification lives exactly there. GEMV_ROWS is where the two crossed on the
+# machine docs/design.md ("Performance facts") reports, beside the command that measures it.
 GEMV_ROWS = 12
 
 

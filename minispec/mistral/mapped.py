@@ -30,19 +30,18 @@ import numpy as np
 
 from .weights import Tensor16
 
-# float32 bytes of one widened block for a matrix-vector product: it stays in cache (L3 here) while gemv reads it.
+# float32 bytes of one widened block for a matrix-vector product: small enough to stay in the CPU's last-level
+# cache while gemv reads it, large enough that Python's per-call overhead is a small part of a block's work
+# (smaller blocks pay it more often, larger ones fall out of cache; docs/real_mistral.md has the sizes measured).
 # Rows per block are a multiple of 16 so that BLAS's gemv kernel (4 or 8 rows at a time) splits a block's outputs
 # the way it splits the whole matrix's; each output is one dot product either way (checked bit for bit in the
-# tests). Measured on this 2-core machine for Mistral 7B's 14336 x 4096 matrix with two threads: 1, 2, 4 and 8 MB
-# blocks took 2.0, 1.9, 1.7 and 2.4 times reading its bf16 bytes; smaller blocks pay Python's per-call overhead,
-# larger ones fall out of cache.
+# tests).
 GEMV_BLOCK_BYTES = 4 << 20
 
 # Threads that widen and multiply blocks of one product at the same time: the CPUs this process may use, at most
-# 8. Widening is bound by the core, not by the memory (about 0.3 ns per element here, where reading the bf16
-# bytes takes 0.07-0.12 ns), so more cores go faster until the memory's bandwidth is reached. Measured on this
-# 2-core machine only. Each thread has its own buffer and takes whole blocks, so every output is still the same
-# single dot product.
+# 8. Widening takes the core longer than reading the 16-bit bytes takes the memory (docs/real_mistral.md), so
+# more cores go faster until the memory's bandwidth is reached. Each thread has its own buffer and takes whole
+# blocks, so every output is still the same single dot product.
 THREADS = min(8, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
 
 
@@ -52,9 +51,8 @@ _blas = []
 def one_blas_thread():
     """A context in which OpenBLAS runs single-threaded (threadpoolctl, where installed). The block products are
     matrix-vector calls of a few MB: waking BLAS's own threads for each costs more than it saves, and on a shared
-    VM it stalls (measured here: a T=1 step of a mapped 93 M-parameter model took 0.14-0.27 s of CPU with 2 BLAS
-    threads, 0.03 s with 1). minispec's own threads split the blocks instead. Each output is still one dot
-    product, so the logits do not change."""
+    VM they can stall waiting for a core (docs/real_mistral.md). minispec's own threads split the blocks instead.
+    Each output is still one dot product, so the logits do not change."""
     if not _blas:
         try:
             from threadpoolctl import ThreadpoolController
@@ -66,8 +64,9 @@ def one_blas_thread():
 
 class Helper(threading.Thread):
     """A daemon thread that runs one function call at a time for `Workspace.split`: NumPy's ufuncs and `np.dot`
-    release the GIL while they loop, so its blocks are widened and multiplied on the other core. (`np.matmul`
-    on these shapes measured no faster with two threads than with one here, hence `np.dot` in `products`.)"""
+    release the GIL while they loop, so its blocks are widened and multiplied on another core. (`products` calls
+    `np.dot`, whose matrix-vector products overlap on two threads; `np.matmul` on these shapes did not gain from a
+    second thread in the run docs/real_mistral.md reports.)"""
 
     def __init__(self):
         super().__init__(daemon=True, name="minispec-mapped")
@@ -129,8 +128,7 @@ class Workspace:
         """Run work(start, stop, k) once per block of output rows start..stop-1 of an [n_out, n_in] matrix
         (`block_rows` at a time) on the threads k = 0.. (0 is the caller), and return when all are done; an
         exception in any is raised. Blocks are handed out one at a time to whichever thread is free, so a core
-        the hypervisor takes away for a while does not hold up the rest (this VM's cores are shared: `top` shows
-        up to 50% stolen time)."""
+        the hypervisor takes away for a while (on a shared VM) does not hold up the rest."""
         rows = self.block_rows(n_in, n_out)
         blocks = -(-n_out // rows)
         n = min(self.threads, blocks)

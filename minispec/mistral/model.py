@@ -39,9 +39,10 @@ class Model:
     transposed view, x @ W.T, so the (in, out) arrays the layers see need no transposed copy), fused where one
     matmul can do two. weights="widened": every matrix widened to the working dtype at load; "mapped" (CPU,
     float32): 16-bit matrices stay in their memory-mapped files and are widened block by block inside each matmul
-    (minispec/mapped.py), with bit-identical logits; "auto": mapped when the widened model would not fit in
-    the available memory. dtype="float16": weights and activations in float16, with RMSNorm statistics, softmax
-    and the logits in float32 (the output matrix is kept in float32)."""
+    (minispec/mistral/mapped.py), with bit-identical logits; "auto": mapped when the widened model would not fit
+    in the available memory. `model.storage` is the mode chosen, "widened" or "mapped". dtype="float16": weights
+    and activations in float16, with RMSNorm statistics, softmax and the logits in float32 (the output matrix is
+    kept in float32)."""
 
     def __init__(self, config, tensors, dtype="float32", device="auto", weights="auto"):
         if dtype not in DTYPES:
@@ -49,8 +50,8 @@ class Model:
         self.config, self.dtype = config, DTYPES[dtype]
         self.xp, self.device = resolve_device(device)
         c, xp = config, self.xp
-        self.weights = choose_weights(weights, tensors, self.dtype, xp)
-        ws = Workspace() if self.weights == "mapped" else None
+        self.storage = choose_weights(weights, tensors, self.dtype, xp)     # how the matrices are kept
+        ws = Workspace() if self.storage == "mapped" else None
 
         def put(name, dtype=self.dtype):     # a vector or the embedding table, in the working dtype on the device
             return to_working_dtype(xp, tensors[name], dtype, name)
@@ -83,9 +84,10 @@ class Model:
         return sum(int(w.nbytes) for w in mats)
 
     # ---- construction -------------------------------------------------------------------------------------------
-    def new_cache(self, scratch=None):
-        """An empty rolling cache: W = sliding_window slots per layer (max_seq_len where there is no window)."""
-        return new_cache(self.config, self.config.n_layers, self.xp, self.dtype, scratch)
+    def new_cache(self, chunk=None):
+        """An empty rolling cache: W = sliding_window slots per layer (max_seq_len where there is no window).
+        chunk: tokens per prefill chunk, default min(W, 512) (a chunk's keys and values wait in scratch rows)."""
+        return new_cache(self.config, self.config.n_layers, self.xp, self.dtype, chunk)
 
     # ---- the forward pass ---------------------------------------------------------------------------------------
     def forward(self, ids, cache=None, return_hidden=False, skip=None, warn_positions=True):
@@ -140,10 +142,10 @@ class Model:
     def _run(self, ids, positions, mask, cache, skip=None):
         """The layers. ids, positions: host int arrays [T]; mask [T, S] on the device; cache or None;
         skip: a SkipSet (minispec.draft_verify) or None — skip.attn[i] / skip.mlp[i] drop that sublayer."""
-        if self.weights == "mapped" and len(ids) <= GEMV_ROWS:
+        if self.storage == "mapped" and len(ids) <= GEMV_ROWS:
             # The mapped products run on minispec's own threads (mapped.THREADS). BLAS's threads, woken by the
-            # small attention products in between, would spin on the core the second of those needs: measured
-            # 3.4 s per 7B-shaped token with them, 2.3 s without. Each result is the same either way.
+            # small attention products in between, would spin on the core the second of those needs (the cost
+            # is measured in docs/real_mistral.md, "What it took"). Each result is the same either way.
             with one_blas_thread():
                 return self._layers(ids, positions, mask, cache, skip)
         return self._layers(ids, positions, mask, cache, skip)
@@ -215,17 +217,17 @@ def block_mask(q_pos, cache, window, block_visible=None, offset=0):
                            sliding_window_mask(q_pos, prior, window), own], axis=1)         # [T, C + offset + T]
 
 
-def new_cache(config, n_layers, xp, dtype, scratch=None):
+def new_cache(config, n_layers, xp, dtype, chunk=None):
     """An empty rolling cache for n_layers layers shaped like this config's: W = sliding_window slots per layer
-    (max_seq_len where there is no window, and then it does not wrap)."""
+    (max_seq_len where there is no window, and then it does not wrap); chunk: tokens per prefill chunk."""
     c = config
     return RollingCache(n_layers, c.n_kv_heads, c.head_dim, c.cache_slots, xp, dtype,
-                        ring=c.sliding_window is not None, scratch=scratch)
+                        ring=c.sliding_window is not None, chunk=chunk)
 
 
 def prefill_chunk(cache):
     """Tokens per prefill chunk: at most W (so a chunk never overwrites slots it still reads) and at most
-    cache.chunk (512 unless the cache was made with scratch=: the scratch rows a chunk needs)."""
+    cache.chunk (512 unless the cache was made with chunk=; each chunk needs that many scratch rows)."""
     return min(cache.W, cache.chunk)
 
 

@@ -114,7 +114,7 @@ class Tensor16:
             np.copyto(bits, src)                                             # the 16 bits, zero-extended
             np.left_shift(bits, 16, out=bits)                                # moved to the top half: the float32
         else:
-            # float16 (NumPy's own cast runs ~3 ns per element here, 20x the bf16 path): sign-extend the 16 bits,
+            # float16 (NumPy's own cast is slower: docs/real_mistral.md): sign-extend the 16 bits,
             # move exponent and mantissa to float32's places (the value is then 2^-112 too small, subnormals
             # included), keep the sign bit and those 28 bits, and scale by 2^112, which is exact (with the
             # default handling of subnormal inputs; a CPU set to treat them as zero would flush those). Finite values

@@ -97,7 +97,7 @@ def batch_loss(heads, data, rows_h, seqs, cfg):
 
     Hydra: rows_h int [B] host positions. Hydra++: seqs = [(start, length)] whole sequences, run through the
     prefix layer (causal, sliding window), every position of them a row."""
-    xp, c = heads.xp, heads.config
+    xp, c = heads.xp, heads.model_config
     H = data["H"]
     if heads.prefix is None:
         rows = to_device(xp, rows_h)
@@ -259,7 +259,7 @@ def train(heads, data, cfg=HydraTrainConfig(), checkpoint=None, checkpoint_every
 def heldout_ranks(heads, data, k=10, batch=512):
     """rank[i, t] = the rank of x_{t+i+2} among head i's top-k at t (teacher-forced), k if it is not among
     them, -1 where head i has no label. Also the mean loss per head. -> (int64 [K, N] host, float [K])."""
-    xp, c = heads.xp, heads.config
+    xp, c = heads.xp, heads.model_config
     H, N = data["H"], data["H"].shape[0]
     u = H
     if heads.prefix is not None:            # Hydra++: the prefix layer over each held-out sequence
@@ -386,8 +386,8 @@ def train_hydra(model_dir, kind="hydra", out=None, num_heads=4, num_layers=None,
     acc = topk_accuracies(ranks, top_k)
     tree, tau = build_tree(acc, budget)
     gpu_tree, gpu_tau = build_tree(acc, gpu_budget)
-    heads.choices = [list(p) for p in tree.paths[1:]]
-    heads.choices_cuda = [list(p) for p in gpu_tree.paths[1:]]
+    heads.choices = [list(p) for p in tree.choices[1:]]
+    heads.choices_cuda = [list(p) for p in gpu_tree.choices[1:]]
     heads.accuracies = np.round(acc, 4).tolist()
     tf_tau, tf_gpu = teacher_forced_tau(tree, ranks), teacher_forced_tau(gpu_tree, ranks)
     say("held-out CE per head, before -> after: " + ", ".join(f"{b:.3f} -> {a:.3f}" for b, a in zip(before, after)))

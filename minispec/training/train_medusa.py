@@ -374,7 +374,7 @@ def train_medusa(model_dir, out=None, version="v1", num_heads=4, num_layers=1, d
     after = heldout_loss(heads, Hh, labels_h)
     acc = topk_accuracies(heads, Hh, labels_h, k=top_k)
     tree, tau = build_tree(acc, budget)
-    heads.choices = [list(p) for p in tree.paths[1:]]
+    heads.choices = [list(p) for p in tree.choices[1:]]
     heads.accuracies = np.round(acc, 4).tolist()
 
     say("held-out CE per head, before -> after: " + ", ".join(f"{b:.3f} -> {a:.3f}" for b, a in zip(before, after)))

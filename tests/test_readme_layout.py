@@ -1,0 +1,54 @@
+"""The README's layout table lists every folder and module of the package, every notebook and every docs page,
+and names nothing that is not there."""
+import re
+
+from conftest import REPO
+
+
+def layout_rows(readme):
+    """{path cell: description cell} of the table under '## Layout'."""
+    section = readme.split("## Layout\n", 1)[1].split("\n## ", 1)[0]
+    rows = {}
+    for line in section.splitlines():
+        m = re.fullmatch(r"\| (.+?) \| (.+) \|", line)
+        if m and not m.group(1).startswith("---") and m.group(1) != "path":
+            rows[m.group(1)] = m.group(2)
+    return rows
+
+
+def layout_problems(readme, repo):
+    """What the table leaves out or names wrongly: one line each (an empty list when the table is complete)."""
+    rows = layout_rows(readme)
+    named = {p: desc for cell, desc in rows.items() for p in re.findall(r"`([^`]+)`", cell)}
+    problems = [f"the table names {p}, which is not in the repository" for p in named if not (repo / p).exists()]
+    package = repo / "minispec"
+    for path in sorted(package.glob("*.py")):
+        if path.name != "__init__.py" and f"minispec/{path.name}" not in named:
+            problems.append(f"no row names minispec/{path.name}")
+    for folder in sorted(p for p in package.iterdir() if (p / "__init__.py").exists()):
+        key = f"minispec/{folder.name}/"
+        if key not in named:
+            problems.append(f"no row names {key}")
+            continue
+        for module in sorted(folder.glob("*.py")):
+            if module.name != "__init__.py" and f"`{module.name}`" not in named[key]:
+                problems.append(f"the row of {key} does not list `{module.name}`")
+    for kind, pattern in (("notebooks", "*.ipynb"), ("docs", "*.md")):
+        for path in sorted((repo / kind).glob(pattern)):
+            if f"{kind}/{path.name}" not in named:
+                problems.append(f"no row names {kind}/{path.name}")
+    return problems
+
+
+def test_the_readme_layout_table_lists_every_module_folder_notebook_and_docs_page():
+    assert layout_problems((REPO / "README.md").read_text(), REPO) == []
+
+
+def test_the_layout_check_catches_a_missing_row_a_missing_module_and_a_stale_path():
+    readme = (REPO / "README.md").read_text()
+    no_hydra = "\n".join(line for line in readme.splitlines() if not line.startswith("| `notebooks/04_hydra.ipynb`"))
+    assert layout_problems(no_hydra, REPO) == ["no row names notebooks/04_hydra.ipynb"]
+    no_costs = readme.replace(" → `costs.py` (c(T) and the predicted speed-ups)", "")
+    assert layout_problems(no_costs, REPO) == ["the row of minispec/speculative/ does not list `costs.py`"]
+    stale = readme.replace("| `docs/errors.md` |", "| `docs/errors.md`, `docs/gone.md` |")
+    assert layout_problems(stale, REPO) == ["the table names docs/gone.md, which is not in the repository"]
