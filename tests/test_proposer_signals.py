@@ -171,9 +171,9 @@ ALL = DECODERS + ["draft_verify"]
 DV_SKIP = ([1], [0])            # Draft & Verify's skip set on the 2-layer tiny model: attention 1, MLP 0
 
 
-def any_proposer(model, name, seed=0, **dv):
+def any_proposer(model, name, seed=0, tree=BRANCHING, **dv):
     if name != "draft_verify":
-        return proposer(model, name, seed)
+        return proposer(model, name, seed, tree)
     return DraftVerifyProposer(model, skip=SkipSet.from_lists(2, attn=DV_SKIP[0], mlp=DV_SKIP[1]), **dv)
 
 
@@ -335,11 +335,12 @@ def test_each_proposers_counters_equal_the_work_it_did(name, monkeypatch):
     skipped one-token forward_block calls = the tokens it drafted."""
     from minispec.decoders import hydra as hydra_mod
     model = tiny_model(W=5, seed=10)
-    inner = any_proposer(model, name, seed=10, max_draft=4, gamma0=0.2)
+    inner = any_proposer(model, name, seed=10, tree=BRANCHING[:5], max_draft=4, gamma0=0.2)   # 2 deep, 4 heads
     work = {"heads": 0, "rows": 0, "calls": 0}
     if name == "medusa":
         f = inner.heads.logits
-        inner.heads.logits = lambda h, num_heads=None: work.update(heads=work["heads"] + num_heads) or f(h, num_heads)
+        inner.heads.logits = lambda h, num_heads=None: work.update(
+            heads=work["heads"] + (num_heads or inner.heads.K)) or f(h, num_heads)
     elif name.startswith("hydra"):
         f = hydra_mod.head_forward
         monkeypatch.setattr(hydra_mod, "head_forward", lambda p, a, keep=False: work.update(
