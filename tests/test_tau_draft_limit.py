@@ -60,20 +60,21 @@ class Remaining:
 
 
 @pytest.mark.parametrize("temperature", [0.0, 1.0])
-def test_no_step_drafts_past_the_token_limit_and_the_limit_never_cuts_an_accepted_path(temperature):
+@pytest.mark.parametrize("n,drafts", [(13, [4, 4, 2]), (11, [4, 4, 0])])
+def test_no_step_drafts_past_the_token_limit_and_the_limit_never_cuts_an_accepted_path(temperature, n, drafts):
     """A draft that skips nothing is always accepted, so every step emits K + 1 tokens: with max_draft = 4 and
     13 tokens wanted, the steps draft 4, 4, 2 (13 = 5 + 5 + 3); uncut, the last would draft 4 and throw 2
-    accepted tokens away."""
+    accepted tokens away. 11 tokens: 4, 4, then the root alone (its bonus is the 11th token)."""
     model = tiny_model(W=5, seed=12)
     full = SkipSet.none(2)
-    rec = Remaining(DraftVerifyProposer(model, skip=full, max_draft=4, gamma0=0.0, adaptive=False), 13)
-    out = generate(model, [1, 5, 3], decoder=rec, max_new_tokens=13, temperature=temperature, eos_id=None)
-    assert [K for _, K, _ in rec.log] == [4, 4, 2]
-    assert out.stats.counters["draft_verify.forwards"] == 10 and len(out.tokens) == 13
+    rec = Remaining(DraftVerifyProposer(model, skip=full, max_draft=4, gamma0=0.0, adaptive=False), n)
+    out = generate(model, [1, 5, 3], decoder=rec, max_new_tokens=n, temperature=temperature, eos_id=None)
+    assert [K for _, K, _ in rec.log] == drafts
+    assert out.stats.counters["draft_verify.forwards"] == sum(drafts) and len(out.tokens) == n
     for remaining, K, step in rec.log:
         assert K <= remaining - 1
         assert len(step.path) == len(step.tokens)             # every accepted node's token was emitted
-    ref = generate(model, [1, 5, 3], max_new_tokens=13, eos_id=None).tokens
+    ref = generate(model, [1, 5, 3], max_new_tokens=n, eos_id=None).tokens
     assert temperature or out.tokens == ref
 
 
