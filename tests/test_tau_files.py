@@ -194,3 +194,21 @@ def test_hydra_batches_cover_every_position_with_a_label_for_any_head_once_per_e
         batches = make_batches(labels, seqs, cfg, rng, by_sequence=False)
         rows = np.concatenate(batches)
         assert sorted(rows.tolist()) == want and all(len(b) <= batch for b in batches)
+
+
+@pytest.mark.parametrize("kind", ["hydra", "hydra++"])
+def test_the_shipped_heads_trees_suit_hydra_and_trees_from_their_measured_accuracies_are_refused_where_they_do_not(kind):
+    """The shipped Hydra heads' measured accuracies are not sorted by rank at every depth: the trees build_tree
+    makes from them at budgets 1..64 are refused exactly where Hydra's re-enacted proposal drafts other paths.
+    The trees stored with the shipped heads are ones Hydra drafts as written."""
+    import json
+    from conftest import SHIPPED
+    cfg = json.loads((SHIPPED / kind / "hydra_config.json").read_text())
+    for key in ("tree", "tree_cuda"):
+        if cfg.get(key):
+            assert hydra_tree_problem(cfg[key]) is None
+            assert hydra_drafted_paths(cfg[key]) == sorted(map(tuple, cfg[key]), key=lambda p: (len(p), p))
+    for budget in range(1, 65):
+        tree, _ = build_tree(cfg["accuracies"], budget)
+        choices = [list(p) for p in tree.paths[1:]]
+        assert (hydra_tree_problem(choices) is None) == (hydra_drafted_paths(choices) == list(tree.paths[1:]))
