@@ -83,6 +83,34 @@ def test_speculative_steps_on_a_full_ring_allocate_nothing_whatever_they_commit(
     assert xp.allocations == before, f"{xp.allocations - before} allocations in 60 steps on a full ring"
 
 
+def test_a_decode_step_on_a_full_ring_never_holds_a_copy_of_it():
+    """Whatever a step allocates (the activations, the attention scores, any temporary), the peak it adds is
+    measured with tracemalloc (NumPy reports its buffers there): on a full ring of 512 slots and 8 layers it stays
+    under half of ONE of the ring's two buffers, so no step copies the ring, by reallocation, .copy() or
+    concatenation. (A step's own temporaries are per layer: the attention scores of one layer, [H, T, W].)"""
+    import tracemalloc
+    model = tiny(512, max_seq_len=4096, n_layers=8)
+    cache = model.new_cache()
+    model.forward(np.arange(530) % model.config.vocab_size, cache)
+    model.forward_block([1, 2, 3], cache)
+    cache.commit([0, 1])
+    tracemalloc.start()
+    try:
+        peaks = []
+        for t in range(12):
+            tracemalloc.reset_peak()
+            base = tracemalloc.get_traced_memory()[0]
+            if t % 3:
+                model.forward([t], cache)
+            else:
+                model.forward_block([t, t + 1, t + 2], cache)
+                cache.commit([0, 1, 2][:t % 4])
+            peaks.append(tracemalloc.get_traced_memory()[1] - base)
+    finally:
+        tracemalloc.stop()
+    assert max(peaks) < cache._k.nbytes / 2, (max(peaks), cache._k.nbytes)
+
+
 def test_a_cache_without_a_window_allocates_logarithmically_too():
     model = tiny(None, max_seq_len=256)
     cache, xp = counted_cache(model)
