@@ -152,7 +152,8 @@ def test_the_mapped_workspace_keeps_its_buffers_across_matrices_of_different_siz
 
 def test_each_mapped_row_is_scanned_for_nan_and_inf_once_whatever_the_number_of_passes(monkeypatch):
     """Count the rows check_rows reads, per tensor: the first forward scans every row of every mapped matrix
-    once (and the embedding rows looked up); 10 more forwards over the same tokens scan nothing."""
+    once; 10 more forwards over the same tokens (both product paths) scan none of them again. (The embedding
+    table is not a matrix here: its looked-up rows are checked at each lookup, T rows of D, as they are read.)"""
     scanned = {}
     check = weights_mod.Tensor16.check_rows
 
