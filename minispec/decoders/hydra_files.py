@@ -25,6 +25,8 @@ Tensor names ((out, in) orientation, as torch's nn.Linear stores them), head i, 
   prefix_embeding_layer.layers.0.self_attn.rotary_emb.inv_freq [Dh/2] (a persistent buffer).
 Blocks 2..L of zankner/Hydra share one module (a Python list product): reading gives equal independent blocks;
 writing Hydra's format refuses heads whose blocks 2..L differ (Hydra would keep only one of them).
+Writing also puts the heads' stored trees in config.json as "hydra_choices" / "hydra_choices_cuda" (the list
+Hydra's --hydra-choices takes), refusing a tree Hydra's proposal would fill differently (`hydra_tree_problem`).
 zankner/Hydra's prefix layer is a Llama layer: full causal attention (no sliding window) and RoPE built with the
 default base 10000 (its LlamaRotaryEmbedding is constructed without config.rope_theta). minispec's is a Mistral
 layer with the model's window and rope_theta; the two agree on sequences no longer than the window when
