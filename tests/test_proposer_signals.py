@@ -193,7 +193,8 @@ class Steered(Recorder):
     def propose(self, ctx):
         draft = self.inner.propose(ctx)
         tree, pos = draft.tree, ctx.cache.pos
-        mode = "root only" if tree.N == 1 else self.MODES[len([m for m in self.modes if m != "root only"]) % len(self.MODES)]
+        drafted = len([m for m in self.modes if m != "root only"])
+        mode = "root only" if tree.N == 1 else self.MODES[drafted % len(self.MODES)]
         if mode in ("full", "reject"):
             deepest = max(([int(i) for i in row if i >= 0] for row in tree.retrieve), key=len) if mode == "full" else []
             right = lambda n: self.seq[pos + int(tree.depths[n])]                               # noqa: E731

@@ -90,7 +90,7 @@ def test_with_the_adaptive_threshold_the_output_is_still_ar_and_no_draft_forward
 
 def test_the_loops_context_when_it_carries_remaining_holds_the_tokens_still_wanted():
     if "remaining" not in getattr(Context, "__dataclass_fields__", {}):
-        pytest.skip("this version of the loop's Context has no `remaining` field (Draft & Verify reads it with getattr)")
+        pytest.skip("the loop's Context has no `remaining` field yet (Draft & Verify reads it with getattr)")
     model = tiny_model(W=5, seed=14)
     seen = []
 

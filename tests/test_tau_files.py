@@ -197,7 +197,7 @@ def test_hydra_batches_cover_every_position_with_a_label_for_any_head_once_per_e
 
 
 @pytest.mark.parametrize("kind", ["hydra", "hydra++"])
-def test_the_shipped_heads_trees_suit_hydra_and_trees_from_their_measured_accuracies_are_refused_where_they_do_not(kind):
+def test_shipped_trees_suit_hydra_and_trees_from_measured_accuracies_are_refused_where_they_do_not(kind):
     """The shipped Hydra heads' measured accuracies are not sorted by rank at every depth: the trees build_tree
     makes from them at budgets 1..64 are refused exactly where Hydra's re-enacted proposal drafts other paths.
     The trees stored with the shipped heads are ones Hydra drafts as written."""
