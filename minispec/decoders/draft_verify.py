@@ -200,9 +200,10 @@ class DraftVerifyProposer:
 
     Greedy: the draft takes its argmax. Sampling: the draft samples from its own warped distribution (the same
     temperature / top-k / top-p as the target) with ctx.rng, and hands those distributions to the verifier as
-    Draft.q (chain rejection sampling). Drafting stops after max_draft tokens or after the first token whose
-    draft probability is under the threshold gamma (that token is kept); gamma adapts after every verification
-    (update_threshold) unless adaptive=False.
+    Draft.q (chain rejection sampling). Drafting stops after max_draft tokens, after remaining - 1 tokens when
+    the request wants only `remaining` more (ctx.remaining, where the loop provides it), or after the first
+    token whose draft probability is under the threshold gamma (that token is kept); gamma adapts after every
+    verification (update_threshold) unless adaptive=False.
 
     Counts in ctx.stats.counters: "draft_verify.forwards" (one-token draft forwards) and
     "draft_verify.gamma" (a list: the threshold in force at each step, before its update).
@@ -232,8 +233,12 @@ class DraftVerifyProposer:
         model, cache, xp = self.model, ctx.cache, self.model.xp
         tokens, tok = [int(ctx.root)], int(ctx.root)
         sampled = not ctx.params.greedy
-        q = xp.empty((self.max_draft, model.config.vocab_size), dtype=model.dtype) if sampled else None   # [K, V]
-        for j in range(self.max_draft):
+        # a step emits at most K + 1 tokens: K <= remaining - 1 (docs/draft_and_verify.md, "The last step");
+        # `remaining` (tokens the request still wants) is read only where the loop's Context carries it
+        remaining = getattr(ctx, "remaining", None)
+        k_max = self.max_draft if remaining is None else max(0, min(self.max_draft, int(remaining) - 1))
+        q = xp.empty((k_max, model.config.vocab_size), dtype=model.dtype) if sampled else None   # [K, V]
+        for j in range(k_max):
             out = model.forward_block([tok], cache, skip=self.skip, offset=j)              # logits [1, V]
             logits = out.logits[0]                                                        # [V]
             if sampled:

@@ -25,6 +25,8 @@ Tensor names ((out, in) orientation, as torch's nn.Linear stores them), head i, 
   prefix_embeding_layer.layers.0.self_attn.rotary_emb.inv_freq [Dh/2] (a persistent buffer).
 Blocks 2..L of zankner/Hydra share one module (a Python list product): reading gives equal independent blocks;
 writing Hydra's format refuses heads whose blocks 2..L differ (Hydra would keep only one of them).
+Writing also puts the heads' stored trees in config.json as "hydra_choices" / "hydra_choices_cuda" (the list
+Hydra's --hydra-choices takes), refusing a tree Hydra's proposal would fill differently (`hydra_tree_problem`).
 zankner/Hydra's prefix layer is a Llama layer: full causal attention (no sliding window) and RoPE built with the
 default base 10000 (its LlamaRotaryEmbedding is constructed without config.rope_theta). minispec's is a Mistral
 layer with the model's window and rope_theta; the two agree on sequences no longer than the window when
@@ -240,9 +242,41 @@ def blocks_equal(p):
     return all(np.array_equal(w, ws[0]) and np.array_equal(b, bs[0]) for w, b in zip(ws, bs))
 
 
+def hydra_tree_problem(choices):
+    """Why zankner/Hydra would draft another tree than `choices` (Medusa's rank paths), or None.
+
+    Its grounded proposal (hydra/model/hydra_heads/mlp_head.py `_grounded_proposal`, with the buffers of
+    hydra/model/utils.py `generate_hydra_buffers`) gives a parent with n children the head's top-n tokens, i.e.
+    ranks 0..n-1 whatever the paths say, and extends only its first e children, e = how many of them have
+    children ("we wouldn't expand a less likely child node if share same parent"). A tree built from measured
+    accuracies that are not sorted by rank can break either assumption: Hydra would then silently verify other
+    tokens than the ones the tree was chosen for."""
+    paths = {tuple(int(r) for r in c) for c in choices}
+    kids = {}
+    for p in paths:
+        kids.setdefault(p[:-1], []).append(p[-1])
+    for parent in sorted(kids, key=lambda p: (len(p), p)):
+        ranks = sorted(kids[parent])
+        if ranks != list(range(len(ranks))):
+            return f"node {list(parent)}'s children have ranks {ranks}, but Hydra gives them ranks 0..{len(ranks) - 1}"
+        grown = [r for r in ranks if parent + (r,) in kids]
+        if grown != list(range(len(grown))):
+            return (f"node {list(parent)} extends its children of ranks {grown}, but Hydra extends only its first "
+                    f"{len(grown)} (ranks 0..{len(grown) - 1})")
+    return None
+
+
 def write_hydra(heads, folder):
     """zankner/Hydra's layout: config.json + hydra_lm_head.safetensors (float32, with the extra tensors its
-    modules hold, so that load_state_dict(strict=True) accepts it). Refuses heads whose blocks 2..L differ."""
+    modules hold, so that load_state_dict(strict=True) accepts it). Refuses heads whose blocks 2..L differ.
+    The heads' stored trees go into config.json as "hydra_choices" / "hydra_choices_cuda" (what Hydra's
+    --hydra-choices takes), refused where Hydra would draft another tree (hydra_tree_problem)."""
+    trees = {k: t for k, t in (("hydra_choices", heads.choices), ("hydra_choices_cuda", heads.choices_cuda)) if t}
+    for key, tree in trees.items():
+        why = hydra_tree_problem(tree)
+        if why:
+            raise UserError(f"write_hydra: the heads' tree ({key}) cannot be given to zankner/Hydra: {why}; build it "
+                             f"from accuracies sorted by rank at each depth, or clear the tree before writing")
     bad = [i for i, p in enumerate(heads.heads) if not blocks_equal(p)]
     if bad:
         raise UserError(f"write_hydra: head {bad[0]}'s blocks 2..{heads.L} have different weights, but zankner/Hydra "
@@ -258,7 +292,7 @@ def write_hydra(heads, folder):
     folder.mkdir(parents=True, exist_ok=True)
     save_file(state_dict(heads, hydra_extras=True), str(folder / HY_WEIGHTS_NAME))
     cfg = {"hydra_num_heads": heads.K, "hydra_num_layers": heads.L, "hydra_head_arch": heads.arch,
-           "grounded_heads": True, "hidden_state_offset": 0, "base_model_name_or_path": heads.base_model}
+           "grounded_heads": True, "hidden_state_offset": 0, "base_model_name_or_path": heads.base_model, **trees}
     (folder / HY_CONFIG_NAME).write_text(json.dumps(cfg, indent=1) + "\n")
 
 
