@@ -83,13 +83,13 @@ def test_a_tree_from_unsorted_accuracies_is_refused_for_hydra_exactly_where_hydr
     refused = []
     for budget in range(1, 65):
         tree, _ = build_tree(acc, budget)
-        choices = [list(p) for p in tree.paths[1:]]
-        same = hydra_drafted_paths(choices) == list(tree.paths[1:])
+        choices = [list(p) for p in tree.choices[1:]]
+        same = hydra_drafted_paths(choices) == list(tree.choices[1:])
         assert (hydra_tree_problem(choices) is None) == same, (budget, choices)
         refused += [budget] * (not same)
         ok, _ = build_tree(np.sort(acc, axis=1)[:, ::-1], budget)
-        assert hydra_tree_problem([list(p) for p in ok.paths[1:]]) is None
-        assert hydra_drafted_paths([list(p) for p in ok.paths[1:]]) == list(ok.paths[1:])
+        assert hydra_tree_problem([list(p) for p in ok.choices[1:]]) is None
+        assert hydra_drafted_paths([list(p) for p in ok.choices[1:]]) == list(ok.choices[1:])
     assert 0 < len(refused) < 64, refused
 
 
@@ -210,5 +210,5 @@ def test_shipped_trees_suit_hydra_and_trees_from_measured_accuracies_are_refused
             assert hydra_drafted_paths(cfg[key]) == sorted(map(tuple, cfg[key]), key=lambda p: (len(p), p))
     for budget in range(1, 65):
         tree, _ = build_tree(cfg["accuracies"], budget)
-        choices = [list(p) for p in tree.paths[1:]]
-        assert (hydra_tree_problem(choices) is None) == (hydra_drafted_paths(choices) == list(tree.paths[1:]))
+        choices = [list(p) for p in tree.choices[1:]]
+        assert (hydra_tree_problem(choices) is None) == (hydra_drafted_paths(choices) == list(tree.choices[1:]))
