@@ -54,7 +54,9 @@ def test_the_license_is_the_apache_2_text_and_pyproject_says_so_in_spdx():
 
 def test_no_module_of_the_package_needs_tqdm():
     """tqdm is not a runtime dependency: the package's progress bars are minispec.training.progress."""
-    for path in (REPO / "minispec").glob("*.py"):
+    paths = sorted((REPO / "minispec").rglob("*.py"))
+    assert any(p.parent.name == "training" for p in paths)        # the subfolders are walked too
+    for path in paths:
         for node in ast.walk(ast.parse(path.read_text())):
             names = [a.name for a in node.names] if isinstance(node, ast.Import) else \
                 [node.module or ""] if isinstance(node, ast.ImportFrom) else []
