@@ -27,7 +27,7 @@ from typing import Protocol
 import numpy as np
 
 from .sampling import SamplingParams
-from .verify import Draft, Verified, verify
+from .verify import Draft, Verified, cut_draft, verify
 
 
 @dataclass
@@ -83,6 +83,8 @@ class Context:
     params: SamplingParams
     rng: object             # numpy Generator shared with the acceptance rule
     stats: Stats
+    left: int = None        # tokens the request may still emit (None: unbounded); a draft deeper than left - 1
+                            # cannot be used in full, so a proposer may stop drafting there
 
 
 class Proposer(Protocol):
@@ -121,7 +123,10 @@ def run_loop(model, ids, proposer, rule, params, rng, max_new_tokens, eos_id, on
     t0, cpu0 = clock(), time.process_time()
     while len(out) < max_new_tokens:
         t1 = clock()
-        draft = proposer.propose(Context(root, hidden, model, cache, params, rng, stats))
+        left = max_new_tokens - len(out)
+        draft = proposer.propose(Context(root, hidden, model, cache, params, rng, stats, left))
+        if not cache.ring:      # the end of a cache without a window: a draft fits the positions left (verify.cut_draft)
+            draft = cut_draft(draft, cache.W - cache.pos)
         t2 = clock()
         step = verify(model, cache, draft, rule, limit=max_new_tokens - len(out), eos_id=eos_id)
         t3 = clock()

@@ -35,14 +35,15 @@ from ..backend import array_module, to_device, to_host
 from ..decoders.hydra import head_forward, HydraHeads, KIND_ARCH, prefix_forward
 from ..decoders.hydra_files import save
 from ..decoders.medusa import topk_ids
-from ..errors import UserError
+from ..errors import Fields, UserError, check_int, check_real, read_json
 from ..mistral.model import load
 from ..mistral.tokenizer import Tokenizer
 from ..mistral.weights import read_safetensors
 from ..speculative.tree import build_tree
 from . import backprop as bp
 from .progress import Progress
-from .train_medusa import Adam, corpus_path, hidden_states, lr_at, REPO, split_heldout, training_sequences
+from .train_medusa import (Adam, check_counts, check_out_folder, corpus_path, hidden_states, lr_at, REPO,
+                           split_heldout, training_sequences)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -197,8 +198,10 @@ def load_checkpoint(path, params, adam):
                 raise UserError(f"{path.with_suffix('.safetensors')}: tensor {key!r} missing or of the wrong shape "
                                  f"(expected {list(dst.shape)}): not a checkpoint of these heads")
             dst[...] = to_device(array_module(dst), np.asarray(tensors[key], dtype=dst.dtype))
-    state = json.loads(path.with_suffix(".json").read_text())
-    adam.t = int(state["adam_t"])
+    f = Fields(read_json(path.with_suffix(".json")), path.with_suffix(".json"))
+    adam.t = f.int("adam_t", low=0)
+    state = {"step": f.int("step", low=0), "epoch": f.int("epoch", low=0), "epoch_rng": f.table("epoch_rng"),
+             "config": f.table("config", default=None)}
     return state
 
 
@@ -221,8 +224,16 @@ def train(heads, data, cfg=HydraTrainConfig(), checkpoint=None, checkpoint_every
     step, epoch = 0, 0
     if checkpoint is not None and Path(checkpoint).with_suffix(".json").exists():
         state = load_checkpoint(checkpoint, params, adam)
+        if state["config"] is not None and state["config"] != json.loads(json.dumps(asdict(cfg))):
+            raise UserError(f"{Path(checkpoint).with_suffix('.json')}: made with the training settings "
+                            f"{state['config']}, not {asdict(cfg)}: resume with the same settings or start afresh "
+                            f"with another checkpoint path")
         step, epoch = state["step"], state["epoch"]
-        rng.bit_generator.state = state["epoch_rng"]
+        try:
+            rng.bit_generator.state = state["epoch_rng"]
+        except (ValueError, TypeError, KeyError) as e:
+            raise UserError(f"{Path(checkpoint).with_suffix('.json')}: key 'epoch_rng' is not a random generator "
+                            f"state ({e})") from None
     history = []
     bar = Progress(total=total, initial=step, desc=f"train {heads.kind}", unit="step", disable=not progress)
     epoch_rng = rng.bit_generator.state                         # what a resume needs to redraw this epoch
@@ -338,6 +349,52 @@ def prepare(model, seqs, num_heads):
             "W_out": model.output, "seqs": list(zip(starts.tolist(), lens.tolist()))}
 
 
+def check_hydra_training(kind="hydra", num_heads=4, num_layers=None, data="self", text=None, data_cache=None,
+                         n_tokens=150_000, seq_len=512, epochs=2, lr=1e-3, batch=256, lm_weight=None,
+                         teacher_weight=None, budget=10, gpu_budget=32, top_k=10, heldout=0.1, seed=0, out=None,
+                         checkpoint=None, text_flag=None):
+    """train_hydra's options, checked before the model loads (`minispec train-heads --kind hydra|hydra++` and
+    the API share them): the checks Medusa training gets (train_medusa.check_training) and Hydra's own: blocks
+    per head >= 1, loss weights finite and >= 0 and not both 0 (the heads would learn nothing), a held-out
+    fraction in (0, 1), a data cache that is a file when it exists, a checkpoint stem whose files are not
+    folders. Returns (num_layers, lm_weight, teacher_weight, the corpus path or None when the cache has the data),
+    the per-kind defaults filled in."""
+    if kind not in KIND_ARCH:
+        raise UserError(f"--kind must be one of {sorted(KIND_ARCH)} for Hydra training, not {kind!r}")
+    plus = kind == "hydra++"
+    num_layers = (4 if plus else 1) if num_layers is None else num_layers
+    lm_weight = (0.0 if plus else 1.0) if lm_weight is None else lm_weight
+    teacher_weight = (1.0 if plus else 0.0) if teacher_weight is None else teacher_weight
+    if data not in ("corpus", "self"):
+        raise UserError(f"--data must be 'corpus' or 'self', not {data!r}")
+    check_counts(num_heads=num_heads, num_layers=num_layers, n_tokens=n_tokens, seq_len=seq_len, epochs=epochs,
+                 batch=batch, budget=budget, top_k=top_k, seed=seed, layers_low=1)
+    check_int("gpu_budget", gpu_budget, low=0)
+    check_real("lr", lr, low=0, low_open=True)
+    check_real("lm_weight", lm_weight, low=0)
+    check_real("teacher_weight", teacher_weight, low=0)
+    if lm_weight == 0 and teacher_weight == 0:
+        raise UserError("lm_weight and teacher_weight are both 0: the loss would be 0 and the heads would learn "
+                        "nothing (hydra's default is 1 / 0, hydra++'s 0 / 1)")
+    check_real("heldout", heldout, low=0, high=1, low_open=True)
+    if heldout >= 1:
+        raise UserError(f"heldout must be a fraction in (0, 1), got {heldout!r}")
+    check_out_folder(out)
+    for name, path in (("data_cache", data_cache),
+                       ("checkpoint", None if checkpoint is None else Path(checkpoint).with_suffix(".json")),
+                       ("checkpoint", None if checkpoint is None else Path(checkpoint).with_suffix(".safetensors"))):
+        if path is not None and Path(path).exists() and not Path(path).is_file():
+            raise UserError(f"{name}: {path} is a folder, not a file")
+        if path is not None:
+            check_out_folder(Path(path).parent)
+    if checkpoint is not None and Path(checkpoint).with_suffix(".json").exists() \
+            and not Path(checkpoint).with_suffix(".safetensors").is_file():
+        raise UserError(f"checkpoint: {Path(checkpoint).with_suffix('.json')} has no "
+                        f"{Path(checkpoint).with_suffix('.safetensors').name} beside it: not a checkpoint to resume")
+    cached = data_cache is not None and Path(data_cache).exists()
+    return num_layers, lm_weight, teacher_weight, None if cached else corpus_path(text, text_flag)
+
+
 def train_hydra(model_dir, kind="hydra", out=None, num_heads=4, num_layers=None, data="self", text=None,
                 data_cache=None, n_tokens=150_000, seq_len=512, epochs=2, lr=1e-3, batch=256, lm_weight=None,
                 teacher_weight=None, budget=10, gpu_budget=32, top_k=10, heldout=0.1, seed=0, device="auto",
@@ -347,18 +404,12 @@ def train_hydra(model_dir, kind="hydra", out=None, num_heads=4, num_layers=None,
     for "tree", `gpu_budget` for "tree_cuda"). Defaults per kind: hydra 1 block, lm 1 / teacher 0; hydra++
     4 blocks, lm 0 / teacher 1 (zankner/Hydra's Hydra++ recipe). Returns (heads, report dict)."""
 
-    if kind not in KIND_ARCH:
-        raise UserError(f"--kind must be one of {sorted(KIND_ARCH)} for Hydra training, not {kind!r}")
-    plus = kind == "hydra++"
-    num_layers = (4 if plus else 1) if num_layers is None else num_layers
-    lm_weight = (0.0 if plus else 1.0) if lm_weight is None else lm_weight
-    teacher_weight = (1.0 if plus else 0.0) if teacher_weight is None else teacher_weight
-    if data not in ("corpus", "self"):
-        raise UserError(f"--data must be 'corpus' or 'self', not {data!r}")
+    num_layers, lm_weight, teacher_weight, text = check_hydra_training(
+        kind, num_heads, num_layers, data, text, data_cache, n_tokens, seq_len, epochs, lr, batch, lm_weight,
+        teacher_weight, budget, gpu_budget, top_k, heldout, seed, Path(model_dir) / kind if out is None else out,
+        checkpoint)
     say = print if progress else (lambda *a, **k: None)
     cached = data_cache is not None and Path(data_cache).exists()
-    if not cached:
-        text = corpus_path(text)                    # before the model loads
     t_start = time.time()
     model = load(model_dir, dtype=dtype, device=device)
     tok = Tokenizer.from_dir(model_dir)

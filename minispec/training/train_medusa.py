@@ -353,7 +353,7 @@ def train_medusa(model_dir, out=None, version="v1", num_heads=4, num_layers=1, d
 
     text = check_training(version=version, num_heads=num_heads, num_layers=num_layers, data=data, text=text,
                           n_tokens=n_tokens, seq_len=seq_len, epochs=epochs, lr=lr, batch=batch, budget=budget,
-                          top_k=top_k, seed=seed)
+                          top_k=top_k, seed=seed, out=Path(model_dir) / "medusa" if out is None else out)
     model = load(model_dir, dtype=dtype, device=device)
     tok = Tokenizer.from_dir(model_dir)
     if model.config.sliding_window is None:          # no ring: a sequence must fit the cache
@@ -397,19 +397,45 @@ def train_medusa(model_dir, out=None, version="v1", num_heads=4, num_layers=1, d
 
 
 def check_training(version="v1", num_heads=4, num_layers=1, data="corpus", text=None, n_tokens=100_000, seq_len=512,
-                   epochs=1, lr=1e-3, batch=256, budget=10, top_k=10, seed=0, text_flag=None):
+                   epochs=1, lr=1e-3, batch=256, budget=10, top_k=10, seed=0, text_flag=None, out=None):
     """The training options' rules (train_medusa and `minispec train-heads` share them, checked before the
-    model loads). Returns the corpus path (`corpus_path`; text_flag: the option that gives it, for messages)."""
+    model loads). Returns the corpus path (`corpus_path`; text_flag: the option that gives it, for messages).
+    seq_len >= num_heads + 2: head k's label sits k + 2 tokens ahead, so a shorter sequence leaves the far heads
+    nothing to learn. out: the output folder (None: the default), refused when a file is in the way."""
     if version not in VERSIONS:
         raise UserError(f"version must be 'v1' or 'v2', not {version!r}")
     if data not in ("corpus", "self"):
         raise UserError(f"data must be 'corpus' or 'self', not {data!r}")
-    for name, v, low in (("num_heads", num_heads, 1), ("num_layers", num_layers, 0), ("n_tokens", n_tokens, 1),
-                         ("seq_len", seq_len, 2), ("epochs", epochs, 1), ("batch", batch, 1), ("budget", budget, 0),
-                         ("top_k", top_k, 1), ("seed", seed, 0)):
-        check_int(name, v, low=low)
+    check_counts(num_heads=num_heads, num_layers=num_layers, n_tokens=n_tokens, seq_len=seq_len, epochs=epochs,
+                 batch=batch, budget=budget, top_k=top_k, seed=seed)
     check_real("lr", lr, low=0, low_open=True)
+    check_out_folder(out)
     return corpus_path(text, text_flag)
+
+
+def check_counts(num_heads, num_layers, n_tokens, seq_len, epochs, batch, budget, top_k, seed, layers_low=0):
+    """The integer options both trainers share, each an int in its range (see check_training)."""
+    for name, v, low in (("num_heads", num_heads, 1), ("num_layers", num_layers, layers_low), ("n_tokens", n_tokens, 1),
+                         ("epochs", epochs, 1), ("batch", batch, 1), ("budget", budget, 0), ("top_k", top_k, 1),
+                         ("seed", seed, 0)):
+        check_int(name, v, low=low)
+    check_int("seq_len", seq_len, low=num_heads + 2,
+              what=f" (num_heads + 2: head k is trained on the token k + 2 ahead, so {num_heads} heads need "
+                   f"{num_heads + 2}-token sequences)")
+
+
+def check_out_folder(out):
+    """out, a folder the heads can be saved in (new or existing), or UserError before any training: a file at out
+    or at a folder above it would only make the save fail after training."""
+    if out is None:
+        return
+    p = Path(out)
+    for q in [p, *p.parents]:
+        if q.exists():
+            if not q.is_dir():
+                raise UserError(f"out: {q} is a file, not a folder: the heads are saved as a folder "
+                                f"({'give another path' if q == p else 'a file lies where a folder of ' + str(p) + ' should be'})")
+            break
 
 
 def corpus_path(text, flag=None):
