@@ -194,6 +194,9 @@ def check_train_heads(args):
                                     ("--checkpoint", args.checkpoint)) if v is not None]
     if not hydra and ignored:
         raise UserError(f"argument {ignored[0]}: applies to --kind hydra and hydra++ only, not {args.kind}")
+    if hydra and (args.layers != 1 or args.version != "v1"):
+        flag = "--layers" if args.layers != 1 else "--version"
+        raise UserError(f"argument {flag}: applies to --kind medusa only (Hydra's blocks per head: --hydra-layers)")
     flags = {"n_tokens": "--tokens", "num_layers": "--hydra-layers" if hydra else "--layers",
              "lm_weight": "--lm-weight", "teacher_weight": "--teacher-weight", "data_cache": "--data-cache",
              "checkpoint": "--checkpoint", "out": "--out"}

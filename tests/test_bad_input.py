@@ -289,3 +289,101 @@ def test_every_decoder_fills_a_cache_without_a_window_exactly_to_its_end(decoder
     assert rel_err(cache.keys, ar_cache.keys) < 1e-12
     if decoder.startswith("oracle") or decoder == "draft_verify":      # drafts that are right reach the end
         assert out.stats.steps < n
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The command line: training and search arguments, all checked before the model loads
+# ---------------------------------------------------------------------------------------------------------
+KINDS = ["medusa", "hydra", "hydra++"]
+
+
+@pytest.fixture
+def text(tmp_path):
+    path = tmp_path / "train.txt"
+    path.write_text("def f():\n    return 1\n")
+    return str(path)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("where", ["the folder itself", "a folder above it"])
+def test_train_heads_out_naming_an_existing_file_fails_before_training(capsys, tmp_path, no_loading, text, kind,
+                                                                       where):
+    (tmp_path / "heads").write_text("not a folder")
+    out = tmp_path / "heads" if where == "the folder itself" else tmp_path / "heads" / "sub"
+    user_error(["train-heads", "--kind", kind, "--text", text, "--out", str(out)], capsys, "argument --out",
+               str(tmp_path / "heads"), "is a file")
+
+
+@pytest.mark.parametrize("flag,value", [("--heads", "0"), ("--tokens", "0"), ("--seq-len", "1"), ("--seq-len", "5"),
+                                        ("--epochs", "0"), ("--lr", "-0.001"), ("--lr", "nan"), ("--batch", "0"),
+                                        ("--budget", "-1"), ("--top-k", "0"), ("--seed", "-1"),
+                                        ("--hydra-layers", "0"), ("--lm-weight", "-1"), ("--teacher-weight", "nan"),
+                                        ("--layers", "2"), ("--version", "v2")])
+@pytest.mark.parametrize("kind", ["hydra", "hydra++"])
+def test_hydra_training_gets_every_check_medusa_training_gets(capsys, no_loading, text, kind, flag, value):
+    user_error(["train-heads", "--kind", kind, "--text", text, flag, value], capsys, flag)
+
+
+@pytest.mark.parametrize("flag,value", [("--hydra-layers", "2"), ("--lm-weight", "0.5"), ("--teacher-weight", "1"),
+                                        ("--data-cache", "x.npz"), ("--checkpoint", "ck")])
+def test_a_hydra_option_given_to_medusa_training_is_refused_not_ignored(capsys, no_loading, text, flag, value):
+    user_error(["train-heads", "--kind", "medusa", "--text", text, flag, value], capsys, flag, "hydra")
+
+
+def test_hydra_training_with_both_loss_weights_zero_and_bad_cache_paths_is_refused(capsys, no_loading, text,
+                                                                                   tmp_path):
+    user_error(["train-heads", "--kind", "hydra", "--text", text, "--lm-weight", "0"], capsys, "both 0")
+    (tmp_path / "cache.npz").mkdir()
+    user_error(["train-heads", "--kind", "hydra", "--text", text, "--data-cache", str(tmp_path / "cache.npz")],
+               capsys, "argument --data-cache", "is a folder")
+    (tmp_path / "ck.json").mkdir()
+    user_error(["train-heads", "--kind", "hydra++", "--text", text, "--checkpoint", str(tmp_path / "ck")],
+               capsys, "argument --checkpoint", "is a folder")
+
+
+def trace_file(tmp_path, **change):
+    """The shipped search trace with some header fields changed ("calibration__starts": a key inside one)."""
+    d = json.loads((SHIPPED / "draft_verify" / "search_trace.json").read_text())
+    for k, v in change.items():
+        where, k = (d[k.split("__")[0]], k.split("__")[1]) if "__" in k else (d, k)
+        if v is DROP:
+            where.pop(k)
+        else:
+            where[k] = v
+    path = tmp_path / "trace.json"
+    path.write_text(json.dumps(d))
+    return str(path)
+
+
+@pytest.mark.parametrize("argv,names", [
+    (["--budget", "0"], ["--budget"]), (["--prompts", "0"], ["--prompts"]), (["--prompt-len", "0"], ["--prompt-len"]),
+    (["--new", "0"], ["--new"]), (["--seed", "-1"], ["--seed"]), (["--method", "grid"], ["--method", "grid"]),
+    (["--method", "random,random"], ["--method"]), (["--method", ""], ["--method"]),
+    (["--write", "--min-match", "1.5"], ["--min-match", "1.5"]), (["--min-match", "0.5"], ["--min-match", "--write"]),
+    (["--write", "--objective", "measured", "--min-match", "0.5"], ["--min-match", "predicted"])])
+def test_search_skip_checks_every_option_before_the_model_loads(capsys, no_loading, tmp_path, text, argv, names):
+    user_error(["search-skip", "--method", "random", "--text", text, "--trace", str(tmp_path / "t.json"), *argv],
+               capsys, *names)
+
+
+@pytest.mark.parametrize("change,words", [({"n_layers": 4, "cost_model__n_layers": 4}, ["4-layer", "6 layers"]),
+                                          ({"format": "other/1"}, ["not a skip-search trace"]),
+                                          ({"cost_model__n_layers": 4}, ["cost_model", "4 layers"]),
+                                          ({"calibration__starts": DROP}, ["'starts'"]),
+                                          ({"calibration__sequences": [[1, 2, 99999]], "calibration__starts": [1]},
+                                           ["99999", "vocabulary"]),
+                                          ({"cost_model": {"n_layers": 6}}, ["'base'"]),
+                                          ({"runs": []}, ["'runs'"])])
+def test_a_foreign_or_broken_search_trace_is_refused_before_the_model_loads(capsys, no_loading, tmp_path, change,
+                                                                           words):
+    user_error(["search-skip", "--method", "random", "--trace", trace_file(tmp_path, **change)], capsys,
+               "trace.json", *words)
+
+
+def test_a_search_trace_that_is_a_folder_or_not_json_is_one_line(capsys, no_loading, tmp_path):
+    (tmp_path / "dir.json").mkdir()
+    user_error(["search-skip", "--method", "random", "--trace", str(tmp_path / "dir.json")], capsys, "--trace",
+               "is a folder")
+    (tmp_path / "bad.json").write_text("{")
+    user_error(["search-skip", "--method", "random", "--trace", str(tmp_path / "bad.json")], capsys, "bad.json",
+               "invalid JSON")
