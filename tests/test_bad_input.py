@@ -180,7 +180,8 @@ def test_a_search_trace_of_another_model_of_the_same_shape_is_refused():
         check_calibration(model, Calibration(theirs.sequences, theirs.starts), "trace.json")
 
 
-@pytest.mark.parametrize("option,value,words", [("lm_weight", 0.0, "both 0"), ("lm_weight", -1.0, "lm_weight"),
+@pytest.mark.parametrize("option,value,words", [("lm_weight", 0.0, "both loss weights are 0"),
+                                                ("lm_weight", -1.0, "lm_weight"),
                                                 ("teacher_weight", math.inf, "teacher_weight"),
                                                 ("heldout", 1.0, "heldout"), ("heldout", 0.0, "heldout"),
                                                 ("num_layers", 0, "num_layers"), ("seq_len", 4, "seq_len"),
@@ -238,6 +239,29 @@ def test_cut_draft_keeps_the_first_nodes_in_node_order_by_hand():
     assert c.tree.N == 2 and c.tokens == [1, 2] and np.array_equal(c.q, q[:1])
     whole = Draft(tree, list(range(7)))
     assert cut_draft(whole, 7) is whole and cut_draft(Draft(tree, list(range(7))), 1).tree.N == 1
+
+
+def test_the_loop_tells_the_proposer_how_many_tokens_the_request_has_left():
+    """Context.left before each step = max_new_tokens minus the tokens emitted so far (counted here from the
+    steps the proposer observed, not read back from the loop)."""
+    class Recorder:
+        name = "recorder"
+
+        def __init__(self):
+            self.seen, self.emitted = [], 0
+
+        def start(self, ctx, prompt_hidden):
+            pass
+
+        def propose(self, ctx):
+            self.seen.append((ctx.left, 9 - self.emitted))
+            return Draft(Tree.chain(0), [ctx.root])
+
+        def observe(self, step):
+            self.emitted += len(step.tokens)
+    r = Recorder()
+    generate(tiny_model(), [1, 2], decoder=r, max_new_tokens=9, eos_id=None)
+    assert [a for a, _ in r.seen] == [b for _, b in r.seen] == list(range(9, 0, -1))
 
 
 class Oracle:
@@ -332,7 +356,8 @@ def test_a_hydra_option_given_to_medusa_training_is_refused_not_ignored(capsys, 
 
 def test_hydra_training_with_both_loss_weights_zero_and_bad_cache_paths_is_refused(capsys, no_loading, text,
                                                                                    tmp_path):
-    user_error(["train-heads", "--kind", "hydra", "--text", text, "--lm-weight", "0"], capsys, "both 0")
+    user_error(["train-heads", "--kind", "hydra", "--text", text, "--lm-weight", "0"], capsys,
+               "both loss weights are 0", "--lm-weight")
     (tmp_path / "cache.npz").mkdir()
     user_error(["train-heads", "--kind", "hydra", "--text", text, "--data-cache", str(tmp_path / "cache.npz")],
                capsys, "argument --data-cache", "is a folder")

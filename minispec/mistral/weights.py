@@ -127,7 +127,7 @@ def safetensors_header(path):
     at = 0
     for name, (kind, shape, begin, end) in sorted(out.items(), key=lambda kv: (kv[1][2], kv[1][3])):
         if begin != at or end < begin:
-            raise CheckpointError(f"{path}: tensor {name!r}'s byte range [{begin}, {end}) " + (
+            raise CheckpointError(f"{path}: tensor {name!r}: its byte range [{begin}, {end}) " + (
                 f"ends before it begins" if end < begin else
                 f"overlaps the tensor before it (which ends at {at})" if begin < at else
                 f"leaves the bytes [{at}, {begin}) of the data section unused") + ": the byte ranges must tile the "
@@ -137,7 +137,7 @@ def safetensors_header(path):
             raise CheckpointError(f"{path}: tensor {name!r} of shape {list(shape)} {kind} needs {nbytes} bytes, "
                                   f"but its data_offsets [{begin}, {end}) hold {end - begin}")
         if end > data:
-            raise CheckpointError(f"{path}: tensor {name!r}'s byte range [{begin}, {end}) runs past the end of the "
+            raise CheckpointError(f"{path}: tensor {name!r}: its byte range [{begin}, {end}) runs past the end of the "
                                   f"{data}-byte data section (a truncated file?)")
         at = end
     if at != data:

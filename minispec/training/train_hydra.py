@@ -374,8 +374,8 @@ def check_hydra_training(kind="hydra", num_heads=4, num_layers=None, data="self"
     check_real("lm_weight", lm_weight, low=0)
     check_real("teacher_weight", teacher_weight, low=0)
     if lm_weight == 0 and teacher_weight == 0:
-        raise UserError("lm_weight and teacher_weight are both 0: the loss would be 0 and the heads would learn "
-                        "nothing (hydra's default is 1 / 0, hydra++'s 0 / 1)")
+        raise UserError("both loss weights are 0 (lm_weight and teacher_weight: --lm-weight, --teacher-weight): the "
+                        "loss would be 0 and the heads would learn nothing (defaults: hydra 1 / 0, hydra++ 0 / 1)")
     check_real("heldout", heldout, low=0, high=1, low_open=True)
     if heldout >= 1:
         raise UserError(f"heldout must be a fraction in (0, 1), got {heldout!r}")
