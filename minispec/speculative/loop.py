@@ -125,7 +125,7 @@ def run_loop(model, ids, proposer, rule, params, rng, max_new_tokens, eos_id, on
         t1 = clock()
         left = max_new_tokens - len(out)
         draft = proposer.propose(Context(root, hidden, model, cache, params, rng, stats, left))
-        if not cache.ring:      # the end of a cache without a window: a draft fits the positions left (verify.cut_draft)
+        if not cache.ring:      # a cache without a window: the draft fits the positions left (verify.cut_draft)
             draft = cut_draft(draft, cache.W - cache.pos)
         t2 = clock()
         step = verify(model, cache, draft, rule, limit=max_new_tokens - len(out), eos_id=eos_id)

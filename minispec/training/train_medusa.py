@@ -433,8 +433,8 @@ def check_out_folder(out):
     for q in [p, *p.parents]:
         if q.exists():
             if not q.is_dir():
-                raise UserError(f"out: {q} is a file, not a folder: the heads are saved as a folder "
-                                f"({'give another path' if q == p else 'a file lies where a folder of ' + str(p) + ' should be'})")
+                why = "give another path" if q == p else f"a file lies where a folder of {p} should be"
+                raise UserError(f"out: {q} is a file, not a folder: the heads are saved as a folder ({why})")
             break
 
 
