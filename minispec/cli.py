@@ -90,10 +90,13 @@ def check_model_args(args, tokenizer=True):
                             "source tree, not with `pip install .`; pass --model DIR (a model folder, e.g. "
                             "weights/stdlib-mistral of a minispec checkout)")
         args.model = str(SOURCE_MODEL)
-    load_config(args.model)
+    cfg, _ = load_config(args.model)
     tok = None
     if tokenizer:
         tok = Tokenizer.from_dir(args.model)
+        if tok.vocab_size > cfg.vocab_size:     # its ids past the model's vocabulary would fail mid-generation
+            raise UserError(f"{args.model}: the tokenizer has {tok.vocab_size} pieces, more than the model's "
+                            f"vocab_size ({cfg.vocab_size}): they do not belong together")
     if args.device == "cuda":
         try:
             resolve_device("cuda")
@@ -214,6 +217,9 @@ def check_train_heads(args):
     except UserError as e:
         raise UserError(as_flags(e, **flags)) from None
     check_model_args(args)
+    V = load_config(args.model)[0].vocab_size
+    if args.top_k > V:
+        raise UserError(f"argument --top-k: {args.top_k} ranks measured, but the model has only {V} tokens")
     if args.out is None:                        # the default folder, MODEL/<kind>
         try:
             check_out_folder(Path(args.model) / args.kind)

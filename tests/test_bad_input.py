@@ -412,3 +412,69 @@ def test_a_search_trace_that_is_a_folder_or_not_json_is_one_line(capsys, no_load
     (tmp_path / "bad.json").write_text("{")
     user_error(["search-skip", "--method", "random", "--trace", str(tmp_path / "bad.json")], capsys, "bad.json",
                "invalid JSON")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# More of the same causes: data of the wrong kind
+# ---------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("what", ["model", "medusa", "hydra"])
+def test_integer_weights_of_the_right_shape_are_refused_not_converted(tmp_path, what):
+    from safetensors.numpy import load_file, save_file
+    model = tiny_model()
+    if what == "model":
+        cfg = tiny_config()
+        folder = write_hf(tmp_path / "m", cfg, random_tensors(cfg))
+        weights = folder / "model.safetensors"
+    else:
+        folder = tmp_path / what
+        saved(what, folder, model)
+        weights = next(folder.glob("*.safetensors"))
+    t = load_file(str(weights))
+    name = sorted(t)[-1]
+    t[name] = t[name].astype(np.int32)
+    save_file(t, str(weights))
+    with pytest.raises(CheckpointError, match=f"{name!r} holds int32 values"):
+        if what == "model":
+            from minispec.mistral.model import load
+            load(folder, device="cpu")
+        else:
+            (medusa_files if what == "medusa" else hydra_files).load_heads(folder, model)
+
+
+def test_use_sliding_window_is_typed(tmp_path):
+    cfg = tiny_config()
+    folder = write_hf(tmp_path / "m", cfg, random_tensors(cfg))
+    mutate(folder / "config.json", "use_sliding_window", "no")
+    with pytest.raises(UserError, match="'use_sliding_window' must be true or false"):
+        load_config(folder)
+
+
+def test_a_tokenizer_larger_than_the_models_vocabulary_and_top_k_past_it_are_refused(tmp_path, capsys, no_loading,
+                                                                                      text):
+    """The shipped tokenizer has 4096 pieces; a model of V = 61 cannot take its ids."""
+    import shutil
+    cfg = tiny_config()
+    folder = write_hf(tmp_path / "m", cfg, random_tensors(cfg))
+    shutil.copy(SHIPPED / "tokenizer.model", folder / "tokenizer.model")
+    user_error(["generate", "--model", str(folder), "--device", "cpu"], capsys, "4096 pieces", "vocab_size (61)")
+    small = write_hf(tmp_path / "s", tiny_config(vocab_size=4096), random_tensors(tiny_config(vocab_size=4096)))
+    shutil.copy(SHIPPED / "tokenizer.model", small / "tokenizer.model")
+    user_error(["train-heads", "--model", str(small), "--text", text, "--top-k", "5000"], capsys, "--top-k", "4096")
+
+
+@pytest.mark.parametrize("case", ["not an npz", "no lens", "lengths that do not add up", "a foreign vocabulary"])
+def test_a_broken_or_foreign_hydra_data_cache_is_refused(tmp_path, case):
+    from minispec.training.train_hydra import check_hydra_training, load_sequences, save_sequences
+    path = tmp_path / "cache.npz"
+    save_sequences(path, [([1, 2, 3, 70], 0), ([4, 5, 6], 1)])
+    if case == "not an npz":
+        path.write_text("ids")
+    elif case == "no lens":
+        np.savez(path, ids=np.arange(5), first=np.zeros(1, np.int64))
+    elif case == "lengths that do not add up":
+        np.savez(path, ids=np.arange(5), lens=np.array([2, 2]), first=np.zeros(2, np.int64))
+    with pytest.raises(UserError, match="cache.npz"):
+        if case == "a foreign vocabulary":
+            load_sequences(path, vocab_size=V)
+        else:
+            check_hydra_training(data_cache=str(path))

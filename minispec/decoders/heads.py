@@ -13,7 +13,7 @@ from safetensors.numpy import save_file
 
 from ..errors import MissingFileError, UserError, write_json_lines
 from ..mistral.model import FLOAT16_MAX
-from ..mistral.weights import CheckpointError
+from ..mistral.weights import CheckpointError, check_float
 from ..speculative.tree import Tree
 
 # model -> {folder: heads}: a decoder built for every generate() call loads its heads once per model
@@ -49,8 +49,11 @@ def read_head_trees(heads, f):
 
 
 def check_fits(tensors, model, source):
-    """Head tensors must fit the model's working dtype: in float16 a value over 65504 would become inf (the base
-    model refuses its own such weights the same way, model.to_working_dtype)."""
+    """Head tensors must be floating point (weights.check_float) and fit the model's working dtype: in float16 a
+    value over 65504 would become inf (the base model refuses its own such weights the same way,
+    model.to_working_dtype)."""
+    for name, a in tensors.items():
+        check_float(a, name, source)
     if np.dtype(model.dtype) != np.float16:
         return
     for name, a in tensors.items():

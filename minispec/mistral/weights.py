@@ -211,6 +211,14 @@ class Tensor16:
         return Tensor16(self.data, self.kind, rows if self.rows is None else self.rows[rows], self.name, self.source)
 
 
+def check_float(arr, name, source):
+    """A weight must be floating point (F16, BF16, F32 or F64): integer or boolean data of the right shape would be
+    converted to floats silently and compute garbage."""
+    if not isinstance(arr, Tensor16) and np.asarray(arr).dtype.kind != "f":
+        raise CheckpointError(f"{source}: tensor {name!r} holds {np.asarray(arr).dtype} values; weights must be "
+                              f"floating point (F16, BF16, F32 or F64)")
+
+
 def bf16_to_float32(bits):
     """bfloat16 is the top half of a float32: shift the 16 stored bits up and reinterpret."""
     return (bits.astype(np.uint32) << 16).view(np.float32)
@@ -375,6 +383,7 @@ def load_tensors(folder, cfg=None, layout=None, lazy16=False):
             if tuple(arr.shape) != expected[key]:
                 raise CheckpointError(f"{file}: tensor {name!r} has shape {list(arr.shape)}, "
                                       f"expected {list(expected[key])} from the config")
+            check_float(arr, name, file)
             if isinstance(arr, Tensor16):           # mapped: checked as its rows are first widened (nothing read now)
                 arr.name, arr.source = name, file
             else:

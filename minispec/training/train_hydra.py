@@ -325,11 +325,25 @@ def teacher_forced_tau(tree, ranks):
 # ---------------------------------------------------------------------------------------------------------
 # The driver: `minispec train-heads --kind hydra|hydra++`
 # ---------------------------------------------------------------------------------------------------------
-def load_sequences(path):
-    """[(ids, first_label)] from an .npz of int arrays ids (all sequences back to back), lens, first."""
-    z = np.load(path, allow_pickle=False)
-    at = np.concatenate([[0], np.cumsum(z["lens"])])
-    return [(z["ids"][at[j]:at[j + 1]].tolist(), int(z["first"][j])) for j in range(len(z["lens"]))]
+def load_sequences(path, vocab_size=None):
+    """[(ids, first_label)] from an .npz of int arrays ids (all sequences back to back), lens, first, checked: the
+    three arrays there and integer, the lengths adding up to ids, each first label inside its sequence, the ids
+    below vocab_size (a cache made with another model's tokenizer would train on wrong tokens)."""
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            ids, lens, first = (np.asarray(z[k]) for k in ("ids", "lens", "first"))
+    except (OSError, ValueError, KeyError, EOFError) as e:
+        raise UserError(f"{path}: not a data cache of token sequences (an .npz with ids, lens, first): {e}") from None
+    if not (all(a.ndim == 1 and a.dtype.kind in "iu" for a in (ids, lens, first)) and len(lens) == len(first)
+            and lens.size and (lens >= 1).all() and int(lens.sum()) == ids.size and (first >= 0).all()
+            and (first <= lens).all() and (ids >= 0).all()):
+        raise UserError(f"{path}: a broken data cache: ids, lens and first must be 1-D integer arrays, lens >= 1 "
+                        f"adding up to len(ids), 0 <= first <= lens, ids >= 0; delete it to rebuild it")
+    if vocab_size is not None and ids.size and int(ids.max()) >= vocab_size:
+        raise UserError(f"{path}: token id {int(ids.max())} is outside the model's vocabulary ({vocab_size}): a data "
+                        f"cache of another model; delete it to rebuild it")
+    at = np.concatenate([[0], np.cumsum(lens)])
+    return [(ids[at[j]:at[j + 1]].tolist(), int(first[j])) for j in range(len(lens))]
 
 
 def save_sequences(path, seqs):
@@ -392,6 +406,8 @@ def check_hydra_training(kind="hydra", num_heads=4, num_layers=None, data="self"
         raise UserError(f"checkpoint: {Path(checkpoint).with_suffix('.json')} has no "
                         f"{Path(checkpoint).with_suffix('.safetensors').name} beside it: not a checkpoint to resume")
     cached = data_cache is not None and Path(data_cache).exists()
+    if cached:
+        load_sequences(data_cache)                      # a broken cache fails now, not after the model loads
     return num_layers, lm_weight, teacher_weight, None if cached else corpus_path(text, text_flag)
 
 
@@ -415,7 +431,7 @@ def train_hydra(model_dir, kind="hydra", out=None, num_heads=4, num_layers=None,
     tok = Tokenizer.from_dir(model_dir)
     seq_len = min(seq_len, model.config.sliding_window or seq_len, model.config.cache_slots)
     if cached:
-        seqs = load_sequences(data_cache)
+        seqs = load_sequences(data_cache, model.config.vocab_size)
         say(f"data: {len(seqs)} sequences from {data_cache}")
     else:
         seqs = training_sequences(model, tok, data, text, n_tokens, seq_len, seed, prompt_len, gen_len, progress)
