@@ -366,3 +366,20 @@ def test_a_broken_or_foreign_hydra_data_cache_is_refused(tmp_path, case):
             load_sequences(path, vocab_size=V)
         else:
             check_hydra_training(data_cache=str(path))
+
+
+@pytest.mark.parametrize("case", ["other settings", "a broken json"])
+def test_a_hydra_checkpoint_of_other_settings_or_broken_is_not_resumed(tmp_path, case):
+    from test_train_hydra import tiny_setup
+    from minispec.training.train_hydra import HydraTrainConfig, train
+    cfg = HydraTrainConfig(epochs=1, batch=4, lr=1e-2, seed=3)
+    _, heads, data, _ = tiny_setup("hydra")
+    ck = tmp_path / "ck"
+    train(heads, data, cfg, checkpoint=ck, stop_after=1, progress=False)
+    if case == "other settings":
+        cfg = HydraTrainConfig(epochs=1, batch=4, lr=5e-2, seed=3)
+    else:
+        mutate(tmp_path / "ck.json", "step", "one")
+    _, heads, data, _ = tiny_setup("hydra")
+    with pytest.raises(UserError, match="ck.json"):
+        train(heads, data, cfg, checkpoint=ck, progress=False)
