@@ -383,3 +383,20 @@ def test_a_hydra_checkpoint_of_other_settings_or_broken_is_not_resumed(tmp_path,
     _, heads, data, _ = tiny_setup("hydra")
     with pytest.raises(UserError, match="ck.json"):
         train(heads, data, cfg, checkpoint=ck, progress=False)
+
+
+@pytest.mark.parametrize("kind", ["medusa", "hydra"])
+def test_heads_that_overflow_float16_are_not_saved_as_float16(tmp_path, kind):
+    """Hydra's trainer saves float16 files: a weight over 65504 would be written as inf and refused only at the
+    next load, the trained heads lost. Refused before anything is written; float32 keeps it."""
+    model = tiny_model()
+    if kind == "medusa":
+        heads, save = MedusaHeads.create(model, 2, 1, "v1"), medusa_files.save
+        heads.W[0, 0, 0, 0] = 1e5
+    else:
+        heads, save = HydraHeads.create(model, 2, 1), hydra_files.save
+        heads.heads[0]["b1"][0] = 1e5
+    with pytest.raises(UserError, match="overflows float16"), np.errstate(over="ignore"):    # (the cast's warning)
+        save(heads, tmp_path / "h16", dtype=np.float16)
+    assert not (tmp_path / "h16").exists()
+    save(heads, tmp_path / "h32", dtype=np.float32)

@@ -64,8 +64,15 @@ def check_fits(tensors, model, source):
 
 
 def save_folder(folder, tensors, config, config_name, weights_name):
-    """minispec's heads format: folder/weights_name (safetensors) + folder/config_name (one key per line)."""
+    """minispec's heads format: folder/weights_name (safetensors) + folder/config_name (one key per line).
+    Nothing is written when a tensor is not finite: saved as float16, a value over 65504 becomes inf, and a file
+    that its own loader would refuse (the trained heads would be lost) is refused before it is written."""
     folder = Path(folder)
+    for name, a in tensors.items():
+        if a.dtype.kind == "f" and not np.isfinite(a).all():
+            why = (f"a value over {FLOAT16_MAX:g} overflows float16: save with dtype=np.float32"
+                   if a.dtype == np.float16 else "the heads diverged")
+            raise UserError(f"{folder / weights_name}: tensor {name!r} is not finite ({why}); nothing written")
     folder.mkdir(parents=True, exist_ok=True)
     save_file(tensors, str(folder / weights_name))
     write_json_lines(folder / config_name, config)
