@@ -274,7 +274,9 @@ def check_search_skip(args):
     out = Path(args.trace) if args.trace else Path(skip_set_path(args.model)).parent / "search_trace.json"
     text = None                                         # a resumed search has its prompts
     if out.is_file():
-        check_trace(read_trace(out), cfg, out)
+        data = read_trace(out)
+        check_trace(data, cfg, out)
+        check_resumed_settings(args, data, out)
     elif out.is_dir():
         raise UserError(f"argument --trace: {out} is a folder, not a trace file")
     else:
@@ -286,6 +288,20 @@ def check_search_skip(args):
     if "bo" in methods and importlib.util.find_spec("bayes_opt") is None:
         raise UserError(f"argument --method: {INSTALL_HINT}")
     return out, text
+
+
+def check_resumed_settings(args, data, path):
+    """A resumed trace keeps its calibration and cost model (its header wins): options that would have made them
+    otherwise are refused, not ignored (the trace's own values are what the options must say)."""
+    seqs, starts = data["calibration"]["sequences"], data["calibration"]["starts"]
+    new = {len(q) - st for q, st in zip(seqs, starts)}
+    flat = all(c == 1.0 for c in data["cost_model"]["curve"].values())
+    for flag, ok, made in (("--prompts", args.prompts == len(seqs), len(seqs)),
+                           ("--prompt-len", args.prompt_len >= max(starts), max(starts)),
+                           ("--new", new == {args.new}, min(new)), ("--flat-cost", args.flat_cost == flat, flat)):
+        if not ok:
+            raise UserError(f"argument {flag}: {path} was made with {flag} {made}; a resumed search keeps its "
+                            f"calibration and cost model: give the same settings or another --trace file")
 
 
 def cmd_search_skip(args):

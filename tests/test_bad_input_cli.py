@@ -121,3 +121,19 @@ def test_a_tokenizer_larger_than_the_models_vocabulary_and_top_k_past_it_are_ref
     small = write_hf(tmp_path / "s", tiny_config(vocab_size=4096), random_tensors(tiny_config(vocab_size=4096)))
     shutil.copy(SHIPPED / "tokenizer.model", small / "tokenizer.model")
     user_error(["train-heads", "--model", str(small), "--text", text, "--top-k", "5000"], capsys, "--top-k", "4096")
+
+
+@pytest.mark.parametrize("argv", [["--prompts", "4"], ["--new", "20"], ["--prompt-len", "16"], ["--flat-cost"]])
+def test_resuming_a_trace_with_calibration_settings_it_was_not_made_with_is_refused(capsys, no_loading, tmp_path,
+                                                                                    argv):
+    """The shipped trace was made with 8 prompts of 32 tokens, 48 new tokens each, a measured cost curve: a resumed
+    search keeps those, so an option asking for others is refused, not silently ignored."""
+    user_error(["search-skip", "--method", "random", "--trace", trace_file(tmp_path), *argv], capsys, argv[0],
+               "trace.json")
+
+
+def test_the_shipped_trace_resumed_with_its_own_settings_passes_the_checks(tmp_path):
+    from minispec.cli import build_parser, check_search_skip
+    path = trace_file(tmp_path)
+    args = build_parser().parse_args(["search-skip", "--method", "random", "--trace", path])
+    assert check_search_skip(args) == (tmp_path / "trace.json", None)
