@@ -9,7 +9,8 @@ A decoder is a Proposer, an object with three methods:
                                a proposer with a cache of its own (Hydra++'s prefix layer) can fill it; a proposer
                                with per-generation state resets it here
     propose(ctx) -> Draft      ctx: a Context (the root token, the hidden state at the last accepted node, the
-                               model's cache, the sampling parameters, the rng, the running Stats);
+                               model's cache, the sampling parameters, the rng, the running Stats, the tokens
+                               the request has left);
                                Draft: a Tree, its node tokens, and for sampled drafts the draft's distributions q
     observe(step) -> None      called after every verification with the Verified step (the accepted path, its
                                hidden states, the tokens emitted), so that a proposer with state of its own
@@ -103,7 +104,8 @@ def run_loop(model, ids, proposer, rule, params, rng, max_new_tokens, eos_id, on
 
     ids: checked host ints; rule(draft, logits) -> (path, bonus) an acceptance rule bound to `params` and `rng`
     (minispec.speculative.acceptance.make_rule); cache: the model's cache to decode into. The caller has checked
-    that the request fits the cache.
+    that the request fits the cache; near the end of a cache without a window each draft is cut to the positions
+    left (verify.cut_draft), so every decoder finishes a request that fits.
     Returns Output(tokens, stats).
     """
     stats = Stats()
