@@ -24,8 +24,9 @@ from .speculative.sampling import check_generation
 from .training.skip_objective import from_code
 from .training.skip_search import (INSTALL_HINT, best, calibration_prompts, check_trace, read_trace, run_key,
                                    run_search)
-from .training.train_hydra import check_hydra_training, train_hydra
-from .training.train_medusa import check_out_folder, check_training, corpus_path, train_medusa
+from .training.checks import check_hydra_training, check_out_folder, check_training, corpus_path
+from .training.train_hydra import train_hydra
+from .training.train_medusa import train_medusa
 
 # The shipped model lives in the source tree (weights/ is not package data: a wheel does not carry it).
 SOURCE_MODEL = Path(__file__).resolve().parent.parent / "weights" / "stdlib-mistral"

@@ -187,7 +187,7 @@ def test_a_search_trace_of_another_model_of_the_same_shape_is_refused():
                                                 ("num_layers", 0, "num_layers"), ("seq_len", 4, "seq_len"),
                                                 ("gpu_budget", -1, "gpu_budget"), ("kind", "medusa", "--kind")])
 def test_a_nonsensical_hydra_training_setting_is_refused_before_anything_runs(option, value, words):
-    from minispec.training.train_hydra import check_hydra_training
+    from minispec.training.checks import check_hydra_training
     kw = {"teacher_weight": 0.0} if option == "lm_weight" else {}
     with pytest.raises(UserError, match=words):
         check_hydra_training(**{**kw, option: value}, text=str(SHIPPED / "README.md"))
@@ -352,7 +352,7 @@ def test_use_sliding_window_is_typed(tmp_path):
 
 @pytest.mark.parametrize("case", ["not an npz", "no lens", "lengths that do not add up", "a foreign vocabulary"])
 def test_a_broken_or_foreign_hydra_data_cache_is_refused(tmp_path, case):
-    from minispec.training.train_hydra import check_hydra_training, load_sequences, save_sequences
+    from minispec.training.checks import check_hydra_training, load_sequences, save_sequences
     path = tmp_path / "cache.npz"
     save_sequences(path, [([1, 2, 3, 70], 0), ([4, 5, 6], 1)])
     if case == "not an npz":

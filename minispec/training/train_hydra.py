@@ -35,15 +35,15 @@ from ..backend import array_module, to_device, to_host
 from ..decoders.hydra import head_forward, HydraHeads, KIND_ARCH, prefix_forward
 from ..decoders.hydra_files import save
 from ..decoders.medusa import topk_ids
-from ..errors import Fields, UserError, check_int, check_real, read_json
+from ..errors import Fields, UserError, read_json
 from ..mistral.model import load
 from ..mistral.tokenizer import Tokenizer
 from ..mistral.weights import read_safetensors
 from ..speculative.tree import build_tree
 from . import backprop as bp
 from .progress import Progress
-from .train_medusa import (Adam, check_counts, check_out_folder, corpus_path, hidden_states, lr_at, REPO,
-                           split_heldout, training_sequences)
+from .checks import REPO, check_hydra_training, load_sequences, save_sequences
+from .train_medusa import Adam, hidden_states, lr_at, split_heldout, training_sequences
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -325,33 +325,6 @@ def teacher_forced_tau(tree, ranks):
 # ---------------------------------------------------------------------------------------------------------
 # The driver: `minispec train-heads --kind hydra|hydra++`
 # ---------------------------------------------------------------------------------------------------------
-def load_sequences(path, vocab_size=None):
-    """[(ids, first_label)] from an .npz of int arrays ids (all sequences back to back), lens, first, checked: the
-    three arrays there and integer, the lengths adding up to ids, each first label inside its sequence, the ids
-    below vocab_size (a cache made with another model's tokenizer would train on wrong tokens)."""
-    try:
-        with np.load(path, allow_pickle=False) as z:
-            ids, lens, first = (np.asarray(z[k]) for k in ("ids", "lens", "first"))
-    except (OSError, ValueError, KeyError, EOFError) as e:
-        raise UserError(f"{path}: not a data cache of token sequences (an .npz with ids, lens, first): {e}") from None
-    if not (all(a.ndim == 1 and a.dtype.kind in "iu" for a in (ids, lens, first)) and len(lens) == len(first)
-            and lens.size and (lens >= 1).all() and int(lens.sum()) == ids.size and (first >= 0).all()
-            and (first <= lens).all() and (ids >= 0).all()):
-        raise UserError(f"{path}: a broken data cache: ids, lens and first must be 1-D integer arrays, lens >= 1 "
-                        f"adding up to len(ids), 0 <= first <= lens, ids >= 0; delete it to rebuild it")
-    if vocab_size is not None and ids.size and int(ids.max()) >= vocab_size:
-        raise UserError(f"{path}: token id {int(ids.max())} is outside the model's vocabulary ({vocab_size}): a data "
-                        f"cache of another model; delete it to rebuild it")
-    at = np.concatenate([[0], np.cumsum(lens)])
-    return [(ids[at[j]:at[j + 1]].tolist(), int(first[j])) for j in range(len(lens))]
-
-
-def save_sequences(path, seqs):
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    np.savez(path, ids=np.concatenate([np.asarray(s, np.int64) for s, _ in seqs]),
-             lens=np.array([len(s) for s, _ in seqs], np.int64), first=np.array([f for _, f in seqs], np.int64))
-
-
 def prepare(model, seqs, num_heads):
     """The frozen base model's hidden states over the sequences, once, and what training reads."""
     xp = model.xp
@@ -361,54 +334,6 @@ def prepare(model, seqs, num_heads):
     ids = np.concatenate([np.asarray(s, np.int64) for s, _ in seqs])
     return {"H": H, "ids": to_device(xp, ids), "labels": to_device(xp, labels), "labels_h": labels,
             "W_out": model.output, "seqs": list(zip(starts.tolist(), lens.tolist()))}
-
-
-def check_hydra_training(kind="hydra", num_heads=4, num_layers=None, data="self", text=None, data_cache=None,
-                         n_tokens=150_000, seq_len=512, epochs=2, lr=1e-3, batch=256, lm_weight=None,
-                         teacher_weight=None, budget=10, gpu_budget=32, top_k=10, heldout=0.1, seed=0, out=None,
-                         checkpoint=None, text_flag=None):
-    """train_hydra's options, checked before the model loads (`minispec train-heads --kind hydra|hydra++` and
-    the API share them): the checks Medusa training gets (train_medusa.check_training) and Hydra's own: blocks
-    per head >= 1, loss weights finite and >= 0 and not both 0 (the heads would learn nothing), a held-out
-    fraction in (0, 1), a data cache that is a file when it exists, a checkpoint stem whose files are not
-    folders. Returns (num_layers, lm_weight, teacher_weight, the corpus path or None when the cache has the data),
-    the per-kind defaults filled in."""
-    if kind not in KIND_ARCH:
-        raise UserError(f"--kind must be one of {sorted(KIND_ARCH)} for Hydra training, not {kind!r}")
-    plus = kind == "hydra++"
-    num_layers = (4 if plus else 1) if num_layers is None else num_layers
-    lm_weight = (0.0 if plus else 1.0) if lm_weight is None else lm_weight
-    teacher_weight = (1.0 if plus else 0.0) if teacher_weight is None else teacher_weight
-    if data not in ("corpus", "self"):
-        raise UserError(f"--data must be 'corpus' or 'self', not {data!r}")
-    check_counts(num_heads=num_heads, num_layers=num_layers, n_tokens=n_tokens, seq_len=seq_len, epochs=epochs,
-                 batch=batch, budget=budget, top_k=top_k, seed=seed, layers_low=1)
-    check_int("gpu_budget", gpu_budget, low=0)
-    check_real("lr", lr, low=0, low_open=True)
-    check_real("lm_weight", lm_weight, low=0)
-    check_real("teacher_weight", teacher_weight, low=0)
-    if lm_weight == 0 and teacher_weight == 0:
-        raise UserError("both loss weights are 0 (lm_weight and teacher_weight: --lm-weight, --teacher-weight): the "
-                        "loss would be 0 and the heads would learn nothing (defaults: hydra 1 / 0, hydra++ 0 / 1)")
-    check_real("heldout", heldout, low=0, high=1, low_open=True)
-    if heldout >= 1:
-        raise UserError(f"heldout must be a fraction in (0, 1), got {heldout!r}")
-    check_out_folder(out)
-    for name, path in (("data_cache", data_cache),
-                       ("checkpoint", None if checkpoint is None else Path(checkpoint).with_suffix(".json")),
-                       ("checkpoint", None if checkpoint is None else Path(checkpoint).with_suffix(".safetensors"))):
-        if path is not None and Path(path).exists() and not Path(path).is_file():
-            raise UserError(f"{name}: {path} is a folder, not a file")
-        if path is not None:
-            check_out_folder(Path(path).parent)
-    if checkpoint is not None and Path(checkpoint).with_suffix(".json").exists() \
-            and not Path(checkpoint).with_suffix(".safetensors").is_file():
-        raise UserError(f"checkpoint: {Path(checkpoint).with_suffix('.json')} has no "
-                        f"{Path(checkpoint).with_suffix('.safetensors').name} beside it: not a checkpoint to resume")
-    cached = data_cache is not None and Path(data_cache).exists()
-    if cached:
-        load_sequences(data_cache)                      # a broken cache fails now, not after the model loads
-    return num_layers, lm_weight, teacher_weight, None if cached else corpus_path(text, text_flag)
 
 
 def train_hydra(model_dir, kind="hydra", out=None, num_heads=4, num_layers=None, data="self", text=None,

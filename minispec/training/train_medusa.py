@@ -22,20 +22,19 @@ from pathlib import Path
 import numpy as np
 
 from ..backend import array_module, to_device, to_host
-from ..decoders.medusa import VERSIONS, MedusaHeads, head_forward, topk_ids
+from ..decoders.medusa import MedusaHeads, head_forward, topk_ids
 from ..decoders.medusa_files import save as save_heads
 from ..decoders.registry import generate
-from ..errors import check_int, check_real, MissingFileError, UserError
+from ..errors import UserError
 from ..mistral.model import load
 from ..mistral.tokenizer import Tokenizer
 from ..speculative.tree import build_tree
+from .checks import REPO, check_training
 from .progress import Progress
 
 DECAY = 0.8                      # w_k = DECAY**k: the paper's constant (§2.2.1); FasterDecoding's axolotl
                                  # configs set medusa_decay_coefficient: 0.8
 DOC_SEPARATOR = "\n\0\n"         # between documents of data/corpus/*.txt (tools/collect_corpus.py SEPARATOR)
-REPO = Path(__file__).resolve().parents[2]
-DEFAULT_TEXT = REPO / "data" / "corpus" / "train.txt"
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -394,60 +393,3 @@ def train_medusa(model_dir, out=None, version="v1", num_heads=4, num_layers=1, d
     save_heads(heads, out, extra={"training": report})
     say(f"saved {out}")
     return heads, report
-
-
-def check_training(version="v1", num_heads=4, num_layers=1, data="corpus", text=None, n_tokens=100_000, seq_len=512,
-                   epochs=1, lr=1e-3, batch=256, budget=10, top_k=10, seed=0, text_flag=None, out=None):
-    """The training options' rules (train_medusa and `minispec train-heads` share them, checked before the
-    model loads). Returns the corpus path (`corpus_path`; text_flag: the option that gives it, for messages).
-    seq_len >= num_heads + 2: head k's label sits k + 2 tokens ahead, so a shorter sequence leaves the far heads
-    nothing to learn. out: the output folder (None: the default), refused when a file is in the way."""
-    if version not in VERSIONS:
-        raise UserError(f"version must be 'v1' or 'v2', not {version!r}")
-    if data not in ("corpus", "self"):
-        raise UserError(f"data must be 'corpus' or 'self', not {data!r}")
-    check_counts(num_heads=num_heads, num_layers=num_layers, n_tokens=n_tokens, seq_len=seq_len, epochs=epochs,
-                 batch=batch, budget=budget, top_k=top_k, seed=seed)
-    check_real("lr", lr, low=0, low_open=True)
-    check_out_folder(out)
-    return corpus_path(text, text_flag)
-
-
-def check_counts(num_heads, num_layers, n_tokens, seq_len, epochs, batch, budget, top_k, seed, layers_low=0):
-    """The integer options both trainers share, each an int in its range (see check_training)."""
-    for name, v, low in (("num_heads", num_heads, 1), ("num_layers", num_layers, layers_low), ("n_tokens", n_tokens, 1),
-                         ("epochs", epochs, 1), ("batch", batch, 1), ("budget", budget, 0), ("top_k", top_k, 1),
-                         ("seed", seed, 0)):
-        check_int(name, v, low=low)
-    check_int("seq_len", seq_len, low=num_heads + 2,
-              what=f" (num_heads + 2: head k is trained on the token k + 2 ahead, so {num_heads} heads need "
-                   f"{num_heads + 2}-token sequences)")
-
-
-def check_out_folder(out):
-    """out, a folder the heads can be saved in (new or existing), or UserError before any training: a file at out
-    or at a folder above it would only make the save fail after training."""
-    if out is None:
-        return
-    p = Path(out)
-    for q in [p, *p.parents]:
-        if q.exists():
-            if not q.is_dir():
-                why = "give another path" if q == p else f"a file lies where a folder of {p} should be"
-                raise UserError(f"out: {q} is a file, not a folder: the heads are saved as a folder ({why})")
-            break
-
-
-def corpus_path(text, flag=None):
-    """The corpus to train on: the file `text`, or data/corpus/train.txt when text is None; MissingFileError if
-    there is none. flag: the command-line option that gives text (e.g. "--text"), named in the message."""
-    build = "build one with `python tools/collect_corpus.py --out data/corpus` in a minispec checkout"
-    if text is None:
-        if not DEFAULT_TEXT.is_file():
-            raise MissingFileError(f"no corpus: no {flag or 'text'} given and no {DEFAULT_TEXT.relative_to(REPO)} "
-                                   f"here; {build}, or pass {f'{flag} FILE' if flag else 'a text file'}")
-        return DEFAULT_TEXT
-    if not Path(text).is_file():
-        raise MissingFileError(f"{f'argument {flag}: ' if flag else ''}{text}: no such corpus file; {build}, or "
-                               f"pass an existing text file")
-    return text
