@@ -400,3 +400,20 @@ def test_heads_that_overflow_float16_are_not_saved_as_float16(tmp_path, kind):
         save(heads, tmp_path / "h16", dtype=np.float16)
     assert not (tmp_path / "h16").exists()
     save(heads, tmp_path / "h32", dtype=np.float32)
+
+
+@pytest.mark.parametrize("decoder", ["medusa", "hydra++", "draft_verify", "oracle chain"])
+def test_sampling_decoders_also_fill_a_cache_without_a_window_to_its_end(decoder):
+    """The same end of the cache at temperature 0.8: the cut keeps a sampled chain's q rows with its tokens
+    (chain rejection sampling reads them), and the request finishes with all 20 positions committed."""
+    model = tiny_model("float64", sliding_window=None, max_seq_len=20, n_layers=3)
+    ids, n = [1, 5, 3], 18
+    ar = generate(model, ids, max_new_tokens=n, eos_id=None)
+    options = {"medusa": {"heads": MedusaHeads.create(model, 4, 1, "v1")},
+               "hydra++": {"heads": HydraHeads.create(model, 4, 1, "prefix-mlp")},
+               "draft_verify": {"skip": SkipSet.none(3), "max_draft": 6, "gamma0": 0.0}}.get(decoder, {})
+    name = Oracle(ar.tokens, len(ids), True) if decoder.startswith("oracle") else decoder
+    cache = model.new_cache()
+    out = generate(model, ids, decoder=name, max_new_tokens=n, eos_id=None, cache=cache, temperature=0.8, seed=1,
+                   **options)
+    assert len(out.tokens) == n and cache.pos == model.config.max_seq_len
