@@ -7,6 +7,7 @@ prints anything (the check_* functions below, which call the same validators as 
 exception is a bug and keeps its traceback. docs/errors.md lists the messages.
 """
 import argparse
+import importlib.util
 import sys
 from pathlib import Path
 
@@ -15,15 +16,17 @@ from .backend import resolve_device
 from .decoders.draft_verify import skip_set_path
 from .decoders.medusa import VERSIONS
 from .decoders.registry import DECODERS, decoders_with_heads, generate, make_proposer
-from .errors import UserError, utf8_problem
+from .errors import UserError, check_int, check_real, utf8_problem
 from .mistral.model import DTYPES, load
 from .mistral.tokenizer import Tokenizer
 from .mistral.weights import load_config
 from .speculative.sampling import check_generation
 from .training.skip_objective import from_code
-from .training.skip_search import best, calibration_prompts, run_key, run_search
+from .training.skip_search import (INSTALL_HINT, best, calibration_prompts, check_trace, read_trace, run_key,
+                                   run_search)
+from .training.checks import check_hydra_training, check_out_folder, check_training, corpus_path
 from .training.train_hydra import train_hydra
-from .training.train_medusa import check_training, corpus_path, train_medusa
+from .training.train_medusa import train_medusa
 
 # The shipped model lives in the source tree (weights/ is not package data: a wheel does not carry it).
 SOURCE_MODEL = Path(__file__).resolve().parent.parent / "weights" / "stdlib-mistral"
@@ -58,7 +61,7 @@ def fail(message):
 def as_flags(err, **flags):
     """A validator's message with the API parameter it names spelled as the command-line flag."""
     msg, flags = str(err), {**FLAGS, **flags}
-    name = msg.split(" ", 1)[0]
+    name = msg.split(" ", 1)[0].rstrip(":")
     if name in flags and " " in msg:
         return f"argument {flags[name]}: {msg.split(' ', 1)[1]}"
     return msg
@@ -88,10 +91,13 @@ def check_model_args(args, tokenizer=True):
                             "source tree, not with `pip install .`; pass --model DIR (a model folder, e.g. "
                             "weights/stdlib-mistral of a minispec checkout)")
         args.model = str(SOURCE_MODEL)
-    load_config(args.model)
+    cfg, _ = load_config(args.model)
     tok = None
     if tokenizer:
         tok = Tokenizer.from_dir(args.model)
+        if tok.vocab_size > cfg.vocab_size:     # its ids past the model's vocabulary would fail mid-generation
+            raise UserError(f"{args.model}: the tokenizer has {tok.vocab_size} pieces, more than the model's "
+                            f"vocab_size ({cfg.vocab_size}): they do not belong together")
     if args.device == "cuda":
         try:
             resolve_device("cuda")
@@ -182,20 +188,50 @@ def cmd_bench(args):
 # ---------------------------------------------------------------------------------------------------------
 # train-heads
 # ---------------------------------------------------------------------------------------------------------
-def cmd_train_heads(args):
-    if args.kind in ("hydra", "hydra++"):
-        if not (args.data_cache and Path(args.data_cache).exists()):     # sequences from a cache need no text
-            args.text = corpus_path(args.text, "--text")
-        check_model_args(args)
-        return cmd_train_hydra(args)
+def check_train_heads(args):
+    """train-heads' arguments, every one checked before the model loads, for every --kind: the options both
+    trainers share, Hydra's own (its loss weights, --data-cache, --checkpoint), the output folder (a file in the
+    way would only fail the save after training), and options the kind does not use (refused, not ignored)."""
+    hydra = args.kind in ("hydra", "hydra++")
+    ignored = [flag for flag, v in (("--hydra-layers", args.hydra_layers), ("--lm-weight", args.lm_weight),
+                                    ("--teacher-weight", args.teacher_weight), ("--data-cache", args.data_cache),
+                                    ("--checkpoint", args.checkpoint)) if v is not None]
+    if not hydra and ignored:
+        raise UserError(f"argument {ignored[0]}: applies to --kind hydra and hydra++ only, not {args.kind}")
+    if hydra and (args.layers != 1 or args.version != "v1"):
+        flag = "--layers" if args.layers != 1 else "--version"
+        raise UserError(f"argument {flag}: applies to --kind medusa only (Hydra's blocks per head: --hydra-layers)")
+    flags = {"n_tokens": "--tokens", "num_layers": "--hydra-layers" if hydra else "--layers",
+             "lm_weight": "--lm-weight", "teacher_weight": "--teacher-weight", "data_cache": "--data-cache",
+             "checkpoint": "--checkpoint", "out": "--out"}
     try:
-        args.text = check_training(version=args.version, num_heads=args.heads, num_layers=args.layers,
-                                   data=args.data, text=args.text, n_tokens=args.tokens, seq_len=args.seq_len,
-                                   epochs=args.epochs, lr=args.lr, batch=args.batch, budget=args.budget,
-                                   top_k=args.top_k, seed=args.seed, text_flag="--text")
+        if hydra:
+            _, _, _, args.text = check_hydra_training(
+                args.kind, args.heads, args.hydra_layers, args.data, args.text, args.data_cache, args.tokens,
+                args.seq_len, args.epochs, args.lr, args.batch, args.lm_weight, args.teacher_weight, args.budget,
+                top_k=args.top_k, seed=args.seed, out=args.out, checkpoint=args.checkpoint, text_flag="--text")
+        else:
+            args.text = check_training(version=args.version, num_heads=args.heads, num_layers=args.layers,
+                                       data=args.data, text=args.text, n_tokens=args.tokens, seq_len=args.seq_len,
+                                       epochs=args.epochs, lr=args.lr, batch=args.batch, budget=args.budget,
+                                       top_k=args.top_k, seed=args.seed, text_flag="--text", out=args.out)
     except UserError as e:
-        raise UserError(as_flags(e, n_tokens="--tokens")) from None
+        raise UserError(as_flags(e, **flags)) from None
     check_model_args(args)
+    V = load_config(args.model)[0].vocab_size
+    if args.top_k > V:
+        raise UserError(f"argument --top-k: {args.top_k} ranks measured, but the model has only {V} tokens")
+    if args.out is None:                        # the default folder, MODEL/<kind>
+        try:
+            check_out_folder(Path(args.model) / args.kind)
+        except UserError as e:
+            raise UserError(as_flags(e, **flags)) from None
+
+
+def cmd_train_heads(args):
+    check_train_heads(args)
+    if args.kind in ("hydra", "hydra++"):
+        return cmd_train_hydra(args)
     train_medusa(args.model, out=args.out, version=args.version, num_heads=args.heads, num_layers=args.layers,
                  data=args.data, text=args.text, n_tokens=args.tokens, seq_len=args.seq_len, epochs=args.epochs,
                  lr=args.lr, batch=args.batch, budget=args.budget, top_k=args.top_k, seed=args.seed,
@@ -211,11 +247,67 @@ def cmd_train_hydra(args):
 
 
 # ---------------------------------------------------------------------------------------------------------
+def check_search_skip(args):
+    """search-skip's arguments, every one checked before the model loads: counts in range, known and distinct
+    methods (bo's optional package installed), --min-match in [0, 1] and only where it is used (with --write and
+    the predicted objective, whose evaluations record a match rate), the calibration fitting a cache without a
+    window, and an existing --trace readable and made for a model of this many layers (skip_search.check_trace).
+    Returns (the trace path, the calibration text or None when the trace is resumed)."""
+    for flag, v, low in (("--budget", args.budget, 1), ("--seed", args.seed, 0), ("--prompts", args.prompts, 1),
+                         ("--prompt-len", args.prompt_len, 1), ("--new", args.new, 1)):
+        check_int(f"argument {flag}:", v, low=low)
+    methods = [m.strip() for m in args.method.split(",")]
+    bad = [m for m in methods if m not in ("bo", "random", "exhaustive")]
+    if bad or len(set(methods)) != len(methods):
+        raise UserError(f"argument --method: a comma-separated list of distinct methods from bo, random, "
+                        f"exhaustive, got {args.method!r}")
+    args.method = ",".join(methods)
+    if args.min_match is not None:
+        check_real("argument --min-match:", args.min_match, low=0, high=1)
+        if not args.write or args.objective != "predicted":
+            raise UserError("argument --min-match: only used with --write and --objective predicted (the "
+                            "evaluations that record a match rate)")
+    check_model_args(args, tokenizer=False)         # the model folder (default: the shipped one) and the device
+    cfg, _ = load_config(args.model)
+    if cfg.sliding_window is None and args.prompt_len + args.new > cfg.cache_slots:
+        raise UserError(f"argument --new: --prompt-len {args.prompt_len} + --new {args.new} tokens do not fit the "
+                        f"model's cache of {cfg.cache_slots} positions (no sliding window)")
+    out = Path(args.trace) if args.trace else Path(skip_set_path(args.model)).parent / "search_trace.json"
+    text = None                                         # a resumed search has its prompts
+    if out.is_file():
+        data = read_trace(out)
+        check_trace(data, cfg, out)
+        check_resumed_settings(args, data, out)
+    elif out.is_dir():
+        raise UserError(f"argument --trace: {out} is a folder, not a trace file")
+    else:
+        try:
+            check_out_folder(out.parent)
+        except UserError as e:
+            raise UserError(f"argument --trace: {str(e).split(' ', 1)[1]}") from None
+        text = corpus_path(args.text, "--text")
+    if "bo" in methods and importlib.util.find_spec("bayes_opt") is None:
+        raise UserError(f"argument --method: {INSTALL_HINT}")
+    return out, text
+
+
+def check_resumed_settings(args, data, path):
+    """A resumed trace keeps its calibration and cost model (its header wins): options that would have made them
+    otherwise are refused, not ignored (the trace's own values are what the options must say)."""
+    seqs, starts = data["calibration"]["sequences"], data["calibration"]["starts"]
+    new = {len(q) - st for q, st in zip(seqs, starts)}
+    flat = all(c == 1.0 for c in data["cost_model"]["curve"].values())
+    for flag, ok, made in (("--prompts", args.prompts == len(seqs), len(seqs)),
+                           ("--prompt-len", args.prompt_len >= max(starts), max(starts)),
+                           ("--new", new == {args.new}, min(new)), ("--flat-cost", args.flat_cost == flat, flat)):
+        if not ok:
+            raise UserError(f"argument {flag}: {path} was made with {flag} {made}; a resumed search keeps its "
+                            f"calibration and cost model: give the same settings or another --trace file")
+
+
 def cmd_search_skip(args):
     """`minispec search-skip`: Draft & Verify's skip-set search (minispec.training.skip_search)."""
-    check_model_args(args, tokenizer=False)         # the model folder (default: the shipped one) and the device
-    out = Path(args.trace) if args.trace else Path(skip_set_path(args.model)).parent / "search_trace.json"
-    text = None if out.exists() else corpus_path(args.text, "--text")    # a resumed search has its prompts
+    out, text = check_search_skip(args)
     model = load(args.model, dtype=args.dtype, device=args.device)
     prompts = None
     if text is not None:

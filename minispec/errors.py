@@ -124,10 +124,14 @@ def utf8_problem(text):
 def read_json(path, expect=dict):
     """The JSON value in `path` (a dict unless told otherwise), or UserError naming the file and the line."""
     path = Path(path)
+    if path.is_dir():
+        raise UserError(f"{path}: is a folder, not a JSON file")
     try:
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
         raise MissingFileError(f"{path}: no such file") from None
+    except OSError as e:                    # unreadable (permissions, a device): one line, not a traceback
+        raise UserError(f"{path}: cannot be read ({e.strerror or e})") from None
     except UnicodeDecodeError as e:
         raise UserError(f"{path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
     try:
@@ -166,3 +170,115 @@ def check_finite(arr, name, source):
         kinds = " and ".join(k for k, m in (("NaN", np.isnan(arr).any()), ("inf", np.isinf(arr).any())) if m)
         raise UserError(f"{source}: tensor {name!r} holds {kinds} ({n} of {arr.size} values, the first at "
                         f"index {list(first)}): the file is corrupt or was saved from a diverged run")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Config files: typed, ranged, named fields
+# ---------------------------------------------------------------------------------------------------------
+REQUIRED = object()
+
+
+class Fields:
+    """Typed, ranged reads of one JSON object (a config file); every error names the file and the key.
+
+        f = Fields(read_json(path), path, CheckpointError)
+        K = f.int("num_heads", low=1)                   # required: missing, 2.0, True, "4" or 0 is an error
+        arch = f.choice("arch", ("mlp", "prefix-mlp"))
+        eps = f.real("gamma0", low=0, high=1, default=0.6)
+
+    A key whose value is null counts as absent when a default is given (JSON's way of saying "unset").
+    error: the UserError subclass raised (e.g. CheckpointError for head files)."""
+
+    def __init__(self, d, source, error=UserError, what=""):
+        if not isinstance(d, dict):
+            raise error(f"{source}: must hold a JSON object ({{\"key\": value, ...}}), got a {type(d).__name__}")
+        self.d, self.source, self.error, self.what = d, source, error, what
+
+    def fail(self, key, message):
+        raise self.error(f"{self.source}: key {key!r} {message}")
+
+    def get(self, key, default=REQUIRED):
+        """The raw value; REQUIRED (the default) makes a missing key an error."""
+        if key not in self.d or (self.d[key] is None and default is not REQUIRED):
+            if default is REQUIRED:
+                raise self.error(f"{self.source}: missing key {key!r}{self.what}")
+            return default
+        return self.d[key]
+
+    def int(self, key, low=None, high=None, default=REQUIRED):
+        v = self.get(key, default)
+        if v is default and default is not REQUIRED:
+            return v
+        if not is_int(v) or (low is not None and v < low) or (high is not None and v > high):
+            rng = (f" in [{low}, {high}]" if low is not None and high is not None else
+                   f" >= {low}" if low is not None else f" <= {high}" if high is not None else "")
+            self.fail(key, f"must be an integer{rng}, got {v!r}")
+        return int(v)
+
+    def real(self, key, low=None, high=None, default=REQUIRED, low_open=False):
+        v = self.get(key, default)
+        if v is default and default is not REQUIRED:
+            return v
+        ok = is_real(v) and np.isfinite(v) and (low is None or (v > low if low_open else v >= low)) \
+            and (high is None or v <= high)
+        if not ok:
+            rng = (f" in {'(' if low_open else '['}{low:g}, {high:g}]" if low is not None and high is not None else
+                   f" {'>' if low_open else '>='} {low:g}" if low is not None else "")
+            self.fail(key, f"must be a finite number{rng}, got {v!r}")
+        return float(v)
+
+    def flag(self, key, default=REQUIRED):
+        v = self.get(key, default)
+        if not isinstance(v, bool):
+            self.fail(key, f"must be true or false, got {v!r}")
+        return v
+
+    def str(self, key, default=REQUIRED):
+        v = self.get(key, default)
+        if v is default and default is not REQUIRED:
+            return v
+        if not isinstance(v, str):
+            self.fail(key, f"must be a string, got {v!r}")
+        return v
+
+    def choice(self, key, choices, default=REQUIRED):
+        v = self.get(key, default)
+        if v is default and default is not REQUIRED:
+            return v
+        if not isinstance(v, str) or v not in choices:
+            self.fail(key, f"must be one of {', '.join(repr(c) for c in choices)}, got {v!r}")
+        return v
+
+    def table(self, key, default=REQUIRED):
+        v = self.get(key, default)
+        if v is default and default is not REQUIRED:
+            return v
+        if not isinstance(v, dict):
+            self.fail(key, f"must be a JSON object, got {v!r}")
+        return v
+
+    def int_list(self, key, low=None, high=None, default=REQUIRED, unique=False):
+        """A list of ints in [low, high] (e.g. layer indices); unique: no index twice."""
+        v = self.get(key, default)
+        if v is default and default is not REQUIRED:
+            return v
+        rng = f" in [{low}, {high}]" if low is not None and high is not None else ""
+        if not isinstance(v, list) or not all(is_int(i) and (low is None or i >= low) and (high is None or i <= high)
+                                              for i in v):
+            self.fail(key, f"must be a list of integers{rng}, got {v!r}")
+        if unique and len(set(v)) != len(v):
+            self.fail(key, f"lists an index twice: {v!r}")
+        return [int(i) for i in v]
+
+    def matrix(self, key, low=None, high=None, default=REQUIRED):
+        """A non-empty list of equally long, non-empty lists of finite numbers in [low, high] (e.g. accuracies)."""
+        v = self.get(key, default)
+        if v is default and default is not REQUIRED:
+            return v
+        ok = isinstance(v, list) and v and all(isinstance(r, list) and r and len(r) == len(v[0]) for r in v) \
+            and all(is_real(x) and np.isfinite(x) and (low is None or x >= low) and (high is None or x <= high)
+                    for r in v for x in r)
+        if not ok:
+            rng = f" in [{low:g}, {high:g}]" if low is not None and high is not None else ""
+            self.fail(key, f"must be a list of equally long lists of numbers{rng}, got {v!r}"[:300])
+        return [[float(x) for x in r] for r in v]

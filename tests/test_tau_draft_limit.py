@@ -4,8 +4,8 @@ remaining - 1 wastes draft forwards on tokens the token limit throws away. As th
 (`step + step_draft + 2 >= max_new_tokens`), minispec then drafts at most remaining - 1; unlike it, none at all
 when one token is left (the bonus alone is that token). The limit therefore never cuts an accepted path.
 
-The loop tells a proposer what is left through ctx.remaining where its Context has that field; these tests set
-it themselves (a wrapper that counts the emitted tokens), so they do not depend on the loop's version.
+The loop tells a proposer what is left through ctx.left; the first tests set it themselves (a wrapper that
+counts the emitted tokens), the last checks what the loop puts there.
 """
 import numpy as np
 import pytest
@@ -29,7 +29,7 @@ def test_the_draft_is_cut_to_one_less_than_the_tokens_the_request_still_wants(re
     for params in (SamplingParams(), SamplingParams(1.0, top_k=5)):
         stats = Stats()
         ctx = Context(4, None, model, cache, params, np.random.default_rng(0), stats)
-        ctx.remaining = remaining
+        ctx.left = remaining
         draft = dv(model, max_draft=4, gamma0=0.0, adaptive=False).propose(ctx)
         K = min(4, remaining - 1)
         assert len(draft.tokens) - 1 == K == stats.counters["draft_verify.forwards"] == draft.tree.max_depth
@@ -38,7 +38,7 @@ def test_the_draft_is_cut_to_one_less_than_the_tokens_the_request_still_wants(re
 
 
 class Remaining:
-    """Sets ctx.remaining = max_new_tokens - tokens emitted so far (what the loop's field holds) and records
+    """Sets ctx.left = max_new_tokens - tokens emitted so far (what the loop's field holds) and records
     every step."""
 
     def __init__(self, inner, n):
@@ -48,9 +48,9 @@ class Remaining:
         self.inner.start(ctx, prompt_hidden)
 
     def propose(self, ctx):
-        ctx.remaining = self.n - self.emitted
+        ctx.left = self.n - self.emitted
         draft = self.inner.propose(ctx)
-        self.log.append((ctx.remaining, len(draft.tokens) - 1))
+        self.log.append((ctx.left, len(draft.tokens) - 1))
         return draft
 
     def observe(self, step):
@@ -88,9 +88,7 @@ def test_with_the_adaptive_threshold_the_output_is_still_ar_and_no_draft_forward
         assert rec.log[-1][1] <= n - sum(len(s.tokens) for *_, s in rec.log[:-1]) - 1
 
 
-def test_the_loops_context_when_it_carries_remaining_holds_the_tokens_still_wanted():
-    if "remaining" not in getattr(Context, "__dataclass_fields__", {}):
-        pytest.skip("the loop's Context has no `remaining` field yet (Draft & Verify reads it with getattr)")
+def test_the_loops_context_holds_the_tokens_still_wanted():
     model = tiny_model(W=5, seed=14)
     seen = []
 
@@ -101,7 +99,7 @@ def test_the_loops_context_when_it_carries_remaining_holds_the_tokens_still_want
             self.inner.start(ctx, h)
 
         def propose(self, ctx):
-            seen.append(ctx.remaining)
+            seen.append(ctx.left)
             return self.inner.propose(ctx)
 
         def observe(self, step):

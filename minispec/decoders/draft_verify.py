@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from ..backend import to_host
-from ..errors import MissingFileError, UserError, read_json, write_json_lines
+from ..errors import Fields, MissingFileError, UserError, check_int, check_real, is_int, read_json, write_json_lines
 from ..speculative.costs import measure_costs
 from ..speculative.loop import Context, Stats
 from ..speculative.sampling import SamplingParams, sample, target_probs
@@ -91,23 +91,32 @@ class SkipSet:
 
     @classmethod
     def from_json(cls, d, n_layers=None, where="skip set"):
-        """From the file's dict; n_layers (the model's L) is checked against the file's when given."""
+        """From the file's dict; n_layers (the model's L) is checked against the file's when given. Every key the
+        decoder reads is typed and ranged: n_layers >= 1, attention / mlp lists of distinct layer indices in
+        0..L-1, max_draft an int >= 1 and gamma0 in [0, 1] when present (null: unset)."""
         if not isinstance(d, dict):
             raise UserError(f"{where}: expected a JSON object with keys 'attention', 'mlp', 'n_layers'")
         missing = [k for k in ("attention", "mlp") if k not in d]
         if missing:
             raise UserError(f"{where}: missing key(s) {missing} (lists of skipped layer indices)")
-        L = d.get("n_layers", n_layers)
+        f = Fields(d, where)
+        L = f.int("n_layers", low=1, default=n_layers)
         if L is None:
             raise UserError(f"{where}: missing key 'n_layers'")
-        if n_layers is not None and int(L) != n_layers:
+        if n_layers is not None and L != n_layers:
             raise UserError(f"{where}: made for n_layers={L}, but the model has {n_layers} layers")
         for k in ("attention", "mlp"):
-            if not isinstance(d[k], list) or not all(isinstance(i, int) and not isinstance(i, bool) for i in d[k]):
+            if not isinstance(d[k], list) or not all(is_int(i) for i in d[k]):
                 raise UserError(f"{where}: key {k!r} must be a list of layer indices (ints), got {d[k]!r}")
+            if len(set(d[k])) != len(d[k]):
+                raise UserError(f"{where}: key {k!r} lists a layer twice: {d[k]!r}")
         meta = {k: v for k, v in d.items() if k not in ("attention", "mlp", "n_layers")}
+        for k, check in (("max_draft", lambda: f.int("max_draft", low=1, default=None)),
+                         ("gamma0", lambda: f.real("gamma0", low=0, high=1, default=None))):
+            if check() is None:
+                meta.pop(k, None)
         try:
-            return cls.from_lists(int(L), d["attention"], d["mlp"], meta)
+            return cls.from_lists(L, d["attention"], d["mlp"], meta)
         except ValueError as e:
             raise UserError(f"{where}: {e}") from None
 
@@ -216,13 +225,11 @@ class DraftVerifyProposer:
         # unset options: the skip set file's own (its meta), else the authors' decoding.py defaults
         max_draft = self.skip.meta.get("max_draft", 8) if max_draft is None else max_draft
         gamma0 = self.skip.meta.get("gamma0", self.rule.gamma0) if gamma0 is None else gamma0
-        if int(max_draft) < 1:
-            raise UserError(f"draft_verify: max_draft must be >= 1, got {max_draft}")
-        self.max_draft, self.adaptive = int(max_draft), bool(adaptive)
-        self._chains = {}
-        self.gamma0 = float(gamma0)
-        if not 0 <= self.gamma0 <= 1:
-            raise UserError(f"draft_verify: gamma0 must lie in [0, 1], got {gamma0}")
+        self.max_draft = check_int("draft_verify: max_draft", max_draft, low=1)
+        self.gamma0 = check_real("draft_verify: gamma0", gamma0, low=0, high=1)
+        if not isinstance(adaptive, bool):
+            raise UserError(f"draft_verify: adaptive must be True or False, got {adaptive!r}")
+        self.adaptive, self._chains = adaptive, {}
         self.start(None, None)
 
     def start(self, ctx, prompt_hidden):
@@ -233,10 +240,11 @@ class DraftVerifyProposer:
         model, cache, xp = self.model, ctx.cache, self.model.xp
         tokens, tok = [int(ctx.root)], int(ctx.root)
         sampled = not ctx.params.greedy
-        # a step emits at most K + 1 tokens: K <= remaining - 1 (docs/draft_and_verify.md, "The last step");
-        # `remaining` (tokens the request still wants) is read only where the loop's Context carries it
-        remaining = getattr(ctx, "remaining", None)
-        k_max = self.max_draft if remaining is None else max(0, min(self.max_draft, int(remaining) - 1))
+        # a step emits at most K + 1 tokens: K <= left - 1 (docs/draft_and_verify.md, "The last step"); at the end
+        # of a cache without a window the draft's forwards and its verification must stay inside it: K <= room - 1
+        k_max = self.max_draft if ctx.left is None else max(0, min(self.max_draft, int(ctx.left) - 1))
+        if not cache.ring:
+            k_max = max(0, min(k_max, cache.W - cache.pos - 1))
         q = xp.empty((k_max, model.config.vocab_size), dtype=model.dtype) if sampled else None   # [K, V]
         for j in range(k_max):
             out = model.forward_block([tok], cache, skip=self.skip, offset=j)              # logits [1, V]

@@ -8,28 +8,43 @@ hydra_files.py, which import the math (never the reverse) and use the helpers he
 import weakref
 from pathlib import Path
 
+import numpy as np
 from safetensors.numpy import save_file
 
-from ..errors import MissingFileError, check_finite, write_json_lines
-from ..mistral.weights import CheckpointError
+from ..errors import MissingFileError, UserError, check_finite, write_json_lines
+from ..mistral.model import FLOAT16_MAX
+from ..mistral.weights import CheckpointError, check_float
+from ..speculative.tree import Tree
 
 # model -> {folder: heads}: a decoder built for every generate() call loads its heads once per model
 _LOADED = weakref.WeakKeyDictionary()
 
 
-def check_head_sizes(cfg, model, path):
-    """A heads config's hidden_size and vocab_size must be the base model's."""
+def check_head_sizes(f, model):
+    """A heads config's hidden_size and vocab_size (f: its Fields) must be the base model's."""
     for key, have in (("hidden_size", model.config.dim), ("vocab_size", model.config.vocab_size)):
-        if cfg.get(key) != have:
-            raise CheckpointError(f"{path}: {key} = {cfg.get(key)}, but the base model has {have}")
+        v = f.int(key, low=1)
+        if v != have:
+            raise CheckpointError(f"{f.source}: {key} = {v}, but the base model has {have}")
 
 
-def read_head_trees(heads, cfg):
-    """The stored trees (CPU and GPU), the accuracies they were built from and the base model's name, from a
-    heads config onto heads. Returns heads."""
-    heads.choices = [list(c) for c in cfg.get("tree") or []]
-    heads.choices_cuda = [list(c) for c in cfg["tree_cuda"]] if cfg.get("tree_cuda") else None
-    heads.accuracies, heads.base_model = cfg.get("accuracies"), cfg.get("base_model")
+def read_head_trees(heads, f):
+    """The stored trees (CPU and GPU), the accuracies they were built from and the base model's name, from a heads
+    config (f: its Fields) onto heads, each checked against the heads (a tree no deeper than K heads, ranks below
+    V, accuracies [K][k] probabilities). Returns heads."""
+    for key in ("tree", "tree_cuda"):
+        v = f.get(key, None)
+        if v is not None:
+            try:
+                Tree.from_choices(v, n_heads=heads.K, top_k=heads.V)
+            except UserError as e:
+                raise CheckpointError(f"{f.source}: key {key!r}: {e}") from None
+    heads.choices = [list(c) for c in f.get("tree", None) or []]
+    heads.choices_cuda = [list(c) for c in f.get("tree_cuda", None)] if f.get("tree_cuda", None) else None
+    acc = f.matrix("accuracies", low=0, high=1, default=None)
+    if acc is not None and len(acc) != heads.K:
+        raise CheckpointError(f"{f.source}: key 'accuracies' has {len(acc)} rows, but there are {heads.K} heads")
+    heads.accuracies, heads.base_model = acc, f.str("base_model", default=None)
     return heads
 
 
@@ -51,9 +66,31 @@ def check_tensors(tensors, expected, source, what, optional=None):
         check_finite(tensors[name], name, source)
 
 
+def check_fits(tensors, model, source):
+    """Head tensors must be floating point (weights.check_float) and fit the model's working dtype: in float16 a
+    value over 65504 would become inf (the base model refuses its own such weights the same way,
+    model.to_working_dtype)."""
+    for name, a in tensors.items():
+        check_float(a, name, source)
+    if np.dtype(model.dtype) != np.float16:
+        return
+    for name, a in tensors.items():
+        big = float(np.abs(np.asarray(a, np.float32)).max()) if a.size else 0.0
+        if big > FLOAT16_MAX:
+            raise CheckpointError(f"{source}: tensor {name!r}: max |w| = {big:.4g} does not fit float16 (max 65504); "
+                                  f"load the model with dtype='float32'")
+
+
 def save_folder(folder, tensors, config, config_name, weights_name):
-    """minispec's heads format: folder/weights_name (safetensors) + folder/config_name (one key per line)."""
+    """minispec's heads format: folder/weights_name (safetensors) + folder/config_name (one key per line).
+    Nothing is written when a tensor is not finite: saved as float16, a value over 65504 becomes inf, and a file
+    that its own loader would refuse (the trained heads would be lost) is refused before it is written."""
     folder = Path(folder)
+    for name, a in tensors.items():
+        if a.dtype.kind == "f" and not np.isfinite(a).all():
+            why = (f"a value over {FLOAT16_MAX:g} overflows float16: save with dtype=np.float32"
+                   if a.dtype == np.float16 else "the heads diverged")
+            raise UserError(f"{folder / weights_name}: tensor {name!r} is not finite ({why}); nothing written")
     folder.mkdir(parents=True, exist_ok=True)
     save_file(tensors, str(folder / weights_name))
     write_json_lines(folder / config_name, config)

@@ -39,11 +39,11 @@ import numpy as np
 from safetensors.numpy import save_file
 
 from ..backend import to_device, to_host
-from ..errors import UserError, read_json
+from ..errors import Fields, UserError, read_json
 from ..mistral.layers import rope_inv_freq
 from ..mistral.weights import CheckpointError, read_safetensors, safetensors_in
-from .heads import check_head_sizes, check_tensors, load_either, read_head_trees, refuse_heads_pickle, save_folder
-from .hydra import ARCHS, HydraHeads, head_input_width
+from .heads import check_fits, check_head_sizes, check_tensors, load_either, read_head_trees, refuse_heads_pickle, save_folder
+from .hydra import ARCHS, KIND_ARCH, HydraHeads, head_input_width
 
 CONFIG_NAME, WEIGHTS_NAME = "hydra_config.json", "hydra_heads.safetensors"
 HY_CONFIG_NAME, HY_WEIGHTS_NAME = "config.json", "hydra_lm_head.safetensors"
@@ -190,15 +190,21 @@ def save(heads, folder, extra=None, dtype=np.float32):
 
 
 def load(folder, model):
-    """Heads saved by `save`, onto the model's device and dtype (sizes must match the model)."""
+    """Heads saved by `save`, onto the model's device and dtype (sizes must match the model). Every key of
+    hydra_config.json is checked: kind "hydra" | "hydra++" and arch its own ("mlp" | "prefix-mlp"), num_heads
+    >= 1, num_layers >= 1, hidden_size and vocab_size the model's, the trees, accuracies and base_model."""
     folder = Path(folder)
-    cfg = read_json(folder / CONFIG_NAME, expect=dict)
-    if cfg.get("kind") not in ("hydra", "hydra++"):
-        raise CheckpointError(f"{folder / CONFIG_NAME}: kind is {cfg.get('kind')!r}, expected 'hydra' or 'hydra++'")
-    check_head_sizes(cfg, model, folder / CONFIG_NAME)
-    heads = from_state_dict(model, read_safetensors(folder / WEIGHTS_NAME), cfg["arch"], cfg["num_heads"],
-                            cfg["num_layers"], source=str(folder / WEIGHTS_NAME))
-    return read_head_trees(heads, cfg)
+    f = Fields(read_json(folder / CONFIG_NAME, expect=dict), folder / CONFIG_NAME, CheckpointError)
+    kind = f.choice("kind", tuple(KIND_ARCH))
+    arch = f.choice("arch", ARCHS)
+    if arch != KIND_ARCH[kind]:
+        raise CheckpointError(f"{folder / CONFIG_NAME}: kind {kind!r} has arch {KIND_ARCH[kind]!r}, not {arch!r}")
+    num_heads, num_layers = f.int("num_heads", low=1), f.int("num_layers", low=1)
+    check_head_sizes(f, model)
+    tensors = read_safetensors(folder / WEIGHTS_NAME)
+    check_fits(tensors, model, folder / WEIGHTS_NAME)
+    heads = from_state_dict(model, tensors, arch, num_heads, num_layers, source=str(folder / WEIGHTS_NAME))
+    return read_head_trees(heads, f)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -218,21 +224,22 @@ def read_hydra(folder, model):
     weights = safetensors_in(folder, HY_WEIGHTS_NAME, _refuse_pickle)
     folder = Path(folder)
     cfg_path = folder / HY_CONFIG_NAME
-    cfg = read_json(cfg_path, expect=dict)
-    for key in ("hydra_num_heads", "hydra_num_layers", "hydra_head_arch"):
-        if key not in cfg:
-            raise CheckpointError(f"{cfg_path}: no {key!r} (not a zankner/Hydra HydraConfig)")
-    if cfg["hydra_head_arch"] not in ARCHS:
-        raise CheckpointError(f"{cfg_path}: hydra_head_arch = {cfg['hydra_head_arch']!r}; minispec reads {ARCHS}")
-    if not cfg.get("grounded_heads", False):
+    f = Fields(read_json(cfg_path, expect=dict), cfg_path, CheckpointError,
+               what=" (not a zankner/Hydra HydraConfig?)")
+    num_heads, num_layers = f.int("hydra_num_heads", low=1), f.int("hydra_num_layers", low=1)
+    arch = f.choice("hydra_head_arch", ARCHS)
+    if not f.flag("grounded_heads", default=False):
         raise CheckpointError(f"{cfg_path}: grounded_heads is false: ungrounded heads read h_t alone, i.e. they are "
                               f"Medusa heads (minispec.medusa), not Hydra heads")
-    if cfg.get("hidden_state_offset", 0):
-        raise CheckpointError(f"{cfg_path}: hidden_state_offset = {cfg['hidden_state_offset']}; minispec's heads read "
+    offset = f.int("hidden_state_offset", default=0)
+    if offset:
+        raise CheckpointError(f"{cfg_path}: hidden_state_offset = {offset}; minispec's heads read "
                               f"the final-norm hidden state only (offset 0)")
-    heads = from_state_dict(model, read_safetensors(weights), cfg["hydra_head_arch"], int(cfg["hydra_num_heads"]),
-                            int(cfg["hydra_num_layers"]), source=str(weights))
-    heads.base_model = cfg.get("base_model_name_or_path")
+    base = f.str("base_model_name_or_path", default=None)
+    tensors = read_safetensors(weights)
+    check_fits(tensors, model, weights)
+    heads = from_state_dict(model, tensors, arch, num_heads, num_layers, source=str(weights))
+    heads.base_model = base
     return heads
 
 

@@ -12,10 +12,10 @@ import numpy as np
 from safetensors.numpy import save_file
 
 from ..backend import to_device, to_host
-from ..errors import read_json
+from ..errors import Fields, read_json
 from ..mistral.weights import CheckpointError, read_safetensors, safetensors_in
-from .heads import check_head_sizes, check_tensors, load_either, read_head_trees, refuse_heads_pickle, save_folder
-from .medusa import MedusaHeads, model_name
+from .heads import check_fits, check_head_sizes, check_tensors, load_either, read_head_trees, refuse_heads_pickle, save_folder
+from .medusa import VERSIONS, MedusaHeads, model_name
 
 CONFIG_NAME, WEIGHTS_NAME = "medusa_config.json", "medusa_heads.safetensors"
 FD_CONFIG_NAME, FD_WEIGHTS_NAME = "config.json", "medusa_lm_head.safetensors"
@@ -92,18 +92,20 @@ def save(heads, folder, extra=None, dtype=np.float32):
 
 
 def load(folder, model):
-    """Heads saved by `save`, onto the model's device and dtype (the sizes must match the model)."""
+    """Heads saved by `save`, onto the model's device and dtype (the sizes must match the model). Every key of
+    medusa_config.json is checked: kind "medusa", version, num_heads >= 1, num_layers >= 0, hidden_size and
+    vocab_size the model's, the trees, accuracies and base_model (heads.read_head_trees)."""
     folder = Path(folder)
-    cfg = read_json(folder / CONFIG_NAME)
-    if cfg.get("kind") != "medusa":
-        raise CheckpointError(f"{folder / CONFIG_NAME}: kind is {cfg.get('kind')!r}, expected 'medusa'")
-    missing = [k for k in ("hidden_size", "vocab_size", "num_heads", "num_layers", "version") if k not in cfg]
-    if missing:
-        raise CheckpointError(f"{folder / CONFIG_NAME}: missing key(s) {missing}")
-    check_head_sizes(cfg, model, folder / CONFIG_NAME)
-    heads = from_state_dict(model, read_safetensors(folder / WEIGHTS_NAME), cfg["num_heads"],
-                                        cfg["num_layers"], cfg["version"], source=str(folder / WEIGHTS_NAME))
-    return read_head_trees(heads, cfg)
+    f = Fields(read_json(folder / CONFIG_NAME), folder / CONFIG_NAME, CheckpointError)
+    f.choice("kind", ("medusa",))
+    version = f.choice("version", VERSIONS)
+    num_heads, num_layers = f.int("num_heads", low=1), f.int("num_layers", low=0)
+    check_head_sizes(f, model)
+    tensors = read_safetensors(folder / WEIGHTS_NAME)
+    check_fits(tensors, model, folder / WEIGHTS_NAME)
+    heads = from_state_dict(model, tensors, num_heads, num_layers, version,
+                           source=str(folder / WEIGHTS_NAME))
+    return read_head_trees(heads, f)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -124,16 +126,16 @@ def read_fasterdecoding(folder, model):
     may carry the `medusa_head.` prefix of full-model Medusa checkpoints."""
     weights = safetensors_in(folder, FD_WEIGHTS_NAME, _refuse_pickle)
     folder = Path(folder)
-    cfg = read_json(folder / FD_CONFIG_NAME)
-    for key in ("medusa_num_heads", "medusa_num_layers"):
-        if key not in cfg:
-            raise CheckpointError(f"{folder / FD_CONFIG_NAME}: no {key!r} (not a FasterDecoding Medusa config)")
+    f = Fields(read_json(folder / FD_CONFIG_NAME), folder / FD_CONFIG_NAME, CheckpointError,
+               what=" (not a FasterDecoding Medusa config?)")
+    num_heads, num_layers = f.int("medusa_num_heads", low=1), f.int("medusa_num_layers", low=0)
+    base = f.str("base_model_name_or_path", default=None)
     tensors = read_safetensors(weights)
     if tensors and all(n.startswith("medusa_head.") for n in tensors):
         tensors = {n[len("medusa_head."):]: a for n, a in tensors.items()}
-    heads = from_state_dict(model, tensors, int(cfg["medusa_num_heads"]), int(cfg["medusa_num_layers"]),
-                                        source=str(weights))
-    heads.base_model = cfg.get("base_model_name_or_path", heads.base_model)
+    check_fits(tensors, model, weights)
+    heads = from_state_dict(model, tensors, num_heads, num_layers, source=str(weights))
+    heads.base_model = base if base is not None else heads.base_model
     return heads
 
 

@@ -91,7 +91,7 @@ class MistralConfig:
         k.divides("num_attention_heads", n_heads, "num_key_value_heads", n_kv)
         head_dim = k.head_dim("head_dim", "hidden_size", dim, "num_attention_heads", n_heads)
         window = k.window("sliding_window")
-        if cfg.get("use_sliding_window") is False:
+        if not k.flag("use_sliding_window", True):
             window = None
         return cls(dim=dim, n_layers=k.count("num_hidden_layers"), head_dim=head_dim,
                    hidden_dim=k.count("intermediate_size"), n_heads=n_heads, n_kv_heads=n_kv,

@@ -15,16 +15,18 @@ JSON {name: {dtype, shape, data_offsets: [begin, end]}}, then the raw little-end
 BF16 (which NumPy lacks) be widened to float32 by a 16-bit shift, and keeps big files memory-mapped.
 """
 import json
+import math
 import struct
 from pathlib import Path
 
 import numpy as np
 
-from ..errors import MissingFileError, UserError, check_finite, read_json
+from ..errors import Fields, MissingFileError, UserError, check_finite, is_int, read_json
 from .config import MistralConfig
 
 _DTYPES = {"F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": np.uint16,
-           "I64": np.int64, "I32": np.int32, "I16": np.int16, "I8": np.int8, "U8": np.uint8, "BOOL": np.bool_}
+           "I64": np.int64, "I32": np.int32, "I16": np.int16, "I8": np.int8,
+           "U64": np.uint64, "U32": np.uint32, "U16": np.uint16, "U8": np.uint8, "BOOL": np.bool_}
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
 
 
@@ -35,43 +37,113 @@ class CheckpointError(UserError):
 # ---------------------------------------------------------------------------------------------------------
 # safetensors, read by hand
 # ---------------------------------------------------------------------------------------------------------
+MAX_HEADER = 100_000_000     # bytes: the safetensors format's own limit on its JSON header (MAX_HEADER_SIZE)
+
+
 def read_safetensors(path, lazy16=False):
     """{name: array} for one .safetensors file; arrays are read-only memory-mapped views (BF16 widened).
-    lazy16: BF16 and F16 tensors come back as `Tensor16` (left in the mapped file, widened only when read)."""
+    lazy16: BF16 and F16 tensors come back as `Tensor16` (left in the mapped file, widened only when read).
+
+    The file is checked as the reference reader (the `safetensors` package) checks it, so a file it refuses is
+    refused here too, naming the file and the tensor (safetensors_header)."""
     path = Path(path)
-    refuse_pickle(path)
-    size = path.stat().st_size
-    with open(path, "rb") as f:
-        head = f.read(8)
-        if len(head) < 8:
-            raise CheckpointError(f"{path}: not a safetensors file (shorter than its 8-byte header length)")
-        (n,) = struct.unpack("<Q", head)
-        if n > size - 8:
-            raise CheckpointError(f"{path}: header length {n} runs past the end of the file ({size} bytes)")
-        try:
-            header = json.loads(f.read(n))
-        except (UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise CheckpointError(f"{path}: header is not valid JSON ({e})") from None
-    header.pop("__metadata__", None)
+    header, n, size = safetensors_header(path)
     # a plain ndarray view of the map (np.asarray keeps the map alive): slices of an np.memmap run Python code
     # (memmap.__array_finalize__) holding the GIL, which stalled the mapped product's second thread at every block
     raw = np.asarray(np.memmap(path, dtype=np.uint8, mode="r", offset=8 + n)) if size > 8 + n else np.zeros(0, np.uint8)
     out = {}
-    for name, info in header.items():
-        dtype = _DTYPES.get(info.get("dtype"))
-        if dtype is None:
-            raise CheckpointError(f"{path}: tensor {name!r} has unsupported dtype {info.get('dtype')!r}")
-        shape, (begin, end) = tuple(info["shape"]), info["data_offsets"]
-        nbytes = int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize
-        if end - begin != nbytes or end > raw.size:
-            raise CheckpointError(f"{path}: tensor {name!r} of shape {list(shape)} {info['dtype']} needs {nbytes} "
-                                  f"bytes but its offsets say [{begin}, {end}) in a {raw.size}-byte data section")
-        arr = raw[begin:end].view(dtype).reshape(shape)
-        if lazy16 and info["dtype"] in ("BF16", "F16") and arr.ndim == 2:
-            out[name] = Tensor16(arr, info["dtype"])
+    for name, (kind, shape, begin, end) in header.items():
+        arr = raw[begin:end].view(_DTYPES[kind]).reshape(shape)
+        if lazy16 and kind in ("BF16", "F16") and arr.ndim == 2:
+            out[name] = Tensor16(arr, kind)
         else:
-            out[name] = bf16_to_float32(arr) if info["dtype"] == "BF16" else arr
+            out[name] = bf16_to_float32(arr) if kind == "BF16" else arr
     return out
+
+
+def safetensors_header(path):
+    """({name: (dtype, shape, begin, end)}, header length, file size) of a safetensors file, or CheckpointError.
+
+    The format's rules, as its reference reader applies them: 8 bytes little-endian header length N (at most
+    100 MB, within the file), N bytes of UTF-8 JSON holding one object {name: {"dtype", "shape", "data_offsets":
+    [begin, end]}} (plus an optional "__metadata__" object of strings), shapes and offsets non-negative integers;
+    sorted by offsets, the byte ranges tile the data section exactly: the first begins at 0, each begins where
+    the previous ends (no overlap, no gap), each holds prod(shape) x itemsize bytes, and the last ends at the end
+    of the file (no trailing bytes). minispec also refuses a tensor name given twice (JSON keeps the last)."""
+    refuse_pickle(path)
+    if path.is_dir():
+        raise CheckpointError(f"{path}: is a folder, not a safetensors file")
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            head = f.read(8)
+            if len(head) < 8:
+                raise CheckpointError(f"{path}: not a safetensors file (shorter than its 8-byte header length)")
+            (n,) = struct.unpack("<Q", head)
+            if n > MAX_HEADER:
+                raise CheckpointError(f"{path}: header length {n} is over the format's limit of {MAX_HEADER} bytes "
+                                      f"(not a safetensors file?)")
+            if n > size - 8:
+                raise CheckpointError(f"{path}: header length {n} runs past the end of the file ({size} bytes)")
+            text = f.read(n)
+    except FileNotFoundError:
+        raise MissingFileError(f"{path}: no such file") from None
+    except OSError as e:
+        raise CheckpointError(f"{path}: cannot be read ({e.strerror or e})") from None
+
+    def no_duplicates(pairs):
+        keys = [k for k, _ in pairs]
+        if len(set(keys)) != len(keys):
+            dup = next(k for k in keys if keys.count(k) > 1)
+            raise CheckpointError(f"{path}: the header names {dup!r} twice")
+        return dict(pairs)
+    try:
+        header = json.loads(text.decode("utf-8"), object_pairs_hook=no_duplicates)
+    except UnicodeDecodeError as e:
+        raise CheckpointError(f"{path}: header is not UTF-8 ({e.reason} at byte {e.start})") from None
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{path}: header is not valid JSON ({e})") from None
+    if not isinstance(header, dict):
+        raise CheckpointError(f"{path}: header must be a JSON object {{name: {{dtype, shape, data_offsets}}}}, "
+                              f"got a {type(header).__name__}")
+    meta = header.pop("__metadata__", None)
+    if meta is not None and not (isinstance(meta, dict) and all(isinstance(v, str) for v in meta.values())):
+        raise CheckpointError(f"{path}: header's \"__metadata__\" must be an object of strings, got {meta!r}"[:300])
+    out = {}
+    for name, info in header.items():
+        where = f"{path}: tensor {name!r}"
+        if not isinstance(info, dict) or not {"dtype", "shape", "data_offsets"} <= set(info):
+            raise CheckpointError(f"{where}: its entry must be an object with \"dtype\", \"shape\" and "
+                                  f"\"data_offsets\", got {info!r}"[:300])
+        kind, shape, offsets = info["dtype"], info["shape"], info["data_offsets"]
+        if kind not in _DTYPES:
+            raise CheckpointError(f"{where} has unsupported dtype {kind!r} (minispec reads {', '.join(_DTYPES)})")
+        if not isinstance(shape, list) or not all(is_int(d) and d >= 0 for d in shape):
+            raise CheckpointError(f"{where}: shape must be a list of integers >= 0, got {shape!r}")
+        if not (isinstance(offsets, list) and len(offsets) == 2 and all(is_int(o) and o >= 0 for o in offsets)):
+            raise CheckpointError(f"{where}: data_offsets must be [begin, end], two integers >= 0, got {offsets!r}")
+        out[name] = (kind, tuple(int(d) for d in shape), int(offsets[0]), int(offsets[1]))
+    data = size - 8 - n                                                     # bytes of the data section
+    at = 0
+    for name, (kind, shape, begin, end) in sorted(out.items(), key=lambda kv: (kv[1][2], kv[1][3])):
+        if begin != at or end < begin:
+            raise CheckpointError(f"{path}: tensor {name!r}: its byte range [{begin}, {end}) " + (
+                f"ends before it begins" if end < begin else
+                f"overlaps the tensor before it (which ends at {at})" if begin < at else
+                f"leaves the bytes [{at}, {begin}) of the data section unused") + ": the byte ranges must tile the "
+                f"data section in order, without overlap or gap")
+        nbytes = math.prod(shape) * np.dtype(_DTYPES[kind]).itemsize
+        if end - begin != nbytes:
+            raise CheckpointError(f"{path}: tensor {name!r} of shape {list(shape)} {kind} needs {nbytes} bytes, "
+                                  f"but its data_offsets [{begin}, {end}) hold {end - begin}")
+        if end > data:
+            raise CheckpointError(f"{path}: tensor {name!r}: its byte range [{begin}, {end}) runs past the end of the "
+                                  f"{data}-byte data section (a truncated file?)")
+        at = end
+    if at != data:
+        raise CheckpointError(f"{path}: the tensors cover {at} of the {data} bytes after the header: "
+                              f"{data - at} trailing bytes belong to no tensor (a corrupt or mis-written file)")
+    return out, n, size
 
 
 class Tensor16:
@@ -137,6 +209,14 @@ class Tensor16:
     def permuted(self, rows):
         """The same matrix with its output rows reordered (row i of the result = row rows[i] of this one)."""
         return Tensor16(self.data, self.kind, rows if self.rows is None else self.rows[rows], self.name, self.source)
+
+
+def check_float(arr, name, source):
+    """A weight must be floating point (F16, BF16, F32 or F64): integer or boolean data of the right shape would be
+    converted to floats silently and compute garbage."""
+    if not isinstance(arr, Tensor16) and np.asarray(arr).dtype.kind != "f":
+        raise CheckpointError(f"{source}: tensor {name!r} holds {np.asarray(arr).dtype} values; weights must be "
+                              f"floating point (F16, BF16, F32 or F64)")
 
 
 def bf16_to_float32(bits):
@@ -226,22 +306,39 @@ def interleaved_to_half_rope(w, n_heads):
 # Folder readers
 # ---------------------------------------------------------------------------------------------------------
 def _safetensors_files(folder):
+    """(the safetensors files of a model folder, the shard index's weight_map or None)."""
     index = folder / "model.safetensors.index.json"
     if index.exists():
-        weight_map = read_json(index).get("weight_map")
-        if not isinstance(weight_map, dict):
-            raise CheckpointError(f"{index}: no \"weight_map\" object ({{tensor name: shard file}})")
-        return [folder / f for f in sorted(set(weight_map.values()))]
+        weight_map = shard_index(index)
+        return [folder / f for f in sorted(set(weight_map.values()))], weight_map
     for name in ("model.safetensors", "consolidated.safetensors"):
         if (folder / name).exists():
-            return [folder / name]
+            return [folder / name], None
     found = sorted(folder.glob("*.safetensors"))
     if found:
-        return found
+        return found, None
     pickles = [p.name for p in folder.iterdir() if p.suffix in PICKLE_SUFFIXES]
     if pickles:
         refuse_pickle(folder / pickles[0])
     raise CheckpointError(f"{folder}: no model.safetensors, model.safetensors.index.json or consolidated.safetensors")
+
+
+def shard_index(index):
+    """The weight_map {tensor name: shard file} of a model.safetensors.index.json, checked: an object of
+    non-empty names to plain .safetensors file names of the same folder, each of them there as a file."""
+    weight_map = Fields(read_json(index), index, CheckpointError).get("weight_map")
+    if not isinstance(weight_map, dict) or not weight_map:
+        raise CheckpointError(f"{index}: \"weight_map\" must be a non-empty object {{tensor name: shard file}}, "
+                              f"got {weight_map!r}"[:300])
+    for name, shard in weight_map.items():
+        if not (isinstance(shard, str) and shard.endswith(".safetensors") and Path(shard).name == shard
+                and shard not in (".", "..")):
+            raise CheckpointError(f"{index}: weight_map[{name!r}] = {shard!r} is not the name of a .safetensors "
+                                  f"file in this folder")
+        if not (index.parent / shard).is_file():
+            raise MissingFileError(f"{index}: weight_map[{name!r}] names the shard {shard!r}, which is not in "
+                                   f"{index.parent}")
+    return weight_map
 
 
 def load_config(folder):
@@ -268,11 +365,17 @@ def load_tensors(folder, cfg=None, layout=None, lazy16=False):
         cfg, layout = load_config(folder)
     expected = canonical_names(cfg)
     tensors, where = {}, {}
-    for file in _safetensors_files(folder):
-        for name, arr in read_safetensors(file, lazy16).items():
+    files, weight_map = _safetensors_files(folder)
+    for file in files:
+        found = read_safetensors(file, lazy16)
+        index = folder / "model.safetensors.index.json"
+        for name, arr in found.items():
             key = hf_to_canonical(name) if layout == "hf" else name
             if key in tensors:
                 raise CheckpointError(f"{file}: tensor {name!r} is duplicated (also in {where[key]})")
+            if weight_map is not None and weight_map.get(name) != file.name:    # the index and the shards agree
+                raise CheckpointError(f"{file}: holds tensor {name!r}, but {index.name} puts it "
+                                      + (f"in {weight_map[name]}" if name in weight_map else "in no shard"))
             if key not in expected:
                 if layout == "hf" and name.endswith("rotary_emb.inv_freq"):
                     continue            # old HF checkpoints store the RoPE table; it is recomputed here
@@ -280,11 +383,18 @@ def load_tensors(folder, cfg=None, layout=None, lazy16=False):
             if tuple(arr.shape) != expected[key]:
                 raise CheckpointError(f"{file}: tensor {name!r} has shape {list(arr.shape)}, "
                                       f"expected {list(expected[key])} from the config")
+            check_float(arr, name, file)
             if isinstance(arr, Tensor16):           # mapped: checked as its rows are first widened (nothing read now)
                 arr.name, arr.source = name, file
             else:
                 check_finite(arr, name, file)       # one sum per tensor: cheap (docs/errors.md)
             tensors[key], where[key] = arr, file
+    if weight_map is not None:
+        lost = [n for n, f in weight_map.items() if (hf_to_canonical(n) if layout == "hf" else n) not in tensors
+                and not n.endswith("rotary_emb.inv_freq")]
+        if lost:
+            raise CheckpointError(f"{folder / 'model.safetensors.index.json'}: lists tensor {lost[0]!r} in "
+                                  f"{weight_map[lost[0]]}, which does not hold it")
     missing = [k for k in expected if k not in tensors]
     if missing:
         raise CheckpointError(f"{folder}: missing tensor(s) {missing[:4]}{' ...' if len(missing) > 4 else ''} "

@@ -9,7 +9,8 @@ A decoder is a Proposer, an object with three methods:
                                a proposer with a cache of its own (Hydra++'s prefix layer) can fill it; a proposer
                                with per-generation state resets it here
     propose(ctx) -> Draft      ctx: a Context (the root token, the hidden state at the last accepted node, the
-                               model's cache, the sampling parameters, the rng, the running Stats);
+                               model's cache, the sampling parameters, the rng, the running Stats, the tokens
+                               the request has left);
                                Draft: a Tree, its node tokens, and for sampled drafts the draft's distributions q
     observe(step) -> None      called after every verification with the Verified step (the accepted path, its
                                hidden states, the tokens emitted), so that a proposer with state of its own
@@ -28,7 +29,7 @@ import numpy as np
 
 from ..mistral.model import prefill_chunks
 from .sampling import SamplingParams
-from .verify import Draft, Verified, verify
+from .verify import Draft, Verified, cut_draft, verify
 
 
 @dataclass
@@ -84,6 +85,8 @@ class Context:
     params: SamplingParams
     rng: object             # numpy Generator shared with the acceptance rule
     stats: Stats
+    left: int = None        # tokens the request may still emit (None: unbounded); a draft deeper than left - 1
+                            # cannot be used in full, so a proposer may stop drafting there
 
 
 class Proposer(Protocol):
@@ -102,7 +105,8 @@ def run_loop(model, ids, proposer, rule, params, rng, max_new_tokens, eos_id, on
 
     ids: checked host ints; rule(draft, logits) -> (path, bonus) an acceptance rule bound to `params` and `rng`
     (minispec.speculative.acceptance.make_rule); cache: the model's cache to decode into. The caller has checked
-    that the request fits the cache.
+    that the request fits the cache; near the end of a cache without a window each draft is cut to the positions
+    left (verify.cut_draft), so every decoder finishes a request that fits.
     Returns Output(tokens, stats).
     """
     stats = Stats()
@@ -122,7 +126,10 @@ def run_loop(model, ids, proposer, rule, params, rng, max_new_tokens, eos_id, on
     t0, cpu0 = clock(), time.process_time()
     while len(out) < max_new_tokens:
         t1 = clock()
-        draft = proposer.propose(Context(root, hidden, model, cache, params, rng, stats))
+        left = max_new_tokens - len(out)
+        draft = proposer.propose(Context(root, hidden, model, cache, params, rng, stats, left))
+        if not cache.ring:      # a cache without a window: the draft fits the positions left (verify.cut_draft)
+            draft = cut_draft(draft, cache.W - cache.pos)
         t2 = clock()
         step = verify(model, cache, draft, rule, limit=max_new_tokens - len(out), eos_id=eos_id)
         t3 = clock()

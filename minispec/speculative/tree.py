@@ -207,13 +207,21 @@ def proposer_tree(tree, heads, device, name):
     if tree is None:
         gpu = device == "cuda" and heads.choices_cuda
         tree = (heads.choices_cuda if gpu else heads.choices) or Tree.chain(heads.K)
-    return as_tree(tree, heads.K, name)
+    return as_tree(tree, heads.K, name, top_k=getattr(heads, "V", None))
 
 
-def as_tree(tree, n_heads, name):
-    """A Tree from a Tree or a choices list, refused if it is deeper than the n_heads that fill it."""
+def as_tree(tree, n_heads, name, top_k=None):
+    """A Tree from a Tree or a choices list, refused (naming the decoder) if it is deeper than the n_heads that
+    fill it or uses a rank >= top_k (the candidates a head has: its vocabulary)."""
     if not isinstance(tree, Tree):
-        tree = Tree.from_choices(tree, n_heads=n_heads)
+        if isinstance(tree, np.ndarray):        # a choices array: its rows are the paths
+            tree = tree.tolist()
+        try:
+            tree = Tree.from_choices(tree, n_heads=n_heads, top_k=top_k)
+        except UserError as e:
+            raise UserError(f"{name}: {e}") from None
     if tree.max_depth > n_heads:
         raise UserError(f"{name}: the tree is {tree.max_depth} deep, but there are only {n_heads} heads")
+    if top_k is not None and tree.N > 1 and int(tree.rank.max()) >= top_k:
+        raise UserError(f"{name}: the tree uses rank {int(tree.rank.max())}, but a head has only {top_k} candidates")
     return tree

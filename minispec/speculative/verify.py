@@ -12,6 +12,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..backend import to_device
+from ..errors import UserError
+from .tree import Tree
 
 
 @dataclass
@@ -42,6 +44,24 @@ class Verified:
 def count(stats, name, n=1):
     """stats.counters[name] += n: a proposer's bookkeeping (head calls, draft forwards), shown by bench."""
     stats.counters[name] = stats.counters.get(name, 0) + n
+
+
+def cut_draft(draft, room):
+    """The draft cut to its first `room` nodes (root included), for the end of a cache without a sliding window.
+
+    A verify forward of N nodes needs N free positions there (the cache refuses a block past its end), but a
+    request accepted up front may reach the cache's last position mid-step. Node order is (depth, path), so the
+    first `room` nodes are a tree: every kept node's parent is kept, and no node sits deeper than room - 1, i.e.
+    past the cache's end. A chain keeps its first room - 1 drafted tokens and their q rows. The draft itself when
+    it fits (room >= N): nothing changes away from the end of the cache."""
+    tree = draft.tree
+    if room >= tree.N:
+        return draft
+    if room < 1:
+        raise UserError(f"cut_draft: no room for the root ({room} positions left)")
+    cut = Tree.from_choices([list(p) for p in tree.choices[1:room]])
+    q = None if draft.q is None else draft.q[:room - 1]                          # [room - 1, V]
+    return Draft(cut, list(draft.tokens[:room]), q=q)
 
 
 def verify(model, cache, draft, accept, limit=None, eos_id=None):

@@ -25,7 +25,8 @@ import os
 
 import numpy as np
 
-from ..errors import UserError, read_json
+from ..backend import to_host
+from ..errors import Fields, UserError, is_int, is_real, read_json
 from .skip_objective import (CostModel, Calibration, MeasuredObjective, PredictedObjective, calibrate, free_decisions,
                              from_code, from_params, measure_costs, search_space, to_code, to_params)
 from .train_medusa import corpus_prompts
@@ -48,13 +49,7 @@ class Trace:
         """Read `path` if it exists (its header wins: a resumed search reuses its calibration and cost model),
         else start one from header (a dict, or a callable making it, so nothing is measured when resuming)."""
         if path is not None and os.path.exists(path):
-            try:
-                data = read_json(path)
-            except UserError as e:
-                raise UserError(f"{e}; delete it to start the search afresh") from None
-            if data.get("format") != FORMAT:
-                raise UserError(f"{path}: not a skip-search trace (format {data.get('format')!r}, want {FORMAT!r})")
-            return cls(path, data)
+            return cls(path, read_trace(path, header=False))
         return cls(path, {"format": FORMAT, **(header() if callable(header) else header), "runs": {}})
 
     def evaluations(self, key, settings):
@@ -80,6 +75,78 @@ class Trace:
             json.dump(self.data, f, separators=(",", ":"))
             f.write("\n")
         os.replace(tmp, self.path)
+
+
+def read_trace(path, header=True):
+    """The JSON of an existing trace file, every field the search reads typed and ranged (format, n_layers,
+    the calibration's sequences and starts, the cost model, the context, each run's settings and equally long
+    columns), or one UserError naming the file and the key. header=False: the format and the runs only (a trace
+    whose header the caller supplies, as the tests' small traces)."""
+    try:
+        data = read_json(path)
+    except UserError as e:
+        raise UserError(f"{e}; delete it to start the search afresh") from None
+    if not isinstance(data, dict) or data.get("format") != FORMAT:
+        got = data.get("format") if isinstance(data, dict) else None
+        raise UserError(f"{path}: not a skip-search trace (format {got!r}, want {FORMAT!r})")
+    f = Fields(data, path)
+    for key, run in f.table("runs", default={}).items():
+        r = Fields(run, f"{path}: run {key!r}")
+        r.table("settings")
+        cols = r.table("columns")
+        if cols and (not all(isinstance(c, list) for c in cols.values()) or "code" not in cols
+                     or len({len(c) for c in cols.values()}) != 1):
+            raise UserError(f"{path}: run {key!r} key 'columns' must hold equally long lists, 'code' among them")
+    if not header:
+        return data
+    L = f.int("n_layers", low=1)
+    f.choice("context", ("committed", "own"), default="committed")
+    cal = Fields(f.table("calibration"), f"{path}: calibration")
+    seqs, starts = cal.get("sequences"), cal.int_list("starts", low=1)
+    if not (isinstance(seqs, list) and seqs and all(isinstance(q, list) and all(is_int(t) and t >= 0 for t in q)
+                                                     for q in seqs)):
+        raise UserError(f"{path}: calibration key 'sequences' must be a non-empty list of token id lists")
+    if len(starts) != len(seqs) or any(not st < len(q) for st, q in zip(starts, seqs)):
+        raise UserError(f"{path}: calibration key 'starts' must give, for each of the {len(seqs)} sequences, where "
+                        f"its continuation starts (1 <= start < its length), got {starts}")
+    cost = Fields(f.table("cost_model"), f"{path}: cost_model")
+    if cost.int("n_layers", low=1) != L:
+        raise UserError(f"{path}: cost_model is for {cost.int('n_layers')} layers, the trace for {L}")
+    for key in ("base", "attn", "mlp"):
+        cost.real(key, low=0)
+    curve = cost.table("curve")
+    if "1" not in curve or not all(k.isdigit() and int(k) >= 1 and is_real(c) and np.isfinite(c) and c > 0
+                                   for k, c in curve.items()):
+        raise UserError(f"{path}: cost_model key 'curve' must map token counts T >= 1 (1 included) to costs > 0, "
+                        f"got {curve}"[:300])
+    return data
+
+
+def check_trace(data, config, path):
+    """An existing trace read by read_trace must be for this model's shape: its n_layers, token ids below its
+    vocab_size (a trace of another model would score skip sets of that model)."""
+    if data["n_layers"] != config.n_layers:
+        raise UserError(f"{path}: a trace of a {data['n_layers']}-layer model ({data.get('model')!r}), but this "
+                        f"model has {config.n_layers} layers; use another --trace file")
+    top = max(max(q) for q in data["calibration"]["sequences"] if q)
+    if top >= config.vocab_size:
+        raise UserError(f"{path}: calibration token id {top} is outside this model's vocabulary ({config.vocab_size}):"
+                        f" a trace of another model; use another --trace file")
+
+
+def check_calibration(model, calib, path, min_agree=0.9):
+    """The calibration continuations are the model's own greedy tokens: a trace of ANOTHER model with the same
+    shape would pass check_trace and then score skip sets against that model's text. One teacher-forced forward
+    per sequence; its argmax must give the stored continuation (at least min_agree of it: float32 near-ties)."""
+    agree = total = 0
+    for seq, start in zip(calib.sequences, calib.starts):
+        logits = to_host(model.forward(seq[:-1], cache=model.new_cache(), warn_positions=False))    # [len - 1, V]
+        pred = np.asarray(logits).argmax(axis=-1)[start - 1:]
+        agree += int((pred == np.asarray(seq[start:])).sum())
+        total += len(seq) - start
+    if total and agree < min_agree * total:
+        raise UserError(f"{path}: its calibration continuations are not this model's greedy tokens (only "
+                        f"{agree} of {total} agree): a trace of another model; use another --trace file")
 
 
 def _record(skip, result, **extra):
@@ -227,8 +294,13 @@ def run_search(model, trace_path, methods=("bo", "random"), objective="predicted
                 "calibration": calibrate(model, prompts, n_new).to_json(),
                 "cost_model": measure_costs(model, flat=flat).to_json(), "context": context}
 
+    resumed = trace_path is not None and os.path.exists(trace_path)
     trace = Trace.open(trace_path, header)
+    if resumed:                                         # a whole trace, made for this model, not another
+        check_trace(read_trace(trace_path), model.config, trace_path)
     calib = Calibration.from_json(trace.data["calibration"])
+    if resumed:
+        check_calibration(model, calib, trace_path)
     costs = CostModel.from_json(trace.data["cost_model"])
     if objective == "predicted":
         fn = PredictedObjective(model, calib, costs, context=trace.data.get("context", context))

@@ -35,14 +35,15 @@ from ..backend import array_module, to_device, to_host
 from ..decoders.hydra import head_forward, HydraHeads, KIND_ARCH, prefix_forward
 from ..decoders.hydra_files import save
 from ..decoders.medusa import topk_ids
-from ..errors import UserError
+from ..errors import Fields, UserError, read_json
 from ..mistral.model import load
 from ..mistral.tokenizer import Tokenizer
 from ..mistral.weights import read_safetensors
 from ..speculative.tree import build_tree
 from . import backprop as bp
 from .progress import Progress
-from .train_medusa import Adam, corpus_path, hidden_states, lr_at, REPO, split_heldout, training_sequences
+from .checks import REPO, check_hydra_training, load_sequences, save_sequences
+from .train_medusa import Adam, hidden_states, lr_at, split_heldout, training_sequences
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -197,8 +198,10 @@ def load_checkpoint(path, params, adam):
                 raise UserError(f"{path.with_suffix('.safetensors')}: tensor {key!r} missing or of the wrong shape "
                                  f"(expected {list(dst.shape)}): not a checkpoint of these heads")
             dst[...] = to_device(array_module(dst), np.asarray(tensors[key], dtype=dst.dtype))
-    state = json.loads(path.with_suffix(".json").read_text())
-    adam.t = int(state["adam_t"])
+    f = Fields(read_json(path.with_suffix(".json")), path.with_suffix(".json"))
+    adam.t = f.int("adam_t", low=0)
+    state = {"step": f.int("step", low=0), "epoch": f.int("epoch", low=0), "epoch_rng": f.table("epoch_rng"),
+             "config": f.table("config", default=None)}
     return state
 
 
@@ -221,8 +224,16 @@ def train(heads, data, cfg=HydraTrainConfig(), checkpoint=None, checkpoint_every
     step, epoch = 0, 0
     if checkpoint is not None and Path(checkpoint).with_suffix(".json").exists():
         state = load_checkpoint(checkpoint, params, adam)
+        if state["config"] is not None and state["config"] != json.loads(json.dumps(asdict(cfg))):
+            raise UserError(f"{Path(checkpoint).with_suffix('.json')}: made with the training settings "
+                            f"{state['config']}, not {asdict(cfg)}: resume with the same settings or start afresh "
+                            f"with another checkpoint path")
         step, epoch = state["step"], state["epoch"]
-        rng.bit_generator.state = state["epoch_rng"]
+        try:
+            rng.bit_generator.state = state["epoch_rng"]
+        except (ValueError, TypeError, KeyError) as e:
+            raise UserError(f"{Path(checkpoint).with_suffix('.json')}: key 'epoch_rng' is not a random generator "
+                            f"state ({e})") from None
     history = []
     bar = Progress(total=total, initial=step, desc=f"train {heads.kind}", unit="step", disable=not progress)
     epoch_rng = rng.bit_generator.state                         # what a resume needs to redraw this epoch
@@ -314,19 +325,6 @@ def teacher_forced_tau(tree, ranks):
 # ---------------------------------------------------------------------------------------------------------
 # The driver: `minispec train-heads --kind hydra|hydra++`
 # ---------------------------------------------------------------------------------------------------------
-def load_sequences(path):
-    """[(ids, first_label)] from an .npz of int arrays ids (all sequences back to back), lens, first."""
-    z = np.load(path, allow_pickle=False)
-    at = np.concatenate([[0], np.cumsum(z["lens"])])
-    return [(z["ids"][at[j]:at[j + 1]].tolist(), int(z["first"][j])) for j in range(len(z["lens"]))]
-
-
-def save_sequences(path, seqs):
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    np.savez(path, ids=np.concatenate([np.asarray(s, np.int64) for s, _ in seqs]),
-             lens=np.array([len(s) for s, _ in seqs], np.int64), first=np.array([f for _, f in seqs], np.int64))
-
-
 def prepare(model, seqs, num_heads):
     """The frozen base model's hidden states over the sequences, once, and what training reads."""
     xp = model.xp
@@ -347,24 +345,18 @@ def train_hydra(model_dir, kind="hydra", out=None, num_heads=4, num_layers=None,
     for "tree", `gpu_budget` for "tree_cuda"). Defaults per kind: hydra 1 block, lm 1 / teacher 0; hydra++
     4 blocks, lm 0 / teacher 1 (zankner/Hydra's Hydra++ recipe). Returns (heads, report dict)."""
 
-    if kind not in KIND_ARCH:
-        raise UserError(f"--kind must be one of {sorted(KIND_ARCH)} for Hydra training, not {kind!r}")
-    plus = kind == "hydra++"
-    num_layers = (4 if plus else 1) if num_layers is None else num_layers
-    lm_weight = (0.0 if plus else 1.0) if lm_weight is None else lm_weight
-    teacher_weight = (1.0 if plus else 0.0) if teacher_weight is None else teacher_weight
-    if data not in ("corpus", "self"):
-        raise UserError(f"--data must be 'corpus' or 'self', not {data!r}")
+    num_layers, lm_weight, teacher_weight, text = check_hydra_training(
+        kind, num_heads, num_layers, data, text, data_cache, n_tokens, seq_len, epochs, lr, batch, lm_weight,
+        teacher_weight, budget, gpu_budget, top_k, heldout, seed, Path(model_dir) / kind if out is None else out,
+        checkpoint)
     say = print if progress else (lambda *a, **k: None)
     cached = data_cache is not None and Path(data_cache).exists()
-    if not cached:
-        text = corpus_path(text)                    # before the model loads
     t_start = time.time()
     model = load(model_dir, dtype=dtype, device=device)
     tok = Tokenizer.from_dir(model_dir)
     seq_len = min(seq_len, model.config.sliding_window or seq_len, model.config.cache_slots)
     if cached:
-        seqs = load_sequences(data_cache)
+        seqs = load_sequences(data_cache, model.config.vocab_size)
         say(f"data: {len(seqs)} sequences from {data_cache}")
     else:
         seqs = training_sequences(model, tok, data, text, n_tokens, seq_len, seed, prompt_len, gen_len, progress)

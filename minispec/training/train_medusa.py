@@ -22,20 +22,19 @@ from pathlib import Path
 import numpy as np
 
 from ..backend import array_module, to_device, to_host
-from ..decoders.medusa import VERSIONS, MedusaHeads, head_forward, topk_ids
+from ..decoders.medusa import MedusaHeads, head_forward, topk_ids
 from ..decoders.medusa_files import save as save_heads
 from ..decoders.registry import generate
-from ..errors import check_int, check_real, MissingFileError, UserError
+from ..errors import UserError
 from ..mistral.model import load
 from ..mistral.tokenizer import Tokenizer
 from ..speculative.tree import build_tree
+from .checks import REPO, check_training
 from .progress import Progress
 
 DECAY = 0.8                      # w_k = DECAY**k: the paper's constant (§2.2.1); FasterDecoding's axolotl
                                  # configs set medusa_decay_coefficient: 0.8
 DOC_SEPARATOR = "\n\0\n"         # between documents of data/corpus/*.txt (tools/collect_corpus.py SEPARATOR)
-REPO = Path(__file__).resolve().parents[2]
-DEFAULT_TEXT = REPO / "data" / "corpus" / "train.txt"
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -353,7 +352,7 @@ def train_medusa(model_dir, out=None, version="v1", num_heads=4, num_layers=1, d
 
     text = check_training(version=version, num_heads=num_heads, num_layers=num_layers, data=data, text=text,
                           n_tokens=n_tokens, seq_len=seq_len, epochs=epochs, lr=lr, batch=batch, budget=budget,
-                          top_k=top_k, seed=seed)
+                          top_k=top_k, seed=seed, out=Path(model_dir) / "medusa" if out is None else out)
     model = load(model_dir, dtype=dtype, device=device)
     tok = Tokenizer.from_dir(model_dir)
     if model.config.sliding_window is None:          # no ring: a sequence must fit the cache
@@ -394,34 +393,3 @@ def train_medusa(model_dir, out=None, version="v1", num_heads=4, num_layers=1, d
     save_heads(heads, out, extra={"training": report})
     say(f"saved {out}")
     return heads, report
-
-
-def check_training(version="v1", num_heads=4, num_layers=1, data="corpus", text=None, n_tokens=100_000, seq_len=512,
-                   epochs=1, lr=1e-3, batch=256, budget=10, top_k=10, seed=0, text_flag=None):
-    """The training options' rules (train_medusa and `minispec train-heads` share them, checked before the
-    model loads). Returns the corpus path (`corpus_path`; text_flag: the option that gives it, for messages)."""
-    if version not in VERSIONS:
-        raise UserError(f"version must be 'v1' or 'v2', not {version!r}")
-    if data not in ("corpus", "self"):
-        raise UserError(f"data must be 'corpus' or 'self', not {data!r}")
-    for name, v, low in (("num_heads", num_heads, 1), ("num_layers", num_layers, 0), ("n_tokens", n_tokens, 1),
-                         ("seq_len", seq_len, 2), ("epochs", epochs, 1), ("batch", batch, 1), ("budget", budget, 0),
-                         ("top_k", top_k, 1), ("seed", seed, 0)):
-        check_int(name, v, low=low)
-    check_real("lr", lr, low=0, low_open=True)
-    return corpus_path(text, text_flag)
-
-
-def corpus_path(text, flag=None):
-    """The corpus to train on: the file `text`, or data/corpus/train.txt when text is None; MissingFileError if
-    there is none. flag: the command-line option that gives text (e.g. "--text"), named in the message."""
-    build = "build one with `python tools/collect_corpus.py --out data/corpus` in a minispec checkout"
-    if text is None:
-        if not DEFAULT_TEXT.is_file():
-            raise MissingFileError(f"no corpus: no {flag or 'text'} given and no {DEFAULT_TEXT.relative_to(REPO)} "
-                                   f"here; {build}, or pass {f'{flag} FILE' if flag else 'a text file'}")
-        return DEFAULT_TEXT
-    if not Path(text).is_file():
-        raise MissingFileError(f"{f'argument {flag}: ' if flag else ''}{text}: no such corpus file; {build}, or "
-                               f"pass an existing text file")
-    return text
