@@ -22,6 +22,7 @@ from .draft_verify import DraftVerifyProposer
 from .heads import heads_for
 from .hydra import HydraProposer
 from .hydra_files import load_heads as load_hydra
+from .lookup import LookupProposer
 from .medusa import MedusaProposer
 from .medusa_files import load_heads as load_medusa
 
@@ -73,7 +74,8 @@ def draft_verify(model, skip=None, max_draft=None, gamma0=None, adaptive=True):
     return DraftVerifyProposer(model, skip=skip, max_draft=max_draft, gamma0=gamma0, adaptive=adaptive)
 
 
-DECODERS = {"ar": Autoregressive, "medusa": medusa, "hydra": hydra, "hydra++": hydra_pp, "draft_verify": draft_verify}
+DECODERS = {"ar": Autoregressive, "medusa": medusa, "hydra": hydra, "hydra++": hydra_pp, "draft_verify": draft_verify,
+            "lookup": LookupProposer}
 
 
 def decoders_with_heads():

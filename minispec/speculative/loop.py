@@ -9,7 +9,7 @@ A decoder is a Proposer, an object with three methods:
                                a proposer with a cache of its own (Hydra++'s prefix layer) can fill it; a proposer
                                with per-generation state resets it here
     propose(ctx) -> Draft      ctx: a Context (the root token, the hidden state at the last accepted node, the
-                               model's cache, the sampling parameters, the rng, the running Stats);
+                               model's cache, the sampling parameters, the rng, the running Stats, the prompt ids);
                                Draft: a Tree, its node tokens, and for sampled drafts the draft's distributions q
     observe(step) -> None      called after every verification with the Verified step (the accepted path, its
                                hidden states, the tokens emitted), so that a proposer with state of its own
@@ -83,6 +83,7 @@ class Context:
     params: SamplingParams
     rng: object             # numpy Generator shared with the acceptance rule
     stats: Stats
+    prompt: list = None     # the prompt ids (host ints, ending with the first root): for a proposer that reads text
 
 
 class Proposer(Protocol):
@@ -114,14 +115,14 @@ def run_loop(model, ids, proposer, rule, params, rng, max_new_tokens, eos_id, on
         prompt_hidden = model.xp.zeros((0, model.config.dim), dtype=model.dtype)            # [0, D]
     stats.prefill_time = clock() - t0
     t1 = clock()
-    proposer.start(Context(ids[-1], None, model, cache, params, rng, stats), prompt_hidden)
+    proposer.start(Context(ids[-1], None, model, cache, params, rng, stats, prompt=ids), prompt_hidden)
     stats.propose_time += clock() - t1
 
     out, root, hidden = [], ids[-1], None
     t0, cpu0 = clock(), time.process_time()
     while len(out) < max_new_tokens:
         t1 = clock()
-        draft = proposer.propose(Context(root, hidden, model, cache, params, rng, stats))
+        draft = proposer.propose(Context(root, hidden, model, cache, params, rng, stats, prompt=ids))
         t2 = clock()
         step = verify(model, cache, draft, rule, limit=max_new_tokens - len(out), eos_id=eos_id)
         t3 = clock()
