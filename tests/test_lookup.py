@@ -204,3 +204,38 @@ def test_lookup_is_registered_and_refuses_bad_options_by_name():
                      (dict(decay=0.0), "decay")]:
         with pytest.raises(UserError, match=name):
             LookupProposer(m, **{"costs": FLAT, **kw})
+
+
+# ---------------------------------------------------------------------------------------------------------
+# 6. The same rule caps Draft & Verify's drafts (sizing="cost"): the threshold says where a draft may stop, the
+#    cost check whether another draft token pays
+
+def dv_runs(m, n=30, **options):
+    from minispec.decoders.draft_verify import DraftVerifyProposer, SkipSet
+    skip = SkipSet.from_lists(2, attn=[1], mlp=[])
+    prop = DraftVerifyProposer(m, skip=skip, max_draft=4, gamma0=0.3, **options)
+    return assert_lossless(m, prop, ids=[1, 2, 3], n=n)
+
+
+def test_draft_and_verify_with_the_cost_rule_stays_exactly_greedy_and_drafts_as_the_threshold_alone_when_verifying_is_free():
+    for W in (4, 6):
+        _, _, m = tiny(W=W, seed=W)
+        alone = dv_runs(m)
+        free = dv_runs(m, sizing="cost", costs=FLAT, draft_cost=0.0)
+        assert free.drafted == alone.drafted and max(alone.drafted) == 4
+        costly = dv_runs(m, sizing="cost", costs={1: 1.0, 2: 1.25, 5: 2.0}, draft_cost=0.83)
+        # one draft token costs 1.25 + 0.83 > 2 steps and emits at most 2 tokens: it never pays
+        assert sum(costly.drafted) == 0 and costly.counters.get("draft_verify.forwards", 0) == 0
+        mid = dv_runs(m, sizing="cost", costs={1: 1.0, 2: 1.1, 5: 3.5}, draft_cost=0.05)
+        assert 0 < max(mid.drafted) < 4                # the steep tail caps the drafts the threshold allowed
+
+
+def test_draft_and_verify_measures_its_costs_once_per_model_and_skip_set():
+    from minispec.decoders.draft_verify import DraftVerifyProposer, SkipSet
+    _, _, m = tiny(W=6, seed=1)
+    skip = SkipSet.from_lists(2, attn=[1], mlp=[])
+    a = DraftVerifyProposer(m, skip=skip, max_draft=3, sizing="cost")
+    b = DraftVerifyProposer(m, skip=skip, max_draft=3, sizing="cost")
+    assert a.costs is b.costs and sorted(a.costs) == [1, 2, 3, 4] and a.costs[1] == 1.0 and a.draft_cost > 0
+    with pytest.raises(UserError, match="sizing"):
+        DraftVerifyProposer(m, skip=skip, sizing="always")

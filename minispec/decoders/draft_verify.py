@@ -20,6 +20,7 @@ The shipped skip set of a model lives at <model.path>/draft_verify/skip_set.json
 """
 import os
 import time
+import weakref
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -27,6 +28,7 @@ import numpy as np
 from ..backend import to_host
 from ..errors import MissingFileError, UserError, read_json, write_json_lines
 from ..speculative.costs import measure_costs
+from ..speculative.draft_length import AcceptanceEstimate, best_draft_length
 from ..speculative.loop import Context, Stats
 from ..speculative.sampling import SamplingParams, sample, target_probs
 from ..speculative.tree import Tree
@@ -204,12 +206,19 @@ class DraftVerifyProposer:
     draft probability is under the threshold gamma (that token is kept); gamma adapts after every verification
     (update_threshold) unless adaptive=False.
 
+    sizing="cost" adds the cost rule of minispec.speculative.draft_length: before drafting, the K* that maximises
+    expected tokens per unit time E(K) / (c(K + 1) + K r) (per-depth acceptance estimated from the steps so far,
+    r the cost of one draft token) caps the draft, so the threshold says where a draft may stop and the cost
+    check whether another token pays; K* = 0 drafts nothing (a plain decoding step). costs {T: c(T)} and
+    draft_cost r: measured once per model and skip set in CPU time (`draft_cost_inputs`) unless given.
+
     Counts in ctx.stats.counters: "draft_verify.forwards" (one-token draft forwards) and
     "draft_verify.gamma" (a list: the threshold in force at each step, before its update).
     """
     name = "draft_verify"
 
-    def __init__(self, model, skip=None, max_draft=None, gamma0=None, adaptive=True, rule=None):
+    def __init__(self, model, skip=None, max_draft=None, gamma0=None, adaptive=True, rule=None, sizing="threshold",
+                 costs=None, draft_cost=None):
         self.model, self.skip = model, _as_skip_set(skip, model)
         self.rule = rule or ExitRule()
         # unset options: the skip set file's own (its meta), else the authors' decoding.py defaults
@@ -222,18 +231,31 @@ class DraftVerifyProposer:
         self.gamma0 = float(gamma0)
         if not 0 <= self.gamma0 <= 1:
             raise UserError(f"draft_verify: gamma0 must lie in [0, 1], got {gamma0}")
+        if sizing not in ("threshold", "cost"):
+            raise UserError(f"draft_verify: sizing must be 'threshold' or 'cost', not {sizing!r}")
+        self.sizing, self.cap = sizing, self.max_draft
+        if sizing == "cost":
+            if costs is None or draft_cost is None:
+                r, c = measured_draft_costs(model, self.skip, self.max_draft)
+                costs, draft_cost = (c if costs is None else costs), (r if draft_cost is None else draft_cost)
+            self.costs, self.draft_cost = costs, float(draft_cost)
+            self.estimate = AcceptanceEstimate(self.max_draft)
         self.start(None, None)
 
     def start(self, ctx, prompt_hidden):
         """Per-generation state: the threshold back to gamma0, the acceptance estimate to 0 (as the authors)."""
         self.gamma, self.m = self.gamma0, 0.0
+        if self.sizing == "cost":
+            self.estimate.reset()
 
     def propose(self, ctx):
         model, cache, xp = self.model, ctx.cache, self.model.xp
         tokens, tok = [int(ctx.root)], int(ctx.root)
         sampled = not ctx.params.greedy
-        q = xp.empty((self.max_draft, model.config.vocab_size), dtype=model.dtype) if sampled else None   # [K, V]
-        for j in range(self.max_draft):
+        if self.sizing == "cost":                           # the cost check: how many draft tokens may pay
+            self.cap, _ = best_draft_length(self.estimate.acc, self.costs, self.max_draft, self.draft_cost)
+        q = xp.empty((self.cap, model.config.vocab_size), dtype=model.dtype) if sampled else None        # [K, V]
+        for j in range(self.cap):
             out = model.forward_block([tok], cache, skip=self.skip, offset=j)              # logits [1, V]
             logits = out.logits[0]                                                        # [V]
             if sampled:
@@ -251,7 +273,7 @@ class DraftVerifyProposer:
         K = len(tokens) - 1
         count(ctx.stats, "draft_verify.forwards", K)
         ctx.stats.counters.setdefault("draft_verify.gamma", []).append(self.gamma)
-        q = q[:K] if sampled else None                                                    # [K, V]
+        q = q[:K] if sampled and K else None                                              # [K, V]
         if K not in self._chains:
             self._chains[K] = Tree.chain(K)
         return Draft(self._chains[K], tokens, q=q)
@@ -259,10 +281,24 @@ class DraftVerifyProposer:
     def observe(self, step):
         if self.adaptive and step.drafted:
             self.gamma, self.m = update_threshold(self.gamma, self.m, len(step.path) - 1, step.drafted,
-                                                  step.drafted == self.max_draft, self.rule)
+                                                  step.drafted == self.cap, self.rule)
+        if self.sizing == "cost":
+            self.estimate.observe(step.drafted, len(step.path) - 1)
 
 
 # ---- the cost model's inputs ------------------------------------------------------------------------------------
+_MEASURED = weakref.WeakKeyDictionary()
+
+
+def measured_draft_costs(model, skip, max_draft):
+    """(r, {T: c(T)} for T = 1..max_draft + 1) of this model and skip set in CPU time (`draft_cost_inputs`),
+    measured once per model and skip set and kept for the next decoder."""
+    have = _MEASURED.setdefault(model, {})
+    if (skip, max_draft) not in have:
+        have[(skip, max_draft)] = draft_cost_inputs(model, skip, range(1, max_draft + 2))
+    return have[(skip, max_draft)]
+
+
 def draft_cost_inputs(model, skip, sizes, reps=25, context=200, clock=time.process_time, K=4):
     """Draft & Verify's cost-model inputs (r, {T: c(T)}) for minispec.speculative.costs.chain_speedup (a list of
     them, one per clock, when clock is a tuple): r = one draft token (the proposer's own work per token: its skipped one-token forward, argmax or sampling,
