@@ -28,7 +28,7 @@ import numpy as np
 from ..backend import to_host
 from ..errors import MissingFileError, UserError, read_json, write_json_lines
 from ..speculative.costs import measure_costs
-from ..speculative.draft_length import AcceptanceEstimate, best_draft_length
+from ..speculative.draft_length import AcceptanceEstimate, best_length, step_costs
 from ..speculative.loop import Context, Stats
 from ..speculative.sampling import SamplingParams, sample, target_probs
 from ..speculative.tree import Tree
@@ -239,6 +239,7 @@ class DraftVerifyProposer:
                 r, c = measured_draft_costs(model, self.skip, self.max_draft)
                 costs, draft_cost = (c if costs is None else costs), (r if draft_cost is None else draft_cost)
             self.costs, self.draft_cost = costs, float(draft_cost)
+            self.step_cost = step_costs(costs, self.max_draft, self.draft_cost)               # [max_draft + 1]
             self.estimate = AcceptanceEstimate(self.max_draft)
         self.start(None, None)
 
@@ -253,7 +254,7 @@ class DraftVerifyProposer:
         tokens, tok = [int(ctx.root)], int(ctx.root)
         sampled = not ctx.params.greedy
         if self.sizing == "cost":                           # the cost check: how many draft tokens may pay
-            self.cap, _ = best_draft_length(self.estimate.acc, self.costs, self.max_draft, self.draft_cost)
+            self.cap, _ = best_length(self.estimate.acc, self.step_cost)
         q = xp.empty((self.cap, model.config.vocab_size), dtype=model.dtype) if sampled else None        # [K, V]
         for j in range(self.cap):
             out = model.forward_block([tok], cache, skip=self.skip, offset=j)              # logits [1, V]

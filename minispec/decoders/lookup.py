@@ -18,7 +18,7 @@ K maximises expected tokens per unit time from per-depth acceptance estimates an
 curve c(T), and K = 0 (plain decoding) when no draft pays; sizing="max" verifies all max_draft (HF's behaviour).
 """
 from ..errors import UserError, check_int
-from ..speculative.draft_length import AcceptanceEstimate, best_draft_length, verify_costs
+from ..speculative.draft_length import AcceptanceEstimate, best_length, step_costs, verify_costs
 from ..speculative.tree import Tree
 from ..speculative.verify import Draft, count
 
@@ -77,7 +77,10 @@ class LookupProposer:
     verify cost curve {T: c(T)} or a function (None: measured once for this model, draft_length.verify_costs);
     prior / weight / decay: the acceptance estimate's (draft_length.AcceptanceEstimate).
 
-    Counts in ctx.stats.counters: "lookup.matched" (steps whose suffix matched earlier text).
+    Counts in ctx.stats.counters: "lookup.matched" (steps whose suffix matched earlier text), "lookup.accepted"
+    (draft tokens accepted), and of them "lookup.prompt_matched" / "lookup.prompt_accepted": those whose draft
+    was copied from the prompt (not from the generated text), which tell a set that copies its prompt from one
+    whose output repeats itself.
     """
     name = "lookup"
 
@@ -97,10 +100,11 @@ class LookupProposer:
             raise UserError(f"lookup: costs must be a verify cost curve {{T: c(T)}} with c(1), or a function, "
                             f"not {costs!r}")
         self.costs = costs
+        self.step_cost = step_costs(costs, self.max_draft) if sizing == "cost" else None    # [max_draft + 1]
         # one estimate per matched n-gram length: a 3-token match predicts far better than a 1-token one
         self.estimates = {n: AcceptanceEstimate(self.max_draft, prior, weight, decay)
                           for n in range(self.min_ngram, self.max_ngram + 1)}
-        self.matched = 0
+        self.matched, self.from_prompt, self.stats = 0, False, None
         self.chains = [Tree.chain(K) for K in range(self.max_draft + 1)]
         self.index = None
 
@@ -110,6 +114,7 @@ class LookupProposer:
             raise UserError("lookup: the decoding loop gave no prompt ids (Context.prompt) to look up in")
         self.index = NgramIndex(self.min_ngram, self.max_ngram)
         self.index.extend(ctx.prompt)
+        self.prompt_len, self.stats = len(ctx.prompt), ctx.stats       # observe() counts into this run's stats
         for e in self.estimates.values():
             e.reset()
 
@@ -119,13 +124,19 @@ class LookupProposer:
         if not n:
             return Draft(self.chains[0], [int(ctx.root)])
         found = self.index.continuation(start, self.max_draft)
+        self.from_prompt = start < self.prompt_len
         count(ctx.stats, "lookup.matched")
+        if self.from_prompt:
+            count(ctx.stats, "lookup.prompt_matched")
         K = len(found)
         if self.sizing == "cost":
-            K, _ = best_draft_length(self.estimates[n].acc, self.costs, K)
+            K, _ = best_length(self.estimates[n].acc, self.step_cost[:K + 1])
         return Draft(self.chains[K], [int(ctx.root)] + found[:K])
 
     def observe(self, step):
         if self.matched:            # a step whose match was not worth drafting only fades its estimate
             self.estimates[self.matched].observe(step.drafted, len(step.path) - 1)
+            count(self.stats, "lookup.accepted", len(step.path) - 1)
+            if self.from_prompt:
+                count(self.stats, "lookup.prompt_accepted", len(step.path) - 1)
         self.index.extend(step.tokens)

@@ -31,16 +31,31 @@ def expected_tokens(acc, K):
     return 1.0 + float(np.sum(np.cumprod(np.asarray(acc[:K], dtype=np.float64))))
 
 
+def step_costs(costs, max_len, draft_cost=0.0, fixed_cost=0.0):
+    """[max_len + 1] (a list) the time of a step that drafts K = 0..max_len tokens, c(K + 1) + K draft_cost + fixed_cost,
+    costs a verify cost curve {T: c(T)} or a function of an array of sizes. A proposer computes it once."""
+    K = np.arange(max_len + 1)
+    return (np.asarray(interp_cost(costs, K + 1), dtype=np.float64) + K * draft_cost + fixed_cost).tolist()
+
+
+def best_length(acc, cost):
+    """(K*, tokens per unit time at K*) for step times cost [max_len + 1] (`step_costs`): the K maximising
+    E(K) / cost[K], acc [>= max_len] the per-depth acceptance. Ties go to the shorter draft (it risks less).
+    Plain Python floats: a proposer calls it every step, on a handful of numbers."""
+    best, best_rate, tokens, reach = 0, 1.0 / float(cost[0]), 1.0, 1.0
+    for K in range(1, len(cost)):
+        reach *= float(acc[K - 1])                     # P(the first K draft tokens are all accepted)
+        tokens += reach                                # E(K)
+        rate = tokens / float(cost[K])
+        if rate > best_rate + 1e-12:
+            best, best_rate = K, rate
+    return best, best_rate
+
+
 def best_draft_length(acc, costs, max_len, draft_cost=0.0, fixed_cost=0.0):
     """(K*, tokens per unit time at K*): the K in 0..max_len maximising E(K) / (c(K + 1) + K draft_cost +
-    fixed_cost); acc [>= max_len] per-depth acceptance, costs a verify cost curve {T: c(T)} or a function.
-    Ties go to the shorter draft (it risks less)."""
-    best, best_k = -1.0, 0
-    for K in range(0, max_len + 1):
-        rate = expected_tokens(acc, K) / (interp_cost(costs, K + 1) + K * draft_cost + fixed_cost)
-        if rate > best + 1e-12:
-            best, best_k = rate, K
-    return best_k, best
+    fixed_cost); acc [>= max_len] per-depth acceptance, costs a verify cost curve {T: c(T)} or a function."""
+    return best_length(acc, step_costs(costs, max_len, draft_cost, fixed_cost))
 
 
 class AcceptanceEstimate:
@@ -56,24 +71,24 @@ class AcceptanceEstimate:
         self.reset()
 
     def reset(self):
-        self.reached = np.zeros(self.max_depth)        # [K] fading counts
-        self.accepted = np.zeros(self.max_depth)       # [K]
+        self.reached = [0.0] * self.max_depth          # [K] fading counts (plain floats: updated every step)
+        self.accepted = [0.0] * self.max_depth         # [K]
 
     def observe(self, drafted, accepted):
         """One verified step: `drafted` draft tokens, the first `accepted` of them accepted."""
-        self.reached *= self.decay
-        self.accepted *= self.decay
-        n = min(drafted, self.max_depth)
-        self.reached[:min(accepted + 1, n)] += 1          # depths 1..accepted + 1 were reached (if drafted)
-        self.accepted[:min(accepted, n)] += 1
+        n, f = min(drafted, self.max_depth), self.decay
+        for d in range(self.max_depth):
+            self.reached[d] = f * self.reached[d] + (d < min(accepted + 1, n))    # depth d + 1 was reached
+            self.accepted[d] = f * self.accepted[d] + (d < min(accepted, n))      # and accepted
 
     @property
     def acc(self):
         """[K] the current estimates a_1..a_K. The prior of depth 1 is `prior`, that of depth d > 1 the estimate
         of depth d - 1 (a depth never drafted yet is taken to be as good as the one before it)."""
-        out, prior = np.empty(self.max_depth), self.prior
-        for d in range(self.max_depth):
-            out[d] = prior = (self.accepted[d] + self.weight * prior) / (self.reached[d] + self.weight)
+        out, prior = [], self.prior
+        for hit, seen in zip(self.accepted, self.reached):
+            prior = (hit + self.weight * prior) / (seen + self.weight)
+            out.append(prior)
         return out
 
 
