@@ -239,3 +239,35 @@ def test_draft_and_verify_measures_its_costs_once_per_model_and_skip_set():
     assert a.costs is b.costs and sorted(a.costs) == [1, 2, 3, 4] and a.costs[1] == 1.0 and a.draft_cost > 0
     with pytest.raises(UserError, match="sizing"):
         DraftVerifyProposer(m, skip=skip, sizing="always")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# 7. bench decode's lookup columns
+
+def test_the_bench_line_predicts_tau_over_the_mean_verify_cost_of_the_chosen_lengths_hand_worked(capsys):
+    from types import SimpleNamespace
+    from minispec.bench import print_lookup
+    from minispec.speculative.loop import Stats
+    s = Stats(steps=3, accepted=[1, 3, 2], drafted=[0, 2, 2],
+              counters={"lookup.matched": 2, "lookup.prompt_matched": 1, "lookup.accepted": 3,
+                        "lookup.prompt_accepted": 2})
+    # tau = 6 / 3 = 2; mean c(K + 1) = (c(1) + c(3) + c(3)) / 3 = (1 + 1.5 + 1.5) / 3 = 4/3 -> 1.5x predicted
+    out = print_lookup(SimpleNamespace(costs={1: 1.0, 3: 1.5}), [s], {"ar": 3.0, "lookup": 2.4}, 1.2, 2.0, "ar")
+    assert out["predicted_cpu"] == pytest.approx(1.5) and out["measured_cpu"] == pytest.approx(1.25)
+    text = capsys.readouterr().out
+    assert "2 of 3 steps matched, 1 of them in the prompt" in text and "3, 2 of them copied from the prompt" in text
+    assert "predicted tau / mean c(K + 1) = 1.50x vs measured 1.25x in CPU time, 1.20x in wall time" in text
+
+
+def test_copy_prompts_end_with_the_def_line_of_the_function_they_hold():
+    from minispec.bench import copy_prompts
+    from minispec.mistral.tokenizer import Tokenizer
+    if not (SHIPPED / "heldout_sample.txt").exists():
+        pytest.skip("no held-out sample")
+    tok = Tokenizer.from_dir(SHIPPED)
+    prompts = copy_prompts(SHIPPED, tok, 4)
+    assert len(prompts) == 4 and len({tuple(p) for p in prompts}) == 4
+    for p in prompts:
+        text = tok.decode(p)
+        head = text.rstrip("\n").split("\n")[-1]
+        assert head.startswith("def ") and text.startswith(head) and text.count(head) >= 2 and "\n\n\n" in text
