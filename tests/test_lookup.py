@@ -217,7 +217,7 @@ def dv_runs(m, n=30, **options):
     return assert_lossless(m, prop, ids=[1, 2, 3], n=n)
 
 
-def test_draft_and_verify_with_the_cost_rule_stays_exactly_greedy_and_drafts_as_the_threshold_alone_when_verifying_is_free():
+def test_draft_and_verify_with_the_cost_rule_stays_greedy_and_drafts_as_the_threshold_alone_when_verifying_is_free():
     for W in (4, 6):
         _, _, m = tiny(W=W, seed=W)
         alone = dv_runs(m)

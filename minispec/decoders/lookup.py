@@ -1,4 +1,4 @@
-"""Prompt lookup decoding: the context drafts itself (Saxena 2023, github.com/apoorvumang/prompt-lookup-decoding;
+"""Prompt lookup decoding: the context drafts itself (A. Saxena, 2023, github.com/apoorvumang/prompt-lookup-decoding;
 HF transformers' `prompt_lookup_num_tokens`; "PLD" in Spec-Bench, Xia et al., arXiv 2401.07851).
 
 Wherever the output repeats earlier text (an edit of the prompt, a docstring that restates code, the loops of a

@@ -1,5 +1,7 @@
-"""How long a chain draft should be this step: the cost rule (issue 17; the idea of Sequoia's hardware-aware
-sizing, Chen et al., arXiv 2402.12374, §3.2, applied to a chain).
+"""How long a chain draft should be this step: the cost rule (issue 17). The idea is Sequoia's hardware-aware
+sizing (Chen et al., arXiv 2402.12374: choose the draft size that maximises expected tokens per unit of time on
+the hardware at hand) and EAGLE-2's per-step, context-dependent drafts (Li et al., arXiv 2406.16858), applied to
+a chain.
 
 A chain of K draft tokens, each accepted (given that all before it were) with probability a_d at depth d, emits
 on average
@@ -32,8 +34,9 @@ def expected_tokens(acc, K):
 
 
 def step_costs(costs, max_len, draft_cost=0.0, fixed_cost=0.0):
-    """[max_len + 1] (a list) the time of a step that drafts K = 0..max_len tokens, c(K + 1) + K draft_cost + fixed_cost,
-    costs a verify cost curve {T: c(T)} or a function of an array of sizes. A proposer computes it once."""
+    """[max_len + 1] (a list) the time of a step that drafts K = 0..max_len tokens,
+    c(K + 1) + K draft_cost + fixed_cost, costs a verify cost curve {T: c(T)} or a function of an array of sizes.
+    A proposer computes it once."""
     K = np.arange(max_len + 1)
     return (np.asarray(interp_cost(costs, K + 1), dtype=np.float64) + K * draft_cost + fixed_cost).tolist()
 
@@ -95,7 +98,7 @@ class AcceptanceEstimate:
 _COSTS = weakref.WeakKeyDictionary()
 
 
-def verify_costs(model, max_tokens=9, reps=15):
+def verify_costs(model, max_tokens=9, reps=25):
     """This model's verify cost curve on its backend for blocks of 1..max_tokens tokens, {T: c(T)}: medians of
     `reps` interleaved rounds of minispec.speculative.costs.measure_costs against 200 cached tokens, measured
     once per model and kept for the next decoder. On NumPy the clock is this process's CPU time (run with one
