@@ -22,7 +22,7 @@ from .decoders.registry import DECODERS, check_decoder, generate
 from .errors import UserError, check_int
 from .mistral.model import load, proc_bytes
 from .mistral.tokenizer import Tokenizer
-from .speculative.costs import chain_speedup, cost_curve, heads_cost, interp_cost, pick_budget, tree_speedup
+from .speculative.costs import chain_speedup, cost_curve, heads_cost, interp_cost, pick_budget, speedup, tree_speedup
 from .speculative.tree import expected_tau
 
 
@@ -292,23 +292,25 @@ def print_draft_verify(model, stats_list, cpu_secs, measured_speedup, measured_t
             "predicted_wall": pred_wall, "measured_wall": measured_speedup}
 
 
-def print_lookup(proposer, stats_list, cpu_secs, measured_speedup, measured_tau, baseline):
+def print_lookup(proposer, stats_list, cpu_secs, measured_speedup, measured_tau, baseline, base_step):
     """Prompt lookup's columns: draft lengths the cost rule chose, where the matches came from (the prompt or
-    the generated text), and the cost model tau / mean c(K + 1) with the decoder's own c(T) (CPU time, measured
-    once per model: draft_length.verify_costs) beside the measured speedup in CPU time and in wall time."""
+    the generated text), and the cost model tau / (mean c(K + 1) + p) with the decoder's own c(T) (CPU time,
+    measured once per model: draft_length.verify_costs) and p its lookup time per step over base_step (the
+    baseline's seconds per step in the same interleaved runs), beside the measured speedup in CPU and wall time."""
     summary = draft_summary(stats_list)
     n = summary["counters"]
     steps = sum(s.steps for s in stats_list)
     drafted = [k for s in stats_list for k in s.drafted]
-    pred = chain_speedup(measured_tau, drafted, 0.0, proposer.costs)
+    p = sum(s.propose_time for s in stats_list) / steps / base_step
+    pred = speedup(measured_tau, float(np.mean(interp_cost(proposer.costs, np.asarray(drafted) + 1))), p)
     meas_cpu = cpu_secs[baseline] / cpu_secs["lookup"]
     print(f"lookup draft lengths (tokens: steps) {summary['drafted']}; {n.get('lookup.matched', 0)} of {steps} "
           f"steps matched, {n.get('lookup.prompt_matched', 0)} of them in the prompt; accepted draft tokens "
           f"{n.get('lookup.accepted', 0)}, {n.get('lookup.prompt_accepted', 0)} of them copied from the prompt")
     print("lookup cost model (c(T) in CPU time: " + ", ".join(f"c({T})={v:.2f}" for T, v in
                                                                    sorted(proposer.costs.items()))
-          + f"): predicted tau / mean c(K + 1) = {pred:.2f}x vs measured {meas_cpu:.2f}x in CPU time, "
-          f"{measured_speedup:.2f}x in wall time (the lookup itself is not in the prediction)")
+          + f"); lookup p = {p:.3f} AR steps/step: predicted tau / (mean c(K + 1) + p) = {pred:.2f}x vs measured "
+          f"{meas_cpu:.2f}x in CPU time, {measured_speedup:.2f}x in wall time")
     return {"predicted_cpu": pred, "measured_cpu": meas_cpu, "measured_wall": measured_speedup}
 
 
@@ -371,8 +373,9 @@ def bench_decode(model_dir, decoders=("ar", "medusa"), n_tokens=128, n_prompts=8
             print(f"{name} tree of {len(paths)} nodes: expected tau {expected:.2f} (from the heads' stored top-k "
                   f"accuracies, assumed independent) vs measured {results_tau[name]:.2f}")
     if "lookup" in decoders:
+        base = stats[decoders[0]]
         print_lookup(props["lookup"], stats["lookup"], cpu, results["lookup"] / results[decoders[0]],
-                     results_tau["lookup"], decoders[0])
+                     results_tau["lookup"], decoders[0], sum(s.decode_time for s in base) / sum(s.steps for s in base))
     if "draft_verify" in decoders:
         print_draft_verify(model, stats["draft_verify"], cpu, results["draft_verify"] / results[decoders[0]],
                            results_tau["draft_verify"], decoders[0])

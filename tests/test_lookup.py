@@ -248,15 +248,18 @@ def test_the_bench_line_predicts_tau_over_the_mean_verify_cost_of_the_chosen_len
     from types import SimpleNamespace
     from minispec.bench import print_lookup
     from minispec.speculative.loop import Stats
-    s = Stats(steps=3, accepted=[1, 3, 2], drafted=[0, 2, 2],
+    s = Stats(steps=3, accepted=[1, 3, 2], drafted=[0, 2, 2], propose_time=0.006,
               counters={"lookup.matched": 2, "lookup.prompt_matched": 1, "lookup.accepted": 3,
                         "lookup.prompt_accepted": 2})
-    # tau = 6 / 3 = 2; mean c(K + 1) = (c(1) + c(3) + c(3)) / 3 = (1 + 1.5 + 1.5) / 3 = 4/3 -> 1.5x predicted
-    out = print_lookup(SimpleNamespace(costs={1: 1.0, 3: 1.5}), [s], {"ar": 3.0, "lookup": 2.4}, 1.2, 2.0, "ar")
-    assert out["predicted_cpu"] == pytest.approx(1.5) and out["measured_cpu"] == pytest.approx(1.25)
+    # tau = 6 / 3 = 2; mean c(K + 1) = (c(1) + c(3) + c(3)) / 3 = (1 + 1.5 + 1.5) / 3 = 4/3;
+    # p = 0.006 s / 3 steps / 0.01 s per AR step = 0.2 -> 2 / (4/3 + 0.2) = 1.30x predicted
+    out = print_lookup(SimpleNamespace(costs={1: 1.0, 3: 1.5}), [s], {"ar": 3.0, "lookup": 2.4}, 1.2, 2.0, "ar",
+                       0.01)
+    assert out["predicted_cpu"] == pytest.approx(2 / (4 / 3 + 0.2)) and out["measured_cpu"] == pytest.approx(1.25)
     text = capsys.readouterr().out
     assert "2 of 3 steps matched, 1 of them in the prompt" in text and "3, 2 of them copied from the prompt" in text
-    assert "predicted tau / mean c(K + 1) = 1.50x vs measured 1.25x in CPU time, 1.20x in wall time" in text
+    assert "p = 0.200 AR steps/step: predicted tau / (mean c(K + 1) + p) = 1.30x vs measured 1.25x in CPU time, " \
+        "1.20x in wall time" in text
 
 
 def test_copy_prompts_end_with_the_def_line_of_the_function_they_hold():
