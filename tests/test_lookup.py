@@ -274,3 +274,15 @@ def test_copy_prompts_end_with_the_def_line_of_the_function_they_hold():
         text = tok.decode(p)
         head = text.rstrip("\n").split("\n")[-1]
         assert head.startswith("def ") and text.startswith(head) and text.count(head) >= 2 and "\n\n\n" in text
+
+
+def test_bench_decode_runs_lookup_end_to_end_on_a_tiny_model_and_prints_its_lines(cli_model, capsys):
+    from minispec.bench import bench_decode
+    folder, _, _ = cli_model
+    results, _ = bench_decode(str(folder), decoders=("ar", "lookup"), n_tokens=12, n_prompts=2, runs=1,
+                              device="cpu", prompt_set="copy")
+    text = capsys.readouterr().out
+    assert set(results) == {"ar", "lookup"} and "identical output: NO" not in text
+    assert "lookup draft lengths" in text and "predicted tau / (mean c(K + 1) + p)" in text
+    with pytest.raises(UserError, match="prompt_set"):
+        bench_decode(str(folder), decoders=("ar", "lookup"), n_tokens=4, n_prompts=1, runs=1, prompt_set="news")
