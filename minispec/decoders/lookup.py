@@ -15,7 +15,8 @@ The draft is a deterministic function of the context (a point mass, Draft.q = No
 keeps exactly the model's greedy tokens and recursive rejection sampling keeps sampling lossless. How many of
 the drafted tokens are verified is the cost rule of minispec.speculative.draft_length (sizing="cost", the default):
 K maximises expected tokens per unit time from per-depth acceptance estimates and this backend's verify cost
-curve c(T), and K = 0 (plain decoding) when no draft pays; sizing="max" verifies all max_draft (HF's behaviour).
+curve c(T), and K = 0 (plain decoding) when no draft pays; sizing="max" verifies all max_draft tokens (as HF and
+PLD verify all that a match offers).
 """
 from ..errors import UserError, check_int
 from ..speculative.draft_length import AcceptanceEstimate, best_length, step_costs, verify_costs
@@ -56,10 +57,10 @@ class NgramIndex:
             out.append(out[len(out) - p])
         return out
 
-    def match(self, which="first"):
+    def match(self, which="last"):
         """(n, start): the longest suffix n-gram of the text (n from max_n down to min_n) that also occurs
-        earlier, and the index of the token that followed that earlier occurrence (its first one, or its latest
-        with which="last"); (0, None) when no suffix of min_n tokens or more occurs earlier."""
+        earlier, and the index of the token that followed that earlier occurrence (its latest one, or its first
+        with which="first"); (0, None) when no suffix of min_n tokens or more occurs earlier."""
         end = len(self.text) - 1
         for n in range(min(self.max_n, end), self.min_n - 1, -1):
             g = tuple(self.text[end - n + 1:])
