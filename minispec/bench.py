@@ -7,6 +7,7 @@ same process, with the ratio. The environment (CPU, BLAS, threads, versions) is 
 """
 import os
 import platform
+import re
 import statistics
 import threading
 import time
@@ -21,7 +22,7 @@ from .decoders.registry import DECODERS, check_decoder, generate
 from .errors import UserError, check_int
 from .mistral.model import load, proc_bytes
 from .mistral.tokenizer import Tokenizer
-from .speculative.costs import chain_speedup, cost_curve, heads_cost, interp_cost, pick_budget, tree_speedup
+from .speculative.costs import chain_speedup, cost_curve, heads_cost, interp_cost, pick_budget, speedup, tree_speedup
 from .speculative.tree import expected_tau
 
 
@@ -216,6 +217,36 @@ def heldout_prompts(model_dir, tok, n_prompts=8, prompt_tokens=48):
     return prompts
 
 
+def copy_prompts(model_dir, tok, n_prompts=8, min_lines=6, max_lines=30):
+    """Prompts whose natural continuation copies the prompt: a function from the held-out sample (dedented, of
+    min_lines..max_lines lines, spread over the file), two blank lines, then its own `def` line again, as in "write
+    this function again". Falls back to held-out prompts where there is no sample."""
+    sample = Path(model_dir) / "heldout_sample.txt"
+    if not sample.exists():
+        return heldout_prompts(model_dir, tok, n_prompts)
+    lines = sample.read_text(encoding="utf-8").replace("\0", "").split("\n")
+    funcs = []
+    for i, line in enumerate(lines):
+        m = re.match(r"( *)def \w+\(", line)
+        if not m:
+            continue
+        indent, j = len(m.group(1)), i + 1
+        while j < len(lines) and (not lines[j].strip() or len(lines[j]) - len(lines[j].lstrip()) > indent):
+            j += 1
+        body = [ln[indent:] for ln in lines[i:j]]
+        while body and not body[-1].strip():
+            body.pop()
+        if min_lines <= len(body) <= max_lines:
+            funcs.append(body)
+    if not funcs:
+        return heldout_prompts(model_dir, tok, n_prompts)
+    step = max(1, len(funcs) // n_prompts)
+    return [tok.encode("\n".join(f) + "\n\n\n" + f[0] + "\n") for f in (funcs[::step] * n_prompts)[:n_prompts]]
+
+
+PROMPT_SETS = {"heldout": heldout_prompts, "copy": copy_prompts}
+
+
 def draft_summary(stats_list):
     """Decoder-agnostic draft statistics over several generations: {"drafted": histogram {K: steps},
     "counters": summed int counters, "series": {name: list-valued counters (e.g. Draft & Verify's threshold over
@@ -261,15 +292,40 @@ def print_draft_verify(model, stats_list, cpu_secs, measured_speedup, measured_t
             "predicted_wall": pred_wall, "measured_wall": measured_speedup}
 
 
+def print_lookup(proposer, stats_list, cpu_secs, measured_speedup, measured_tau, baseline, base_step):
+    """Prompt lookup's columns: draft lengths the cost rule chose, where the matches came from (the prompt or
+    the generated text), and the cost model tau / (mean c(K + 1) + p) with the decoder's own c(T) (CPU time,
+    measured once per model: draft_length.verify_costs) and p its lookup time per step over base_step (the
+    baseline's seconds per step in the same interleaved runs), beside the measured speedup in CPU and wall time."""
+    summary = draft_summary(stats_list)
+    n = summary["counters"]
+    steps = sum(s.steps for s in stats_list)
+    drafted = [k for s in stats_list for k in s.drafted]
+    p = sum(s.propose_time for s in stats_list) / steps / base_step
+    pred = speedup(measured_tau, float(np.mean(interp_cost(proposer.costs, np.asarray(drafted) + 1))), p)
+    meas_cpu = cpu_secs[baseline] / cpu_secs["lookup"]
+    print(f"lookup draft lengths (tokens: steps) {summary['drafted']}; {n.get('lookup.matched', 0)} of {steps} "
+          f"steps matched, {n.get('lookup.prompt_matched', 0)} of them in the prompt; accepted draft tokens "
+          f"{n.get('lookup.accepted', 0)}, {n.get('lookup.prompt_accepted', 0)} of them copied from the prompt")
+    print("lookup cost model (c(T) in CPU time: " + ", ".join(f"c({T})={v:.2f}" for T, v in
+                                                                   sorted(proposer.costs.items()))
+          + f"); lookup p = {p:.3f} AR steps/step: predicted tau / (mean c(K + 1) + p) = {pred:.2f}x vs measured "
+          f"{meas_cpu:.2f}x in CPU time, {measured_speedup:.2f}x in wall time")
+    return {"predicted_cpu": pred, "measured_cpu": meas_cpu, "measured_wall": measured_speedup}
+
+
 def bench_decode(model_dir, decoders=("ar", "medusa"), n_tokens=128, n_prompts=8, runs=2, device="auto",
-                 dtype="float32"):
+                 dtype="float32", prompt_set="heldout"):
     check_bench(n_tokens, runs, n_prompts, decoders)
+    if prompt_set not in PROMPT_SETS:
+        raise UserError(f"prompt_set must be one of {', '.join(PROMPT_SETS)}, not {prompt_set!r}")
     print("environment:", environment())
     model = load(model_dir, dtype=dtype, device=device)
     tok = Tokenizer.from_dir(model_dir)
-    prompts = heldout_prompts(model_dir, tok, n_prompts)
-    print(f"model {model_dir} on {model.device} ({dtype}); {len(prompts)} held-out prompts of {len(prompts[0])} "
-          f"tokens, {n_tokens} new tokens each, greedy; median of {runs} interleaved runs after a warm-up")
+    prompts = PROMPT_SETS[prompt_set](model_dir, tok, n_prompts)
+    print(f"model {model_dir} on {model.device} ({dtype}); {len(prompts)} {prompt_set} prompts of "
+          f"{min(map(len, prompts))}..{max(map(len, prompts))} tokens, {n_tokens} new tokens each, greedy; median "
+          f"of {runs} interleaved runs after a warm-up")
     for name in decoders:
         generate(model, prompts[0], decoder=name, max_new_tokens=16)        # warm-up (loads heads, trees)
     # runs interleave the decoders (prompt by prompt), so that a slow phase of a shared machine hits all alike
@@ -316,6 +372,10 @@ def bench_decode(model_dir, decoders=("ar", "medusa"), n_tokens=128, n_prompts=8
             expected = expected_tau(props[name].heads.accuracies, choices)
             print(f"{name} tree of {len(choices)} nodes: expected tau {expected:.2f} (from the heads' stored top-k "
                   f"accuracies, assumed independent) vs measured {results_tau[name]:.2f}")
+    if "lookup" in decoders:
+        base = stats[decoders[0]]
+        print_lookup(props["lookup"], stats["lookup"], cpu, results["lookup"] / results[decoders[0]],
+                     results_tau["lookup"], decoders[0], sum(s.decode_time for s in base) / sum(s.steps for s in base))
     if "draft_verify" in decoders:
         print_draft_verify(model, stats["draft_verify"], cpu, results["draft_verify"] / results[decoders[0]],
                            results_tau["draft_verify"], decoders[0])

@@ -182,7 +182,7 @@ def cmd_bench(args):
                             compare_hf=not args.no_hf, weights=args.weights)
     else:
         bench.bench_decode(args.model, decoders=decoders, n_tokens=args.n, n_prompts=args.prompts,
-                           runs=args.runs, device=args.device, dtype=args.dtype)
+                           runs=args.runs, device=args.device, dtype=args.dtype, prompt_set=args.prompt_set)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -388,6 +388,9 @@ def build_parser():
     b.add_argument("--decoders", default="ar,medusa",
                    help=f"bench decode: comma-separated, the first is the baseline; from {', '.join(sorted(DECODERS))}")
     b.add_argument("--prompts", type=int, default=8, help="bench decode: held-out prompts")
+    b.add_argument("--prompt-set", default="heldout", choices=sorted(bench.PROMPT_SETS),
+                   help="bench decode: heldout (cut from held-out files) or copy (a held-out function, then its "
+                        "def line again)")
     b.set_defaults(func=cmd_bench)
 
     t = sub.add_parser("train-heads", help="train speculative-decoding heads on the frozen model (NumPy)",

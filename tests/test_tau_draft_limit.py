@@ -33,7 +33,7 @@ def test_the_draft_is_cut_to_one_less_than_the_tokens_the_request_still_wants(re
         draft = dv(model, max_draft=4, gamma0=0.0, adaptive=False).propose(ctx)
         K = min(4, remaining - 1)
         assert len(draft.tokens) - 1 == K == stats.counters["draft_verify.forwards"] == draft.tree.max_depth
-        assert draft.q is None if params.greedy else draft.q.shape[0] == K
+        assert draft.q is None if params.greedy or K == 0 else draft.q.shape[0] == K
         assert cache.pos == 3 and cache.block_len == 0              # the ring untouched, the scratch discarded
 
 

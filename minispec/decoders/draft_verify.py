@@ -20,6 +20,7 @@ The shipped skip set of a model lives at <model.path>/draft_verify/skip_set.json
 """
 import os
 import time
+import weakref
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -27,6 +28,7 @@ import numpy as np
 from ..backend import to_host
 from ..errors import Fields, MissingFileError, UserError, check_int, check_real, is_int, read_json, write_json_lines
 from ..speculative.costs import measure_costs
+from ..speculative.draft_length import AcceptanceEstimate, best_length, step_costs
 from ..speculative.loop import Context, Stats
 from ..speculative.sampling import SamplingParams, sample, target_probs
 from ..speculative.tree import Tree
@@ -209,17 +211,24 @@ class DraftVerifyProposer:
 
     Greedy: the draft takes its argmax. Sampling: the draft samples from its own warped distribution (the same
     temperature / top-k / top-p as the target) with ctx.rng, and hands those distributions to the verifier as
-    Draft.q (chain rejection sampling). Drafting stops after max_draft tokens, after remaining - 1 tokens when
-    the request wants only `remaining` more (ctx.remaining, where the loop provides it), or after the first
+    Draft.q (chain rejection sampling). Drafting stops after max_draft tokens, after left - 1 tokens when the
+    request wants only `left` more (ctx.left), or after the first
     token whose draft probability is under the threshold gamma (that token is kept); gamma adapts after every
     verification (update_threshold) unless adaptive=False.
+
+    sizing="cost" adds the cost rule of minispec.speculative.draft_length: before drafting, the K* that maximises
+    expected tokens per unit time E(K) / (c(K + 1) + K r) (per-depth acceptance estimated from the steps so far,
+    r the cost of one draft token) caps the draft, so the threshold says where a draft may stop and the cost
+    check whether another token pays; K* = 0 drafts nothing (a plain decoding step). costs {T: c(T)} and
+    draft_cost r: measured once per model and skip set in CPU time (`draft_cost_inputs`) unless given.
 
     Counts in ctx.stats.counters: "draft_verify.forwards" (one-token draft forwards) and
     "draft_verify.gamma" (a list: the threshold in force at each step, before its update).
     """
     name = "draft_verify"
 
-    def __init__(self, model, skip=None, max_draft=None, gamma0=None, adaptive=True, rule=None):
+    def __init__(self, model, skip=None, max_draft=None, gamma0=None, adaptive=True, rule=None, sizing="threshold",
+                 costs=None, draft_cost=None):
         self.model, self.skip = model, _as_skip_set(skip, model)
         self.rule = rule or ExitRule()
         # unset options: the skip set file's own (its meta), else the authors' decoding.py defaults
@@ -230,19 +239,33 @@ class DraftVerifyProposer:
         if not isinstance(adaptive, bool):
             raise UserError(f"draft_verify: adaptive must be True or False, got {adaptive!r}")
         self.adaptive, self._chains = adaptive, {}
+        if sizing not in ("threshold", "cost"):
+            raise UserError(f"draft_verify: sizing must be 'threshold' or 'cost', not {sizing!r}")
+        self.sizing, self.cap = sizing, self.max_draft
+        if sizing == "cost":
+            if costs is None or draft_cost is None:
+                r, c = measured_draft_costs(model, self.skip, self.max_draft)
+                costs, draft_cost = (c if costs is None else costs), (r if draft_cost is None else draft_cost)
+            self.costs, self.draft_cost = costs, float(draft_cost)
+            self.step_cost = step_costs(costs, self.max_draft, self.draft_cost)               # [max_draft + 1]
+            self.estimate = AcceptanceEstimate(self.max_draft)
         self.start(None, None)
 
     def start(self, ctx, prompt_hidden):
         """Per-generation state: the threshold back to gamma0, the acceptance estimate to 0 (as the authors)."""
         self.gamma, self.m = self.gamma0, 0.0
+        if self.sizing == "cost":
+            self.estimate.reset()
 
     def propose(self, ctx):
         model, cache, xp = self.model, ctx.cache, self.model.xp
         tokens, tok = [int(ctx.root)], int(ctx.root)
         sampled = not ctx.params.greedy
+        if self.sizing == "cost":                           # the cost check: how many draft tokens may pay
+            self.cap, _ = best_length(self.estimate.acc, self.step_cost)
         # a step emits at most K + 1 tokens: K <= left - 1 (docs/draft_and_verify.md, "The last step"); at the end
         # of a cache without a window the draft's forwards and its verification must stay inside it: K <= room - 1
-        k_max = self.max_draft if ctx.left is None else max(0, min(self.max_draft, int(ctx.left) - 1))
+        k_max = self.cap if ctx.left is None else max(0, min(self.cap, int(ctx.left) - 1))
         if not cache.ring:
             k_max = max(0, min(k_max, cache.W - cache.pos - 1))
         q = xp.empty((k_max, model.config.vocab_size), dtype=model.dtype) if sampled else None   # [K, V]
@@ -264,7 +287,7 @@ class DraftVerifyProposer:
         K = len(tokens) - 1
         count(ctx.stats, "draft_verify.forwards", K)
         ctx.stats.counters.setdefault("draft_verify.gamma", []).append(self.gamma)
-        q = q[:K] if sampled else None                                                    # [K, V]
+        q = q[:K] if sampled and K else None                                              # [K, V]
         if K not in self._chains:
             self._chains[K] = Tree.chain(K)
         return Draft(self._chains[K], tokens, q=q)
@@ -272,10 +295,24 @@ class DraftVerifyProposer:
     def observe(self, step):
         if self.adaptive and step.drafted:
             self.gamma, self.m = update_threshold(self.gamma, self.m, len(step.path) - 1, step.drafted,
-                                                  step.drafted == self.max_draft, self.rule)
+                                                  step.drafted == self.cap, self.rule)
+        if self.sizing == "cost":
+            self.estimate.observe(step.drafted, len(step.path) - 1)
 
 
 # ---- the cost model's inputs ------------------------------------------------------------------------------------
+_MEASURED = weakref.WeakKeyDictionary()
+
+
+def measured_draft_costs(model, skip, max_draft):
+    """(r, {T: c(T)} for T = 1..max_draft + 1) of this model and skip set in CPU time (`draft_cost_inputs`),
+    measured once per model and skip set and kept for the next decoder."""
+    have = _MEASURED.setdefault(model, {})
+    if (skip, max_draft) not in have:
+        have[(skip, max_draft)] = draft_cost_inputs(model, skip, range(1, max_draft + 2))
+    return have[(skip, max_draft)]
+
+
 def draft_cost_inputs(model, skip, sizes, reps=25, context=200, clock=time.process_time, K=4):
     """Draft & Verify's cost-model inputs (r, {T: c(T)}) for minispec.speculative.costs.chain_speedup (a list of
     them, one per clock, when clock is a tuple): r = one draft token (the proposer's own work per token: its skipped one-token forward, argmax or sampling,

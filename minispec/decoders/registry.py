@@ -22,6 +22,7 @@ from .draft_verify import DraftVerifyProposer
 from .heads import heads_for
 from .hydra import HydraProposer
 from .hydra_files import load_heads as load_hydra
+from .lookup import LookupProposer
 from .medusa import MedusaProposer
 from .medusa_files import load_heads as load_medusa
 
@@ -67,13 +68,16 @@ def hydra_pp(model, heads=None, tree=None):
     return HydraProposer(model, hydra_heads(model, heads, "hydra++"), tree=tree)
 
 
-def draft_verify(model, skip=None, max_draft=None, gamma0=None, adaptive=True):
+def draft_verify(model, skip=None, max_draft=None, gamma0=None, adaptive=True, sizing="threshold", costs=None,
+                 draft_cost=None):
     """Decoder "draft_verify": the model itself with some sublayers skipped drafts a chain. skip: a SkipSet, a
-    skip_set.json path, or None for <model>/draft_verify/skip_set.json."""
-    return DraftVerifyProposer(model, skip=skip, max_draft=max_draft, gamma0=gamma0, adaptive=adaptive)
+    skip_set.json path, or None for <model>/draft_verify/skip_set.json; sizing="cost": the cost rule caps drafts."""
+    return DraftVerifyProposer(model, skip=skip, max_draft=max_draft, gamma0=gamma0, adaptive=adaptive,
+                               sizing=sizing, costs=costs, draft_cost=draft_cost)
 
 
-DECODERS = {"ar": Autoregressive, "medusa": medusa, "hydra": hydra, "hydra++": hydra_pp, "draft_verify": draft_verify}
+DECODERS = {"ar": Autoregressive, "medusa": medusa, "hydra": hydra, "hydra++": hydra_pp, "draft_verify": draft_verify,
+            "lookup": LookupProposer}
 
 
 def decoders_with_heads():

@@ -10,7 +10,7 @@ A decoder is a Proposer, an object with three methods:
                                with per-generation state resets it here
     propose(ctx) -> Draft      ctx: a Context (the root token, the hidden state at the last accepted node, the
                                model's cache, the sampling parameters, the rng, the running Stats, the tokens
-                               the request has left);
+                               the request has left, the prompt ids);
                                Draft: a Tree, its node tokens, and for sampled drafts the draft's distributions q
     observe(step) -> None      called after every verification with the Verified step (the accepted path, its
                                hidden states, the tokens emitted), so that a proposer with state of its own
@@ -87,6 +87,7 @@ class Context:
     stats: Stats
     left: int = None        # tokens the request may still emit (None: unbounded); a draft deeper than left - 1
                             # cannot be used in full, so a proposer may stop drafting there
+    prompt: list = None     # the prompt ids (host ints, ending with the first root): for a proposer that reads text
 
 
 class Proposer(Protocol):
@@ -119,7 +120,7 @@ def run_loop(model, ids, proposer, rule, params, rng, max_new_tokens, eos_id, on
         prompt_hidden = model.xp.zeros((0, model.config.dim), dtype=model.dtype)            # [0, D]
     stats.prefill_time = clock() - t0
     t1 = clock()
-    proposer.start(Context(ids[-1], None, model, cache, params, rng, stats), prompt_hidden)
+    proposer.start(Context(ids[-1], None, model, cache, params, rng, stats, prompt=ids), prompt_hidden)
     stats.propose_time += clock() - t1
 
     out, root, hidden = [], ids[-1], None
@@ -127,7 +128,7 @@ def run_loop(model, ids, proposer, rule, params, rng, max_new_tokens, eos_id, on
     while len(out) < max_new_tokens:
         t1 = clock()
         left = max_new_tokens - len(out)
-        draft = proposer.propose(Context(root, hidden, model, cache, params, rng, stats, left))
+        draft = proposer.propose(Context(root, hidden, model, cache, params, rng, stats, left, prompt=ids))
         if not cache.ring:      # a cache without a window: the draft fits the positions left (verify.cut_draft)
             draft = cut_draft(draft, cache.W - cache.pos)
         t2 = clock()

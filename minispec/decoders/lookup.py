@@ -1,0 +1,143 @@
+"""Prompt lookup decoding: the context drafts itself (A. Saxena, 2023, github.com/apoorvumang/prompt-lookup-decoding;
+HF transformers' `prompt_lookup_num_tokens`; "PLD" in Spec-Bench, Xia et al., arXiv 2401.07851).
+
+Wherever the output repeats earlier text (an edit of the prompt, a docstring that restates code, the loops of a
+small model's greedy output), the tokens that followed the last occurrence of the current suffix are a good guess
+of what comes next, and finding them costs a dictionary lookup, not a forward:
+
+    context   ... a b c d ... x a b      the last n-gram "a b" (n from max_ngram down to min_ngram)
+    match     ... a b|c d ...            an earlier occurrence of it (the latest; HF and the PLD code take the
+                                         first, match="first")
+    draft     c d ...                    what followed it, max_draft tokens, as a chain (continued periodically
+                                         where it runs into the text's end: the text repeats itself)
+
+The draft is a deterministic function of the context (a point mass, Draft.q = None), so greedy verification
+keeps exactly the model's greedy tokens and recursive rejection sampling keeps sampling lossless. How many of
+the drafted tokens are verified is the cost rule of minispec.speculative.draft_length (sizing="cost", the default):
+K maximises expected tokens per unit time from per-depth acceptance estimates and this backend's verify cost
+curve c(T), and K = 0 (plain decoding) when no draft pays; sizing="max" verifies all max_draft tokens (as HF and
+PLD verify all that a match offers).
+"""
+from ..errors import UserError, check_int
+from ..speculative.draft_length import AcceptanceEstimate, best_length, step_costs, verify_costs
+from ..speculative.tree import Tree
+from ..speculative.verify import Draft, count
+
+MATCHES = ("first", "last")
+SIZINGS = ("cost", "max")
+
+
+class NgramIndex:
+    """Where every n-gram (min_n <= n <= max_n) of a growing token list occurs, for lookups in O(max_n).
+
+    first[g]: the end index of g's first occurrence; last[g] / before[g]: of its latest and the one before it
+    (the latest occurrence of the text's own suffix is the suffix itself, so a match is the one before it)."""
+
+    def __init__(self, min_n, max_n):
+        self.min_n, self.max_n = min_n, max_n
+        self.text, self.first, self.last, self.before = [], {}, {}, {}
+
+    def extend(self, tokens):
+        for t in tokens:
+            self.text.append(int(t))
+            end = len(self.text) - 1
+            for n in range(self.min_n, min(self.max_n, end + 1) + 1):
+                g = tuple(self.text[end - n + 1:end + 1])
+                self.first.setdefault(g, end)
+                if g in self.last:
+                    self.before[g] = self.last[g]
+                self.last[g] = end
+
+    def continuation(self, start, max_len):
+        """Up to max_len tokens from text[start:], continued periodically past the text's end: a match ending p
+        tokens before the suffix says the text repeats with period p, so x[j] = x[j - p] drafts on."""
+        out = self.text[start:start + max_len]
+        p = len(self.text) - start                      # the period (start = e + 1, e the match's end)
+        while len(out) < max_len:
+            out.append(out[len(out) - p])
+        return out
+
+    def match(self, which="last"):
+        """(n, start): the longest suffix n-gram of the text (n from max_n down to min_n) that also occurs
+        earlier, and the index of the token that followed that earlier occurrence (its latest one, or its first
+        with which="first"); (0, None) when no suffix of min_n tokens or more occurs earlier."""
+        end = len(self.text) - 1
+        for n in range(min(self.max_n, end), self.min_n - 1, -1):
+            g = tuple(self.text[end - n + 1:])
+            e = self.first.get(g) if which == "first" else self.before.get(g)
+            if e is not None and e < end:
+                return n, e + 1
+        return 0, None
+
+
+class LookupProposer:
+    """Decoder "lookup": n-gram lookup in the context (prompt + generated text) proposes a chain.
+
+    max_ngram / min_ngram: the suffix lengths tried, longest first; max_draft: the most tokens taken from a
+    match; match: "last" or "first" occurrence; sizing: "cost" (the cost rule) or "max" (all of them); costs: a
+    verify cost curve {T: c(T)} or a function (None: measured once for this model, draft_length.verify_costs);
+    prior / weight / decay: the acceptance estimate's (draft_length.AcceptanceEstimate).
+
+    Counts in ctx.stats.counters: "lookup.matched" (steps whose suffix matched earlier text), "lookup.accepted"
+    (draft tokens accepted), and of them "lookup.prompt_matched" / "lookup.prompt_accepted": those whose draft
+    was copied from the prompt (not from the generated text), which tell a set that copies its prompt from one
+    whose output repeats itself.
+    """
+    name = "lookup"
+
+    def __init__(self, model, max_ngram=3, min_ngram=1, max_draft=8, match="last", sizing="cost", costs=None,
+                 prior=0.5, weight=2.0, decay=0.98):
+        self.min_ngram = check_int("min_ngram", min_ngram, low=1)
+        self.max_ngram = check_int("max_ngram", max_ngram, low=self.min_ngram, what=" (and >= min_ngram)")
+        self.max_draft = check_int("max_draft", max_draft, low=1)
+        if match not in MATCHES:
+            raise UserError(f"lookup: match must be one of {MATCHES}, not {match!r}")
+        if sizing not in SIZINGS:
+            raise UserError(f"lookup: sizing must be one of {SIZINGS}, not {sizing!r}")
+        self.match, self.sizing = match, sizing
+        if sizing == "cost" and costs is None:
+            costs = verify_costs(model, self.max_draft + 1)
+        if costs is not None and not callable(costs) and (not isinstance(costs, dict) or 1 not in costs):
+            raise UserError(f"lookup: costs must be a verify cost curve {{T: c(T)}} with c(1), or a function, "
+                            f"not {costs!r}")
+        self.costs = costs
+        self.step_cost = step_costs(costs, self.max_draft) if sizing == "cost" else None    # [max_draft + 1]
+        # one estimate per matched n-gram length: a 3-token match predicts far better than a 1-token one
+        self.estimates = {n: AcceptanceEstimate(self.max_draft, prior, weight, decay)
+                          for n in range(self.min_ngram, self.max_ngram + 1)}
+        self.matched, self.from_prompt, self.stats = 0, False, None
+        self.chains = [Tree.chain(K) for K in range(self.max_draft + 1)]
+        self.index = None
+
+    def start(self, ctx, prompt_hidden):
+        """A fresh index over the prompt (it ends with the first root); the acceptance estimate back to its prior."""
+        if ctx.prompt is None:
+            raise UserError("lookup: the decoding loop gave no prompt ids (Context.prompt) to look up in")
+        self.index = NgramIndex(self.min_ngram, self.max_ngram)
+        self.index.extend(ctx.prompt)
+        self.prompt_len, self.stats = len(ctx.prompt), ctx.stats       # observe() counts into this run's stats
+        for e in self.estimates.values():
+            e.reset()
+
+    def propose(self, ctx):
+        n, start = self.index.match(self.match)
+        self.matched = n
+        if not n:
+            return Draft(self.chains[0], [int(ctx.root)])
+        found = self.index.continuation(start, self.max_draft)
+        self.from_prompt = start < self.prompt_len
+        count(ctx.stats, "lookup.matched")
+        if self.from_prompt:
+            count(ctx.stats, "lookup.prompt_matched")
+        K = len(found)
+        if self.sizing == "cost":
+            K, _ = best_length(self.estimates[n].acc, self.step_cost[:K + 1])
+        return Draft(self.chains[K], [int(ctx.root)] + found[:K])
+
+    def observe(self, step):
+        if self.matched:            # a step whose match was not worth drafting only fades its estimate
+            self.estimates[self.matched].observe(step.drafted, len(step.path) - 1)
+            count(self.stats, "lookup.accepted", len(step.path) - 1)
+            if self.from_prompt:
+                count(self.stats, "lookup.prompt_accepted", len(step.path) - 1)
+        self.index.extend(step.tokens)
