@@ -48,7 +48,7 @@ from ..mistral.layers import attention, linear, qkv_heads, rms_norm, rope_tables
 from ..speculative.dynamic_tree import DynamicTrees, refuse_dynamic_options, top_probs
 from ..speculative.tree import Tree, proposer_tree
 from ..speculative.verify import Draft, count
-from .medusa import topk_ids
+from .medusa import first_hidden, topk_ids
 
 ARCHS = ("mlp", "prefix-mlp")          # zankner/Hydra's hydra_head_arch values: Hydra, Hydra++
 KIND_ARCH = {"hydra": "mlp", "hydra++": "prefix-mlp"}
@@ -312,8 +312,8 @@ class HydraProposer:
         if isinstance(tree, str) and tree == "dynamic":
             self.dynamic = DynamicTrees(self.name, heads.K, max_nodes, max_depth, top_k, width, costs, depth_costs,
                                         cap)
-            hidden = model.forward([1, 2, 3], model.new_cache(), return_hidden=True)[1][-1]      # [D] to time on
-            self.dynamic.size_with(model, self.expand_at, hidden)
+            if self.dynamic.sized:
+                self.dynamic.size_with(model, heads, self.expand_at, first_hidden(model))
             self.tree = self.plan = None
             return
         refuse_dynamic_options(self.name, max_nodes=max_nodes, max_depth=max_depth, width=width, costs=costs,

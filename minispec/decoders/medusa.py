@@ -250,7 +250,8 @@ class MedusaProposer:
         self.dynamic = None
         if isinstance(tree, str) and tree == "dynamic":
             self.dynamic = DynamicTrees("medusa", heads.K, max_nodes, max_depth, top_k, width, costs, depth_costs, cap)
-            self.dynamic.size_with(model, self.expand_at, first_hidden(model))
+            if self.dynamic.sized:
+                self.dynamic.size_with(model, heads, self.expand_at, first_hidden(model))
             self.tree = None
             return
         refuse_dynamic_options("medusa", max_nodes=max_nodes, max_depth=max_depth, width=width, costs=costs,

@@ -43,7 +43,7 @@ import numpy as np
 
 from ..backend import array_module, to_host
 from ..errors import UserError
-from .costs import cost_curve, interp_cost
+from .costs import interp_cost, measure_costs
 from .tree import Tree
 
 
@@ -98,6 +98,13 @@ class Grown:
     rates: list
 
 
+def depth_cost(cost, rows):
+    """The proposal's cost of one expansion of `rows` rows: cost a number, or (fixed, per_row) -> a + b·rows."""
+    if np.ndim(cost) == 0:
+        return float(cost)
+    return float(cost[0]) + float(cost[1]) * rows
+
+
 def grow(root, expand, max_nodes, max_depth, top_k, width=None, costs=None, depth_costs=None):
     """Grow a draft tree depth by depth (module docstring) and keep its best nodes.
 
@@ -106,16 +113,17 @@ def grow(root, expand, max_nodes, max_depth, top_k, width=None, costs=None, dept
     in creation order; tokens and parents [M + 1] describe every node grown so far, so a draft can read the
     paths). The children of row b are ids[b, :top_k] with values values[rows[b]] · probs[b, :top_k].
     max_nodes: nodes to keep besides the root (the candidate cap when sized). costs {T: c(T)} and depth_costs
-    [max_depth] (the proposal's cost of expanding each depth, units of one decoding step): size the tree by the
-    rate rule instead (module docstring). Returns a Grown."""
+    [max_depth] (each depth's expansion cost in units of one decoding step: a number, or (fixed, per row)):
+    size the tree by the rate rule instead (module docstring); then only the depth-d nodes that the best tree
+    so far keeps are expanded. Returns a Grown."""
     tokens, parents = np.array([int(root)], np.int64), np.array([-1], np.int64)
     depths, ranks, values = np.zeros(1, np.int64), np.array([-1], np.int64), np.ones(1)
-    depth_rows, rates, paid, prev = [], [], 0.0, 1.0
+    depth_rows, rates, paid, prev, n = [], [], 0.0, 1.0, max_nodes
     for d in range(max_depth if max_nodes > 0 else 0):
         if d == 0:
             rows = np.zeros(1, np.int64)
         else:
-            best = rank_order(values)[:max_nodes]
+            best = rank_order(values)[:n]                               # sized: n from the best rate so far
             best = best[depths[best] == d]                              # still among the best, at depth d, by rank
             rows = np.sort(best[:width] if width else best)            # creation order
         if not len(rows):
@@ -130,7 +138,7 @@ def grow(root, expand, max_nodes, max_depth, top_k, width=None, costs=None, dept
         values = np.concatenate([values, (values[rows][:, None] * probs).reshape(-1)])
         depth_rows.append(B)
         if costs is not None:
-            paid += float(depth_costs[d])
+            paid += depth_cost(depth_costs[d], B)
             n, rate = best_size(values[rank_order(values)[:max_nodes]], costs, paid)
             rates.append(rate)
             if rate <= prev:                                             # stop when it falls
@@ -196,12 +204,18 @@ def top_probs(logits, k):
 # What a proposer holds: the options, the cost model, the tree cache
 # ---------------------------------------------------------------------------------------------------------
 _MODEL_COSTS = weakref.WeakKeyDictionary()          # model -> (curve {T: c(T)}, t1 seconds)
+_DEPTH_COSTS = weakref.WeakKeyDictionary()          # heads -> {(max_nodes, max_depth, top_k, width): depth costs}
 
 
-def model_costs(model, sizes=(1, 2, 4, 8, 16, 32, 48, 64), reps=9):
-    """This model's verify cost curve on its backend (`cost_curve`, medians), measured once per model."""
+def model_costs(model, sizes=(1, 2, 4, 8, 16, 32, 48, 64), reps=15):
+    """(curve {T: c(T)}, t1 CPU seconds): this model's verify cost curve on its backend, measured once per model by
+    `measure_costs` in this process's CPU time, medians over the rounds (the cost of the work itself: on a
+    shared machine wall time also counts the time the neighbours hold the cores). Timed on a GPU, CPU time
+    would miss the device's work: there the wall clock is used."""
     if model not in _MODEL_COSTS:
-        _MODEL_COSTS[model] = cost_curve(model, sizes=sizes, reps=reps)
+        clock = time.perf_counter if getattr(model, "device", "cpu") == "cuda" else time.process_time
+        curve, t1, _ = measure_costs(model, sizes=sizes, reps=reps, clocks=(clock,))[0]
+        _MODEL_COSTS[model] = (curve, t1)
     return _MODEL_COSTS[model]
 
 
@@ -228,21 +242,25 @@ class DynamicTrees:
         self.max_depth = max_depth or n_heads
         self.top_k = top_k or max(1, self.max_nodes)
         self.width, self.costs = width, costs
-        self.depth_costs = None if depth_costs is None else [float(c) for c in depth_costs]
+        self.depth_costs = None if depth_costs is None else list(depth_costs)
         if self.depth_costs is not None and len(self.depth_costs) < self.max_depth:
             raise UserError(f"{name}: depth_costs needs one cost per depth, {self.max_depth}, got {len(self.depth_costs)}")
         self.trees, self.last, self.values = TreeCache(), None, None
 
-    def size_with(self, model, expand_at, hidden):
+    def size_with(self, model, heads, expand_at, hidden):
         """Fill costs / depth_costs that are None (sized trees only): c(T) from `model_costs`; the cost of each
         depth's expansion timed on this backend, interleaved with one-token forwards (t1), medians, by growing
-        the capped tree from `hidden` (expand_at(hidden) -> expand)."""
+        the capped tree from `hidden` (expand_at(hidden) -> expand), once per heads and options."""
         if not self.sized:
             return
         if self.costs is None:
             self.costs = model_costs(model)[0]
         if self.depth_costs is None:
-            self.depth_costs = measure_depth_costs(model, self, expand_at, hidden)
+            known = _DEPTH_COSTS.setdefault(heads, {})
+            key = (self.max_nodes, self.max_depth, self.top_k, self.width)
+            if key not in known:
+                known[key] = measure_depth_costs(model, self, expand_at, hidden)
+            self.depth_costs = known[key]
 
     def grow(self, root, expand):
         costs = self.costs if self.sized else None
@@ -260,27 +278,40 @@ def refuse_dynamic_options(name, **options):
 
 
 def measure_depth_costs(model, trees, expand_at, hidden, reps=9):
-    """[max_depth] median seconds of each depth's expansion / median seconds of a one-token forward, both timed
-    in the same rounds (one warm-up round first), growing the capped tree (no sizing) from `hidden`."""
+    """[max_depth] (fixed, per row) cost of each depth's expansion in units of a one-token forward: the capped
+    tree (no sizing) is grown from `hidden` twice per round, once with every row (B_d rows at depth d) and once
+    one row per depth (width 1), interleaved with one-token forwards (t1), one warm-up round first, timed with the
+    clock of `model_costs`; with the medians m_B and m_1, per row = (m_B - m_1) / (B_d - 1) (0 when B_d = 1) and fixed = m_1 - per row, both >= 0."""
+    clock = time.perf_counter if getattr(model, "device", "cpu") == "cuda" else time.process_time
     cache = model.new_cache()
     model.forward(np.arange(1, 33) % model.config.vocab_size, cache)
-    t1s, per_depth = [], [[] for _ in range(trees.max_depth)]
+    D = trees.max_depth
+    t1s, wide, narrow, rows = [], [[] for _ in range(D)], [[] for _ in range(D)], [1] * D
     for rep in range(reps + 1):
-        t0 = time.perf_counter()
+        t0 = clock()
         to_host(model.forward_block([1], cache).logits[-1, :1])
-        t1 = time.perf_counter() - t0
-        expand, seen = expand_at(hidden), {}
+        t1 = clock() - t0
+        for width, times in ((trees.width, wide), (1, narrow)):
+            expand, seen = expand_at(hidden), {}
 
-        def timed(d, *args):
-            s = time.perf_counter()
-            out = expand(d, *args)
-            seen[d] = time.perf_counter() - s
-            return out
-        grow(1, timed, trees.max_nodes, trees.max_depth, trees.top_k, trees.width)
+            def timed(d, rows_d, *args):
+                s = clock()
+                out = expand(d, rows_d, *args)
+                seen[d] = (clock() - s, len(rows_d))
+                return out
+            grow(1, timed, trees.max_nodes, D, trees.top_k, width)
+            if rep:
+                for d in range(D):
+                    times[d].append(seen.get(d, (0.0, 1))[0])
+                    if width != 1:
+                        rows[d] = seen.get(d, (0.0, 1))[1]
         if rep:
             t1s.append(t1)
-            for d in range(trees.max_depth):
-                per_depth[d].append(seen.get(d, 0.0))
     cache.discard()
     t1 = statistics.median(t1s)
-    return [statistics.median(ts) / t1 for ts in per_depth]
+    out = []
+    for d in range(D):
+        m_b, m_1 = statistics.median(wide[d]) / t1, statistics.median(narrow[d]) / t1
+        per_row = max(0.0, (m_b - m_1) / (rows[d] - 1)) if rows[d] > 1 else 0.0
+        out.append((max(0.0, m_1 - per_row), per_row))
+    return out
