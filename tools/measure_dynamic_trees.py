@@ -20,7 +20,7 @@ from minispec.decoders.registry import make_proposer                # noqa: E402
 from minispec.mistral.model import load                             # noqa: E402
 from minispec.mistral.tokenizer import Tokenizer                    # noqa: E402
 from minispec.speculative.costs import interp_cost                  # noqa: E402
-from minispec.speculative.dynamic_tree import model_costs           # noqa: E402
+from minispec.speculative.dynamic_tree import depth_cost, model_costs           # noqa: E402
 from minispec.speculative.tree import build_tree                    # noqa: E402
 
 MODEL = Path(__file__).resolve().parent.parent / "weights" / "stdlib-mistral"
@@ -100,7 +100,7 @@ def tau_table(model, prompts, n_tokens):
 
 def speed_table(model, prompts, n_tokens, runs):
     costs, t1 = model_costs(model)
-    print(f"c(T) (median of 9 interleaved rounds, one-token step {t1 * 1e3:.2f} ms): "
+    print(f"c(T) (CPU time, median of 15 interleaved rounds, one-token step {t1 * 1e3:.2f} ms): "
           + ", ".join(f"c({T})={c:.2f}" for T, c in costs.items()), flush=True)
     setups = [("ar", "ar", {})]
     for name in DECODERS:
@@ -110,9 +110,10 @@ def speed_table(model, prompts, n_tokens, runs):
     for label, name, opts in setups:
         if opts:
             props[label] = make_proposer(name, model, **opts)
-            print(f"{label}: depth costs (units of one step) "
-                  + ", ".join(f"{c:.3f}" for c in props[label].dynamic.depth_costs), flush=True)
+            print(f"{label}: depth costs (fixed + per row, units of one step, CPU time) "
+                  + ", ".join(f"{a:.3f} + {b:.3f}/row" for a, b in props[label].dynamic.depth_costs), flush=True)
     times = {label: [0.0] * runs for label, _, _ in setups}
+    cpu = {label: [0.0] * runs for label, _, _ in setups}
     logs = {label: {"nodes": [], "steps": []} for label, _, _ in setups}
     tokens, steps, ar = {label: 0 for label, _, _ in setups}, {label: 0 for label, _, _ in setups}, []
     for r in range(runs):
@@ -122,21 +123,28 @@ def speed_table(model, prompts, n_tokens, runs):
                     if r == 0 else make_proposer(name, model, **opts)
                 o = generate(model, p, decoder=prop, max_new_tokens=n_tokens, eos_id=None)
                 times[label][r] += o.stats.decode_time
+                cpu[label][r] += o.stats.decode_cpu_time
                 if r == 0:
                     if label == "ar":
                         ar.append(o.tokens)
                     assert o.tokens == ar[i], f"{label}: not AR's tokens"
                     tokens[label] += o.stats.new_tokens
                     steps[label] += o.stats.steps
+    print(f"{runs} interleaved runs (prompt by prompt, every setup in turn); medians over the runs; speed-up = "
+          "tokens/s over AR's, in wall time and in this process's CPU time (the machine is shared: wall time also "
+          "counts the neighbours)")
     base = statistics.median(n_tokens * len(prompts) / t for t in times["ar"])
+    base_cpu = statistics.median(n_tokens * len(prompts) / t for t in cpu["ar"])
     for label, name, opts in setups:
         rate = statistics.median(n_tokens * len(prompts) / t for t in times[label])
-        line = f"{label:>15}: {rate:7.1f} tokens/s  speed-up {rate / base:.2f}x  tau {tokens[label] / steps[label]:.2f}"
+        rate_cpu = statistics.median(n_tokens * len(prompts) / t for t in cpu[label])
+        line = (f"{label:>15}: {rate:7.1f} tokens/s  speed-up wall {rate / base:.2f}x  CPU {rate_cpu / base_cpu:.2f}x"
+                f"  tau {tokens[label] / steps[label]:.2f}")
         st = logs[label]["steps"]
         if st:
             d = props[label].dynamic.depth_costs
             pred_tokens = sum(t for t, _, _ in st)
-            pred_time = sum(interp_cost(costs, n) + sum(d[:len(rows)]) for _, n, rows in st)
+            pred_time = sum(interp_cost(costs, n) + sum(depth_cost(c, b) for c, b in zip(d, rows)) for _, n, rows in st)
             drafted = np.bincount([n - 1 for _, n, _ in st])
             line += (f"  predicted {pred_tokens / pred_time:.2f}x (rate rule, per step)  nodes drafted per step: "
                      f"mean {np.mean([n - 1 for _, n, _ in st]):.1f}, root alone in "

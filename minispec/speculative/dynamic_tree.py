@@ -1,7 +1,8 @@
 """Dynamic draft trees: grown afresh at every step from the draft's own confidence, and sized from the hardware.
 
-The idea is EAGLE-2's (Li et al. 2024, arXiv 2406.16858, §4 "Context-aware dynamic draft tree": expansion, then
-reranking): a node's value is the product of the draft probabilities along its path,
+The idea is EAGLE-2's (Li et al. 2024, arXiv 2406.16858, its context-aware dynamic draft tree: an expansion
+phase, then a reranking phase; docs/dynamic_trees.md): a node's value is the product of the draft
+probabilities along its path,
 
     value(root) = 1,    value(child) = value(parent) · q(child token | parent's path)             (`grow`)
 
@@ -20,8 +21,8 @@ is not among the best max_nodes when its depth is expanded never will be, nor wi
 expanding only those (without `width`) keeps exactly the best max_nodes of ALL paths of at most max_depth
 ranks < top_k (tests/test_dynamic_tree.py checks both against a naive enumeration).
 
-Size (`best_size`, the issue's rule; Sequoia, Chen et al. 2024, arXiv 2402.12374, §3, sizes trees from the
-hardware's cost curve in the same way, offline). With c(T) the verify cost curve of this backend
+Size (`best_size`; Sequoia, Chen et al. 2024, arXiv 2402.12374, chooses its tree's size from the hardware's
+measured verify cost in the same spirit, offline and once). With c(T) the verify cost curve of this backend
 (minispec.speculative.costs, units of one plain decoding step) and P the proposal's cost paid so far, keeping
 the best n nodes is expected to give
 
@@ -30,6 +31,8 @@ the best n nodes is expected to give
 (v_i the kept values in rank order: a node's value is the probability, under the draft, that it is accepted).
 `grow` with `costs` goes one depth further while the best rate over n rises, stops at the first depth where it
 does not, and keeps the n with the best rate given the cost paid; n = 0, the root alone, when no n beats it.
+A sized growth expands at depth d only the depth-d nodes among the best n of the depth before (a heuristic:
+the proposal's cost grows with its rows, and a node outside the best tree so far rarely pays for children).
 Shapes: N tree nodes, M grown nodes, B rows of one expansion, k children per expanded node.
 """
 import numbers
