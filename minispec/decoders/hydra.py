@@ -313,7 +313,7 @@ class HydraProposer:
             self.dynamic = DynamicTrees(self.name, heads.K, max_nodes, max_depth, top_k, width, costs, depth_costs,
                                         cap)
             if self.dynamic.sized:
-                self.dynamic.size_with(model, heads, self.expand_at, first_hidden(model))
+                self.dynamic.size_with(model, heads, self.expand_at, first_hidden(model), self.prefix_step(model))
             self.tree = self.plan = None
             return
         refuse_dynamic_options(self.name, max_nodes=max_nodes, max_depth=max_depth, width=width, costs=costs,
@@ -321,6 +321,16 @@ class HydraProposer:
         device = getattr(model, "device", None)
         self.tree = proposer_tree(tree, heads, device, self.name)
         self.plan = TreePlan(self.tree, heads.xp)
+
+    def prefix_step(self, model):
+        """Hydra++'s prefix layer on 2 committed positions against a cache of 32 (what observe() runs per step,
+        for the cost of a step; nothing is committed), or None for plain Hydra."""
+        if self.heads.prefix is None:
+            return None
+        cache = new_prefix_cache(model)
+        x = model.xp.zeros((34, self.heads.D), dtype=model.dtype)                        # [34, D]
+        prefix_advance(self.heads.prefix, self.heads.config, x[:32], cache)
+        return lambda: prefix_forward(self.heads.prefix, self.heads.config, x[32:], cache)
 
     def start(self, ctx, prompt_hidden):
         self.h = None

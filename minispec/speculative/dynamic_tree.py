@@ -250,10 +250,11 @@ class DynamicTrees:
             raise UserError(f"{name}: depth_costs needs one cost per depth, {self.max_depth}, got {len(self.depth_costs)}")
         self.trees, self.last, self.values = TreeCache(), None, None
 
-    def size_with(self, model, heads, expand_at, hidden):
+    def size_with(self, model, heads, expand_at, hidden, step_extra=None):
         """Fill costs / depth_costs that are None (sized trees only): c(T) from `model_costs`; the cost of each
-        depth's expansion timed on this backend, interleaved with one-token forwards (t1), medians, by growing
-        the capped tree from `hidden` (expand_at(hidden) -> expand), once per heads and options."""
+        depth's expansion timed on this backend (`measure_depth_costs`), by growing the capped tree from
+        `hidden` (expand_at(hidden) -> expand), once per heads and options; step_extra(): the proposer's other
+        work per step (Hydra++'s prefix layer), timed with it."""
         if not self.sized:
             return
         if self.costs is None:
@@ -262,7 +263,7 @@ class DynamicTrees:
             known = _DEPTH_COSTS.setdefault(heads, {})
             key = (self.max_nodes, self.max_depth, self.top_k, self.width)
             if key not in known:
-                known[key] = measure_depth_costs(model, self, expand_at, hidden)
+                known[key] = measure_depth_costs(model, self, expand_at, hidden, step_extra)
             self.depth_costs = known[key]
 
     def grow(self, root, expand):
@@ -280,16 +281,18 @@ def refuse_dynamic_options(name, **options):
         raise UserError(f"{name}: {given[0]} is an option of tree='dynamic', not of a static tree")
 
 
-def measure_depth_costs(model, trees, expand_at, hidden, reps=9):
+def measure_depth_costs(model, trees, expand_at, hidden, step_extra=None, reps=9):
     """[max_depth] (fixed, per row) cost of each depth's expansion in units of a one-token forward: the capped
     tree (no sizing) is grown from `hidden` twice per round, once with every row (B_d rows at depth d) and once
-    one row per depth (width 1), interleaved with one-token forwards (t1), one warm-up round first, timed with the
-    clock of `model_costs`; with the medians m_B and m_1, per row = (m_B - m_1) / (B_d - 1) (0 when B_d = 1) and fixed = m_1 - per row, both >= 0."""
+    one row per depth (width 1), interleaved with one-token forwards (t1), one warm-up round first, timed with
+    the clock of `model_costs`; with the medians m_B and m_1, per row = (m_B - m_1) / (B_d - 1) (0 when B_d = 1)
+    and fixed = m_1 - per row, both >= 0. Depth 0's fixed cost also carries what every step pays besides the
+    expansions: the one-row growth's own bookkeeping and tree building, and step_extra() when given."""
     clock = time.perf_counter if getattr(model, "device", "cpu") == "cuda" else time.process_time
     cache = model.new_cache()
     model.forward(np.arange(1, 33) % model.config.vocab_size, cache)
     D = trees.max_depth
-    t1s, wide, narrow, rows = [], [[] for _ in range(D)], [[] for _ in range(D)], [1] * D
+    t1s, wide, narrow, rows, other = [], [[] for _ in range(D)], [[] for _ in range(D)], [1] * D, []
     for rep in range(reps + 1):
         t0 = clock()
         to_host(model.forward_block([1], cache).logits[-1, :1])
@@ -302,7 +305,13 @@ def measure_depth_costs(model, trees, expand_at, hidden, reps=9):
                 out = expand(d, rows_d, *args)
                 seen[d] = (clock() - s, len(rows_d))
                 return out
-            grow(1, timed, trees.max_nodes, D, trees.top_k, width)
+            s0 = clock()
+            to_tree(grow(1, timed, trees.max_nodes, D, trees.top_k, width), trees.trees)
+            if step_extra is not None and width == 1:
+                step_extra()
+            total = clock() - s0
+            if rep and width == 1:
+                other.append(total - sum(t for t, _ in seen.values()))
             if rep:
                 for d in range(D):
                     times[d].append(seen.get(d, (0.0, 1))[0])
@@ -317,4 +326,5 @@ def measure_depth_costs(model, trees, expand_at, hidden, reps=9):
         m_b, m_1 = statistics.median(wide[d]) / t1, statistics.median(narrow[d]) / t1
         per_row = max(0.0, (m_b - m_1) / (rows[d] - 1)) if rows[d] > 1 else 0.0
         out.append((max(0.0, m_1 - per_row), per_row))
+    out[0] = (out[0][0] + max(0.0, statistics.median(other) / t1), out[0][1])
     return out
