@@ -239,8 +239,8 @@ class MedusaProposer:
     tree="dynamic": max_nodes (an int, or "auto": sized per step from costs {T: c(T)} and depth_costs, measured
     once when not given, at most `cap` nodes), max_depth (default K), top_k (children per node), width (nodes
     expanded per depth). A node's value is the product of its heads' softmax probabilities of its tokens: the
-    heads are independent of the path, so all max_depth heads run once per step and every node at depth d
-    reads head d-1's top-k.
+    heads are independent of the path, so head d-1 runs once when depth d is grown and every node at depth d
+    reads its top-k.
     """
     name = "medusa"
 
@@ -268,17 +268,17 @@ class MedusaProposer:
         pass
 
     def expand_at(self, hidden, stats=None):
-        """expand(d, rows, ...) for dynamic_tree.grow: at d = 0 the max_depth heads run once on hidden [D]; every
-        row at depth d gets head d's top-k ids and probabilities."""
-        dyn, table = self.dynamic, {}
+        """expand(d, rows, ...) for dynamic_tree.grow: head d runs once, on hidden [D] (Medusa's heads do not read
+        the path, so growing depth d needs head d alone: a sized tree that stops early skips the deeper heads),
+        and every row at depth d gets its top-k ids and probabilities."""
+        heads, dyn = self.heads, self.dynamic
 
         def expand(d, rows, tokens, parents):
-            if d == 0:
-                table["top"] = top_probs(self.heads.logits(hidden, num_heads=dyn.max_depth), dyn.top_k)  # [K, k] x 2
-                if stats is not None:
-                    count(stats, "head_calls", dyn.max_depth)
-            ids, probs = table["top"]
-            return np.repeat(ids[d][None], len(rows), 0), np.repeat(probs[d][None], len(rows), 0)
+            logits = head_forward(hidden[None], heads.W[d], heads.b[d], heads.projection(d))[0]      # [V]
+            ids, probs = top_probs(logits, dyn.top_k)                                                 # [k] x 2
+            if stats is not None:
+                count(stats, "head_calls", 1)
+            return np.repeat(ids[None], len(rows), 0), np.repeat(probs[None], len(rows), 0)
         return expand
 
     def propose(self, ctx):
