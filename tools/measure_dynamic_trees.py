@@ -2,6 +2,7 @@
 
     OPENBLAS_NUM_THREADS=1 python tools/measure_dynamic_trees.py tau      # tau, dynamic vs static, + calibration
     OPENBLAS_NUM_THREADS=1 python tools/measure_dynamic_trees.py speed    # speed-up vs AR, hardware-sized trees
+    OPENBLAS_NUM_THREADS=1 python tools/measure_dynamic_trees.py phases   # where the predicted step time falls short
 
 Greedy, the held-out prompts of minispec.bench.heldout_prompts (8 prompts), 128 new tokens each. "static" is
 the tree build_tree makes from the heads' own stored top-k accuracies at that budget; "dynamic" is
@@ -152,6 +153,35 @@ def speed_table(model, prompts, n_tokens, runs):
         print(line, flush=True)
 
 
+def phases(model, prompts, n_tokens):
+    """The loop's propose and verify time per step in CPU time (the loop's clock swapped for process_time), in
+    units of t1, beside what the rate rule charged: the depth costs paid and c(N)."""
+    import time
+    import minispec.speculative.loop as loop
+    costs, t1 = model_costs(model)
+    clock, loop.time.perf_counter = loop.time.perf_counter, time.process_time
+    try:
+        for name in ("ar",) + DECODERS:
+            prop = name if name == "ar" else make_proposer(name, model, tree="dynamic", max_nodes="auto")
+            log = {"nodes": [], "steps": []}
+            if name != "ar":
+                recording(prop, log)
+            steps = propose = verify = 0.0
+            for p in prompts[:4]:
+                s = generate(model, p, decoder=prop, max_new_tokens=n_tokens, eos_id=None).stats
+                steps, propose, verify = steps + s.steps, propose + s.propose_time, verify + s.verify_time
+            line = f"{name:>8}: per step, units of t1 = {t1 * 1e3:.2f} ms CPU: propose {propose / steps / t1:.3f}  " \
+                   f"verify {verify / steps / t1:.3f}"
+            if log["steps"]:
+                d = prop.dynamic.depth_costs
+                paid = np.mean([sum(depth_cost(c, b) for c, b in zip(d, rows)) for _, _, rows in log["steps"]])
+                cn = np.mean([interp_cost(costs, n) for _, n, _ in log["steps"]])
+                line += f"  | charged by the rule: depth costs {paid:.3f}  c(N) {cn:.3f}"
+            print(line, flush=True)
+    finally:
+        loop.time.perf_counter = clock
+
+
 def main():
     what = sys.argv[1] if len(sys.argv) > 1 else "tau"
     model = load(str(MODEL))
@@ -160,6 +190,8 @@ def main():
     print(f"model {MODEL.name}, {len(prompts)} held-out prompts of {len(prompts[0])} tokens, 128 new tokens, greedy")
     if what == "tau":
         tau_table(model, prompts, 128)
+    elif what == "phases":
+        phases(model, prompts, 128)
     else:
         speed_table(model, prompts, 128, runs=int(sys.argv[2]) if len(sys.argv) > 2 else 3)
 
