@@ -16,7 +16,7 @@ from test_hydra import bigram_heads, oracle_heads, random_heads as hydra_random_
 from test_medusa import random_heads as medusa_random_heads, ref_head_logits
 from test_sampling import SAME, chi2_test
 from minispec import generate
-from minispec.decoders.hydra import HydraProposer
+from minispec.decoders.hydra import HydraHeads, HydraProposer
 from minispec.decoders.medusa import MedusaProposer
 from minispec.decoders.registry import make_proposer
 from minispec.errors import UserError
@@ -348,3 +348,27 @@ def test_rejection_sampling_of_a_dynamic_draft_reproduces_the_models_own_two_tok
     print(f"{decoder} dynamic tree rejection: chi2={stat:.2f} df={df} p={pval:.3g}, accepting draws={accepted}")
     assert pval > SAME
     assert accepted > 2000, "the drafts were almost never accepted: the test would not test the tree"
+
+
+@pytest.mark.parametrize("decoder", ["medusa", "hydra", "hydra++"])
+def test_dynamic_trees_run_without_implicit_host_conversions_and_match_numpy(decoder):
+    """Under tests/hostguard.py's CuPy-strict namespace (no GPU needed), sized trees included."""
+    from conftest import random_tensors, tiny_config
+    from hostguard import GUARD
+    from minispec.mistral.model import Model
+    cfg = tiny_config(sliding_window=5, vocab_size=24)
+    t = random_tensors(cfg, seed=2)
+    outs = []
+    for model in (Model(cfg, t, device=GUARD), Model(cfg, t, device="cpu")):
+        if decoder == "medusa":
+            heads = medusa_random_heads(model, 3, seed=2)
+        else:                                    # test_hydra's random_heads, with its noise uploaded explicitly
+            heads = HydraHeads.create(model, 3, 2, "mlp" if decoder == "hydra" else "prefix-mlp", seed=2)
+            rng = np.random.default_rng(2)
+            for p in heads.heads + ([heads.prefix] if heads.prefix is not None else []):
+                for k in p:
+                    p[k] = p[k] + model.xp.asarray(0.3 * rng.standard_normal(p[k].shape).astype(model.dtype))
+        for opts in (dict(max_nodes=6), dict(max_nodes="auto", costs={1: 1.0, 8: 1.2}, depth_costs=[0.05] * 3)):
+            prop = make_proposer(decoder, model, heads=heads, tree="dynamic", **opts)
+            outs.append(generate(model, [1, 2], decoder=prop, max_new_tokens=12, eos_id=None).tokens)
+    assert outs[:2] == outs[2:]
