@@ -301,6 +301,18 @@ def test_greedy_with_hardware_sized_trees_is_ar_on_a_flat_and_a_steep_cost_curve
     assert drafted[0] > drafted[1] + 1
 
 
+def test_dynamic_trees_never_exceed_max_new_tokens_and_stop_right_after_eos():
+    model = tiny_model(W=5, seed=4, dim=64)
+    prop = HydraProposer(model, oracle_heads(model, "mlp", [1, 2], 40, corrupt=0.1, seed=4), tree="dynamic",
+                         max_nodes=8)
+    free = generate(model, [1, 2], max_new_tokens=30, eos_id=None).tokens
+    for n in (0, 1, 2, 5, 11):
+        assert generate(model, [1, 2], decoder=prop, max_new_tokens=n, eos_id=None).tokens == free[:n]
+    for eos in list(dict.fromkeys(free[3:20]))[:4]:
+        first = free.index(eos)
+        assert generate(model, [1, 2], decoder=prop, max_new_tokens=30, eos_id=eos).tokens == free[:first + 1]
+
+
 def test_dynamic_options_are_checked_and_refused_with_a_static_tree():
     model = tiny_model(W=5, seed=1)
     heads = hydra_random_heads(model, "mlp", seed=1)
