@@ -45,9 +45,10 @@ from ..backend import array_module, to_host
 from ..errors import UserError
 from ..mistral.layers import linear, rms_norm, rope_tables, silu
 from ..mistral.model import attention_sublayer, block_mask, mlp_sublayer, new_cache, prefill_chunks
+from ..speculative.dynamic_tree import DynamicTrees, refuse_dynamic_options, top_probs
 from ..speculative.tree import Tree, proposer_tree
 from ..speculative.verify import Draft, count
-from .medusa import topk_ids
+from .medusa import first_hidden, topk_ids
 
 ARCHS = ("mlp", "prefix-mlp")          # zankner/Hydra's hydra_head_arch values: Hydra, Hydra++
 KIND_ARCH = {"hydra": "mlp", "hydra++": "prefix-mlp"}
@@ -271,22 +272,47 @@ class HydraHeads:
 # The proposer: decoders "hydra" and "hydra++" of minispec.generate
 # ---------------------------------------------------------------------------------------------------------
 class HydraProposer:
-    """Draft = the stored tree, filled depth by depth by the grounded proposal.
+    """Draft = the stored tree, filled depth by depth by the grounded proposal; or with tree="dynamic" a tree
+    grown afresh at every step (minispec.speculative.dynamic_tree), one batched head call per depth.
 
     heads: a HydraHeads, plain Hydra's or Hydra++'s (the registry's factory finds them:
     minispec.decoders.heads.heads_for); tree: a Tree or choices, default the tree stored with the heads for this backend ("tree_cuda"
     on a GPU when stored, else "tree"), the chain of K tokens when none is stored.
+    tree="dynamic": max_nodes (an int, or "auto": sized per step from costs {T: c(T)} and depth_costs, measured
+    once when not given, at most `cap` nodes), max_depth (default K), top_k (children per node), width (nodes
+    expanded per depth). A node's value is the product along its path of head d's softmax probability of the
+    node's token given the path: Hydra's heads are conditioned on it.
     Hydra++: start() fills the prefix layer's cache with the prompt's hidden states; observe() runs the newly
     committed path's hidden states through it and commits them, so it never sees a rejected token; the prefix
     output at the last committed position replaces h_t."""
 
-    def __init__(self, model, heads, tree=None):
+    def __init__(self, model, heads, tree=None, max_nodes=None, max_depth=None, top_k=None, width=None, costs=None,
+                 depth_costs=None, cap=None):
         self.name = heads.kind
+        self.model, self.heads, self.root_only = model, heads, Tree.from_choices([])
+        self.cache, self.h, self.dynamic = None, None, None
+        if isinstance(tree, str) and tree == "dynamic":
+            self.dynamic = DynamicTrees(self.name, heads.K, max_nodes, max_depth, top_k, width, costs, depth_costs,
+                                        cap)
+            if self.dynamic.sized:
+                self.dynamic.size_with(model, heads, self.expand_at, first_hidden(model), self.prefix_step(model))
+            self.tree = self.plan = None
+            return
+        refuse_dynamic_options(self.name, max_nodes=max_nodes, max_depth=max_depth, width=width, costs=costs,
+                               depth_costs=depth_costs, cap=cap, top_k=top_k)
         device = getattr(model, "device", None)
-        tree = proposer_tree(tree, heads, device, self.name)
-        self.model, self.heads, self.tree, self.plan = model, heads, tree, TreePlan(tree, heads.xp)
-        self.root_only = Tree.from_choices([])
-        self.cache, self.h = None, None
+        self.tree = proposer_tree(tree, heads, device, self.name)
+        self.plan = TreePlan(self.tree, heads.xp)
+
+    def prefix_step(self, model):
+        """Hydra++'s prefix layer on 2 committed positions against a cache of 32 (what observe() runs per step,
+        for the cost of a step; nothing is committed), or None for plain Hydra."""
+        if self.heads.prefix is None:
+            return None
+        cache = new_prefix_cache(model)
+        x = model.xp.zeros((34, self.heads.D), dtype=model.dtype)                        # [34, D]
+        prefix_advance(self.heads.prefix, self.heads.model_config, x[:32], cache)
+        return lambda: prefix_forward(self.heads.prefix, self.heads.model_config, x[32:], cache)
 
     def start(self, ctx, prompt_hidden):
         self.h = None
@@ -295,12 +321,38 @@ class HydraProposer:
             if prompt_hidden.shape[0]:
                 prefix_advance(self.heads.prefix, self.heads.model_config, prompt_hidden, self.cache)
 
+    def expand_at(self, h, stats=None):
+        """expand(d, rows, tokens, parents) for dynamic_tree.grow: head d runs once on the rows
+        concat(h, E(root), E(path)) of the nodes `rows` at depth d (a row: its parent's row, from the previous
+        depth's batch, then E(its token)) -> their top-k ids and probabilities. h [D]: h_t or the prefix output."""
+        E, xp, dyn = self.heads.embed, self.heads.xp, self.dynamic
+        batch = {}                                           # the previous depth's rows: node number -> row, feats
+
+        def expand(d, rows, tokens, parents):
+            t0 = time.perf_counter()
+            if d == 0:
+                feats = xp.concatenate([h, E[int(tokens[0])]])[None]                      # [1, 2D]
+            else:
+                where, prev = batch["where"], batch["feats"]
+                up = xp.asarray(np.array([where[int(parents[n])] for n in rows], np.int64))
+                feats = xp.concatenate([prev[up], E[xp.asarray(tokens[rows])]], axis=1)   # [B, (d+2)·D]
+            batch["where"], batch["feats"] = {int(n): i for i, n in enumerate(rows)}, feats
+            out = top_probs(head_forward(self.heads.heads[d], feats), dyn.top_k)          # [B, k] x 2
+            if stats is not None:
+                count(stats, "head_calls", 1)
+                count(stats, "head_rows", len(rows))
+                count(stats, "head_time_s", time.perf_counter() - t0)
+            return out
+        return expand
+
     def propose(self, ctx):
         """Draft(tree, tokens [N]); tokens[0] = ctx.root. Before the first verification (ctx.hidden None) the
         root alone."""
-        if ctx.hidden is None or self.tree.N == 1:
+        if ctx.hidden is None or (self.tree is not None and self.tree.N == 1):
             return Draft(self.root_only, [ctx.root])
         h = ctx.hidden if self.heads.prefix is None else self.h
+        if self.dynamic is not None:
+            return Draft(*self.dynamic.grow(ctx.root, self.expand_at(h, ctx.stats)))
         return Draft(self.tree, grounded_proposal(self.heads, self.plan, h, ctx.root, ctx.stats))
 
     def observe(self, step):

@@ -28,6 +28,7 @@ import numpy as np
 from ..backend import array_module, to_host
 from ..errors import UserError
 from ..mistral.layers import linear, silu
+from ..speculative.dynamic_tree import DynamicTrees, refuse_dynamic_options, top_probs
 from ..speculative.tree import Tree, proposer_tree
 from ..speculative.verify import Draft, count
 
@@ -165,31 +166,66 @@ def model_name(model):
 # The proposer: decoder "medusa" of minispec.generate
 # ---------------------------------------------------------------------------------------------------------
 class MedusaProposer:
-    """Draft = a static tree whose node at depth d takes a top-k token of head d-1 (Medusa §2.1.2).
+    """Draft = a tree whose node at depth d takes a top-k token of head d-1 (Medusa §2.1.2): a static tree, or
+    with tree="dynamic" one grown afresh at every step (minispec.speculative.dynamic_tree).
 
-    heads: MedusaHeads (the registry's factory finds them: minispec.decoders.heads.heads_for); tree: a minispec.tree.Tree or a choices list, default the
-    tree stored with the heads for this backend ("tree_cuda" on a GPU when stored, where a verify of N tokens
-    costs about one step; else "tree", sized from the CPU's cost curve c(T)), the chain of K tokens when none
-    is stored; top_k: candidates read per head, default what the tree needs (its largest rank + 1).
+    heads: MedusaHeads (the registry's factory finds them: minispec.decoders.heads.heads_for); tree: a
+    minispec.tree.Tree or a choices list, default the tree stored with the heads for this backend ("tree_cuda"
+    on a GPU when stored, where a verify of N tokens costs about one step; else "tree", sized from the CPU's cost
+    curve c(T)), the chain of K tokens when none is stored; top_k: candidates read per head, default what the
+    tree needs (its largest rank + 1).
+    tree="dynamic": max_nodes (an int, or "auto": sized per step from costs {T: c(T)} and depth_costs, measured
+    once when not given, at most `cap` nodes), max_depth (default K), top_k (children per node), width (nodes
+    expanded per depth). A node's value is the product of its heads' softmax probabilities of its tokens: the
+    heads are independent of the path, so head d-1 runs once when depth d is grown and every node at depth d
+    reads its top-k.
     """
     name = "medusa"
 
-    def __init__(self, model, heads, tree=None, top_k=None):
+    def __init__(self, model, heads, tree=None, top_k=None, max_nodes=None, max_depth=None, width=None, costs=None,
+                 depth_costs=None, cap=None):
+        self.heads, self.root_only = heads, Tree.from_choices([])
+        self.dynamic = None
+        if isinstance(tree, str) and tree == "dynamic":
+            self.dynamic = DynamicTrees("medusa", heads.K, max_nodes, max_depth, top_k, width, costs, depth_costs, cap)
+            if self.dynamic.sized:
+                self.dynamic.size_with(model, heads, self.expand_at, first_hidden(model))
+            self.tree = None
+            return
+        refuse_dynamic_options("medusa", max_nodes=max_nodes, max_depth=max_depth, width=width, costs=costs,
+                               depth_costs=depth_costs, cap=cap)
         device = getattr(model, "device", None)
         tree = proposer_tree(tree, heads, device, "medusa")
         need = int(tree.rank.max()) + 1 if tree.N > 1 else 1
         top_k = need if top_k is None else top_k
         if top_k < need:
             raise UserError(f"medusa: the tree uses rank {need - 1}, so top_k must be >= {need}, got {top_k}")
-        self.heads, self.tree, self.top_k = heads, tree, top_k
-        self.root_only = Tree.from_choices([])
+        self.tree, self.top_k = tree, top_k
 
     def start(self, ctx, prompt_hidden):
         pass
 
+    def expand_at(self, hidden, stats=None):
+        """expand(d, rows, ...) for dynamic_tree.grow: head d runs once, on hidden [D] (Medusa's heads do not read
+        the path, so growing depth d needs head d alone: a sized tree that stops early skips the deeper heads),
+        and every row at depth d gets its top-k ids and probabilities."""
+        heads, dyn = self.heads, self.dynamic
+
+        def expand(d, rows, tokens, parents):
+            logits = head_forward(hidden[None], heads.W[d], heads.b[d], heads.projection(d))[0]      # [V]
+            ids, probs = top_probs(logits, dyn.top_k)                                                 # [k] x 2
+            if stats is not None:
+                count(stats, "head_calls", 1)
+            return np.repeat(ids[None], len(rows), 0), np.repeat(probs[None], len(rows), 0)
+        return expand
+
     def propose(self, ctx):
         """Draft(tree, tokens [N]) for the next step; tokens[0] = ctx.root. ctx.hidden: [D] at the last verified
         position, None before anything is verified (then only the root is proposed)."""
+        if self.dynamic is not None:
+            if ctx.hidden is None:
+                return Draft(self.root_only, [ctx.root])
+            return Draft(*self.dynamic.grow(ctx.root, self.expand_at(ctx.hidden, ctx.stats)))
         if ctx.hidden is None or self.tree.N == 1:
             return Draft(self.root_only, [ctx.root])
         ids = self.heads.topk(ctx.hidden, self.top_k, num_heads=self.tree.max_depth)   # [depth, top_k] host
@@ -198,3 +234,8 @@ class MedusaProposer:
 
     def observe(self, step):
         pass
+
+
+def first_hidden(model):
+    """A final hidden state [D] to time a proposal on: the model's, after a short fixed prompt."""
+    return model.forward([1, 2, 3], model.new_cache(), return_hidden=True)[1][-1]

@@ -44,10 +44,15 @@ class Autoregressive:
         pass
 
 
-def medusa(model, heads=None, tree=None, top_k=None):
-    """Decoder "medusa": K independent heads on the last hidden state, a static tree. heads: MedusaHeads, a folder,
-    or None for <model>/medusa/."""
-    return MedusaProposer(model, heads_for(model, heads, "medusa", load_medusa, "Medusa"), tree=tree, top_k=top_k)
+def medusa(model, heads=None, tree=None, top_k=None, max_nodes=None, max_depth=None, width=None, costs=None,
+           depth_costs=None, cap=None):
+    """Decoder "medusa": K independent heads on the last hidden state. heads: MedusaHeads, a folder, or None for
+    <model>/medusa/. tree: a static tree (Tree or choices; default the stored one) or "dynamic" (grown at every
+    step from the heads' probabilities: max_nodes an int or "auto", max_depth, top_k, width, costs, depth_costs,
+    cap; minispec.speculative.dynamic_tree)."""
+    return MedusaProposer(model, heads_for(model, heads, "medusa", load_medusa, "Medusa"), tree=tree, top_k=top_k,
+                          max_nodes=max_nodes, max_depth=max_depth, width=width, costs=costs,
+                          depth_costs=depth_costs, cap=cap)
 
 
 def hydra_heads(model, heads, kind):
@@ -58,14 +63,20 @@ def hydra_heads(model, heads, kind):
     return heads
 
 
-def hydra(model, heads=None, tree=None):
-    """Decoder "hydra": sequentially dependent heads (heads at <model>/hydra/ unless given)."""
-    return HydraProposer(model, hydra_heads(model, heads, "hydra"), tree=tree)
+def hydra(model, heads=None, tree=None, max_nodes=None, max_depth=None, top_k=None, width=None, costs=None,
+          depth_costs=None, cap=None):
+    """Decoder "hydra": sequentially dependent heads (heads at <model>/hydra/ unless given). tree: static (default
+    the stored one) or "dynamic" with the options of `medusa`."""
+    return HydraProposer(model, hydra_heads(model, heads, "hydra"), tree=tree, max_nodes=max_nodes,
+                         max_depth=max_depth, top_k=top_k, width=width, costs=costs, depth_costs=depth_costs, cap=cap)
 
 
-def hydra_pp(model, heads=None, tree=None):
-    """Decoder "hydra++": Hydra's heads after a prefix attention layer (heads at <model>/hydra++/ unless given)."""
-    return HydraProposer(model, hydra_heads(model, heads, "hydra++"), tree=tree)
+def hydra_pp(model, heads=None, tree=None, max_nodes=None, max_depth=None, top_k=None, width=None, costs=None,
+             depth_costs=None, cap=None):
+    """Decoder "hydra++": Hydra's heads after a prefix attention layer (heads at <model>/hydra++/ unless given).
+    tree: static (default the stored one) or "dynamic" with the options of `medusa`."""
+    return HydraProposer(model, hydra_heads(model, heads, "hydra++"), tree=tree, max_nodes=max_nodes,
+                         max_depth=max_depth, top_k=top_k, width=width, costs=costs, depth_costs=depth_costs, cap=cap)
 
 
 def draft_verify(model, skip=None, max_draft=None, gamma0=None, adaptive=True, sizing="threshold", costs=None,

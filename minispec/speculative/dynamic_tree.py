@@ -1,0 +1,330 @@
+"""Dynamic draft trees: grown afresh at every step from the draft's own confidence, and sized from the hardware.
+
+The idea is EAGLE-2's (Li et al. 2024, arXiv 2406.16858, its context-aware dynamic draft tree: an expansion
+phase, then a reranking phase; docs/dynamic_trees.md): a node's value is the product of the draft
+probabilities along its path,
+
+    value(root) = 1,    value(child) = value(parent) · q(child token | parent's path)             (`grow`)
+
+(Hydra's heads give q conditioned on the path; Medusa's heads give a per-depth marginal, so a Medusa path's
+value is the product of per-depth marginals). Growth goes depth by depth, one batched call of the draft per
+depth: at depth d every node at depth d that is still among the best `max_nodes` nodes grown so far is expanded
+(at most `width` of them when a width is given) into its top-k children; at the end every node is reranked by
+value and the best `max_nodes` are kept.
+
+Order. Nodes are numbered as they are created: depth by depth, and within a depth by (parent's number, rank),
+which is the lexicographic order of their rank paths. The rank of a node is (-value, number): a stable sort on
+-value. Since q <= 1, value(child) <= value(parent) also in floating point (a product with a factor <= 1 rounds
+to at most the other factor), and a child's number is larger than its parent's, so every node ranks after its
+parent: the best n nodes are closed under taking parents (a tree) for every n. For the same reason a node that
+is not among the best max_nodes when its depth is expanded never will be, nor will its descendants, so
+expanding only those (without `width`) keeps exactly the best max_nodes of ALL paths of at most max_depth
+ranks < top_k (tests/test_dynamic_tree.py checks both against a naive enumeration).
+
+Size (`best_size`; Sequoia, Chen et al. 2024, arXiv 2402.12374, chooses its tree's size from the hardware's
+measured verify cost in the same spirit, offline and once). With c(T) the verify cost curve of this backend
+(minispec.speculative.costs, units of one plain decoding step) and P the proposal's cost paid so far, keeping
+the best n nodes is expected to give
+
+    rate(n) = (1 + v_1 + ... + v_n) / (c(n + 1) + P)          tokens per unit of time (plain decoding: 1)
+
+(v_i the kept values in rank order: a node's value is the probability, under the draft, that it is accepted).
+`grow` with `costs` goes one depth further while the best rate over n rises, stops at the first depth where it
+does not, and keeps the n with the best rate given the cost paid; n = 0, the root alone, when no n beats it.
+A sized growth expands at depth d only the depth-d nodes among the best n of the depth before (a heuristic:
+the proposal's cost grows with its rows, and a node outside the best tree so far rarely pays for children).
+Shapes: N tree nodes, M grown nodes, B rows of one expansion, k children per expanded node.
+"""
+import numbers
+import statistics
+import time
+import weakref
+from collections import OrderedDict
+from dataclasses import dataclass
+
+import numpy as np
+
+from ..backend import array_module, to_host
+from ..errors import UserError
+from .costs import interp_cost, measure_costs
+from .tree import Tree
+
+
+def check_dynamic(max_nodes, max_depth, top_k, width, n_heads, name):
+    """The options of a dynamic tree, checked once: max_nodes an int >= 0 or "auto", max_depth 1..n_heads,
+    top_k and width ints >= 1 or None."""
+    if not (max_nodes == "auto" or (isinstance(max_nodes, numbers.Integral) and not isinstance(max_nodes, bool)
+                                    and max_nodes >= 0)):
+        raise UserError(f"{name}: max_nodes must be an int >= 0 or 'auto', got {max_nodes!r}")
+    for key, v in (("max_depth", max_depth), ("top_k", top_k), ("width", width)):
+        if v is not None and (not isinstance(v, numbers.Integral) or isinstance(v, bool) or v < 1):
+            raise UserError(f"{name}: {key} must be an int >= 1 or None, got {v!r}")
+    if max_depth is not None and max_depth > n_heads:
+        raise UserError(f"{name}: max_depth = {max_depth}, but there are only {n_heads} heads")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Rank and size
+# ---------------------------------------------------------------------------------------------------------
+def rank_order(values):
+    """Node numbers 1..M of values [M + 1] (node 0 the root, not ranked) by decreasing value, ties by number."""
+    return np.argsort(-np.asarray(values[1:]), kind="stable") + 1
+
+
+def best_size(sorted_values, costs, paid=0.0):
+    """(n, rate): the n in 0..M maximising (1 + sum of the first n values) / (c(n + 1) + paid) for values [M]
+    in rank order, the smallest such n on ties; c interpolated from costs {T: c(T)} (`interp_cost`)."""
+    v = np.asarray(sorted_values, dtype=np.float64)
+    tau = 1.0 + np.concatenate([[0.0], np.cumsum(v)])                                  # [M + 1]
+    rate = tau / (np.asarray(interp_cost(costs, np.arange(1, len(v) + 2)), np.float64) + paid)
+    n = int(np.argmax(rate))
+    return n, float(rate[n])
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Growth
+# ---------------------------------------------------------------------------------------------------------
+@dataclass
+class Grown:
+    """Every node grown in one step, numbered in creation order (node 0 the root), and the ones kept.
+
+    tokens, parents, depths, ranks int [M + 1] and values float [M + 1] (the root: its token, -1, 0, -1, 1.0);
+    kept: the kept node numbers in rank order (a tree: every kept node's parent is kept or is the root);
+    depth_rows [d]: the rows of each expansion; rates [d]: the best rate after each depth (sized growth only)."""
+    tokens: np.ndarray
+    parents: np.ndarray
+    depths: np.ndarray
+    ranks: np.ndarray
+    values: np.ndarray
+    kept: np.ndarray
+    depth_rows: list
+    rates: list
+
+
+def depth_cost(cost, rows):
+    """The proposal's cost of one expansion of `rows` rows: cost a number, or (fixed, per_row) -> a + b·rows."""
+    if np.ndim(cost) == 0:
+        return float(cost)
+    return float(cost[0]) + float(cost[1]) * rows
+
+
+def grow(root, expand, max_nodes, max_depth, top_k, width=None, costs=None, depth_costs=None):
+    """Grow a draft tree depth by depth (module docstring) and keep its best nodes.
+
+    expand(d, rows, tokens, parents) -> (ids int [B, k'], probs float [B, k']), k' >= top_k: the draft's top
+    tokens and their probabilities, by decreasing probability, for each node in rows (node numbers at depth d,
+    in creation order; tokens and parents [M + 1] describe every node grown so far, so a draft can read the
+    paths). The children of row b are ids[b, :top_k] with values values[rows[b]] · probs[b, :top_k].
+    max_nodes: nodes to keep besides the root (the candidate cap when sized). costs {T: c(T)} and depth_costs
+    [max_depth] (each depth's expansion cost in units of one decoding step: a number, or (fixed, per row)):
+    size the tree by the rate rule instead (module docstring); then only the depth-d nodes that the best tree
+    so far keeps are expanded. Returns a Grown."""
+    tokens, parents = np.array([int(root)], np.int64), np.array([-1], np.int64)
+    depths, ranks, values = np.zeros(1, np.int64), np.array([-1], np.int64), np.ones(1)
+    depth_rows, rates, paid, prev, n = [], [], 0.0, 1.0, max_nodes
+    for d in range(max_depth if max_nodes > 0 else 0):
+        if d == 0:
+            rows = np.zeros(1, np.int64)
+        else:
+            best = rank_order(values)[:n]                               # sized: n from the best rate so far
+            best = best[depths[best] == d]                              # still among the best, at depth d, by rank
+            rows = np.sort(best[:width] if width else best)            # creation order
+        if not len(rows):
+            break
+        ids, probs = expand(d, rows, tokens, parents)
+        ids, probs = np.asarray(ids)[:, :top_k], np.minimum(np.asarray(probs, np.float64)[:, :top_k], 1.0)
+        B, k = ids.shape
+        tokens = np.concatenate([tokens, ids.reshape(-1).astype(np.int64)])
+        parents = np.concatenate([parents, np.repeat(rows, k)])
+        depths = np.concatenate([depths, np.full(B * k, d + 1, np.int64)])
+        ranks = np.concatenate([ranks, np.tile(np.arange(k, dtype=np.int64), B)])
+        values = np.concatenate([values, (values[rows][:, None] * probs).reshape(-1)])
+        depth_rows.append(B)
+        if costs is not None:
+            paid += depth_cost(depth_costs[d], B)
+            n, rate = best_size(values[rank_order(values)[:max_nodes]], costs, paid)
+            rates.append(rate)
+            if rate <= prev:                                             # stop when it falls
+                break
+            prev = rate
+    order = rank_order(values)[:max_nodes]
+    n = best_size(values[order], costs, paid)[0] if costs is not None else len(order)
+    return Grown(tokens, parents, depths, ranks, values, order[:n], depth_rows, rates)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# From the kept nodes to a Tree the verifier takes
+# ---------------------------------------------------------------------------------------------------------
+class TreeCache:
+    """Tree.from_choices for the rank paths of kept nodes, remembering the last `size` distinct trees (the same
+    few shapes recur from step to step, and building one is O(N²) Python)."""
+
+    def __init__(self, size=256):
+        self.trees, self.size = OrderedDict(), size
+
+    def get(self, paths):
+        key = tuple(sorted(paths, key=lambda p: (len(p), p)))
+        tree = self.trees.get(key)
+        if tree is None:
+            tree = Tree.from_choices(key)
+            self.trees[key] = tree
+            if len(self.trees) > self.size:
+                self.trees.popitem(last=False)
+        else:
+            self.trees.move_to_end(key)
+        return tree
+
+
+def to_tree(grown, trees):
+    """(tree, tokens [N], values [N]) of the kept nodes of a Grown, in tree node order (root first, value 1).
+    A node's rank path is its parent's plus its own rank among its parent's children."""
+    path = {0: ()}
+    for n in sorted(int(i) for i in grown.kept):                        # parents have smaller numbers
+        path[n] = path[int(grown.parents[n])] + (int(grown.ranks[n]),)
+    tree = trees.get([p for n, p in path.items() if n])
+    node_of = {p: n for n, p in path.items()}
+    order = [node_of[p] for p in tree.choices]                            # tree node i = grown node order[i]
+    return tree, grown.tokens[order], grown.values[order]
+
+
+def top_probs(logits, k):
+    """(ids int [..., k], probs float [..., k]) on the host: the k most probable tokens of softmax(logits [..., V])
+    by decreasing probability (ties by token id), and their probabilities under the full softmax."""
+    xp = array_module(logits)
+    k = min(k, logits.shape[-1])
+    part = xp.argpartition(-logits, k - 1, axis=-1)[..., :k] if k < logits.shape[-1] else \
+        xp.broadcast_to(xp.arange(logits.shape[-1]), logits.shape)                   # [..., k] unordered
+    part = xp.sort(part, axis=-1)                                                      # ties: smaller id first
+    vals = xp.take_along_axis(logits, part, axis=-1)                                   # [..., k]
+    order = xp.argsort(-vals, axis=-1, kind="stable")
+    ids, vals = xp.take_along_axis(part, order, axis=-1), xp.take_along_axis(vals, order, axis=-1)
+    m = logits.max(axis=-1, keepdims=True)
+    lse = m + xp.log(xp.exp(logits - m).sum(axis=-1, keepdims=True))                  # [..., 1]
+    return to_host(ids).astype(np.int64), to_host(xp.exp(vals - lse)).astype(np.float64)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# What a proposer holds: the options, the cost model, the tree cache
+# ---------------------------------------------------------------------------------------------------------
+_MODEL_COSTS = weakref.WeakKeyDictionary()          # model -> (curve {T: c(T)}, t1 seconds)
+_DEPTH_COSTS = weakref.WeakKeyDictionary()          # heads -> {(max_nodes, max_depth, top_k, width): depth costs}
+
+
+def model_costs(model, sizes=(1, 2, 4, 8, 16, 32, 48, 64), reps=15):
+    """(curve {T: c(T)}, t1 CPU seconds): this model's verify cost curve on its backend, measured once per model by
+    `measure_costs` in this process's CPU time, medians over the rounds (the cost of the work itself: on a
+    shared machine wall time also counts the time the neighbours hold the cores). Timed on a GPU, CPU time
+    would miss the device's work: there the wall clock is used."""
+    if model not in _MODEL_COSTS:
+        clock = time.perf_counter if getattr(model, "device", "cpu") == "cuda" else time.process_time
+        curve, t1, _ = measure_costs(model, sizes=sizes, reps=reps, clocks=(clock,))[0]
+        _MODEL_COSTS[model] = (curve, t1)
+    return _MODEL_COSTS[model]
+
+
+class DynamicTrees:
+    """A proposer's dynamic trees: grow(root, expand) -> (tree, tokens [N], values [N]) for one step.
+
+    max_nodes: an int (keep the best max_nodes) or "auto" (size by the rate rule, at most `cap` nodes, with
+    costs {T: c(T)} and depth_costs [max_depth] in units of one decoding step; `measure` fills what is None);
+    max_depth: depths grown (<= the draft's heads); top_k: children per expanded node (default max_nodes, or
+    the cap: a child of rank >= max_nodes can never be kept, since its max_nodes elder siblings rank before it);
+    width: at most this many nodes expanded per depth (EAGLE-2's top-k expansion; None: every node that can
+    still be kept). After each step `last` holds the Grown and `values` the kept nodes' values in tree order."""
+
+    def __init__(self, name, n_heads, max_nodes=None, max_depth=None, top_k=None, width=None, costs=None,
+                 depth_costs=None, cap=None):
+        max_nodes = 10 if max_nodes is None else max_nodes
+        cap = 32 if cap is None else cap
+        check_dynamic(max_nodes, max_depth, top_k, width, n_heads, name)
+        check_dynamic(cap, None, None, None, n_heads, name)
+        if max_nodes != "auto" and (costs is not None or depth_costs is not None):
+            raise UserError(f"{name}: costs and depth_costs size a tree with max_nodes='auto', not {max_nodes!r}")
+        self.sized = max_nodes == "auto"
+        self.max_nodes = cap if self.sized else max_nodes
+        self.max_depth = max_depth or n_heads
+        self.top_k = top_k or max(1, self.max_nodes)
+        self.width, self.costs = width, costs
+        self.depth_costs = None if depth_costs is None else list(depth_costs)
+        if self.depth_costs is not None and len(self.depth_costs) < self.max_depth:
+            raise UserError(f"{name}: depth_costs needs one cost per depth, {self.max_depth}, got {len(self.depth_costs)}")
+        self.trees, self.last, self.values = TreeCache(), None, None
+
+    def size_with(self, model, heads, expand_at, hidden, step_extra=None):
+        """Fill costs / depth_costs that are None (sized trees only): c(T) from `model_costs`; the cost of each
+        depth's expansion timed on this backend (`measure_depth_costs`), by growing the capped tree from
+        `hidden` (expand_at(hidden) -> expand), once per heads and options; step_extra(): the proposer's other
+        work per step (Hydra++'s prefix layer), timed with it."""
+        if not self.sized:
+            return
+        if self.costs is None:
+            self.costs = model_costs(model)[0]
+        if self.depth_costs is None:
+            known = _DEPTH_COSTS.setdefault(heads, {})
+            key = (self.max_nodes, self.max_depth, self.top_k, self.width)
+            if key not in known:
+                known[key] = measure_depth_costs(model, self, expand_at, hidden, step_extra)
+            self.depth_costs = known[key]
+
+    def grow(self, root, expand):
+        costs = self.costs if self.sized else None
+        self.last = grow(root, expand, self.max_nodes, self.max_depth, self.top_k, self.width, costs,
+                         self.depth_costs)
+        tree, tokens, self.values = to_tree(self.last, self.trees)
+        return tree, tokens
+
+
+def refuse_dynamic_options(name, **options):
+    """A static tree takes none of the dynamic tree's options: one error naming the first one given."""
+    given = [k for k, v in options.items() if v is not None]
+    if given:
+        raise UserError(f"{name}: {given[0]} is an option of tree='dynamic', not of a static tree")
+
+
+def measure_depth_costs(model, trees, expand_at, hidden, step_extra=None, reps=9):
+    """[max_depth] (fixed, per row) cost of each depth's expansion in units of a one-token forward: the capped
+    tree (no sizing) is grown from `hidden` twice per round, once with every row (B_d rows at depth d) and once
+    one row per depth (width 1), interleaved with one-token forwards (t1), one warm-up round first, timed with
+    the clock of `model_costs`; with the medians m_B and m_1, per row = (m_B - m_1) / (B_d - 1) (0 when B_d = 1)
+    and fixed = m_1 - per row, both >= 0. Depth 0's fixed cost also carries what every step pays besides the
+    expansions: the one-row growth's own bookkeeping and tree building, and step_extra() when given."""
+    clock = time.perf_counter if getattr(model, "device", "cpu") == "cuda" else time.process_time
+    cache = model.new_cache()
+    model.forward(np.arange(1, 33) % model.config.vocab_size, cache)
+    D = trees.max_depth
+    t1s, wide, narrow, rows, other = [], [[] for _ in range(D)], [[] for _ in range(D)], [1] * D, []
+    for rep in range(reps + 1):
+        t0 = clock()
+        to_host(model.forward_block([1], cache).logits[-1, :1])
+        t1 = clock() - t0
+        for width, times in ((trees.width, wide), (1, narrow)):
+            expand, seen = expand_at(hidden), {}
+
+            def timed(d, rows_d, *args):
+                s = clock()
+                out = expand(d, rows_d, *args)
+                seen[d] = (clock() - s, len(rows_d))
+                return out
+            s0 = clock()
+            to_tree(grow(1, timed, trees.max_nodes, D, trees.top_k, width), trees.trees)
+            if step_extra is not None and width == 1:
+                step_extra()
+            total = clock() - s0
+            if rep and width == 1:
+                other.append(total - sum(t for t, _ in seen.values()))
+            if rep:
+                for d in range(D):
+                    times[d].append(seen.get(d, (0.0, 1))[0])
+                    if width != 1:
+                        rows[d] = seen.get(d, (0.0, 1))[1]
+        if rep:
+            t1s.append(t1)
+    cache.discard()
+    t1 = statistics.median(t1s)
+    out = []
+    for d in range(D):
+        m_b, m_1 = statistics.median(wide[d]) / t1, statistics.median(narrow[d]) / t1
+        per_row = max(0.0, (m_b - m_1) / (rows[d] - 1)) if rows[d] > 1 else 0.0
+        out.append((max(0.0, m_1 - per_row), per_row))
+    out[0] = (out[0][0] + max(0.0, statistics.median(other) / t1), out[0][1])
+    return out

@@ -1,0 +1,200 @@
+"""Measure dynamic trees on the shipped model (docs/dynamic_trees.md quotes what this prints).
+
+    OPENBLAS_NUM_THREADS=1 python tools/measure_dynamic_trees.py tau      # tau, dynamic vs static, + calibration
+    OPENBLAS_NUM_THREADS=1 python tools/measure_dynamic_trees.py speed    # speed-up vs AR, hardware-sized trees
+    OPENBLAS_NUM_THREADS=1 python tools/measure_dynamic_trees.py phases   # where the predicted step time falls short
+
+Greedy, the held-out prompts of minispec.bench.heldout_prompts (8 prompts), 128 new tokens each. "static" is
+the tree build_tree makes from the heads' own stored top-k accuracies at that budget; "dynamic" is
+tree="dynamic" with max_nodes = that budget. Every run's tokens are checked against AR's.
+"""
+import statistics
+import sys
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from minispec import generate                                       # noqa: E402
+from minispec.bench import heldout_prompts                          # noqa: E402
+from minispec.decoders.registry import make_proposer                # noqa: E402
+from minispec.mistral.model import load                             # noqa: E402
+from minispec.mistral.tokenizer import Tokenizer                    # noqa: E402
+from minispec.speculative.costs import interp_cost                  # noqa: E402
+from minispec.speculative.dynamic_tree import depth_cost, model_costs           # noqa: E402
+from minispec.speculative.tree import build_tree                    # noqa: E402
+
+MODEL = Path(__file__).resolve().parent.parent / "weights" / "stdlib-mistral"
+DECODERS = ("medusa", "hydra", "hydra++")
+BINS = [0.0, 0.02, 0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0001]
+
+
+def recording(prop, log):
+    """Wrap a dynamic proposer so that every drafted node's value and whether it was accepted go to log, and
+    every step's predicted tokens (1 + the kept values) and nodes, for the rate rule's own prediction."""
+    propose, observe = prop.propose, prop.observe
+    state = {}
+
+    def rec_propose(ctx):
+        d = propose(ctx)
+        state["values"] = None if ctx.hidden is None else prop.dynamic.values
+        return d
+
+    def rec_observe(step):
+        v = state["values"]
+        if v is not None:
+            on_path = np.zeros(len(v), bool)
+            on_path[step.path] = True
+            log["nodes"].extend(zip(v[1:].tolist(), on_path[1:].tolist()))
+            log["steps"].append((float(v.sum()), len(v), prop.dynamic.last.depth_rows))
+        observe(step)
+    prop.propose, prop.observe = rec_propose, rec_observe
+    return prop
+
+
+def calibration(nodes):
+    v = np.array([a for a, _ in nodes])
+    acc = np.array([b for _, b in nodes], float)
+    rows = []
+    for lo, hi in zip(BINS[:-1], BINS[1:]):
+        sel = (v >= lo) & (v < hi)
+        if sel.any():
+            rows.append((lo, min(hi, 1.0), int(sel.sum()), float(v[sel].mean()), float(acc[sel].mean())))
+    return rows
+
+
+def tau_table(model, prompts, n_tokens):
+    ar = [generate(model, p, max_new_tokens=n_tokens, eos_id=None).tokens for p in prompts]
+    out = {}
+    for name in DECODERS:
+        for budget in (4, 10, 32):
+            for kind in ("static", "dynamic"):
+                log = {"nodes": [], "steps": []}
+                if kind == "static":
+                    heads = make_proposer(name, model).heads
+                    opts = dict(tree=build_tree(heads.accuracies, budget)[0])
+                else:
+                    opts = dict(tree="dynamic", max_nodes=budget)
+                new = steps = 0
+                for p, want in zip(prompts, ar):
+                    prop = make_proposer(name, model, **opts)
+                    if kind == "dynamic":
+                        recording(prop, log)
+                    o = generate(model, p, decoder=prop, max_new_tokens=n_tokens, eos_id=None)
+                    assert o.tokens == want, f"{name} {kind} {budget}: not AR's tokens"
+                    new, steps = new + o.stats.new_tokens, steps + o.stats.steps
+                out[(name, budget, kind)] = (new / steps, log)
+            s, d = out[(name, budget, "static")][0], out[(name, budget, "dynamic")]
+            pred = np.mean([t for t, _, _ in d[1]["steps"]])
+            print(f"{name:>8} budget {budget:2d}: tau static {s:.3f}  dynamic {d[0]:.3f}  ratio {d[0] / s:.3f}  "
+                  f"(dynamic: predicted 1 + sum of kept values per step {pred:.3f}; identical to AR: yes)", flush=True)
+    print("\ncalibration of the dynamic trees (all budgets): a node's value (its path probability under the heads) "
+          "vs how often it was accepted (on the accepted path)")
+    for name in DECODERS:
+        nodes = sum((out[(name, b, "dynamic")][1]["nodes"] for b in (4, 10, 32)), [])
+        print(f"{name}: {len(nodes)} nodes")
+        print("   value bin      nodes   mean value   accepted")
+        for lo, hi, n, mv, acc in calibration(nodes):
+            print(f"  [{lo:.2f}, {hi:.2f})  {n:7d}      {mv:.3f}      {acc:.3f}")
+    return out
+
+
+def speed_table(model, prompts, n_tokens, runs):
+    costs, t1 = model_costs(model)
+    print(f"c(T) (CPU time, median of 15 interleaved rounds, one-token step {t1 * 1e3:.2f} ms): "
+          + ", ".join(f"c({T})={c:.2f}" for T, c in costs.items()), flush=True)
+    setups = [("ar", "ar", {})]
+    for name in DECODERS:
+        setups.append((f"{name} static", name, {}))
+        setups.append((f"{name} auto", name, dict(tree="dynamic", max_nodes="auto")))
+    props = {}
+    for label, name, opts in setups:
+        if opts:
+            props[label] = make_proposer(name, model, **opts)
+            print(f"{label}: depth costs (fixed + per row, units of one step, CPU time) "
+                  + ", ".join(f"{a:.3f} + {b:.3f}/row" for a, b in props[label].dynamic.depth_costs), flush=True)
+    times = {label: [0.0] * runs for label, _, _ in setups}
+    cpu = {label: [0.0] * runs for label, _, _ in setups}
+    logs = {label: {"nodes": [], "steps": []} for label, _, _ in setups}
+    tokens, steps, ar = {label: 0 for label, _, _ in setups}, {label: 0 for label, _, _ in setups}, []
+    for r in range(runs):
+        for i, p in enumerate(prompts):
+            for label, name, opts in setups:
+                prop = name if not opts else recording(make_proposer(name, model, **opts), logs[label]) \
+                    if r == 0 else make_proposer(name, model, **opts)
+                o = generate(model, p, decoder=prop, max_new_tokens=n_tokens, eos_id=None)
+                times[label][r] += o.stats.decode_time
+                cpu[label][r] += o.stats.decode_cpu_time
+                if r == 0:
+                    if label == "ar":
+                        ar.append(o.tokens)
+                    assert o.tokens == ar[i], f"{label}: not AR's tokens"
+                    tokens[label] += o.stats.new_tokens
+                    steps[label] += o.stats.steps
+    print(f"{runs} interleaved runs (prompt by prompt, every setup in turn); medians over the runs; speed-up = "
+          "tokens/s over AR's, in wall time and in this process's CPU time (the machine is shared: wall time also "
+          "counts the neighbours)")
+    base = statistics.median(n_tokens * len(prompts) / t for t in times["ar"])
+    base_cpu = statistics.median(n_tokens * len(prompts) / t for t in cpu["ar"])
+    for label, name, opts in setups:
+        rate = statistics.median(n_tokens * len(prompts) / t for t in times[label])
+        rate_cpu = statistics.median(n_tokens * len(prompts) / t for t in cpu[label])
+        line = (f"{label:>15}: {rate:7.1f} tokens/s  speed-up wall {rate / base:.2f}x  CPU {rate_cpu / base_cpu:.2f}x"
+                f"  tau {tokens[label] / steps[label]:.2f}")
+        st = logs[label]["steps"]
+        if st:
+            d = props[label].dynamic.depth_costs
+            pred_tokens = sum(t for t, _, _ in st)
+            pred_time = sum(interp_cost(costs, n) + sum(depth_cost(c, b) for c, b in zip(d, rows)) for _, n, rows in st)
+            drafted = np.bincount([n - 1 for _, n, _ in st])
+            line += (f"  predicted {pred_tokens / pred_time:.2f}x (rate rule, per step)  nodes drafted per step: "
+                     f"mean {np.mean([n - 1 for _, n, _ in st]):.1f}, root alone in "
+                     f"{drafted[0] / len(st):.0%} of steps")
+        print(line, flush=True)
+
+
+def phases(model, prompts, n_tokens):
+    """The loop's propose and verify time per step in CPU time (the loop's clock swapped for process_time), in
+    units of t1, beside what the rate rule charged: the depth costs paid and c(N)."""
+    import time
+    import minispec.speculative.loop as loop
+    costs, t1 = model_costs(model)
+    clock, loop.time.perf_counter = loop.time.perf_counter, time.process_time
+    try:
+        for name in ("ar",) + DECODERS:
+            prop = name if name == "ar" else make_proposer(name, model, tree="dynamic", max_nodes="auto")
+            log = {"nodes": [], "steps": []}
+            if name != "ar":
+                recording(prop, log)
+            steps = propose = verify = 0.0
+            for p in prompts[:4]:
+                s = generate(model, p, decoder=prop, max_new_tokens=n_tokens, eos_id=None).stats
+                steps, propose, verify = steps + s.steps, propose + s.propose_time, verify + s.verify_time
+            line = f"{name:>8}: per step, units of t1 = {t1 * 1e3:.2f} ms CPU: propose {propose / steps / t1:.3f}  " \
+                   f"verify {verify / steps / t1:.3f}"
+            if log["steps"]:
+                d = prop.dynamic.depth_costs
+                paid = np.mean([sum(depth_cost(c, b) for c, b in zip(d, rows)) for _, _, rows in log["steps"]])
+                cn = np.mean([interp_cost(costs, n) for _, n, _ in log["steps"]])
+                line += f"  | charged by the rule: depth costs {paid:.3f}  c(N) {cn:.3f}"
+            print(line, flush=True)
+    finally:
+        loop.time.perf_counter = clock
+
+
+def main():
+    what = sys.argv[1] if len(sys.argv) > 1 else "tau"
+    model = load(str(MODEL))
+    tok = Tokenizer.from_dir(str(MODEL))
+    prompts = heldout_prompts(MODEL, tok, 8)
+    print(f"model {MODEL.name}, {len(prompts)} held-out prompts of {len(prompts[0])} tokens, 128 new tokens, greedy")
+    if what == "tau":
+        tau_table(model, prompts, 128)
+    elif what == "phases":
+        phases(model, prompts, 128)
+    else:
+        speed_table(model, prompts, 128, runs=int(sys.argv[2]) if len(sys.argv) > 2 else 3)
+
+
+if __name__ == "__main__":
+    main()
