@@ -12,7 +12,9 @@ import pytest
 from conftest import SHIPPED, random_tensors, rel_err, tiny_config
 from test_cli_errors import user_error
 from test_weights import write_hf
+import minispec
 from minispec import generate
+from minispec.decoders.registry import Autoregressive, make_proposer
 from minispec.decoders import hydra_files, medusa_files
 from minispec.decoders.draft_verify import SkipSet
 from minispec.decoders.hydra import HydraHeads
@@ -417,3 +419,24 @@ def test_sampling_decoders_also_fill_a_cache_without_a_window_to_its_end(decoder
     out = generate(model, ids, decoder=name, max_new_tokens=n, eos_id=None, cache=cache, temperature=0.8, seed=1,
                    **options)
     assert len(out.tokens) == n and cache.pos == model.config.max_seq_len
+
+
+# ---- decoders given as objects, and their options ------------------------------------------------------------
+@pytest.mark.parametrize("decoder", [object(), 3, None, "ar".encode()])
+def test_a_decoder_that_is_neither_a_name_nor_a_proposer_is_one_clear_error(decoder):
+    model = minispec.load(SHIPPED, device="cpu")
+    with pytest.raises(UserError, match=r"decoder must be a registered name .* or a Proposer .*start, propose and observe"):
+        minispec.generate(model, [1, 2, 3], decoder=decoder, max_new_tokens=2)
+
+
+def test_options_beside_a_built_proposer_are_refused_not_ignored():
+    model = minispec.load(SHIPPED, device="cpu")
+    with pytest.raises(UserError, match=r"decoder options \['tree'\] go with a decoder name"):
+        minispec.generate(model, [1, 2, 3], decoder=Autoregressive(model), max_new_tokens=2, tree=[[0]])
+
+
+@pytest.mark.parametrize("top_k", [2.5, "3", True, 0])
+def test_medusas_top_k_is_an_int_of_at_least_one(top_k):
+    model = minispec.load(SHIPPED, device="cpu")
+    with pytest.raises(UserError, match=r"medusa: top_k must be an int >= 1"):
+        make_proposer("medusa", model, top_k=top_k)

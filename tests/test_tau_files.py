@@ -10,7 +10,7 @@ import itertools
 import numpy as np
 import pytest
 
-from minispec.decoders.hydra_files import hydra_tree_problem, write_hydra
+from minispec.decoders.hydra_files import hydra_tree_problem, read_hydra, write_hydra
 from minispec.errors import UserError
 from minispec.speculative.tree import build_tree
 from minispec.training import skip_objective
@@ -100,6 +100,8 @@ def test_write_hydra_writes_a_tree_hydra_can_draft_and_refuses_one_it_cannot(tmp
     heads.choices = [[0], [1], [0, 0], [0, 1]]
     write_hydra(heads, tmp_path / "ok")
     assert json.loads((tmp_path / "ok" / "config.json").read_text())["hydra_choices"] == heads.choices
+    back = read_hydra(tmp_path / "ok", model)                              # and reading it back keeps the tree
+    assert back.choices == heads.choices and back.choices_cuda is None
     heads.choices_cuda = [[0], [1], [1, 0]]
     with pytest.raises(UserError, match=r"hydra_choices_cuda.*node \[\] extends its children of ranks \[1\]"):
         write_hydra(heads, tmp_path / "bad")

@@ -28,19 +28,26 @@ def check_head_sizes(f, model):
             raise CheckpointError(f"{f.source}: {key} = {v}, but the base model has {have}")
 
 
-def read_head_trees(heads, f):
-    """The stored trees (CPU and GPU), the accuracies they were built from and the base model's name, from a heads
-    config (f: its Fields) onto heads, each checked against the heads (a tree no deeper than K heads, ranks below
-    V, accuracies [K][k] probabilities). Returns heads."""
-    for key in ("tree", "tree_cuda"):
+def read_trees(heads, f, keys=("tree", "tree_cuda")):
+    """The stored trees for the CPU and for GPUs (keys: their names in this config) onto heads.choices /
+    heads.choices_cuda, each checked against the heads: no deeper than K heads, ranks below V."""
+    for key, attr in zip(keys, ("choices", "choices_cuda")):
         v = f.get(key, None)
         if v is not None:
             try:
                 Tree.from_choices(v, n_heads=heads.K, top_k=heads.V)
             except UserError as e:
                 raise CheckpointError(f"{f.source}: key {key!r}: {e}") from None
-    heads.choices = [list(c) for c in f.get("tree", None) or []]
-    heads.choices_cuda = [list(c) for c in f.get("tree_cuda", None)] if f.get("tree_cuda", None) else None
+        if v or attr == "choices":
+            setattr(heads, attr, [list(c) for c in v or []])
+    return heads
+
+
+def read_head_trees(heads, f):
+    """The stored trees (CPU and GPU), the accuracies they were built from and the base model's name, from a heads
+    config (f: its Fields) onto heads, each checked against the heads (a tree no deeper than K heads, ranks below
+    V, accuracies [K][k] probabilities). Returns heads."""
+    read_trees(heads, f)
     acc = f.matrix("accuracies", low=0, high=1, default=None)
     if acc is not None and len(acc) != heads.K:
         raise CheckpointError(f"{f.source}: key 'accuracies' has {len(acc)} rows, but there are {heads.K} heads")

@@ -42,7 +42,8 @@ from ..backend import to_device, to_host
 from ..errors import Fields, UserError, read_json
 from ..mistral.layers import rope_inv_freq
 from ..mistral.weights import CheckpointError, read_safetensors, safetensors_in
-from .heads import check_fits, check_head_sizes, check_tensors, load_either, read_head_trees, refuse_heads_pickle, save_folder
+from .heads import (check_fits, check_head_sizes, check_tensors, load_either, read_head_trees, read_trees,
+                    refuse_heads_pickle, save_folder)
 from .hydra import ARCHS, KIND_ARCH, HydraHeads, head_input_width
 
 CONFIG_NAME, WEIGHTS_NAME = "hydra_config.json", "hydra_heads.safetensors"
@@ -240,7 +241,7 @@ def read_hydra(folder, model):
     check_fits(tensors, model, weights)
     heads = from_state_dict(model, tensors, arch, num_heads, num_layers, source=str(weights))
     heads.base_model = base
-    return heads
+    return read_trees(heads, f, ("hydra_choices", "hydra_choices_cuda"))      # the trees write_hydra stored
 
 
 def blocks_equal(p):

@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 
 from ..backend import array_module, to_host
-from ..errors import UserError
+from ..errors import UserError, check_int
 from ..mistral.layers import linear, silu
 from ..speculative.dynamic_tree import DynamicTrees, refuse_dynamic_options, top_probs
 from ..speculative.tree import Tree, proposer_tree
@@ -197,7 +197,7 @@ class MedusaProposer:
         device = getattr(model, "device", None)
         tree = proposer_tree(tree, heads, device, "medusa")
         need = int(tree.rank.max()) + 1 if tree.N > 1 else 1
-        top_k = need if top_k is None else top_k
+        top_k = need if top_k is None else check_int("medusa: top_k", top_k, low=1)
         if top_k < need:
             raise UserError(f"medusa: the tree uses rank {need - 1}, so top_k must be >= {need}, got {top_k}")
         self.tree, self.top_k = tree, top_k

@@ -9,6 +9,7 @@ proposes nothing (the root-only tree), so plain decoding is the verifier's degen
 above the loop: the loop knows no decoder, and a new decoder is one file in this folder and one line here.
 """
 import inspect
+from pathlib import Path
 
 import numpy as np
 
@@ -57,9 +58,11 @@ def medusa(model, heads=None, tree=None, top_k=None, max_nodes=None, max_depth=N
 
 def hydra_heads(model, heads, kind):
     """Hydra heads of `kind` for a decoder of that name: a Hydra++ decoder refuses plain Hydra heads and back."""
+    given = heads
     heads = heads_for(model, heads, kind, load_hydra)
     if heads.kind != kind:
-        raise UserError(f"decoder {kind!r} needs {kind} heads, but these are {heads.kind} heads (arch {heads.arch!r})")
+        where = f"{given} holds" if isinstance(given, (str, Path)) else "these are"
+        raise UserError(f"decoder {kind!r} needs {kind} heads, but {where} {heads.kind} heads (arch {heads.arch!r})")
     return heads
 
 
@@ -131,6 +134,12 @@ def generate(model, ids, decoder="ar", max_new_tokens=64, temperature=0.0, top_k
     if eos_id is not None:
         check_int("eos_id", eos_id, low=0, what=" or None")
     proposer = make_proposer(decoder, model, **decoder_options) if isinstance(decoder, str) else decoder
+    if not all(callable(getattr(proposer, m, None)) for m in ("start", "propose", "observe")):
+        raise UserError(f"decoder must be a registered name ({', '.join(sorted(DECODERS))}) or a Proposer (an object "
+                        f"with start, propose and observe: minispec.speculative.loop), not {type(decoder).__name__}")
+    if decoder_options and not isinstance(decoder, str):
+        raise UserError(f"decoder options {sorted(decoder_options)} go with a decoder name; this decoder is a "
+                        f"{type(decoder).__name__} object, already built")
     cache = model.new_cache() if cache is None else cache
     end = cache.pos + len(ids) + max_new_tokens - 1                  # positions the request may reach
     if not cache.ring and end > cache.W:

@@ -128,10 +128,10 @@ def safetensors_header(path):
     for name, (kind, shape, begin, end) in sorted(out.items(), key=lambda kv: (kv[1][2], kv[1][3])):
         if begin != at or end < begin:
             raise CheckpointError(f"{path}: tensor {name!r}: its byte range [{begin}, {end}) " + (
-                f"ends before it begins" if end < begin else
+                "ends before it begins" if end < begin else
                 f"overlaps the tensor before it (which ends at {at})" if begin < at else
                 f"leaves the bytes [{at}, {begin}) of the data section unused") + ": the byte ranges must tile the "
-                f"data section in order, without overlap or gap")
+                "data section in order, without overlap or gap")
         nbytes = math.prod(shape) * np.dtype(_DTYPES[kind]).itemsize
         if end - begin != nbytes:
             raise CheckpointError(f"{path}: tensor {name!r} of shape {list(shape)} {kind} needs {nbytes} bytes, "
