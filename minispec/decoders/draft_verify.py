@@ -28,7 +28,7 @@ from ..backend import to_host
 from ..errors import MissingFileError, UserError, read_json, write_json_lines
 from ..speculative.costs import measure_costs
 from ..speculative.loop import Context, Stats
-from ..speculative.sampling import SamplingParams, sample, target_probs
+from ..speculative.sampling import SamplingParams, randomness, target_probs
 from ..speculative.tree import Tree
 from ..speculative.verify import Draft, count
 
@@ -238,7 +238,7 @@ class DraftVerifyProposer:
             logits = out.logits[0]                                                        # [V]
             if sampled:
                 q[j] = target_probs(logits, ctx.params)                                   # [V] the draft's warped q
-                tok = sample(q[j], ctx.rng)
+                tok = randomness(ctx.rng).categorical(q[j])
             else:
                 tok = int(to_host(logits.argmax()))
             # confidence: the draft's own (temperature-1) probability of the token it drafted (= its top-1 when greedy)
