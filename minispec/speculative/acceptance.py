@@ -183,7 +183,7 @@ def block_stop_probs(w, m):
     K = len(m)
     h = np.zeros(K + 1)
     for i in range(1, K):
-        den = m[i] + 1.0 - w[i]
+        den = m[i] + (1.0 - w[i])
         h[i] = m[i] / den if den > 0 else 1.0
     h[K] = w[K]
     return h
@@ -192,7 +192,7 @@ def block_stop_probs(w, m):
 def block_accept(draft_tokens, draft_probs, target, rng):
     """Block verification of a chain (Sun et al., "Block Verification Accelerates Speculative Decoding", ICLR 2025,
     arXiv 2403.10444, Algorithm 2). Lossless, and never fewer accepted tokens in expectation than
-    chain_rejection_accept on the same draft (their Theorem 2 says it is optimal among lossless verifiers).
+    chain_rejection_accept on the same draft (the paper proves it optimal among lossless verifiers).
 
     draft_tokens [K] host ints drawn one by one from draft_probs [K, V]; target [K + 1, V] as for
     chain_rejection_accept. Weights w = block_weights, keep-probabilities h = block_stop_probs; the kept length
