@@ -9,16 +9,19 @@ import numpy as np
 import pytest
 
 from conftest import SHIPPED
+from hostguard import GUARD
 from minispec import generate
 from minispec.decoders.draft_verify import DraftVerifyProposer, SkipSet
 from minispec.errors import UserError
 from minispec.mistral.model import load
-from minispec.speculative.acceptance import block_accept, block_stop_probs, block_weights, greedy_accept, make_rule
+from minispec.speculative.acceptance import (block_accept, block_stop_probs, block_verify, block_weights,
+                                            greedy_accept, make_rule)
 from minispec.speculative.exact_law import (autoregressive_law, autoregressive_step, decoder_law, exact_law,
                                             expected_accepted, memoised, sampled_chain, step_law, tv)
 from minispec.speculative.loop import Context, Stats
 from minispec.speculative.sampling import GeneratorRandomness, SamplingParams
 from minispec.speculative.tree import Tree
+from minispec.speculative.verify import Draft
 from test_exact_law import EXACT, TableCache, TableModel, oracle_probs, table
 
 MS, MB = np.array([2 / 3, 1 / 3]), np.array([1 / 3, 2 / 3])      # the paper's draft favours a, the target b
@@ -115,6 +118,20 @@ def test_block_verification_of_one_hot_targets_and_drafts_is_greedy_verification
         n, bonus = block_accept(tokens[1:], np.eye(5)[tokens[1:]], onehot, np.random.default_rng(0))
         path, best = greedy_accept(Tree.chain(3), tokens, logits)
         assert (list(range(n + 1)), bonus) == (path, best)
+
+
+def test_block_verification_makes_the_same_decisions_under_the_host_guard_as_on_numpy():
+    """CuPy's strictness (no implicit device -> host copy), for sampled and for deterministic chains."""
+    r = np.random.default_rng(2)
+    target, q = r.dirichlet(np.ones(6), size=4).astype(np.float32), r.dirichlet(np.ones(6), size=3).astype(np.float32)
+    for seed in range(20):
+        tokens = [0] + [int(t) for t in np.random.default_rng(seed).integers(0, 6, 3)]
+        for draft_q in (q, None):
+            a, b = np.random.default_rng(seed), np.random.default_rng(seed)
+            host = block_verify(Draft(Tree.chain(3), tokens, q=draft_q), target, a)
+            guarded = block_verify(Draft(Tree.chain(3), tokens, q=None if draft_q is None else GUARD.asarray(draft_q)),
+                                   GUARD.asarray(target), b)
+            assert host == guarded
 
 
 @pytest.fixture(scope="module")
