@@ -259,6 +259,10 @@ def grid():
 
 def test_the_grid_covers_what_the_issue_asks_for():
     cases = grid()
+    print(f"grid: {len(cases)} cases, {sum(c.kind == 'chain' for c in cases)} chains "
+          f"({sum(c.real_drafter for c in cases)} drafted by DraftVerifyProposer), "
+          f"{sum(c.kind == 'tree' for c in cases)} trees, {sum(c.params.greedy for c in cases)} greedy, "
+          f"{sum(c.all_steps for c in cases)} with every step real")
     assert len(cases) >= 1000
     assert {c.V for c in cases} == {2, 3, 4, 5}
     chains, trees = [c for c in cases if c.kind == "chain"], [c for c in cases if c.kind == "tree"]
