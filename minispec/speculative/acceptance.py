@@ -158,12 +158,13 @@ def tree_rejection_accept(tree, tokens, target, rng):
 
 
 def block_weights(p_x, q_x):
-    """Block verification's weights (Sun et al. 2025, arXiv 2403.10444, Algorithm 2, line "p_i"):
+    """Block verification's weights (Sun et al. 2025, arXiv 2403.10444, Algorithm 2: the paper's p_i):
 
         w_0 = 1,   w_i = min(1, w_{i-1} · p(x_i | x_<i) / q(x_i | x_<i))      i = 1..K
 
-    p_x [K], q_x [K]: target and draft probability of each draft token (host). w_i is how much of the target's
-    mass on the block x_1..x_i is still "covered" by the draft after the first i tokens. Returns w [K + 1]."""
+    p_x [K], q_x [K]: target and draft probability of each draft token (host). w_i is the target-to-draft
+    likelihood ratio of the block x_1..x_i, capped at 1 after every token: a surplus p/q > 1 of a later token
+    makes up for an earlier deficit, never more. (q = 0 cannot have been drawn: guarded only.) Returns w [K + 1]."""
     w = np.ones(len(p_x) + 1)
     for i, (p, q) in enumerate(zip(p_x, q_x)):
         w[i + 1] = min(1.0, w[i] * float(p) / float(q)) if q > 0 else 1.0
@@ -172,7 +173,7 @@ def block_weights(p_x, q_x):
 
 def block_stop_probs(w, m):
     """The probability h_i of keeping the first i draft tokens in block verification's scan from the end
-    (Sun et al. 2025, arXiv 2403.10444, Algorithm 2, line "h_i"):
+    (Sun et al. 2025, arXiv 2403.10444, Algorithm 2):
 
         h_i = m_i / (m_i + 1 - w_i)   1 <= i < K,       h_K = w_K,
         m_i = sum_x max(0, w_i · p(x | x_<=i) - q(x | x_<=i))   (the residual mass after i tokens)
@@ -191,13 +192,13 @@ def block_stop_probs(w, m):
 
 def block_accept(draft_tokens, draft_probs, target, rng):
     """Block verification of a chain (Sun et al., "Block Verification Accelerates Speculative Decoding", ICLR 2025,
-    arXiv 2403.10444, Algorithm 2). Lossless, and never fewer accepted tokens in expectation than
-    chain_rejection_accept on the same draft (the paper proves it optimal among lossless verifiers).
+    arXiv 2403.10444, Algorithm 2). Lossless, and in expectation over the drafts never fewer accepted tokens than
+    chain_rejection_accept (the paper proves it optimal among lossless verifiers); on one draft it may keep fewer.
 
     draft_tokens [K] host ints drawn one by one from draft_probs [K, V]; target [K + 1, V] as for
     chain_rejection_accept. Weights w = block_weights, keep-probabilities h = block_stop_probs; the kept length
     tau is the LARGEST i with a success of an independent Bernoulli(h_i) (0 if none), found by drawing from i = K
-    down and stopping at the first success (the same law as the paper's K uniforms drawn at once). The next token
+    down and stopping at the first success (the same law as drawing all K, one uniform each). The next token
     is drawn from target[K] if tau = K, else from the weighted residual norm(max(0, w_tau · target[tau] -
     draft_probs[tau])). Token-level verification judges x_i on its own; here a poor token can be rescued by good
     ones after it (w carries the surplus p/q > 1 forward, up to 1). Returns (n_accepted, next_token).
