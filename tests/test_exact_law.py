@@ -392,3 +392,15 @@ def test_each_known_bug_is_a_one_line_variant_with_exact_tv_of_at_least_a_thousa
     fixed = [gallery_tv(bug, fixed=True, **c) for c in GALLERY_CASES]
     print(f"{bug}: exact TV {max(tvs):.4f} (worst of {len(tvs)} cases); the real code: {max(fixed):.1e}")
     assert max(tvs) >= 1e-3 and max(fixed) <= EXACT
+
+
+def test_dropping_the_bonus_outright_costs_speed_not_exactness():
+    """A step that ends at its K accepted tokens without the bonus (the next step drafts from them) is exact: the
+    bonus is a fresh draw from p(. | x_1..x_K), which the next step makes again. Every step real, H = K + 2."""
+    drop = variant(chain_rejection_accept, "return K, rand.categorical(target[K])",
+                   "return K - 1, int(draft_tokens[K - 1])")
+    for seed, (V, K, params) in enumerate([(3, 2, SamplingParams(0.7, top_p=0.9)), (2, 3, SamplingParams(1.0))]):
+        case = SimpleNamespace(V=V, K=K, H=K + 2, params=params, prefix=(0,), target=table(V, 300 + seed))
+        step = memoised(lambda pre: step_law(pre, sampled_chain(table(V, 400 + seed), params, K),
+                                             chain_rule(drop)(params), case.target))
+        assert tv(decoder_law(case.prefix, case.H, step), reference(case)) < EXACT

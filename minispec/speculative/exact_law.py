@@ -221,7 +221,7 @@ def sampled_chain(logits_of, params, K):
         tokens, q = [int(prefix[-1])], []
         for _ in range(K):
             at = tuple(prefix) + tuple(tokens[1:])
-            logits = logits_of(at)                                                # [V] (the tests' bug variants read it)
+            logits = logits_of(at)  # [V] (the tests' bug variants read it)
             probs = processed(at)                                                 # [V] target_probs(logits, params)
             tokens.append(rand.categorical(probs))                                # the token is drawn from q ...
             q.append(probs)                                                       # ... and q goes to the verifier
