@@ -30,7 +30,7 @@ from ..errors import Fields, MissingFileError, UserError, check_int, check_real,
 from ..speculative.costs import measure_costs
 from ..speculative.draft_length import AcceptanceEstimate, best_length, step_costs
 from ..speculative.loop import Context, Stats
-from ..speculative.sampling import SamplingParams, sample, target_probs
+from ..speculative.sampling import SamplingParams, randomness, target_probs
 from ..speculative.tree import Tree
 from ..speculative.verify import Draft, count
 
@@ -274,7 +274,7 @@ class DraftVerifyProposer:
             logits = out.logits[0]                                                        # [V]
             if sampled:
                 q[j] = target_probs(logits, ctx.params)                                   # [V] the draft's warped q
-                tok = sample(q[j], ctx.rng)
+                tok = randomness(ctx.rng).categorical(q[j])
             else:
                 tok = int(to_host(logits.argmax()))
             # confidence: the draft's own (temperature-1) probability of the token it drafted (= its top-1 when greedy)

@@ -1,11 +1,20 @@
 """Sampling: the target distribution (temperature, top-k, top-p) and drawing one token from it.
 
 The acceptance rules (minispec.speculative.acceptance) compare drafts against `target_probs` of the verifier's
-logits, computed on the logits' device. Randomness comes from a host `numpy.random.Generator`, one uniform number
-per draw, so a NumPy and a CuPy run with the same seed draw the same tokens (up to the rare uniform that lands
-within float rounding of a CDF boundary). Shapes: V vocab.
+logits, computed on the logits' device. They, and a drafter that samples (Draft & Verify), draw ALL their
+randomness through a Randomness, two methods:
+
+    bernoulli(p, total=1.0) -> bool    True with probability p / total (clipped to [0, 1])
+    categorical(weights)    -> int     index i with probability weights[i] / sum(weights)
+
+For real runs that is GeneratorRandomness, a host `numpy.random.Generator` spending one uniform number per
+decision, so a NumPy and a CuPy run with the same seed draw the same tokens (up to the rare uniform that lands
+within float rounding of a CDF boundary). minispec.speculative.exact_law implements the same two methods by
+following every outcome with its probability, which turns "this rule is lossless" into an exact computation.
+Shapes: V vocab.
 """
 from dataclasses import dataclass
+from typing import Protocol
 
 import numpy as np
 
@@ -104,3 +113,37 @@ def sample(probs, rng):
     u = 1.0 - rng.random()
     # u · total <= total, and a python float compares in the array's dtype on NumPy 2 and CuPy alike
     return min(int((cdf < u * total).sum()), probs.shape[-1] - 1)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Where randomness comes from
+
+class Randomness(Protocol):
+    """Every random decision of the acceptance rules and of a sampling drafter (module docstring)."""
+
+    def bernoulli(self, p, total=1.0) -> bool: ...
+
+    def categorical(self, weights) -> int: ...
+
+
+class GeneratorRandomness:
+    """Randomness from a numpy Generator, one uniform per decision: bernoulli is u · total < p with u in [0, 1)
+    (written without a division, as the rules always compared), categorical is `sample`."""
+
+    def __init__(self, rng):
+        self.rng = rng
+
+    def bernoulli(self, p, total=1.0):
+        return bool(self.rng.random() * total < p)
+
+    def categorical(self, weights):
+        return sample(weights, self.rng)
+
+
+def randomness(rng):
+    """A Randomness from a numpy Generator (wrapped in GeneratorRandomness) or a Randomness (returned as is)."""
+    if isinstance(rng, np.random.Generator):
+        return GeneratorRandomness(rng)
+    if callable(getattr(rng, "bernoulli", None)) and callable(getattr(rng, "categorical", None)):
+        return rng
+    raise TypeError(f"expected a numpy Generator or a Randomness (bernoulli, categorical), got {type(rng).__name__}")
