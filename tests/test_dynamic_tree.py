@@ -12,9 +12,9 @@ import numpy as np
 import pytest
 
 from conftest import assert_lossless
-from test_hydra import bigram_heads, oracle_heads, random_heads as hydra_random_heads, ref_head, tiny_model
+from test_hydra import (assert_stops_at_the_limit_and_right_after_eos, assert_two_token_joint, bigram_heads,
+                        oracle_heads, random_heads as hydra_random_heads, ref_head, tiny_model)
 from test_medusa import random_heads as medusa_random_heads, ref_head_logits
-from test_sampling import SAME, chi2_test
 from minispec import generate
 from minispec.decoders.hydra import HydraHeads, HydraProposer
 from minispec.decoders.medusa import MedusaProposer
@@ -305,12 +305,7 @@ def test_dynamic_trees_never_exceed_max_new_tokens_and_stop_right_after_eos():
     model = tiny_model(W=5, seed=4, dim=64)
     prop = HydraProposer(model, oracle_heads(model, "mlp", [1, 2], 40, corrupt=0.1, seed=4), tree="dynamic",
                          max_nodes=8)
-    free = generate(model, [1, 2], max_new_tokens=30, eos_id=None).tokens
-    for n in (0, 1, 2, 5, 11):
-        assert generate(model, [1, 2], decoder=prop, max_new_tokens=n, eos_id=None).tokens == free[:n]
-    for eos in list(dict.fromkeys(free[3:20]))[:4]:
-        first = free.index(eos)
-        assert generate(model, [1, 2], decoder=prop, max_new_tokens=30, eos_id=eos).tokens == free[:first + 1]
+    assert_stops_at_the_limit_and_right_after_eos(model, prop)
 
 
 def test_dynamic_options_are_checked_and_refused_with_a_static_tree():
@@ -344,22 +339,7 @@ def test_rejection_sampling_of_a_dynamic_draft_reproduces_the_models_own_two_tok
     rng, params = np.random.default_rng(0), SamplingParams(1.0)
     draft = prop.propose(Context(ids[-1], hidden[-1], model, cache, params, rng, Stats()))
     assert draft.tree.N == 7 and draft.tree.max_depth == 2
-    logits = model.forward_block(draft.tokens, cache, depths=draft.tree.depths, parents_mask=draft.tree.mask).logits
-    rule = make_rule(params, None, rng)
-    after = [softmax(model.forward(ids + [b])[-1]) for b in range(5)]
-    counts, accepted = np.zeros((5, 5), dtype=np.int64), 0
-    for _ in range(10000):
-        path, bonus = rule(draft, logits)
-        out = [int(draft.tokens[i]) for i in path[1:]] + [int(bonus)]
-        accepted += len(path) > 1
-        if len(out) == 1:
-            out.append(int(rng.choice(5, p=after[out[0]])))
-        counts[out[0], out[1]] += 1
-    joint = softmax(model.forward(ids)[-1])[:, None] * np.stack(after)
-    stat, df, pval = chi2_test(counts, joint)
-    print(f"{decoder} dynamic tree rejection: chi2={stat:.2f} df={df} p={pval:.3g}, accepting draws={accepted}")
-    assert pval > SAME
-    assert accepted > 2000, "the drafts were almost never accepted: the test would not test the tree"
+    assert_two_token_joint(model, ids, cache, draft, make_rule(params, None, rng), f"{decoder} dynamic tree rejection")
 
 
 @pytest.mark.parametrize("decoder", ["medusa", "hydra", "hydra++"])

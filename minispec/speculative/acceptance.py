@@ -85,6 +85,12 @@ def typical_accept(tree, tokens, logits, params, epsilon=0.09, alpha=0.3, rng=No
     return best, randomness(rng).categorical(p[last])
 
 
+def chain_rows(draft_tokens, target):
+    """(xp, rows [K], x [K]) of a drafted chain on the target's device: row i of the chain carries token x_i."""
+    xp = array_module(target)
+    return xp, xp.arange(len(draft_tokens)), to_device(xp, np.asarray(draft_tokens, dtype=np.int64))
+
+
 def chain_rejection_accept(draft_tokens, draft_probs, target, rng):
     """Speculative sampling of a chain (Leviathan et al. 2023, arXiv 2211.17192 / Chen et al. 2023,
     arXiv 2302.01318). Lossless: the emitted tokens follow the target distribution exactly.
@@ -99,9 +105,7 @@ def chain_rejection_accept(draft_tokens, draft_probs, target, rng):
     K = len(draft_tokens)
     if K == 0:
         return 0, rand.categorical(target[0])
-    xp = array_module(target)
-    rows = xp.arange(K)
-    x = to_device(xp, np.asarray(draft_tokens, dtype=np.int64))                 # [K]
+    xp, rows, x = chain_rows(draft_tokens, target)                               # [K], [K] on the device
     p = to_host(target[rows, x]).astype(np.float64)                              # [K] p_i(x_i)
     q = to_host(draft_probs[rows, x]).astype(np.float64)                         # [K] q_i(x_i)
     accept = [rand.bernoulli(p[i], q[i]) for i in range(K)]                     # [K] u_i · q_i < p_i
@@ -207,9 +211,7 @@ def block_accept(draft_tokens, draft_probs, target, rng):
     K = len(draft_tokens)
     if K == 0:
         return 0, rand.categorical(target[0])
-    xp = array_module(target)
-    rows = xp.arange(K)
-    x = to_device(xp, np.asarray(draft_tokens, dtype=np.int64))                 # [K]
+    xp, rows, x = chain_rows(draft_tokens, target)                               # [K], [K] on the device
     q = draft_probs.astype(target.dtype)                                        # [K, V]
     w = block_weights(to_host(target[rows, x]).astype(np.float64), to_host(q[rows, x]).astype(np.float64))  # [K+1]
     residual = xp.maximum(to_device(xp, w[:K].astype(target.dtype))[:, None] * target[:K] - q,
