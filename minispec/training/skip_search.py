@@ -26,9 +26,9 @@ import os
 import numpy as np
 
 from ..errors import UserError, read_json
+from .data import corpus_prompts
 from .skip_objective import (CostModel, Calibration, MeasuredObjective, PredictedObjective, calibrate, free_decisions,
                              from_code, from_params, measure_costs, search_space, to_code, to_params)
-from .train_medusa import corpus_prompts
 from .progress import Progress
 
 FORMAT = "minispec-skip-search/1"
