@@ -321,7 +321,8 @@ def train_hydra(model_dir, kind="hydra", out=None, num_heads=4, num_layers=None,
     train_seqs, held_seqs = split_heldout(seqs, heldout)
     for path in extra_data:
         train_seqs = train_seqs + load_sequences(path)
-    say(f"computing the base model's hidden states once over {sum(len(s) for s, _ in seqs):,} tokens ...")
+    say(f"computing the base model's hidden states once over {sum(len(s) for s, _ in train_seqs + held_seqs):,} "
+        f"tokens ...")
     train_d, held_d = prepare(model, train_seqs, num_heads), prepare(model, held_seqs, num_heads)
     t_data = time.time()
 
