@@ -354,7 +354,8 @@ def test_use_sliding_window_is_typed(tmp_path):
 
 @pytest.mark.parametrize("case", ["not an npz", "no lens", "lengths that do not add up", "a foreign vocabulary"])
 def test_a_broken_or_foreign_hydra_data_cache_is_refused(tmp_path, case):
-    from minispec.training.checks import check_hydra_training, load_sequences, save_sequences
+    from minispec.training.checks import check_hydra_training
+    from minispec.training.data import load_sequences, save_sequences
     path = tmp_path / "cache.npz"
     save_sequences(path, [([1, 2, 3, 70], 0), ([4, 5, 6], 1)])
     if case == "not an npz":

@@ -15,8 +15,8 @@ from minispec.decoders.medusa import MedusaHeads, MedusaProposer
 from minispec.decoders.medusa_files import read_fasterdecoding, write_fasterdecoding
 from minispec.decoders.medusa_files import load as load_medusa, save as save_medusa, state_dict
 from minispec.mistral.model import Model, load
-from minispec.training.train_medusa import (TrainConfig, hidden_states, make_labels, medusa_loss, heldout_loss,
-                                  self_distilled_sequences, topk_accuracies, train)
+from minispec.training.data import hidden_states, make_labels, self_distilled_sequences
+from minispec.training.train_medusa import TrainConfig, medusa_loss, heldout_loss, topk_accuracies, train
 from minispec.speculative.tree import Tree
 from minispec.mistral.weights import CheckpointError
 from minispec.errors import UserError

@@ -236,3 +236,16 @@ def test_a_broken_trace_file_is_refused_naming_its_line_and_saying_to_delete_it(
     path.write_text("[1, 2]\n")                         # valid JSON, but not a trace
     with pytest.raises(UserError, match=r"trace\.json: must hold a JSON object"):
         Trace.open(str(path), {"n_layers": 2})
+
+
+def test_a_new_search_fits_the_cost_model_once_and_records_it_in_the_trace(model, tmp_path):
+    """run_search on a trace that does not exist yet: the calibration and the sublayer cost model (fit_cost_model,
+    with its verify cost curve) are measured and stored in the trace's header, then the runs are recorded."""
+    from minispec.training.skip_search import run_search
+    prompts = [[1, 5, 9, 2, 7, 3, 8, 4], [2, 6, 1, 9, 3, 7, 5, 8]]
+    trace = run_search(model, str(tmp_path / "trace.json"), methods=("random",), budget=3, prompts=prompts, n_new=6,
+                       progress=False, log=lambda *a: None)
+    cm = CostModel.from_json(json.loads((tmp_path / "trace.json").read_text())["cost_model"])
+    assert cm.n_layers == model.config.n_layers and min(cm.base, cm.attn, cm.mlp) >= 0
+    assert cm.curve[1] == 1.0 and len(cm.curve) > 1
+    assert len(trace.evaluations("random/predicted", trace.data["runs"]["random/predicted"]["settings"])) == 3

@@ -57,6 +57,8 @@ def hydra_drafted_paths(choices):
         expand = [sum(1 for r in range(n) if any(len(q) == d + 2 and q[:d + 1] == par + (r,) for q in nodes))
                   for par, n in zip(parents[d], n_children)]
         nxt = []
+        if len(rows) < len(parents[d]):        # Hydra has fewer rows than the tree has parents here: other paths
+            return None
         for row_idx, (n, e) in enumerate(zip(n_children, expand)):
             kids = [rows[row_idx] + (r,) for r in range(n)]             # the top-n tokens of this row
             drafted += kids

@@ -188,7 +188,7 @@ def test_hydra_head_backward_equals_finite_differences(L):
     ref = lambda: ref_head(a, p["res_w"], p["res_b"], blocks(), p["proj_w"], p["proj_b"])   # noqa: E731
     logits, saved = head_forward(p, a, keep=True)
     close(logits, ref(), 1e-12)
-    da, g = bp.head_backward(G, p, saved)
+    da, g = bp.hydra_head_backward(G, p, saved)
     f = lambda: float((ref() * G).sum())                                         # noqa: E731
     close(da, numgrad(f, a))
     assert set(g) == set(p)
@@ -211,7 +211,7 @@ def test_label_and_teacher_cross_entropies_and_their_gradients():
         lq, p = ref_logsoftmax(z), np.exp(ref_logsoftmax(tz))
         return -np.mean([p[b] @ lq[b] for b in range(B) if valid[b]])
 
-    loss, d = bp.label_ce(z, labels)
+    loss, d = bp.cross_entropy(z, labels)
     assert abs(float(loss) - ref_label()) < 1e-12
     close(d, numgrad(ref_label, z))
     loss, d = bp.teacher_ce(z, tz, valid)
@@ -323,7 +323,7 @@ def test_the_fused_head_loss_is_the_weighted_sum_of_the_two_cross_entropies():
     z, tz = rng.standard_normal((5, 6)), rng.standard_normal((5, 6))
     labels = np.array([2, -1, 0, 5, 1])
     lm, tl, d = bp.head_ce(z, labels, tz, 0.3, 0.8)
-    l1, d1 = bp.label_ce(z, labels)
+    l1, d1 = bp.cross_entropy(z, labels)
     l2, d2 = bp.teacher_ce(z, tz, labels >= 0)
     assert abs(lm - float(l1)) < 1e-12 and abs(tl - float(l2)) < 1e-12
     close(d, 0.3 * d1 + 0.8 * d2, 1e-12)
@@ -336,7 +336,7 @@ def test_the_fused_head_loss_is_the_weighted_sum_of_the_two_cross_entropies():
 # Held-out measures and the CLI end to end
 # ---------------------------------------------------------------------------------------------------------
 def test_teacher_forced_tau_counts_the_right_prefix_of_each_path_by_hand():
-    from minispec.training.train_hydra import teacher_forced_tau, topk_accuracies
+    from minispec.training.train_hydra import rank_accuracies, teacher_forced_tau
     from minispec.speculative.tree import Tree
     # ranks[d, t]: where the label of head d sits in its top-k at position t (k = 3: not in the top-3; -1: none)
     ranks = np.array([[0, 1, 0, 3, 0],
@@ -346,7 +346,7 @@ def test_teacher_forced_tau_counts_the_right_prefix_of_each_path_by_hand():
     # t=4 left out (head 1 has no label there)
     assert teacher_forced_tau(tree, ranks) == pytest.approx((3 + 3 + 2 + 1) / 4)
     assert teacher_forced_tau(Tree.chain(1), ranks) == pytest.approx(1 + 3 / 5)
-    acc = topk_accuracies(ranks, k=3)
+    acc = rank_accuracies(ranks, k=3)
     assert np.allclose(acc, [[3 / 5, 1 / 5, 0], [3 / 4, 0, 1 / 4]])
 
 

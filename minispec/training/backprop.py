@@ -1,20 +1,79 @@
-"""Hand-derived backward passes for training Hydra and Hydra++ heads (arXiv 2402.05109) in NumPy/CuPy.
+"""Hand-derived backward passes for training Medusa heads (arXiv 2401.10774) and Hydra / Hydra++ heads
+(arXiv 2402.05109) in NumPy/CuPy.
 
-The forwards are the ones inference runs (minispec.layers, minispec.hydra.head_forward / prefix_forward with
-keep=True); this module adds only their backward passes, each the chain rule written out and checked against
-central finite differences in float64 by tests/test_train_hydra.py. Reading order follows the data: RMSNorm ->
-RoPE -> GQA attention under a mask -> SwiGLU -> the Hydra++ prefix layer (one Mistral decoder layer + a final
-RMSNorm) -> a Hydra head's residual blocks and its vocabulary projection with a bias -> the two losses
-(cross-entropy to labels, and to the base model's softmax: the teacher loss).
+The forwards are the ones inference runs (minispec.mistral.layers, decoders.medusa.head_forward,
+decoders.hydra.head_forward / prefix_forward with keep=True); this module adds only their backward passes, each
+the chain rule written out and checked against central finite differences in float64 by tests/test_medusa.py and
+tests/test_train_hydra.py. Reading order: SiLU and the label cross-entropy -> a Medusa head's residual blocks ->
+RMSNorm -> RoPE -> GQA attention under a mask -> SwiGLU -> the Hydra++ prefix layer (one Mistral decoder layer + a
+final RMSNorm) -> a Hydra head (first block over the concatenated input, then a Medusa head's blocks) -> the
+teacher loss (cross-entropy to the base model's softmax).
 
-Shapes: T rows (positions), D dim, H / Hkv heads, R = H / Hkv, Dh head dim, F ffn dim, V vocab, S keys.
+Shapes: T rows (positions), D dim, H / Hkv heads, R = H / Hkv, Dh head dim, F ffn dim, V vocab, S keys, Lh blocks
+of a head.
 """
 import numpy as np
 
 from ..backend import array_module
 from ..mistral.layers import apply_rope, attention, silu, softmax, swiglu
-from .train_medusa import cross_entropy, silu_grad   # shared with Medusa's training
-from .train_medusa import head_backward as head_backward_blocks
+
+
+# ---------------------------------------------------------------------------------------------------------
+# SiLU's derivative and the cross-entropy to labels (both trainers)
+# ---------------------------------------------------------------------------------------------------------
+def silu_grad(z):
+    """d silu(z) / dz = s + z s (1 - s),  s = sigmoid(z) (written through tanh, like layers.silu)."""
+    xp = array_module(z)
+    half = z.dtype.type(0.5)
+    s = half + half * xp.tanh(half * z)
+    return s * (1 + z * (1 - s))
+
+
+def cross_entropy(logits, labels):
+    """Mean cross-entropy over the rows that have a label, and its gradient.
+
+    logits [B, V], labels int [B] (device; -1 = no label) -> (loss 0-d, dlogits [B, V]).
+    CE = logsumexp(logits) - logits[label];  dCE/dlogits = (softmax(logits) - onehot(label)) / n_labelled."""
+    xp = array_module(logits)
+    dt = logits.dtype.type
+    B = logits.shape[0]
+    rows = xp.arange(B)
+    valid = (labels >= 0).astype(logits.dtype)                                   # [B]
+    safe = xp.where(labels >= 0, labels, 0)                                      # [B]
+    m = logits.max(axis=-1, keepdims=True)                                       # [B, 1]
+    e = xp.exp(logits - m)                                                       # [B, V]
+    s = e.sum(axis=-1, keepdims=True)                                            # [B, 1]
+    n = xp.maximum(valid.sum(), dt(1))
+    loss = ((xp.log(s[:, 0]) + m[:, 0] - logits[rows, safe]) * valid).sum() / n
+    d = e / s                                                                    # [B, V] softmax
+    d[rows, safe] -= dt(1)
+    return loss, d * (valid / n)[:, None]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# A Medusa head (forward: decoders.medusa.head_forward): Lh blocks y + silu(y W_l + b_l), logits = y P
+# ---------------------------------------------------------------------------------------------------------
+def head_backward(dlogits, saved, Ws, P, grad_proj=True):
+    """Backward pass of one head (decoders.medusa.head_forward with keep=True), by the chain rule:
+
+        dP = x_Lh^T dlogits;   dx_Lh = dlogits P^T;   for l = Lh .. 1:  dz_l = dx_l ⊙ silu'(z_l),
+        dW_l = x_{l-1}^T dz_l,   db_l = sum_rows dz_l,   dx_{l-1} = dx_l + dz_l W_l^T   (the residual path)
+
+    dlogits [T, V], saved = (xs, zs), Ws [Lh, D, D], P [D, V] -> (dWs [Lh, D, D], dbs [Lh, D], dP [D, V] or None,
+    dx_0 [T, D], the gradient of the blocks' input)."""
+    xs, zs = saved
+    xp = array_module(dlogits)
+    Lh, D = len(zs), xs[0].shape[1]
+    dWs = xp.empty((Lh, D, D), dtype=dlogits.dtype)                               # [Lh, D, D]
+    dbs = xp.empty((Lh, D), dtype=dlogits.dtype)
+    dP = xs[-1].T @ dlogits if grad_proj else None                               # [D, V]
+    dx = dlogits @ P.T                                                           # [T, D]
+    for layer in reversed(range(Lh)):
+        dz = dx * silu_grad(zs[layer])                                           # [T, D]
+        dWs[layer] = xs[layer].T @ dz                                            # [D, D]
+        dbs[layer] = dz.sum(axis=0)                                              # [D]
+        dx = dx + dz @ Ws[layer].T                                               # [T, D]
+    return dWs, dbs, dP, dx
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -99,7 +158,7 @@ def swiglu_backward(dy, x, w13, w2, saved):
 
 
 # ---------------------------------------------------------------------------------------------------------
-# The Hydra++ prefix layer: one Mistral decoder layer + a final RMSNorm (forward: minispec.hydra.prefix_forward)
+# The Hydra++ prefix layer: one Mistral decoder layer + a final RMSNorm (forward: decoders.hydra.prefix_forward)
 # ---------------------------------------------------------------------------------------------------------
 PREFIX_KEYS = ("attention_norm", "wqkv", "wo", "ffn_norm", "w13", "w2", "norm")
 
@@ -141,10 +200,10 @@ def prefix_backward(dy, p, saved, n_heads, n_kv_heads, eps):
 
 
 # ---------------------------------------------------------------------------------------------------------
-# A Hydra head (forward: minispec.hydra.head_forward): block 1 = res(a) + silu(a W_1 + b_1) on
+# A Hydra head (forward: decoders.hydra.head_forward): block 1 = res(a) + silu(a W_1 + b_1) on
 # a = concat(h, E(x_{t+1}) .. E(x_{t+i+1})) [T, (i+2)D], blocks 2..L = y + silu(y W_l + b_l), logits = y P + c
 # ---------------------------------------------------------------------------------------------------------
-def head_backward(dlogits, p, saved):
+def hydra_head_backward(dlogits, p, saved):
     """Backward of hydra.head_forward (keep=True gives `saved` = {"a", "z": [z_1..z_L], "y": [y_1..y_L]}):
 
         dP = y_Lᵀ dlogits,  dc = sum_rows dlogits,  dy_L = dlogits Pᵀ;  for l = L .. 2:
@@ -156,7 +215,7 @@ def head_backward(dlogits, p, saved):
     a, zs, ys = saved["a"], saved["z"], saved["y"]
     # blocks L .. 2 and the output layer are a Medusa head's residual blocks (inputs y_1 .. y_{L-1}): its backward
     g = {"proj_b": dlogits.sum(axis=0)}                                         # [V]
-    g["ws"], g["bs"], g["proj_w"], dy = head_backward_blocks(dlogits, (ys, zs[1:]), p["ws"], p["proj_w"])
+    g["ws"], g["bs"], g["proj_w"], dy = head_backward(dlogits, (ys, zs[1:]), p["ws"], p["proj_w"])
     dz = dy * silu_grad(zs[0])                                                  # [T, D]
     g["w1"], g["b1"] = a.T @ dz, dz.sum(axis=0)                                 # [(i+2)D, D], [D]
     g["res_w"], g["res_b"] = a.T @ dy, dy.sum(axis=0)
@@ -164,18 +223,13 @@ def head_backward(dlogits, p, saved):
 
 
 # ---------------------------------------------------------------------------------------------------------
-# Losses: cross-entropy to labels, and to the base model's distribution (the teacher loss)
+# The teacher loss: cross-entropy to the base model's distribution, alone and fused with the label loss
 # ---------------------------------------------------------------------------------------------------------
 def log_softmax(logits):
     """Rows of log-probabilities.  [B, V] -> [B, V]"""
     m = logits.max(axis=-1, keepdims=True)
     z = logits - m
     return z - array_module(logits).log(array_module(logits).exp(z).sum(axis=-1, keepdims=True))
-
-
-# label_ce(logits, labels) -> (loss, dlogits): the mean cross-entropy over labelled rows and its gradient
-# (q - onehot) / n, the same loss Medusa's heads train on (train_heads.cross_entropy)
-label_ce = cross_entropy
 
 
 def teacher_ce(logits, teacher_logits, valid):
@@ -193,7 +247,7 @@ def teacher_ce(logits, teacher_logits, valid):
 
 
 def head_ce(logits, labels, teacher_logits=None, lm_weight=1.0, teacher_weight=0.0):
-    """lm_weight · label_ce + teacher_weight · teacher_ce (rows with a label) in one pass over the [B, V]
+    """lm_weight · cross_entropy + teacher_weight · teacher_ce (rows with a label) in one pass over the [B, V]
     arrays, for training speed: softmax(logits) is computed once and
 
         d/dlogits = ((lm_weight + teacher_weight) q - lm_weight onehot - teacher_weight p) / n

@@ -7,14 +7,11 @@ learning rate > 0, Hydra's loss weights >= 0 and not both 0, the output folder n
 """
 from pathlib import Path
 
-import numpy as np
-
 from ..decoders.hydra import KIND_ARCH
 from ..decoders.medusa import VERSIONS
-from ..errors import MissingFileError, UserError, check_int, check_real
+from ..errors import UserError, check_int, check_real
+from .data import corpus_path, load_sequences
 
-REPO = Path(__file__).resolve().parents[2]
-DEFAULT_TEXT = REPO / "data" / "corpus" / "train.txt"
 
 
 def check_training(version="v1", num_heads=4, num_layers=1, data="corpus", text=None, n_tokens=100_000, seq_len=512,
@@ -62,7 +59,7 @@ def check_out_folder(out):
 def check_hydra_training(kind="hydra", num_heads=4, num_layers=None, data="self", text=None, data_cache=None,
                          n_tokens=150_000, seq_len=512, epochs=2, lr=1e-3, batch=256, lm_weight=None,
                          teacher_weight=None, budget=10, gpu_budget=32, top_k=10, heldout=0.1, seed=0, out=None,
-                         checkpoint=None, text_flag=None):
+                         checkpoint=None, text_flag=None, weight_decay=0.0, dropout=0.0):
     """train_hydra's options, checked before the model loads (`minispec train-heads --kind hydra|hydra++` and
     the API share them): the checks Medusa training gets (train_medusa.check_training) and Hydra's own: blocks
     per head >= 1, loss weights finite and >= 0 and not both 0 (the heads would learn nothing), a held-out
@@ -71,6 +68,8 @@ def check_hydra_training(kind="hydra", num_heads=4, num_layers=None, data="self"
     the per-kind defaults filled in."""
     if kind not in KIND_ARCH:
         raise UserError(f"--kind must be one of {sorted(KIND_ARCH)} for Hydra training, not {kind!r}")
+    check_real("weight_decay", weight_decay, low=0)
+    check_real("dropout", dropout, low=0, high=1, high_open=True)
     plus = kind == "hydra++"
     num_layers = (4 if plus else 1) if num_layers is None else num_layers
     lm_weight = (0.0 if plus else 1.0) if lm_weight is None else lm_weight
@@ -105,45 +104,3 @@ def check_hydra_training(kind="hydra", num_heads=4, num_layers=None, data="self"
     if cached:
         load_sequences(data_cache)                      # a broken cache fails now, not after the model loads
     return num_layers, lm_weight, teacher_weight, None if cached else corpus_path(text, text_flag)
-
-
-def corpus_path(text, flag=None):
-    """The corpus to train on: the file `text`, or data/corpus/train.txt when text is None; MissingFileError if
-    there is none. flag: the command-line option that gives text (e.g. "--text"), named in the message."""
-    build = "build one with `python tools/collect_corpus.py --out data/corpus` in a minispec checkout"
-    if text is None:
-        if not DEFAULT_TEXT.is_file():
-            raise MissingFileError(f"no corpus: no {flag or 'text'} given and no {DEFAULT_TEXT.relative_to(REPO)} "
-                                   f"here; {build}, or pass {f'{flag} FILE' if flag else 'a text file'}")
-        return DEFAULT_TEXT
-    if not Path(text).is_file():
-        raise MissingFileError(f"{f'argument {flag}: ' if flag else ''}{text}: no such corpus file; {build}, or "
-                               f"pass an existing text file")
-    return text
-
-
-def load_sequences(path, vocab_size=None):
-    """[(ids, first_label)] from an .npz of int arrays ids (all sequences back to back), lens, first, checked: the
-    three arrays there and integer, the lengths adding up to ids, each first label inside its sequence, the ids
-    below vocab_size (a cache made with another model's tokenizer would train on wrong tokens)."""
-    try:
-        with np.load(path, allow_pickle=False) as z:
-            ids, lens, first = (np.asarray(z[k]) for k in ("ids", "lens", "first"))
-    except (OSError, ValueError, KeyError, EOFError) as e:
-        raise UserError(f"{path}: not a data cache of token sequences (an .npz with ids, lens, first): {e}") from None
-    if not (all(a.ndim == 1 and a.dtype.kind in "iu" for a in (ids, lens, first)) and len(lens) == len(first)
-            and lens.size and (lens >= 1).all() and int(lens.sum()) == ids.size and (first >= 0).all()
-            and (first <= lens).all() and (ids >= 0).all()):
-        raise UserError(f"{path}: a broken data cache: ids, lens and first must be 1-D integer arrays, lens >= 1 "
-                        f"adding up to len(ids), 0 <= first <= lens, ids >= 0; delete it to rebuild it")
-    if vocab_size is not None and ids.size and int(ids.max()) >= vocab_size:
-        raise UserError(f"{path}: token id {int(ids.max())} is outside the model's vocabulary ({vocab_size}): a data "
-                        f"cache of another model; delete it to rebuild it")
-    at = np.concatenate([[0], np.cumsum(lens)])
-    return [(ids[at[j]:at[j + 1]].tolist(), int(first[j])) for j in range(len(lens))]
-
-
-def save_sequences(path, seqs):
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    np.savez(path, ids=np.concatenate([np.asarray(s, np.int64) for s, _ in seqs]),
-             lens=np.array([len(s) for s, _ in seqs], np.int64), first=np.array([f for _, f in seqs], np.int64))

@@ -28,8 +28,8 @@ import numpy as np
 from ..backend import to_host
 from ..errors import Fields, UserError, is_int, is_real, read_json
 from .skip_objective import (CostModel, Calibration, MeasuredObjective, PredictedObjective, calibrate, free_decisions,
-                             from_code, from_params, measure_costs, search_space, to_code, to_params)
-from .train_medusa import corpus_prompts
+                             fit_cost_model, from_code, from_params, search_space, to_code, to_params)
+from .data import corpus_prompts
 from .progress import Progress
 
 FORMAT = "minispec-skip-search/1"
@@ -292,7 +292,7 @@ def run_search(model, trace_path, methods=("bo", "random"), objective="predicted
             f"measuring the cost model ...")
         return {"model": os.path.basename(os.path.normpath(getattr(model, "path", "model"))), "n_layers": L,
                 "calibration": calibrate(model, prompts, n_new).to_json(),
-                "cost_model": measure_costs(model, flat=flat).to_json(), "context": context}
+                "cost_model": fit_cost_model(model, flat=flat).to_json(), "context": context}
 
     resumed = trace_path is not None and os.path.exists(trace_path)
     trace = Trace.open(trace_path, header)
