@@ -85,3 +85,35 @@ def test_bench_decode_prints_the_canonical_curve_and_each_decoders_prediction_be
     tau = float(re.search(r"lookup: +[\d.]+ tokens/s  tau = ([\d.]+)", text).group(1))
     assert abs(pred - tau / (c + p)) < 0.02 and abs(ratio - meas / pred) < 0.02
     assert abs(wall - results["lookup"] / results["ar"]) < 0.006
+
+
+def test_the_loop_times_the_proposal_in_cpu_time_too():
+    """bench decode's prediction reads Stats.propose_cpu_time: a proposer that spins 3 ms of CPU per step (plain
+    decoding otherwise) must show at least that much, and no more than the whole decode's CPU time."""
+    import time
+
+    import numpy as np
+    from conftest import random_tensors, tiny_config
+    from minispec import generate
+    from minispec.decoders.registry import make_proposer
+    from minispec.mistral.model import Model
+    cfg = tiny_config(sliding_window=8, vocab_size=40)
+    m = Model(cfg, random_tensors(cfg, seed=3), dtype="float64", device="cpu")
+    plain = make_proposer("ar", m)
+
+    class Spinning:
+        name = "spinning"
+
+        def start(self, ctx, prompt_hidden):
+            plain.start(ctx, prompt_hidden)
+
+        def propose(self, ctx):
+            t0 = time.process_time()
+            while time.process_time() - t0 < 0.003:
+                np.sqrt(np.arange(100.0))
+            return plain.propose(ctx)
+
+        def observe(self, step):
+            plain.observe(step)
+    s = generate(m, [1, 2, 3], decoder=Spinning(), max_new_tokens=6, eos_id=None).stats
+    assert 6 * 0.003 <= s.propose_cpu_time <= s.decode_cpu_time + 1e-9
