@@ -16,12 +16,13 @@ from minispec.speculative.dynamic_tree import model_costs
 class Scripted:
     """A fake model on a fake clock: a T-token block forward takes 1 + (T - 1) / 2 units, so c(T) = (T + 1) / 2,
     except in two rounds whose multi-token forwards run 10x slower (round 3) and 10x faster (round 7): noise a
-    median ignores and a minimum or a mean would not."""
+    median ignores and a minimum or a mean would not. And, as the shipped model did on a CPU, a one-token forward
+    in a round after one that ran a block of 16 tokens or more takes 1.5 units: the curve must not divide by it."""
     xp = np
     config = SimpleNamespace(vocab_size=50)
 
     def __init__(self):
-        self.now, self.round = 0.0, -1
+        self.now, self.round, self.seen = 0.0, -1, 0          # seen: the largest block since the last T = 1
 
     def clock(self):
         return self.now
@@ -34,9 +35,12 @@ class Scripted:
 
     def forward_block(self, ids, cache):
         T = len(ids)
-        self.round += T == 1                                 # every round starts with the one-token forward
-        noise = {3: 10.0, 7: 0.1}.get(self.round, 1.0) if T > 1 else 1.0
-        self.now += (1 + (T - 1) / 2) * noise
+        if T == 1:                                           # every round starts with the one-token forward
+            self.round, slow, self.seen = self.round + 1, self.seen >= 16, 0
+            self.now += 1.5 if slow else 1.0
+        else:
+            self.seen = max(self.seen, T)
+            self.now += (1 + (T - 1) / 2) * {3: 10.0, 7: 0.1}.get(self.round, 1.0)
         return SimpleNamespace(logits=np.zeros((T, 50)))
 
 
@@ -56,12 +60,13 @@ def test_the_canonical_curve_is_the_median_over_interleaved_rounds_of_its_sizes_
     monkeypatch.setattr(costs, "backend_clock", lambda m: (m.clock, "CPU time"))
     calls = count_measurements(monkeypatch)
     curve = costs.backend_curve(model)
-    assert calls == [(costs.CANONICAL["sizes"], 15, 200)]
-    assert costs.CANONICAL["sizes"] == (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64)
+    # the small sizes in rounds of their own; the large ones in rounds with the anchor T = 8, chained through c(8)
+    assert calls == [((1, 2, 3, 4, 6, 8), 15, 200), ((8, 12, 16, 24, 32, 48, 64), 15, 200)]
     assert curve.costs == {T: (T + 1) / 2 for T in costs.CANONICAL["sizes"]}     # the two noisy rounds ignored
     assert curve.t1 == 1.0 and curve.clock == "CPU time" and (curve.reps, curve.context) == (15, 200)
     text = curve.describe()
     assert "median CPU time" in text and "15 interleaved rounds against 200 cached tokens" in text
+    assert "T > 8 chained through c(8)" in text
     assert "(t1 = 1000.00 ms)" in text and "c(2)=1.50" in text and "c(64)=32.50" in text
 
 
@@ -71,12 +76,12 @@ def test_a_second_call_returns_the_same_curve_without_measuring_and_each_model_h
     a, b = Scripted(), Scripted()
     first = costs.backend_curve(a)
     assert costs.backend_curve(a) is first and costs.backend_curve(a, max_tokens=64) is first
-    assert len(calls) == 1
+    assert len(calls) == 2                                   # one curve: its small and its large sizes
     costs.backend_curve(b)                                   # another model: measured for itself
-    assert len(calls) == 2
+    assert len(calls) == 4
     longer = costs.backend_curve(a, max_tokens=100)          # blocks beyond 64: extended by doublings, once
-    assert calls[-1][0] == costs.CANONICAL["sizes"] + (100,) and longer.costs[100] == 50.5
-    assert costs.backend_curve(a, max_tokens=80) is longer and len(calls) == 3
+    assert calls[-1][0] == (8, 12, 16, 24, 32, 48, 64, 100) and longer.costs[100] == 50.5
+    assert costs.backend_curve(a, max_tokens=80) is longer and len(calls) == 6
 
 
 def test_the_real_clock_is_cpu_time_on_numpy():
@@ -96,4 +101,4 @@ def test_every_decoders_cost_rule_reads_the_one_canonical_curve(monkeypatch):
     assert model_costs(model) == (curve.costs, curve.t1)
     r, c = measured_draft_costs(model, SkipSet.from_lists(2, attn=[0], mlp=[1]), 8)
     assert c is curve.costs and r > 0
-    assert len(calls) == 1
+    assert len(calls) == 2                                   # the curve's two groups of sizes, once
