@@ -60,9 +60,9 @@ def test_the_canonical_curve_is_the_median_over_interleaved_rounds_of_its_sizes_
     monkeypatch.setattr(costs, "backend_clock", lambda m: (m.clock, "CPU time"))
     calls = count_measurements(monkeypatch)
     curve = costs.backend_curve(model)
+    assert curve.costs == {T: (T + 1) / 2 for T in costs.CANONICAL["sizes"]}     # the noise ignored
     # the small sizes in rounds of their own; the large ones in rounds with the anchor T = 8, chained through c(8)
     assert calls == [((1, 2, 3, 4, 6, 8), 15, 200), ((8, 12, 16, 24, 32, 48, 64), 15, 200)]
-    assert curve.costs == {T: (T + 1) / 2 for T in costs.CANONICAL["sizes"]}     # the two noisy rounds ignored
     assert curve.t1 == 1.0 and curve.clock == "CPU time" and (curve.reps, curve.context) == (15, 200)
     text = curve.describe()
     assert "median CPU time" in text and "15 interleaved rounds against 200 cached tokens" in text
