@@ -17,7 +17,7 @@ import numpy as np
 from pathlib import Path
 
 from .backend import to_host
-from .decoders.draft_verify import find_skip_set, measured_draft_costs
+from .decoders.draft_verify import measured_draft_costs
 from .decoders.registry import DECODERS, check_decoder, generate
 from .errors import UserError, check_int
 from .mistral.model import load, proc_bytes
@@ -358,7 +358,8 @@ def bench_decode(model_dir, decoders=("ar", "medusa"), n_tokens=128, n_prompts=8
               f"{ {i: int(c) for i, c in enumerate(hist) if c} }")
     curve = backend_curve(model)
     costs, t1 = curve.costs, curve.t1
-    print(f"canonical verify cost curve on {model.device} (minispec.speculative.costs.backend_curve): {curve.describe()}")
+    print(f"canonical verify cost curve on {model.device} (minispec.speculative.costs.backend_curve): "
+          f"{curve.describe()}")
     base, b = stats[decoders[0]], decoders[0]
     base_step = sum(s.decode_time for s in base) / sum(s.steps for s in base)      # wall seconds per baseline step
     base_cpu = cpu[b] / sum(s.new_tokens for s in base) / runs                     # CPU seconds per baseline token
