@@ -17,12 +17,13 @@ import numpy as np
 from pathlib import Path
 
 from .backend import to_host
-from .decoders.draft_verify import draft_cost_inputs, find_skip_set
+from .decoders.draft_verify import measured_draft_costs
 from .decoders.registry import DECODERS, check_decoder, generate
 from .errors import UserError, check_int
 from .mistral.model import load, proc_bytes
 from .mistral.tokenizer import Tokenizer
-from .speculative.costs import chain_speedup, cost_curve, heads_cost, interp_cost, pick_budget, speedup, tree_speedup
+from .speculative.costs import (backend_clock, backend_curve, chain_speedup, cost_curve, heads_cost, interp_cost,
+                                pick_budget, speedup)
 from .speculative.tree import expected_tau
 
 
@@ -158,9 +159,11 @@ def bench_forward(model_dir, n_tokens=64, runs=5, device="auto", dtype="float32"
           f"CPU time of this process {cpu:.3f} s per token (all threads; wall < CPU/threads means the cores were "
           f"shared)")
     # what verifying T drafted tokens costs in decode steps: where speculation can pay on this machine
-    costs, t1 = cost_curve(model, sizes=(1, 2, 4, 8), reps=3 if model.storage == "mapped" else 15, context=prompt_len)
-    print(f"  verify cost curve c(T) = time(T tokens) / time(1 token = {t1 * 1e3:.1f} ms): "
-          + ", ".join(f"c({T})={v:.2f}" for T, v in costs.items() if T > 1))
+    reps = 3 if model.storage == "mapped" else 15
+    costs, t1 = cost_curve(model, sizes=(1, 2, 4, 8), reps=reps, context=prompt_len)
+    print(f"  verify cost curve c(T) = time(T tokens) / time(1 token = {t1 * 1e3:.1f} ms), medians of wall time over "
+          f"{reps} interleaved rounds against {prompt_len} cached tokens (a quick look, not the canonical CPU-time "
+          f"curve of `bench decode`): " + ", ".join(f"c({T})={v:.2f}" for T, v in costs.items() if T > 1))
     if not compare_hf:
         return {"minispec": med}
     try:
@@ -263,11 +266,11 @@ def draft_summary(stats_list):
     return {"drafted": dict(sorted(hist.items())), "counters": counters, "series": series}
 
 
-def print_draft_verify(model, stats_list, cpu_secs, measured_speedup, measured_tau, baseline):
-    """Draft & Verify's columns: draft lengths and the threshold over time from the bench's runs; then the cost
-    model tau / mean(K r + c(K + 1)) beside the measured speedup, in CPU time (cpu_secs: {decoder: decode CPU
-    seconds} of the same runs) and in wall time (the table above), r and c(T) timed in both clocks at once."""
-    skip = find_skip_set(model)
+def print_draft_verify(model, proposer, stats_list, tau):
+    """Draft & Verify's columns: draft lengths and the threshold over time from the bench's runs; then what its
+    cost rule (sizing="cost") believes, tau / mean(K r + c(K + 1)) with the canonical c(T) and r one draft token
+    timed on the same clock (`measured_draft_costs`), beside the generic prediction from the measured proposal."""
+    skip = proposer.skip
     summary = draft_summary(stats_list)
     gam = np.asarray(summary["series"].get("draft_verify.gamma", [np.nan]))
     ends = [(s.counters["draft_verify.gamma"][0], s.counters["draft_verify.gamma"][-1])
@@ -277,45 +280,42 @@ def print_draft_verify(model, stats_list, cpu_secs, measured_speedup, measured_t
           f"{np.mean([a for a, _ in ends]):.3f}, ends {np.mean([b for _, b in ends]):.3f} (mean over prompts), "
           f"range {gam.min():.3f}..{gam.max():.3f}")
     drafted = [k for s in stats_list for k in s.drafted]
-    (r, c), (r_wall, c_wall) = draft_cost_inputs(model, skip, [k + 1 for k in set(drafted)], 25, 200,
-                                                 (time.process_time, time.perf_counter))
-    pred_cpu = chain_speedup(measured_tau, drafted, r, c)
-    meas_cpu = cpu_secs[baseline] / cpu_secs["draft_verify"]
-    pred_wall = chain_speedup(measured_tau, drafted, r_wall, c_wall)
-    print(f"draft_verify cost model (CPU time, one BLAS thread advised): one draft token r = {r:.2f} AR forwards, "
-          f"c(T) = " + ", ".join(f"c({T})={v:.2f}" for T, v in sorted(c.items())) + "; predicted speedup "
-          f"tau / mean(K r + c(K + 1)) = {pred_cpu:.2f}x vs measured {meas_cpu:.2f}x in CPU time "
-          f"(measured / predicted = {meas_cpu / pred_cpu:.2f}; tau {measured_tau:.2f})")
-    print(f"draft_verify in wall time: measured {measured_speedup:.2f}x (table above) vs {pred_wall:.2f}x predicted "
-          f"from r = {r_wall:.2f} and c(T) timed in wall time the same way")
-    return {"predicted_cpu": pred_cpu, "measured_cpu": meas_cpu, "r": r, "c": c, "tau": measured_tau,
-            "predicted_wall": pred_wall, "measured_wall": measured_speedup}
+    r, c = measured_draft_costs(model, skip, max(drafted, default=0) + 1)
+    pred = chain_speedup(tau, drafted, r, c)
+    print(f"draft_verify cost rule's inputs: one draft token r = {r:.2f} AR forwards ({backend_clock(model)[1]}), "
+          f"c(T) canonical; tau / mean(K r + c(K + 1)) = {pred:.2f}x")
+    return {"predicted": pred, "r": r}
 
 
-def print_lookup(proposer, stats_list, cpu_secs, measured_speedup, measured_tau, baseline, base_step):
-    """Prompt lookup's columns: draft lengths the cost rule chose, where the matches came from (the prompt or
-    the generated text), and the cost model tau / (mean c(K + 1) + p) with the decoder's own c(T) (CPU time,
-    measured once per model: draft_length.verify_costs) and p its lookup time per step over base_step (the
-    baseline's seconds per step in the same interleaved runs), beside the measured speedup in CPU and wall time."""
+def print_lookup(stats_list):
+    """Prompt lookup's columns: the draft lengths the cost rule chose and where the matches came from (the prompt
+    or the generated text). Its prediction is the generic one (`prediction`)."""
     summary = draft_summary(stats_list)
     n = summary["counters"]
     steps = sum(s.steps for s in stats_list)
-    drafted = [k for s in stats_list for k in s.drafted]
-    p = sum(s.propose_time for s in stats_list) / steps / base_step
-    pred = speedup(measured_tau, float(np.mean(interp_cost(proposer.costs, np.asarray(drafted) + 1))), p)
-    meas_cpu = cpu_secs[baseline] / cpu_secs["lookup"]
     print(f"lookup draft lengths (tokens: steps) {summary['drafted']}; {n.get('lookup.matched', 0)} of {steps} "
           f"steps matched, {n.get('lookup.prompt_matched', 0)} of them in the prompt; accepted draft tokens "
           f"{n.get('lookup.accepted', 0)}, {n.get('lookup.prompt_accepted', 0)} of them copied from the prompt")
-    print("lookup cost model (c(T) in CPU time: " + ", ".join(f"c({T})={v:.2f}" for T, v in
-                                                                   sorted(proposer.costs.items()))
-          + f"); lookup p = {p:.3f} AR steps/step: predicted tau / (mean c(K + 1) + p) = {pred:.2f}x vs measured "
-          f"{meas_cpu:.2f}x in CPU time, {measured_speedup:.2f}x in wall time")
-    return {"predicted_cpu": pred, "measured_cpu": meas_cpu, "measured_wall": measured_speedup}
+    return summary
 
 
 def bench_decode(model_dir, decoders=("ar", "medusa"), n_tokens=128, n_prompts=8, runs=2, device="auto",
                  dtype="float32", prompt_set="heldout"):
+    """Every decoder on the same prompts, interleaved prompt by prompt over `runs` runs, greedy: tokens/s (median
+    of the runs), tau, the speed-up over the first decoder (the baseline, plain decoding) and whether its tokens
+    are the baseline's. Then, per decoder, the cost model's PREDICTED speed-up beside the MEASURED one:
+
+        predicted = tau / (mean over steps s of c(N_s) + proposal)        (`prediction`)
+
+    from numbers each measured separately: tau and N_s (the tokens verified at step s, root included) counted in
+    this bench's runs; c(T) the canonical curve of the model on its backend (`backend_curve`: CPU time on NumPy,
+    medians of 15 interleaved rounds against 200 cached tokens, printed with its statistic); proposal the
+    decoder's drafting time per step in this bench's runs (Stats.propose_cpu_time, on the clock of the curve)
+    over t1, the curve's one-token time. Measured: the baseline's CPU seconds per token over the decoder's, the
+    CPU time of the same interleaved decodes (Stats.decode_cpu_time; the curve's clock, run with
+    OPENBLAS_NUM_THREADS=1), with the wall-time speed-up of the table beside it. The prediction prices a plain
+    step at exactly t1: what the loop adds around the forward shows as the baseline's own step cost in t1.
+    Returns (tokens/s per decoder, the canonical curve {T: c(T)})."""
     check_bench(n_tokens, runs, n_prompts, decoders)
     if prompt_set not in PROMPT_SETS:
         raise UserError(f"prompt_set must be one of {', '.join(PROMPT_SETS)}, not {prompt_set!r}")
@@ -356,44 +356,57 @@ def bench_decode(model_dir, decoders=("ar", "medusa"), n_tokens=128, n_prompts=8
               f"speedup vs {decoders[0]} {results[name] / results[decoders[0]]:.2f}x  "
               f"identical output: {'yes' if same else 'NO'}  histogram (tokens/step: steps) "
               f"{ {i: int(c) for i, c in enumerate(hist) if c} }")
-    costs, t1 = cost_curve(model)
-    print(f"verify cost curve on {model.device}: c(T) = time(T tokens) / time(1 token = {t1 * 1e3:.2f} ms): "
-          + ", ".join(f"c({T})={c:.2f}" for T, c in costs.items()))
+    curve = backend_curve(model)
+    costs, t1 = curve.costs, curve.t1
+    print(f"canonical verify cost curve on {model.device} (minispec.speculative.costs.backend_curve): "
+          f"{curve.describe()}")
+    base, b = stats[decoders[0]], decoders[0]
+    base_step = sum(s.decode_time for s in base) / sum(s.steps for s in base)      # wall seconds per baseline step
+    base_cpu = cpu[b] / sum(s.new_tokens for s in base) / runs                     # CPU seconds per baseline token
+    print(f"{b:>8}: one step costs {base_cpu * results_tau[b] / t1:.2f} t1 in {curve.clock} (the model prices it "
+          f"at 1.00); speed-ups below: predicted from c(T) and the measured proposal, measured in {curve.clock} "
+          f"(wall time beside it)")
     props = {name: DECODERS[name](model) for name in decoders[1:]}  # as generate made them (heads cached on the model)
+    predictions = {}
     for name in decoders[1:]:
         tree = getattr(props[name], "tree", None)                      # a static tree's depth, if it has one
-        base = stats[decoders[0]]
-        print(speculation_line(name, stats[name], costs, t1, results[name] / results[decoders[0]],
-                               None if tree is None else tree.max_depth,
-                               sum(s.decode_time for s in base) / sum(s.steps for s in base)))
+        measured_cpu = base_cpu / (cpu[name] / sum(s.new_tokens for s in stats[name]) / runs)
+        line, predictions[name] = speculation_line(
+            name, stats[name], costs, t1, measured_cpu, results[name] / results[b],
+            None if tree is None else tree.max_depth, base_step)
+        print(line)
     for name in ("hydra", "hydra++"):
-        if name in decoders and props[name].heads.accuracies is not None:
+        if name in decoders and tree_of(props[name]) is not None and props[name].heads.accuracies is not None:
             choices = [list(p) for p in props[name].tree.choices[1:]]
             expected = expected_tau(props[name].heads.accuracies, choices)
             print(f"{name} tree of {len(choices)} nodes: expected tau {expected:.2f} (from the heads' stored top-k "
                   f"accuracies, assumed independent) vs measured {results_tau[name]:.2f}")
     if "lookup" in decoders:
-        base = stats[decoders[0]]
-        print_lookup(props["lookup"], stats["lookup"], cpu, results["lookup"] / results[decoders[0]],
-                     results_tau["lookup"], decoders[0], sum(s.decode_time for s in base) / sum(s.steps for s in base))
+        print_lookup(stats["lookup"])
     if "draft_verify" in decoders:
-        print_draft_verify(model, stats["draft_verify"], cpu, results["draft_verify"] / results[decoders[0]],
-                           results_tau["draft_verify"], decoders[0])
-    if "medusa" in decoders:
+        print_draft_verify(model, props["draft_verify"], stats["draft_verify"], results_tau["draft_verify"])
+    if "medusa" in decoders and tree_of(props["medusa"]) is not None:
         heads, shipped = props["medusa"].heads, props["medusa"].tree          # the tree the proposer ran
         if heads.accuracies is not None:
             choices = [list(p) for p in shipped.choices[1:]]
             expected = expected_tau(heads.accuracies, choices)
             print(f"medusa tree of {len(choices)} nodes: expected tau {expected:.2f} (from "
                   f"the heads' held-out top-k accuracies, assumed independent) vs measured {results_tau['medusa']:.2f}")
-            per_depth = [heads_cost(model, heads, t1, num_heads=d) for d in range(1, heads.K + 1)]
+            per_depth = [heads_cost(model, heads, t1, num_heads=d, clock=backend_clock(model)[0])
+                         for d in range(1, heads.K + 1)]
             proposal = per_depth[shipped.max_depth - 1]           # the proposer runs tree.max_depth heads
             budget, ratio = pick_budget(np.asarray(heads.accuracies), costs, per_depth)
             print(f"medusa heads cost {proposal:.2f} AR steps per step ({shipped.max_depth} of {heads.K} heads, as "
-                  f"deep as the tree); the tree budget maximising the expected "
+                  f"deep as the tree, {curve.clock}); the tree budget maximising the expected "
                   f"speedup tau / (c(budget + 1) + heads) here is {budget} nodes (expected {ratio:.2f}x); the "
                   f"shipped tree has {len(choices)} nodes")
     return results, costs
+
+
+def tree_of(proposer):
+    """A proposer's static tree, or None (a chain drafter, or dynamic trees)."""
+    tree = getattr(proposer, "tree", None)
+    return tree if getattr(tree, "choices", None) is not None else None
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -416,22 +429,39 @@ def depth_acceptance(stats_list, max_depth=None):
     return out
 
 
-def speculation_line(name, stats_list, costs, t1, measured, max_depth=None, base_step=None):
-    """One decoder's line: per-depth acceptance, head calls and proposal cost (stats.propose_time, plus the head
-    time the proposer counted itself), c(N) from the cost curve and, given base_step (the baseline's seconds per
-    step in the same interleaved runs), as measured in this run, and predicted vs measured speedup."""
+def prediction(stats_list, costs, t1):
+    """The cost model's predicted speed-up over plain decoding from one decoder's runs (units of t1, the curve's
+    one-token time): tau = tokens per step; c = the mean over steps s of c(N_s), N_s = 1 + the tokens drafted at
+    step s (interpolated on `costs`); proposal = the proposer's CPU time per step (Stats.propose_cpu_time) / t1;
+    predicted = tau / (c + proposal). Returns {"tau", "nodes" (mean N_s), "c", "proposal", "predicted"}."""
     steps = sum(s.steps for s in stats_list)
     tau = sum(s.new_tokens for s in stats_list) / steps
-    nodes = 1 + sum(sum(s.drafted) for s in stats_list) / steps
-    propose = sum(s.propose_time for s in stats_list) / steps / t1         # AR steps per step
+    N = 1 + np.concatenate([np.asarray(s.drafted, np.float64) for s in stats_list])          # [steps]
+    c = float(np.mean(interp_cost(costs, N)))
+    proposal = sum(s.propose_cpu_time for s in stats_list) / steps / t1
+    return {"tau": tau, "nodes": float(N.mean()), "c": c, "proposal": proposal,
+            "predicted": speedup(tau, c, proposal)}
+
+
+def speculation_line(name, stats_list, costs, t1, measured, measured_wall=None, max_depth=None, base_step=None):
+    """One decoder's line and its `prediction`: per-depth acceptance, tokens verified per step and their mean
+    c(N) (and, given base_step, the baseline's wall seconds per step in the same interleaved runs, the verify
+    time per step as this run measured it), head calls, the proposal cost per step (CPU time over t1; with the
+    share of it the heads took, from the wall times the proposer counted), and the predicted speed-up beside
+    the measured one (`measured`: in CPU time; `measured_wall`: in wall time)."""
+    pred = prediction(stats_list, costs, t1)
+    steps = sum(s.steps for s in stats_list)
     counters = draft_summary(stats_list)["counters"]       # counts and times summed (lists, e.g. gamma: not)
-    heads = (f", heads {counters['head_time_s'] / steps / t1:.2f} of them" if "head_time_s" in counters else "")
+    wall = sum(s.propose_time for s in stats_list)
+    heads = (f", heads {pred['proposal'] * counters['head_time_s'] / wall:.2f} of them"
+             if "head_time_s" in counters and wall > 0 else "")
     calls = f", {counters['head_calls'] / steps:.1f} head calls/step" if "head_calls" in counters else ""
     acc = ", ".join(f"{a:.2f}" for a in depth_acceptance(stats_list, max_depth))
-    c_curve = interp_cost(costs, nodes)
-    c_run = (f" (in this run {sum(s.verify_time for s in stats_list) / steps / base_step:.2f})"
+    c_run = (f" (in this run {sum(s.verify_time for s in stats_list) / steps / base_step:.2f}, wall)"
              if base_step else "")
-    return (f"{name:>8}: per-depth acceptance [{acc}]; {nodes:.1f} nodes verified/step, c(N) = {c_curve:.2f}"
-            f"{c_run}{calls}; proposal "
-            f"{propose:.2f} AR steps/step{heads}; speedup predicted tau / (c(N) + proposal) = "
-            f"{tree_speedup(tau, nodes, propose, costs):.2f}x, measured {measured:.2f}x")
+    wall_text = f", {measured_wall:.2f}x in wall time" if measured_wall is not None else ""
+    line = (f"{name:>8}: per-depth acceptance [{acc}]; {pred['nodes']:.1f} nodes verified/step, c(N) = "
+            f"{pred['c']:.2f}{c_run}{calls}; proposal {pred['proposal']:.2f} AR steps/step{heads}; speedup "
+            f"predicted tau / (c(N) + proposal) = {pred['predicted']:.2f}x, measured {measured:.2f}x in CPU time "
+            f"(measured / predicted {measured / pred['predicted']:.2f}){wall_text}")
+    return line, pred

@@ -1,5 +1,7 @@
-"""bench decode's decoder-agnostic columns, on hand-worked numbers."""
-from minispec.bench import depth_acceptance, speculation_line
+"""bench decode's decoder-agnostic columns, on hand-worked numbers, and its predicted-vs-measured line end to end."""
+import re
+
+from minispec.bench import depth_acceptance, prediction, speculation_line
 from minispec.speculative.costs import tree_speedup
 from minispec.speculative.loop import Stats
 
@@ -24,21 +26,95 @@ def test_the_cost_model_divides_tau_by_the_interpolated_verify_cost_plus_the_pro
 
 
 def test_the_decoder_line_reports_head_calls_proposal_cost_and_both_speedups():
-    s = Stats(steps=4, accepted=[1, 3, 1, 3], drafted=[0, 2, 2, 2], propose_time=0.4,
+    s = Stats(steps=4, accepted=[1, 3, 1, 3], drafted=[0, 2, 2, 2], propose_time=0.4, propose_cpu_time=0.2,
               counters={"head_calls": 6, "head_time_s": 0.2})
     s.verify_time = 0.7
-    line = speculation_line("hydra", [s], {1: 1.0, 2: 1.5, 4: 2.5}, 0.1, 1.23, base_step=0.1)
-    assert "2.5 nodes verified/step, c(N) = 1.75 (in this run 1.75)" in line            # 0.7 s / 4 steps / 0.1 s
-    # tau 2, nodes 1 + 6/4 = 2.5 -> c = 1.75; proposal 0.4 / 4 / 0.1 = 1.0 AR steps; 2 / 2.75 = 0.73
+    line, pred = speculation_line("hydra", [s], {1: 1.0, 2: 1.5, 4: 2.5}, 0.1, 1.23, 1.5, base_step=0.1)
+    # tau 2; N_s = 1, 3, 3, 3 -> mean c(N_s) = (1 + 2 + 2 + 2) / 4 = 1.75; proposal 0.2 CPU s / 4 steps / 0.1 s
+    # = 0.5 AR steps, half of it the heads (0.2 of 0.4 wall s); predicted 2 / (1.75 + 0.5) = 0.89
+    assert "2.5 nodes verified/step, c(N) = 1.75 (in this run 1.75, wall)" in line     # 0.7 s / 4 steps / 0.1 s
     assert "per-depth acceptance [0.67, 1.00]" in line and "1.5 head calls/step" in line
-    assert "proposal 1.00 AR steps/step, heads 0.50 of them" in line
-    assert "predicted tau / (c(N) + proposal) = 0.73x, measured 1.23x" in line
+    assert "proposal 0.50 AR steps/step, heads 0.25 of them" in line
+    assert "predicted tau / (c(N) + proposal) = 0.89x, measured 1.23x in CPU time (measured / predicted 1.38), " \
+        "1.50x in wall time" in line
+    assert pred["predicted"] == 2 / 2.25 and pred["c"] == 1.75 and pred["proposal"] == 0.5
+
+
+def test_the_prediction_averages_c_over_the_steps_not_c_of_the_mean_size():
+    """Sized drafts vary per step: c is convex on a CPU, so c(mean N) would flatter them."""
+    s = Stats(steps=2, accepted=[1, 5], drafted=[0, 6], propose_cpu_time=0.0)
+    pred = prediction([s], {1: 1.0, 4: 1.5, 7: 4.0}, 0.1)
+    assert pred["nodes"] == 4.0 and pred["c"] == (1.0 + 4.0) / 2 and pred["predicted"] == 3 / 2.5
 
 
 def test_the_decoder_line_ignores_a_proposer_counter_that_is_a_series_not_a_count():
     """Draft & Verify records its threshold gamma at every step (a list): the line sums counts only."""
-    s = Stats(steps=2, accepted=[2, 3], drafted=[2, 3], propose_time=0.2,
+    s = Stats(steps=2, accepted=[2, 3], drafted=[2, 3], propose_time=0.2, propose_cpu_time=0.2,
               counters={"draft_verify.forwards": 5, "draft_verify.gamma": [0.6, 0.59]})
     s.verify_time = 0.3
-    line = speculation_line("draft_verify", [s], {1: 1.0, 2: 1.5, 4: 2.5}, 0.1, 0.9, base_step=0.1)
+    line, _ = speculation_line("draft_verify", [s], {1: 1.0, 2: 1.5, 4: 2.5}, 0.1, 0.9, base_step=0.1)
     assert "3.5 nodes verified/step" in line and "proposal 1.00 AR steps/step" in line     # 1 + 5/2; 0.2/2/0.1
+
+
+def test_bench_decode_prints_the_canonical_curve_and_each_decoders_prediction_beside_its_measurement(
+        cli_model, capsys, monkeypatch):
+    """End to end on a tiny model: the curve is measured once (lookup's cost rule and the bench share it), printed
+    with its statistic, and the lookup line's prediction is tau / (c(N) + proposal) of its own printed numbers."""
+    from minispec import bench
+    from minispec.speculative import costs
+    calls, real = [], costs.measure_costs
+
+    def spy(*args, **kw):
+        calls.append(args[1])
+        return real(*args, **kw)
+    monkeypatch.setattr(costs, "measure_costs", spy)
+    folder, _, _ = cli_model
+    results, curve = bench.bench_decode(str(folder), decoders=("ar", "lookup"), n_tokens=12, n_prompts=2, runs=1,
+                                        device="cpu", prompt_set="copy")
+    text = capsys.readouterr().out
+    assert len(calls) == 2 and sorted(curve) == list(costs.CANONICAL["sizes"])      # one curve, its two groups
+    assert re.search(r"canonical verify cost curve on cpu .*: c\(T\) = median CPU time of a T-token block forward "
+                     r"/ that of one token, over 15 interleaved rounds against 200 cached tokens, T > 8 chained "
+                     r"through c\(8\) \(t1 = [\d.]+ ms\): "
+                     r"c\(1\)=1\.00, c\(2\)=", text)
+    assert re.search(r"ar: one step costs [\d.]+ t1 in CPU time", text)
+    line = next(ln for ln in text.splitlines() if ln.strip().startswith("lookup: per-depth"))
+    c, p, pred, meas, ratio, wall = map(float, re.search(
+        r"c\(N\) = ([\d.]+) .*proposal ([\d.]+) AR steps/step; speedup predicted tau / \(c\(N\) \+ proposal\) = "
+        r"([\d.]+)x, measured ([\d.]+)x in CPU time \(measured / predicted ([\d.]+)\), ([\d.]+)x in wall time",
+        line).groups())
+    tau = float(re.search(r"lookup: +[\d.]+ tokens/s  tau = ([\d.]+)", text).group(1))
+    assert abs(pred - tau / (c + p)) < 0.02 and abs(ratio - meas / pred) < 0.02
+    assert abs(wall - results["lookup"] / results["ar"]) < 0.006
+
+
+def test_the_loop_times_the_proposal_in_cpu_time_too():
+    """bench decode's prediction reads Stats.propose_cpu_time: a proposer that spins 3 ms of CPU per step (plain
+    decoding otherwise) must show at least that much, and no more than the whole decode's CPU time."""
+    import time
+
+    import numpy as np
+    from conftest import random_tensors, tiny_config
+    from minispec import generate
+    from minispec.decoders.registry import make_proposer
+    from minispec.mistral.model import Model
+    cfg = tiny_config(sliding_window=8, vocab_size=40)
+    m = Model(cfg, random_tensors(cfg, seed=3), dtype="float64", device="cpu")
+    plain = make_proposer("ar", m)
+
+    class Spinning:
+        name = "spinning"
+
+        def start(self, ctx, prompt_hidden):
+            plain.start(ctx, prompt_hidden)
+
+        def propose(self, ctx):
+            t0 = time.process_time()
+            while time.process_time() - t0 < 0.003:
+                np.sqrt(np.arange(100.0))
+            return plain.propose(ctx)
+
+        def observe(self, step):
+            plain.observe(step)
+    s = generate(m, [1, 2, 3], decoder=Spinning(), max_new_tokens=6, eos_id=None).stats
+    assert 6 * 0.003 <= s.propose_cpu_time <= s.decode_cpu_time + 1e-9

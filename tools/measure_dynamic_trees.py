@@ -20,7 +20,7 @@ from minispec.bench import heldout_prompts                          # noqa: E402
 from minispec.decoders.registry import make_proposer                # noqa: E402
 from minispec.mistral.model import load                             # noqa: E402
 from minispec.mistral.tokenizer import Tokenizer                    # noqa: E402
-from minispec.speculative.costs import interp_cost                  # noqa: E402
+from minispec.speculative.costs import backend_curve, interp_cost   # noqa: E402
 from minispec.speculative.dynamic_tree import depth_cost, model_costs           # noqa: E402
 from minispec.speculative.tree import build_tree                    # noqa: E402
 
@@ -101,8 +101,7 @@ def tau_table(model, prompts, n_tokens):
 
 def speed_table(model, prompts, n_tokens, runs):
     costs, t1 = model_costs(model)
-    print(f"c(T) (CPU time, median of 15 interleaved rounds, one-token step {t1 * 1e3:.2f} ms): "
-          + ", ".join(f"c({T})={c:.2f}" for T, c in costs.items()), flush=True)
+    print("canonical", backend_curve(model).describe(), flush=True)
     setups = [("ar", "ar", {})]
     for name in DECODERS:
         setups.append((f"{name} static", name, {}))

@@ -27,7 +27,7 @@ import numpy as np
 
 from ..backend import to_host
 from ..errors import Fields, MissingFileError, UserError, check_int, check_real, is_int, read_json, write_json_lines
-from ..speculative.costs import measure_costs
+from ..speculative.costs import backend_clock, backend_curve, measure_costs
 from ..speculative.draft_length import AcceptanceEstimate, best_length, step_costs
 from ..speculative.loop import Context, Stats
 from ..speculative.sampling import SamplingParams, randomness, target_probs
@@ -220,7 +220,7 @@ class DraftVerifyProposer:
     expected tokens per unit time E(K) / (c(K + 1) + K r) (per-depth acceptance estimated from the steps so far,
     r the cost of one draft token) caps the draft, so the threshold says where a draft may stop and the cost
     check whether another token pays; K* = 0 drafts nothing (a plain decoding step). costs {T: c(T)} and
-    draft_cost r: measured once per model and skip set in CPU time (`draft_cost_inputs`) unless given.
+    draft_cost r unless given: the canonical curve and r timed on its clock (`measured_draft_costs`).
 
     Counts in ctx.stats.counters: "draft_verify.forwards" (one-token draft forwards) and
     "draft_verify.gamma" (a list: the threshold in force at each step, before its update).
@@ -305,12 +305,14 @@ _MEASURED = weakref.WeakKeyDictionary()
 
 
 def measured_draft_costs(model, skip, max_draft):
-    """(r, {T: c(T)} for T = 1..max_draft + 1) of this model and skip set in CPU time (`draft_cost_inputs`),
-    measured once per model and skip set and kept for the next decoder."""
+    """(r, {T: c(T)} covering T = 1..max_draft + 1) of this model and skip set: c(T) the canonical curve
+    (minispec.speculative.costs.backend_curve, shared by every decoder), r one draft token over one full
+    one-token forward, timed by `draft_cost_inputs` on the canonical curve's clock (medians of interleaved
+    rounds, the one-token forward timed in the same rounds); measured once per model and skip set."""
     have = _MEASURED.setdefault(model, {})
-    if (skip, max_draft) not in have:
-        have[(skip, max_draft)] = draft_cost_inputs(model, skip, range(1, max_draft + 2))
-    return have[(skip, max_draft)]
+    if skip not in have:
+        have[skip] = draft_cost_inputs(model, skip, (1,), clock=backend_clock(model)[0])[0]
+    return have[skip], backend_curve(model, max_draft + 1).costs
 
 
 def draft_cost_inputs(model, skip, sizes, reps=25, context=200, clock=time.process_time, K=4):

@@ -11,10 +11,11 @@ Plain decoding makes 1 token per unit of time, so speculation pays only where c(
 On a GPU, and for any memory-bound model, c(T) stays near 1 for dozens of tokens; for a small model whose
 weights sit in a CPU's cache it grows with T (docs/medusa.md, notebook 06).
 
-The curve is measured in ONE place, `measure_costs`: interleaved round-robin over the sizes (a noisy spell hits
-every size alike), with the statistic named by the caller (the median by default; the minimum for a search
-that wants the cost of the work itself). Every predicted speed-up in minispec is one of the three below, each
-the formula above for one kind of draft:
+The timing loop is ONE function, `measure_costs`: interleaved round-robin over the sizes (a noisy spell hits
+every size alike), with the statistic named by the caller. The curve is ONE measurement, `backend_curve(model)`:
+the canonical c(T) of a model on its backend (the clock, statistic, context and sizes in `CANONICAL`), measured
+once per model and used by every decoder's cost rule and by `minispec bench decode` (docs/costs.md). Every
+predicted speed-up in minispec is one of the three below, each the formula above for one kind of draft:
 
     tree_speedup        a tree of N nodes per step on average              (bench decode, any decoder)
     chain_speedup       chains of K_s draft tokens, each costing r         (Draft & Verify)
@@ -22,6 +23,8 @@ the formula above for one kind of draft:
 """
 import statistics
 import time
+import weakref
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -65,23 +68,90 @@ def measure_costs(model, sizes=(1, 2, 4, 8, 16, 32, 64), reps=15, context=200, c
     return out
 
 
+# ---------------------------------------------------------------------------------------------------------
+# The canonical curve: one per model and backend
+# ---------------------------------------------------------------------------------------------------------
+CANONICAL = {"sizes": (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64), "reps": 15, "context": 200, "anchor": 8}
+
+
+def backend_clock(model):
+    """(clock, its name) the canonical curve is timed in: this process's CPU time on NumPy (run with one BLAS
+    thread: on a shared machine a call's wall time also counts the time the neighbours hold the cores, and grows
+    faster than its work), wall time on CuPy (CPU time would miss the device's work; the host waits for it)."""
+    return (time.process_time, "CPU time") if model.xp is np else (time.perf_counter, "wall time")
+
+
+@dataclass(frozen=True)
+class BackendCurve:
+    """A measured verify cost curve and how it was measured."""
+    costs: dict          # {T: c(T)}, c(1) = 1
+    t1: float            # seconds of one one-token forward, in `clock`
+    clock: str           # "CPU time" or "wall time"
+    reps: int            # interleaved rounds (after one warm-up round)
+    context: int         # tokens in the cache the blocks are verified against
+    anchor: int          # sizes up to it are timed together with T = 1; larger ones with T = anchor
+
+    def describe(self):
+        """The curve and its statistic in one line, as bench decode and docs/costs.md print it."""
+        return (f"c(T) = median {self.clock} of a T-token block forward / that of one token, over {self.reps} "
+                f"interleaved rounds against {self.context} cached tokens, T > {self.anchor} chained through "
+                f"c({self.anchor}) (t1 = {self.t1 * 1e3:.2f} ms): "
+                + ", ".join(f"c({T})={c:.2f}" for T, c in sorted(self.costs.items())))
+
+
+_CANONICAL = weakref.WeakKeyDictionary()           # model -> BackendCurve
+
+
+def backend_curve(model, max_tokens=None):
+    """THE verify cost curve of this model on its backend (a `BackendCurve`), T in CANONICAL["sizes"] (1..64):
+    medians over CANONICAL["reps"] (15) interleaved rounds, after one warm-up round, of the `backend_clock` time
+    (CPU time on NumPy, wall time on CuPy) of T-token block forwards against a cache holding
+    CANONICAL["context"] (200) tokens, in two `measure_costs` calls: the sizes up to the anchor (8) in rounds of
+    their own, c(T) = median(T) / median(1) and t1 = median(1); the larger ones in rounds with T = anchor,
+    c(T) = c(anchor) · median(T) / median(anchor). Why two: on the shipped model on a CPU, rounds that also run
+    16- to 64-token blocks time the one-token forward about a quarter slower than rounds of small blocks do
+    (docs/costs.md), slower than plain decoding runs it, which made every small c(T) look cheaper.
+
+    Measured once per model (kept in a weak dictionary: a second call returns the same object and measures
+    nothing), unless max_tokens asks for blocks beyond the sizes measured: then the sizes are extended by
+    doublings up to max_tokens and the curve is measured again, once."""
+    have = _CANONICAL.get(model)
+    if have is not None and (max_tokens is None or max_tokens <= max(have.costs)):
+        return have
+    sizes = list(CANONICAL["sizes"] if have is None else sorted(have.costs))
+    while max_tokens is not None and sizes[-1] < max_tokens:
+        sizes.append(min(2 * sizes[-1], max_tokens))
+    clock, name = backend_clock(model)
+    a, reps, context = CANONICAL["anchor"], CANONICAL["reps"], CANONICAL["context"]
+    costs, t1, _ = measure_costs(model, tuple(T for T in sizes if T <= a), reps, context, clocks=(clock,))[0]
+    large = tuple(T for T in sizes if T >= a)
+    if len(large) > 1:
+        far = measure_costs(model, large, reps, context, clocks=(clock,))[0][0]
+        costs.update({T: costs[a] * far[T] / far[a] for T in large})
+    _CANONICAL[model] = BackendCurve(costs, t1, name, reps, context, a)
+    return _CANONICAL[model]
+
+
 def cost_curve(model, sizes=(1, 2, 4, 8, 16, 32, 64), reps=15, context=200):
-    """(curve {T: c(T)}, t1 seconds): `measure_costs` in wall time, medians."""
+    """(curve {T: c(T)}, t1 seconds): `measure_costs` in WALL time, medians, measured afresh at every call. Not
+    the canonical curve (`backend_curve`, CPU time on NumPy): it is what a reader sees on the clock on the wall,
+    noisier on a shared machine; notebooks 03 and 06, tools/choose_tree.py and `bench forward` (which may run a
+    mapped 7B model, too slow for the canonical sizes) use it, each saying so."""
     curve, t1, _ = measure_costs(model, sizes, reps, context)[0]
     return curve, t1
 
 
-def heads_cost(model, heads, t1, top_k=3, reps=20, num_heads=None):
+def heads_cost(model, heads, t1, top_k=3, reps=20, num_heads=None, clock=time.perf_counter):
     """Median time of one head proposal (heads.topk: the first num_heads heads' top-k on one hidden state), in
-    units of t1 (one AR step). A proposer runs only as many heads as its tree is deep: pass num_heads =
-    tree.max_depth (None times all K heads, which overstates a shallow tree's cost)."""
+    units of t1 (one AR step, read on the same `clock`). A proposer runs only as many heads as its tree is deep:
+    pass num_heads = tree.max_depth (None times all K heads, which overstates a shallow tree's cost)."""
     hidden = model.forward([1], model.new_cache(), return_hidden=True)[1][0]
     heads.topk(hidden, top_k, num_heads=num_heads)
     ts = []
     for _ in range(reps):
-        t0 = time.perf_counter()
+        t0 = clock()
         heads.topk(hidden, top_k, num_heads=num_heads)
-        ts.append(time.perf_counter() - t0)
+        ts.append(clock() - t0)
     return statistics.median(ts) / t1
 
 

@@ -18,13 +18,10 @@ The a_d come from what the verifier accepted so far (`AcceptanceEstimate`): per 
 prior of `weight` pseudo-observations at `prior`, and old observations fading by `decay` every step, so a proposer
 that stopped drafting (K* = 0) drifts back to its prior and tries again once the context may have changed.
 """
-import time
-import weakref
-
 import numpy as np
 
 from ..errors import check_int, check_real
-from .costs import interp_cost, measure_costs
+from .costs import backend_curve, interp_cost
 
 
 def expected_tokens(acc, K):
@@ -95,18 +92,8 @@ class AcceptanceEstimate:
         return out
 
 
-_COSTS = weakref.WeakKeyDictionary()
-
-
-def verify_costs(model, max_tokens=9, reps=25):
-    """This model's verify cost curve on its backend for blocks of 1..max_tokens tokens, {T: c(T)}: medians of
-    `reps` interleaved rounds of minispec.speculative.costs.measure_costs against 200 cached tokens, measured
-    once per model and kept for the next decoder. On NumPy the clock is this process's CPU time (run with one
-    BLAS thread): on a shared machine wall times of the same work vary with the other jobs, CPU times far less.
-    On CuPy it is wall time (the host waits for the device)."""
-    sizes = tuple(sorted({s for s in (1, 2, 3, 4, 6, 8) if s < max_tokens} | {max_tokens}))
-    have = _COSTS.get(model)
-    if have is None or max(have) < max_tokens:
-        clock = time.process_time if model.xp is np else time.perf_counter
-        _COSTS[model] = measure_costs(model, sizes, reps, clocks=(clock,))[0][0]
-    return _COSTS[model]
+def verify_costs(model, max_tokens=9):
+    """This model's verify cost curve on its backend, {T: c(T)} for T up to at least max_tokens: the canonical
+    curve, minispec.speculative.costs.backend_curve (CPU time on NumPy, medians of 15 interleaved rounds
+    against 200 cached tokens, measured once per model and shared by every decoder)."""
+    return backend_curve(model, max_tokens).costs

@@ -37,7 +37,6 @@ Shapes: N tree nodes, M grown nodes, B rows of one expansion, k children per exp
 """
 import numbers
 import statistics
-import time
 import weakref
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -46,7 +45,7 @@ import numpy as np
 
 from ..backend import array_module, to_host
 from ..errors import UserError
-from .costs import interp_cost, measure_costs
+from .costs import backend_clock, backend_curve, interp_cost
 from .tree import Tree
 
 
@@ -206,20 +205,15 @@ def top_probs(logits, k):
 # ---------------------------------------------------------------------------------------------------------
 # What a proposer holds: the options, the cost model, the tree cache
 # ---------------------------------------------------------------------------------------------------------
-_MODEL_COSTS = weakref.WeakKeyDictionary()          # model -> (curve {T: c(T)}, t1 seconds)
 _DEPTH_COSTS = weakref.WeakKeyDictionary()          # heads -> {(max_nodes, max_depth, top_k, width): depth costs}
 
 
-def model_costs(model, sizes=(1, 2, 4, 8, 16, 32, 48, 64), reps=15):
-    """(curve {T: c(T)}, t1 CPU seconds): this model's verify cost curve on its backend, measured once per model by
-    `measure_costs` in this process's CPU time, medians over the rounds (the cost of the work itself: on a
-    shared machine wall time also counts the time the neighbours hold the cores). Timed on a GPU, CPU time
-    would miss the device's work: there the wall clock is used."""
-    if model not in _MODEL_COSTS:
-        clock = time.perf_counter if getattr(model, "device", "cpu") == "cuda" else time.process_time
-        curve, t1, _ = measure_costs(model, sizes=sizes, reps=reps, clocks=(clock,))[0]
-        _MODEL_COSTS[model] = (curve, t1)
-    return _MODEL_COSTS[model]
+def model_costs(model):
+    """(curve {T: c(T)}, t1 seconds): this model's canonical verify cost curve on its backend,
+    minispec.speculative.costs.backend_curve (CPU time on NumPy, wall time on CuPy; medians of 15 interleaved
+    rounds against 200 cached tokens, T = 1..64), measured once per model and shared by every decoder."""
+    curve = backend_curve(model)
+    return curve.costs, curve.t1
 
 
 class DynamicTrees:
@@ -288,7 +282,7 @@ def measure_depth_costs(model, trees, expand_at, hidden, step_extra=None, reps=9
     the clock of `model_costs`; with the medians m_B and m_1, per row = (m_B - m_1) / (B_d - 1) (0 when B_d = 1)
     and fixed = m_1 - per row, both >= 0. Depth 0's fixed cost also carries what every step pays besides the
     expansions: the one-row growth's own bookkeeping and tree building, and step_extra() when given."""
-    clock = time.perf_counter if getattr(model, "device", "cpu") == "cuda" else time.process_time
+    clock = backend_clock(model)[0]
     cache = model.new_cache()
     model.forward(np.arange(1, 33) % model.config.vocab_size, cache)
     D = trees.max_depth

@@ -41,6 +41,7 @@ class Stats:
     decode_time: float = 0.0                        # from the first step to the last token
     decode_cpu_time: float = 0.0                    # this process's CPU time (all threads) over decode_time
     propose_time: float = 0.0                       # of decode_time: inside proposer.propose / observe
+    propose_cpu_time: float = 0.0                   # the same calls in this process's CPU time (all threads)
     verify_time: float = 0.0                        # of decode_time: inside verify (one forward + accept + commit)
     drafted: list = field(default_factory=list)     # draft tokens proposed per step (tree nodes after the root)
     counters: dict = field(default_factory=dict)    # the proposer's own counts (head calls, draft forwards, ...)
@@ -119,23 +120,25 @@ def run_loop(model, ids, proposer, rule, params, rng, max_new_tokens, eos_id, on
     else:
         prompt_hidden = model.xp.zeros((0, model.config.dim), dtype=model.dtype)            # [0, D]
     stats.prefill_time = clock() - t0
-    t1 = clock()
+    t1, c1 = clock(), time.process_time()
     proposer.start(Context(ids[-1], None, model, cache, params, rng, stats, prompt=ids), prompt_hidden)
     stats.propose_time += clock() - t1
+    stats.propose_cpu_time += time.process_time() - c1
 
     out, root, hidden = [], ids[-1], None
     t0, cpu0 = clock(), time.process_time()
     while len(out) < max_new_tokens:
-        t1 = clock()
+        t1, c1 = clock(), time.process_time()
         left = max_new_tokens - len(out)
         draft = proposer.propose(Context(root, hidden, model, cache, params, rng, stats, left, prompt=ids))
         if not cache.ring:      # a cache without a window: the draft fits the positions left (verify.cut_draft)
             draft = cut_draft(draft, cache.W - cache.pos)
-        t2 = clock()
+        t2, c2 = clock(), time.process_time()
         step = verify(model, cache, draft, rule, limit=max_new_tokens - len(out), eos_id=eos_id)
-        t3 = clock()
+        t3, c3 = clock(), time.process_time()
         proposer.observe(step)
         stats.propose_time += (t2 - t1) + (clock() - t3)
+        stats.propose_cpu_time += (c2 - c1) + (time.process_time() - c3)
         stats.verify_time += t3 - t2
         stats.steps += 1
         stats.forward_calls += 1

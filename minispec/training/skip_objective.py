@@ -170,7 +170,12 @@ def fit_cost_model(model, context=64, reps=60, sizes=(1, 2, 3, 4, 6, 8, 12, 16),
     GPU-like backend).
 
     Each timing is the MINIMUM over reps, not the median: on a shared CPU a longer call is more likely to be
-    preempted, which inflates medians unevenly; the minimum is the machine's cost of the work itself."""
+    preempted, which inflates medians unevenly; the minimum is the machine's cost of the work itself.
+
+    So its c(T) is deliberately NOT the canonical curve (minispec.speculative.costs.backend_curve: medians of
+    CPU time against 200 cached tokens), which prices what a decoder pays on average: the search ranks skip sets
+    by their sublayers' cost, timed here in wall-clock minima, and c(T) must be timed the same way as the
+    c_d it is compared with. The trace stores the curve it used; decoders never read it."""
     L, V = model.config.n_layers, model.config.vocab_size
     variants = [SkipSet.none(L), SkipSet((True,) * L, (False,) * L), SkipSet((False,) * L, (True,) * L),
                 SkipSet((True,) * L, (True,) * L)]
