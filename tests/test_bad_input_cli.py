@@ -133,7 +133,8 @@ def test_resuming_a_trace_with_calibration_settings_it_was_not_made_with_is_refu
 
 
 def test_the_shipped_trace_resumed_with_its_own_settings_passes_the_checks(tmp_path):
-    from minispec.cli import build_parser, check_search_skip
+    from minispec.cli import build_parser
+    from minispec.cli.search_skip import check_search_skip
     path = trace_file(tmp_path)
     args = build_parser().parse_args(["search-skip", "--method", "random", "--trace", path])
     assert check_search_skip(args) == (tmp_path / "trace.json", None)

@@ -7,6 +7,7 @@ import numpy as np
 from conftest import FIXTURES
 
 from minispec import bench
+from minispec.bench import forward
 from minispec.mistral.model import proc_bytes
 
 
@@ -20,7 +21,7 @@ def test_memory_bandwidth_reads_every_element_once_spread_over_the_threads_it_is
         return np.add.reduce(a)
 
     fake = SimpleNamespace(ones=np.ones, uint64=np.uint64, array_split=np.array_split, add=SimpleNamespace(reduce=reduce))
-    monkeypatch.setattr(bench, "np", fake)
+    monkeypatch.setattr(forward, "np", fake)
     assert bench.memory_bandwidth(mb=8, reps=2, threads=3) > 0
     assert sum(calls) == 2 * (8 << 17)                                 # 8 MB of uint64, read twice (reps)
     assert len(calls) == 6                                             # three parts per read, on three threads

@@ -8,8 +8,8 @@ from safetensors.numpy import save_file
 from conftest import random_tensors, rel_err, tiny_config
 from minispec.mistral.model import Model, load
 from minispec.mistral.oracle import oracle_forward
-from minispec.mistral.weights import (CheckpointError, bf16_to_float32, interleaved_to_half_rope, load_tensors,
-                              read_safetensors)
+from minispec.mistral.safetensors import CheckpointError, bf16_to_float32, read_safetensors
+from minispec.mistral.weights import interleaved_to_half_rope, load_tensors
 
 HF_NAMES = {"tok_embeddings.weight": "model.embed_tokens.weight", "norm.weight": "model.norm.weight",
             "output.weight": "lm_head.weight"}

@@ -2,7 +2,7 @@
 
 CPU ("tree"): the budget maximising the expected speedup tau(budget) / (c(budget + 1) + heads cost), the heads
 cost being that of the tree's depth of heads (the proposer runs no more), with
-c(T) the verify cost curve measured here (minispec.bench.cost_curve) and tau from the heads' held-out top-k
+c(T) the verify cost curve measured here (minispec.speculative.costs.cost_curve) and tau from the heads' held-out top-k
 accuracies (minispec.speculative.tree.build_tree). GPU ("tree_cuda"): a verify of up to dozens of tokens costs about one
 step there, so the tree is simply grown to --gpu-budget nodes. The heads are rewritten in --dtype.
 

@@ -13,7 +13,7 @@ from safetensors.numpy import save_file
 
 from ..errors import MissingFileError, UserError, check_finite, write_json_lines
 from ..mistral.model import FLOAT16_MAX
-from ..mistral.weights import CheckpointError, check_float
+from ..mistral.safetensors import CheckpointError, check_float
 from ..speculative.tree import Tree
 
 # model -> {folder: heads}: a decoder built for every generate() call loads its heads once per model

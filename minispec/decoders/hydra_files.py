@@ -41,7 +41,7 @@ from safetensors.numpy import save_file
 from ..backend import to_device, to_host
 from ..errors import Fields, UserError, read_json
 from ..mistral.layers import rope_inv_freq
-from ..mistral.weights import CheckpointError, read_safetensors, safetensors_in
+from ..mistral.safetensors import CheckpointError, read_safetensors, safetensors_in
 from .heads import (check_fits, check_head_sizes, check_tensors, load_either, read_head_trees, read_trees,
                     refuse_heads_pickle, save_folder)
 from .hydra import ARCHS, KIND_ARCH, HydraHeads, head_input_width

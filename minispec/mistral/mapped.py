@@ -28,7 +28,7 @@ import threading
 
 import numpy as np
 
-from .weights import Tensor16
+from .safetensors import Tensor16
 
 # float32 bytes of one widened block for a matrix-vector product: small enough to stay in the CPU's last-level
 # cache while gemv reads it, large enough that Python's per-call overhead is a small part of a block's work

@@ -21,7 +21,8 @@ from ..errors import UserError, check_token_ids, warn_if_past_max_positions
 from .cache import RollingCache
 from .layers import GEMV_ROWS, attention, linear, qkv_heads, rms_norm, rope_tables, sliding_window_mask, swiglu
 from .mapped import MappedMatrix, MappedRows, Workspace, one_blas_thread
-from .weights import Tensor16, bf16_to_float32, load_config, load_tensors
+from .safetensors import Tensor16, bf16_to_float32
+from .weights import load_config, load_tensors
 
 DTYPES = {"float16": np.float16, "float32": np.float32, "float64": np.float64}
 WEIGHTS = ("auto", "widened", "mapped")

@@ -15,7 +15,7 @@ from safetensors.numpy import save_file
 
 from ..backend import array_module, to_device, to_host
 from ..errors import Fields, UserError, read_json
-from ..mistral.weights import read_safetensors
+from ..mistral.safetensors import read_safetensors
 from .progress import Progress
 
 
