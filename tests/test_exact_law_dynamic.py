@@ -12,6 +12,7 @@ from minispec.speculative.dynamic_tree import DynamicTrees
 from minispec.speculative.exact_law import autoregressive_law, decoder_law, memoised, step_law, tv
 from minispec.speculative.sampling import SamplingParams
 from minispec.speculative.verify import Draft
+from test_dynamic_tree import table_expand
 from test_exact_law import EXACT, oracle_probs, table
 
 N_CASES = 120
@@ -29,18 +30,7 @@ def dynamic_drafter(draft_logits, max_nodes, max_depth, top_k, width):
                           width=width)
 
     def propose(prefix, rand):
-        def expand(d, rows, tokens, parents):
-            ids, probs = [], []
-            for n in rows:
-                path, j = [], int(n)
-                while j > 0:
-                    path.append(int(tokens[j]))
-                    j = int(parents[j])
-                p = softmax(draft_logits(tuple(prefix) + tuple(reversed(path))))          # [V]
-                order = np.argsort(-p, kind="stable")                                     # ties: smaller id
-                ids.append(order)
-                probs.append(p[order])
-            return np.array(ids), np.array(probs)
+        expand = table_expand(lambda path: softmax(draft_logits(tuple(prefix) + path)))   # q(path) [V]
         tree, tokens = grower.grow(int(prefix[-1]), expand)
         return Draft(tree, [int(t) for t in tokens])
     return propose
