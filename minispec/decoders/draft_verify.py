@@ -2,7 +2,7 @@
 
 The draft model is the model itself with some attention and MLP sublayers skipped (a skipped sublayer is the
 identity on the residual stream); it drafts a chain one token at a time until its confidence falls under an
-adaptive threshold, and the full model verifies the chain in one forward (minispec.verify). No extra weights.
+adaptive threshold, and the full model verifies the chain in one forward (minispec.speculative.verify). No extra weights.
 
     skip = SkipSet.from_lists(n_layers=6, attn=[2, 3], mlp=[4])       # skip attention of layers 2, 3 and MLP of 4
     logits = model.forward(ids, skip=skip)                              # the draft model, no cache

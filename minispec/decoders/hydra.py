@@ -24,7 +24,7 @@ Head i (HydraHeads.heads[i], a dict), L = num_layers, I = (i+2)·D:
     "w1"    [I, D]   "b1"    [D]            block 1's linear (zero at init)
     "ws"    [L-1, D, D]  "bs" [L-1, D]      blocks 2..L, each its own weights (see "shared blocks" below)
     "proj_w" [D, V]  "proj_b" [V]           the vocabulary projection with its bias
-Prefix layer (HydraHeads.prefix, a dict, None for plain Hydra), the layout of minispec.model's layers:
+Prefix layer (HydraHeads.prefix, a dict, None for plain Hydra), the layout of minispec.mistral.model's layers:
     "attention_norm" [D]   "wqkv" [D, (H + 2Hkv)·Dh] (q | k | v columns)   "wo" [H·Dh, D]
     "ffn_norm" [D]         "w13" [D, 2F] (w1 | w3 columns)                  "w2" [F, D]
     "norm" [D]             the final RMSNorm

@@ -231,7 +231,7 @@ def read_hydra(folder, model):
     arch = f.choice("hydra_head_arch", ARCHS)
     if not f.flag("grounded_heads", default=False):
         raise CheckpointError(f"{cfg_path}: grounded_heads is false: ungrounded heads read h_t alone, i.e. they are "
-                              f"Medusa heads (minispec.medusa), not Hydra heads")
+                              f"Medusa heads (minispec.decoders.medusa), not Hydra heads")
     offset = f.int("hidden_state_offset", default=0)
     if offset:
         raise CheckpointError(f"{cfg_path}: hidden_state_offset = {offset}; minispec's heads read "

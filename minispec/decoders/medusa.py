@@ -13,7 +13,8 @@ W_l and b_l start at zero, so an untrained head is the identity followed by P_k.
           "v2" is minispec's name; FasterDecoding has no such flag: a v2 file is one WITHOUT projection keys.
 
 The proposer takes each head's top-k tokens at the last verified position and places them on a static tree
-(minispec.tree, Medusa's "choices"); the shared verifier (minispec.verify) checks the whole tree in one forward.
+(minispec.speculative.tree, Medusa's "choices"); the shared verifier (minispec.speculative.verify) checks the
+whole tree in one forward.
 
 Files (minispec.decoders.medusa_files): minispec's own format and FasterDecoding's. Both use FasterDecoding's
 tensor names in Hugging Face (out, in) orientation:
@@ -47,7 +48,7 @@ def head_forward(h, Ws, bs, P, keep=False):
     """One Medusa head: num_layers residual blocks, then the projection.
 
     h [T, D], Ws [Lh, D, D] (in, out), bs [Lh, D], P [D, V] -> logits [T, V].
-    keep=True also returns what the backward pass needs (minispec.train_heads.head_backward):
+    keep=True also returns what the backward pass needs (minispec.training.backprop.head_backward):
     xs = [x_0 .. x_Lh] (each [T, D]) and zs = [z_1 .. z_Lh], z_l = x_{l-1} W_l + b_l, the pre-activations.
     """
     xs, zs, x = [h], [], h
@@ -170,10 +171,10 @@ class MedusaProposer:
     with tree="dynamic" one grown afresh at every step (minispec.speculative.dynamic_tree).
 
     heads: MedusaHeads (the registry's factory finds them: minispec.decoders.heads.heads_for); tree: a
-    minispec.tree.Tree or a choices list, default the tree stored with the heads for this backend ("tree_cuda"
-    on a GPU when stored, where a verify of N tokens costs about one step; else "tree", sized from the CPU's cost
-    curve c(T)), the chain of K tokens when none is stored; top_k: candidates read per head, default what the
-    tree needs (its largest rank + 1).
+    minispec.speculative.tree.Tree or a choices list, default the tree stored with the heads for this backend
+    ("tree_cuda" on a GPU when stored, where a verify of N tokens costs about one step; else "tree", sized from
+    the CPU's cost curve c(T)), the chain of K tokens when none is stored; top_k: candidates read per head,
+    default what the tree needs (its largest rank + 1).
     tree="dynamic": max_nodes (an int, or "auto": sized per step from costs {T: c(T)} and depth_costs, measured
     once when not given, at most `cap` nodes), max_depth (default K), top_k (children per node), width (nodes
     expanded per depth). A node's value is the product of its heads' softmax probabilities of its tokens: the

@@ -142,7 +142,7 @@ class Model:
 
     def _run(self, ids, positions, mask, cache, skip=None):
         """The layers. ids, positions: host int arrays [T]; mask [T, S] on the device; cache or None;
-        skip: a SkipSet (minispec.draft_verify) or None — skip.attn[i] / skip.mlp[i] drop that sublayer."""
+        skip: a SkipSet (minispec.decoders.draft_verify) or None — skip.attn[i] / skip.mlp[i] drop that sublayer."""
         if self.storage == "mapped" and len(ids) <= GEMV_ROWS:
             # The mapped products run on minispec's own threads (mapped.THREADS). BLAS's threads, woken by the
             # small attention products in between, would spin on the core the second of those needs (the cost

@@ -31,7 +31,7 @@ def native_rope_rows(w, n_heads):
 
 
 def oracle_forward(config, tensors, ids):
-    """Logits [T, V] (float64) of canonical tensors (minispec.weights.load_tensors) for token ids [T]."""
+    """Logits [T, V] (float64) of canonical tensors (minispec.mistral.weights.load_tensors) for token ids [T]."""
     c = config
     w = {k: np.asarray(v, dtype=np.float64) for k, v in tensors.items()}
     ids = np.asarray(ids, dtype=np.int64)

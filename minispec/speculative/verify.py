@@ -20,7 +20,7 @@ from .tree import Tree
 class Draft:
     """What a proposer hands the verifier.
 
-    tree: a minispec.tree.Tree (a chain is a tree; the root-only tree is plain decoding);
+    tree: a minispec.speculative.tree.Tree (a chain is a tree; the root-only tree is plain decoding);
     tokens [N]: host ints in tree node order, tokens[0] = the root (already chosen, not yet in the cache);
     q [N - 1, V] or None: for a draft SAMPLED from a distribution (Draft & Verify's chain), row i is the draft's
     distribution that tokens[i + 1] was drawn from; chain rejection sampling needs it. None for deterministic
@@ -67,10 +67,10 @@ def cut_draft(draft, room):
 def verify(model, cache, draft, accept, limit=None, eos_id=None):
     """Run the draft (a Draft: tree, tokens [N] in tree node order, tokens[0] = root) and commit the accepted path.
 
-    accept(draft, logits [N, V]) -> (path, bonus) is one of minispec.sampling's rules bound to its parameters
-    (minispec.generate.make_rule). The emitted tokens stop after `limit` tokens and after eos_id; only what
-    precedes the last emitted token is committed (root included), so the cache always holds exactly the
-    sequence minus its newest token, whether or not the step was cut short. Returns a Verified.
+    accept(draft, logits [N, V]) -> (path, bonus) is one of minispec.speculative.acceptance's rules bound to its
+    parameters (minispec.speculative.acceptance.make_rule). The emitted tokens stop after `limit` tokens and after
+    eos_id; only what precedes the last emitted token is committed (root included), so the cache always holds
+    exactly the sequence minus its newest token, whether or not the step was cut short. Returns a Verified.
     """
     tree, tokens = draft.tree, draft.tokens
     out = model.forward_block(tokens, cache, depths=tree.depths, parents_mask=tree.mask)

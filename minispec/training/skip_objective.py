@@ -1,4 +1,4 @@
-"""The skip-set search's encoding and objectives (the searches themselves: minispec.skip_search).
+"""The skip-set search's encoding and objectives (the searches themselves: minispec.training.skip_search).
 
 Which sublayers should the Draft & Verify draft model skip? A search over the 2L skip decisions.
 

@@ -4,7 +4,7 @@
     minispec search-skip --model DIR --method exhaustive   # every set: the ground truth of the predicted objective
     minispec search-skip --model DIR --objective measured  # the authors' objective: measured tokens/s (noisy)
 
-The objectives and the encoding live in minispec.skip_objective. The methods:
+The objectives and the encoding live in minispec.training.skip_objective. The methods:
 
     random      the sets of the search space in a seeded random order, without repetition
     bo          the authors' Bayesian optimisation (bayes_opt, a Gaussian process with a Matern kernel and the
@@ -276,7 +276,7 @@ def best_so_far(evaluations):
 # `minispec search-skip`: calibration + cost model (once, kept in the trace), the runs, the chosen set
 # ---------------------------------------------------------------------------------------------------------
 def calibration_prompts(tok, text, n_prompts=8, prompt_len=32, seed=0):
-    """Calibration prompts cut from a training text at random places (minispec.train_heads.corpus_prompts)."""
+    """Calibration prompts cut from a training text at random places (minispec.training.data.corpus_prompts)."""
     g = corpus_prompts(tok, text, prompt_len, seed=seed)
     return [next(g) for _ in range(n_prompts)]
 

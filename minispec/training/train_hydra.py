@@ -244,7 +244,7 @@ def heldout_ranks(heads, data, k=10, batch=512):
 
 def rank_accuracies(ranks, k=10):
     """acc[i][r] = P(head i's rank-r candidate is the label), over positions with a label for head i.
-    -> float64 [K, k]: what minispec.tree.build_tree takes."""
+    -> float64 [K, k]: what minispec.speculative.tree.build_tree takes."""
     K = ranks.shape[0]
     acc = np.zeros((K, k))
     for i in range(K):
