@@ -317,9 +317,10 @@ def measured_draft_costs(model, skip, max_draft):
 
 def draft_cost_inputs(model, skip, sizes, reps=25, context=200, clock=time.process_time, K=4):
     """Draft & Verify's cost-model inputs (r, {T: c(T)}) for minispec.speculative.costs.chain_speedup (a list of
-    them, one per clock, when clock is a tuple): r = one draft token (the proposer's own work per token: its skipped one-token forward, argmax or sampling,
-    confidence; timed as whole proposals of K tokens) / one full one-token forward, c(T) the verify cost curve,
-    all timed round-robin against a cache holding `context` tokens by measure_costs (medians).
+    them, one per clock, when clock is a tuple): r = one draft token (the proposer's own work per token: its
+    skipped one-token forward, argmax or sampling, confidence; timed as whole proposals of K tokens) / one full
+    one-token forward, c(T) the verify cost curve, all timed round-robin against a cache holding `context`
+    tokens by measure_costs (medians).
 
     The default clock is CPU time of this process (run with one BLAS thread): on a shared machine a call's WALL
     time grows faster than its work (a longer call is preempted more often), CPU time does not."""

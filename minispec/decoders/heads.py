@@ -66,7 +66,8 @@ def check_tensors(tensors, expected, source, what, optional=None):
     for name in sorted(tensors):
         shape = expected.get(name, optional.get(name))
         if shape is None:
-            raise CheckpointError(f"{source}: unexpected tensor {name!r} (shape {list(tensors[name].shape)}) for {what}")
+            raise CheckpointError(f"{source}: unexpected tensor {name!r} (shape {list(tensors[name].shape)}) for "
+                                  f"{what}")
         if tuple(tensors[name].shape) != tuple(shape):
             raise CheckpointError(f"{source}: tensor {name!r} has shape {list(tensors[name].shape)}, expected "
                                   f"{list(shape)} ({what})")

@@ -14,7 +14,8 @@ from safetensors.numpy import save_file
 from ..backend import to_device, to_host
 from ..errors import Fields, read_json
 from ..mistral.safetensors import CheckpointError, read_safetensors, safetensors_in
-from .heads import check_fits, check_head_sizes, check_tensors, load_either, read_head_trees, refuse_heads_pickle, save_folder
+from .heads import (check_fits, check_head_sizes, check_tensors, load_either, read_head_trees, refuse_heads_pickle,
+                    save_folder)
 from .medusa import VERSIONS, MedusaHeads, model_name
 
 CONFIG_NAME, WEIGHTS_NAME = "medusa_config.json", "medusa_heads.safetensors"

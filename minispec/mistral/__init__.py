@@ -2,5 +2,6 @@
 
 Reading order: config -> layers (one function per equation) -> cache (the rolling buffer) -> safetensors (the file
 format) -> weights (checkpoint layouts) -> mapped (16-bit weights widened block by block) -> model (the forward
-pass) -> oracle (a naive reference beside it) -> tokenizer. Imports only the foundation (minispec.errors, minispec.backend).
+pass) -> oracle (a naive reference beside it) -> tokenizer. Imports only the foundation (minispec.errors,
+minispec.backend).
 """

@@ -15,11 +15,13 @@ The timing loop is ONE function, `measure_costs`: interleaved round-robin over t
 every size alike), with the statistic named by the caller. The curve is ONE measurement, `backend_curve(model)`:
 the canonical c(T) of a model on its backend (the clock, statistic, context and sizes in `CANONICAL`), measured
 once per model and used by every decoder's cost rule and by `minispec bench decode` (docs/costs.md). Every
-predicted speed-up in minispec is one of the three below, each the formula above for one kind of draft:
+predicted speed-up in minispec is the formula above, `speedup`, for one kind of draft:
 
-    tree_speedup        a tree of N nodes per step on average              (bench decode, any decoder)
+    tree_speedup        a tree of N nodes per step                         (pick_budget's trees)
     chain_speedup       chains of K_s draft tokens, each costing r         (Draft & Verify)
-    pick_budget         the tree budget that maximises the expected speed-up (static trees)
+    pick_budget         the static tree budget that maximises the expected speed-up
+and, per step, the rate rules that size a draft while decoding (speculative.draft_length.best_length for chains,
+speculative.dynamic_tree.best_size for trees) and bench decode's measured-tau prediction (bench.decode.prediction).
 """
 import statistics
 import time
