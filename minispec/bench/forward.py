@@ -14,7 +14,7 @@ import time
 import numpy as np
 
 from ..backend import to_host
-from ..decoders.registry import check_decoder
+from ..decoders.registry import parse_setups
 from ..errors import UserError, check_int
 from ..mistral.model import load, proc_bytes
 from ..speculative.costs import cost_curve
@@ -59,15 +59,15 @@ def _decode_rate(step, first, n_tokens, runs, after=None):
 
 def check_bench(n_tokens, runs, n_prompts=1, decoders=("ar",)):
     """The bench options that would measure nothing: a rate needs >= 2 tokens (the timer starts after the
-    first), >= 1 timed run, >= 1 prompt, and registered decoders (the first is the baseline)."""
+    first), >= 1 timed run, >= 1 prompt, and registered decoders (the first is the baseline), each a name with
+    options the decoder takes, NAME[:KEY=VALUE]... (minispec.decoders.registry.parse_setup), none twice."""
     check_int("n_tokens", n_tokens, low=2, what=" (the timer starts after the first token)")
     check_int("runs", runs, low=1)
     check_int("n_prompts", n_prompts, low=1)
     if isinstance(decoders, str) or not decoders or not all(decoders):
         raise UserError(f"decoders must be a non-empty list of decoder names (the first is the baseline), "
                         f"got {decoders!r}")
-    for name in decoders:
-        check_decoder(name)
+    parse_setups(decoders)
 
 
 def private_memory():
