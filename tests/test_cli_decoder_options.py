@@ -163,11 +163,19 @@ def test_a_bad_bench_setup_is_one_line_before_the_model_loads(capsys, no_loading
 def test_bench_decode_runs_each_setup_with_its_options_under_its_label(cli_model, capsys, monkeypatch):
     """On a tiny model: lookup twice, once with max_draft=2: every proposer the bench makes for that row gets
     the option, the default row none, and each row is printed under its label, its output plain decoding's."""
-    made = spy_on(monkeypatch, "lookup")
+    import minispec.bench.decode
+    made, calls, real = spy_on(monkeypatch, "lookup"), [], minispec.bench.decode.generate
+
+    def spy(model, ids, decoder, max_new_tokens, eos_id=2, **options):
+        calls.append((decoder, options))
+        return real(model, ids, decoder=decoder, max_new_tokens=max_new_tokens, eos_id=eos_id, **options)
+    monkeypatch.setattr(minispec.bench.decode, "generate", spy)
     folder, _, _ = cli_model
     minispec.cli.main(["bench", "decode", "--model", str(folder), "--device", "cpu", "-n", "8", "--prompts", "1",
                        "--runs", "1", "--prompt-set", "copy", "--decoders", "ar,lookup,lookup:max_draft=2"])
     out = capsys.readouterr().out
+    # the warm-up, then the one timed run on the one prompt, interleaved: each setup with its own options
+    assert calls == [("ar", {}), ("lookup", {}), ("lookup", {"max_draft": 2})] * 2
     assert {str(o) for o, _ in made} == {"{}", "{'max_draft': 2}"}
     assert all(p.max_draft == (2 if o else 8) for o, p in made)         # 8: lookup's documented default
     rows = [ln.split(":  ")[0].strip() for ln in out.splitlines() if "tokens/s  tau =" in ln]
