@@ -29,7 +29,8 @@ def environment():
                 break
     except OSError:
         pass
-    threads = {k: os.environ[k] for k in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS") if k in os.environ}
+    threads = {k: os.environ[k] for k in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")
+               if k in os.environ}
     blas = "?"
     try:
         cfg = np.show_config(mode="dicts")
@@ -142,8 +143,8 @@ def bench_forward(model_dir, n_tokens=64, runs=5, device="auto", dtype="float32"
     print(f"  weights ({model.storage}): loaded in {load_s:.2f} s; private memory (RssAnon) +{mem_load / 1e9:.3f} GB "
           f"after load, peak +{state['peak'] / 1e9:.3f} GB while decoding")
     print(f"  prefill: {prompt_len / statistics.median(state['prefill']):.1f} tokens/s ({prompt_len} tokens)")
-    print(f"  weights read per token: {bytes_per_token / 1e6:.1f} MB -> {med * bytes_per_token / 1e9:.2f} GB/s achieved; "
-          f"memory read bandwidth measured here (interleaved): {bw / 1e9:.2f} GB/s on one core, "
+    print(f"  weights read per token: {bytes_per_token / 1e6:.1f} MB -> {med * bytes_per_token / 1e9:.2f} GB/s "
+          f"achieved; memory read bandwidth measured here (interleaved): {bw / 1e9:.2f} GB/s on one core, "
           f"{bw_all / 1e9:.2f} GB/s on all {os.cpu_count()}")
     cpu = state["cpu"]                                              # of the last run
     print(f"  {1 / med:.3f} s per token = {(1 / med) / (bytes_per_token / bw):.2f}x the one-core "
