@@ -20,7 +20,8 @@ from minispec.errors import UserError
 @pytest.mark.parametrize("text,value", [("3", 3), ("0.5", 0.5), ("true", True), ("False", False), ("null", None),
                                         ("None", None), ("auto", "auto"), ("dynamic", "dynamic"),
                                         ("[[0],[0, 0]]", [[0], [0, 0]]), ('"3"', "3"), ("a/b.json", "a/b.json"),
-                                        ('{"1": 1.0}', {"1": 1.0}), (" 4 ", 4)])
+                                        ('{"1": 1.0, "2": 1.5}', {1: 1.0, 2: 1.5}),
+                                        ('{"a": 1, "2": 3}', {"a": 1, "2": 3}), (" 4 ", 4)])
 def test_an_option_value_is_json_where_it_parses_python_words_and_otherwise_the_text(text, value):
     got = option_value(text)
     assert got == value and type(got) is type(value)
@@ -37,6 +38,7 @@ def test_a_setup_is_the_decoder_name_and_its_typed_options_and_its_label_reads_b
     assert parse_setup("hydra:tree=dynamic:max_nodes=auto:top_k=2") == setup
     assert setup_label(*setup) == "hydra:tree=dynamic:max_nodes=auto:top_k=2"
     for name, options in [("medusa", {"tree": [[0], [0, 0]]}), ("draft_verify", {"skip": "a:b,c"}),
+                          ("lookup", {"costs": {1: 1.0, 4: 2.0}}),
                           ("lookup", {"sizing": "3"}), ("ar", {})]:
         assert parse_setup(setup_label(name, options)) == (name, options)
     assert setup_label("medusa", {"tree": [[0], [0, 0]]}) == "medusa:tree=[[0],[0,0]]"

@@ -168,14 +168,20 @@ def generate(model, ids, decoder="ar", max_new_tokens=64, temperature=0.0, top_k
 WORDS = {"True": True, "False": False, "None": None}
 
 
+def int_keys(d):
+    """A JSON object whose keys are all whole numbers with int keys (a cost curve {T: c(T)}: JSON keys are text)."""
+    return {int(k): v for k, v in d.items()} if all(k.isdigit() for k in d) else d
+
+
 def option_value(text):
     """A decoder option's value from text: JSON where it parses (3, 0.5, true, null, [[0], [0, 0]], "quoted
-    text"), Python's True / False / None, else the text itself ("dynamic", "auto", a path)."""
+    text", {"1": 1.0, "2": 1.3} read as {1: 1.0, 2: 1.3}), Python's True / False / None, else the text itself
+    ("dynamic", "auto", a path)."""
     text = text.strip()
     if text in WORDS:
         return WORDS[text]
     try:
-        return json.loads(text)
+        return json.loads(text, object_hook=int_keys)
     except ValueError:
         return text
 
