@@ -7,8 +7,8 @@ set, revisited with the cost rule", quotes what this prints).
 
 predict: the per-depth acceptance of all 4096 skip sets on the search trace's calibration continuations
 (teacher-forced matches, skip_objective.all_match_lists; depth_acceptance), never on the held-out prompts. The
-candidates: for each number of skipped sublayers, the set whose first draft token matches most often; the
-shipped set; the search's two best sets (search_trace.json). For each, r (one draft token over one full step,
+candidates: the shipped set; the short list below; for each number of skipped sublayers, the set whose first draft
+token matches most often; the search's two best sets (search_trace.json); each set once. For each, r (one draft token over one full step,
 CPU time) from draft_verify.measured_draft_costs and c(T) the canonical curve; the cost rule's K* and predicted
 speed-up E(K*) / (c(K* + 1) + K* r) (skip_objective.cost_rule_rate), the best K >= 1 beside it, and the
 acceptance a 1-token draft needs to break even, c(2) + r - 1. Then the best K >= 1 over ALL 4096 sets, r from a
@@ -17,8 +17,9 @@ least-squares line through the measured r's (r = b0 + b1 * sublayers skipped).
 measure: greedy, the held-out prompts of minispec.bench.heldout_prompts, AR and every set of the short list with
 sizing="threshold" (the default) and sizing="cost", interleaved prompt by prompt (the order rotating), CPU time
 (run with one BLAS thread). Speed-up = AR's CPU seconds per token / the decoder's, per run; the median over runs
-and the range are printed, with tau, the mean draft length, the per-depth acceptance on these prompts and
-whether every output equals AR's.
+and the range are printed, with tau, the mean draft length, the per-depth acceptance on these prompts, whether
+every output equals AR's, and each run's speed-up over the "previous" set's with the same sizing (when measured).
+--prompts, --tokens and --runs size the measurement (8, 128, 3); --sets and --sizings pick from the short list.
 """
 import argparse
 import statistics
