@@ -8,7 +8,7 @@ import pytest
 from conftest import random_tensors, tiny_config
 from minispec.decoders.draft_verify import SkipSet
 from minispec.mistral.model import Model
-from minispec.training.skip_objective import (Calibration, CostModel, PredictedObjective, calibrate, chain_steps, chain_tau, free_decisions, from_code, from_params, iid_tau, match_list, best_chain_speedup, search_space, to_code, to_params, to_vector)
+from minispec.training.skip_objective import (Calibration, CostModel, PredictedObjective, calibrate, chain_steps, chain_tau, cost_rule_rate, depth_acceptance, free_decisions, from_code, from_params, iid_tau, match_list, best_chain_speedup, search_space, to_code, to_params, to_vector)
 from minispec.training.skip_search import Trace, best, best_so_far, bo_search, exhaustive_search, random_search
 
 L = 3
@@ -106,6 +106,34 @@ def test_simulated_tau_of_independent_matches_follows_the_geometric_formula():
         m = rng.random(400_000) < alpha
         assert chain_tau([m], k) == pytest.approx(iid_tau(alpha, k), rel=0.01)
     assert iid_tau(1.0, 4) == 5.0
+
+
+def test_per_depth_acceptance_counts_every_window_of_the_match_sequence_as_worked_by_hand():
+    m = [1, 1, 0, 1, 1, 1, 0]
+    # depth 1: 5 of the 7 tokens match. depth 2: windows j = 0..5 whose first token matches: j = 0, 1, 3, 4, 5;
+    # their second matches at j = 0, 3, 4. depth 3: j = 0..4 with two matches first: j = 0, 3, 4; a third at j = 3
+    # only. depth 4: j = 0..3 with three first: j = 3; token 6 does not match. depth 5: no window of 4 matches, so
+    # the depth before it (0) is kept
+    assert depth_acceptance([m], 5) == pytest.approx([5 / 7, 3 / 5, 1 / 3, 0.0, 0.0])
+    # a second sequence adds its windows: [0, 0, 0] adds 3 tokens to depth 1 and reaches no depth 2; a 1-token
+    # sequence has no window of 2
+    assert depth_acceptance([m, [0, 0, 0], [1]], 3) == pytest.approx([6 / 11, 3 / 5, 1 / 3])
+    # independent matches of probability alpha: alpha at every depth
+    rng = np.random.default_rng(2)
+    assert depth_acceptance([rng.random(200_000) < 0.7], 4) == pytest.approx([0.7] * 4, abs=0.01)
+
+
+def test_the_cost_rule_picks_the_draft_length_with_the_most_tokens_per_unit_time_as_worked_by_hand():
+    costs = {1: 1.0, 2: 1.2, 3: 1.5}
+    # acc [0.9, 0.5], r = 0.1: K = 0: 1 / 1; K = 1: 1.9 / (1.2 + 0.1) = 1.46; K = 2: 2.35 / (1.5 + 0.2) = 1.38
+    K, rate = cost_rule_rate([0.9, 0.5], 0.1, costs, max_len=2)
+    assert K == 1 and rate == pytest.approx(1.9 / 1.3)
+    # r = 0.9: K = 1: 1.9 / 2.1 = 0.90 < 1, K = 2: 2.35 / 3.3: plain decoding wins
+    assert cost_rule_rate([0.9, 0.5], 0.9, costs, max_len=2) == (0, 1.0)
+    # one draft token breaks even at acceptance c(2) + r - 1 = 0.3 (a tie goes to plain decoding), pays above it
+    assert cost_rule_rate([0.3], 0.1, costs, max_len=1)[0] == 0
+    K, rate = cost_rule_rate([0.31], 0.1, costs, max_len=1)
+    assert K == 1 and rate == pytest.approx(1.31 / 1.3)
 
 
 def test_the_predicted_speedup_is_tau_over_draft_plus_verify_cost_at_the_best_draft_length():

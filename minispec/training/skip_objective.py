@@ -39,6 +39,7 @@ from ..decoders.registry import generate
 from ..errors import UserError
 from ..mistral.layers import rope_tables, sliding_window_mask
 from ..speculative.costs import interp_cost, measure_costs, speedup
+from ..speculative.draft_length import best_draft_length
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -116,6 +117,34 @@ def chain_tau(match_list, k):
 def iid_tau(alpha, k):
     """Expected tokens per step for independent matches of probability alpha (Leviathan et al. 2023)."""
     return float(k + 1) if alpha >= 1 else (1 - alpha ** (k + 1)) / (1 - alpha)
+
+
+def depth_acceptance(match_list, max_depth):
+    """[max_depth] per-depth acceptance of a chain draft from teacher-forced matches (bool [n] per sequence):
+    a_d = P(draft token d matches | tokens 1..d-1 of the same chain matched), counted over every start j of every
+    sequence with j + d - 1 inside it (as many d-token windows as fit). A depth no window reached takes the
+    estimate of the depth before it (0 for depth 1), as AcceptanceEstimate does."""
+    acc = []
+    for d in range(1, max_depth + 1):
+        reached = hits = 0
+        for m in match_list:
+            m = np.asarray(m, dtype=bool)
+            if len(m) < d:
+                continue
+            prefix = np.ones(len(m) - d + 1, dtype=bool)                 # windows j..j+d-1 that fit
+            for i in range(d - 1):
+                prefix &= m[i:len(m) - d + 1 + i]
+            reached += int(prefix.sum())
+            hits += int((prefix & m[d - 1:]).sum())
+        acc.append(hits / reached if reached else (acc[-1] if acc else 0.0))
+    return acc
+
+
+def cost_rule_rate(acc, draft_cost, costs, max_len=8):
+    """(K*, predicted speed-up over plain decoding) of a chain drafter under the cost rule
+    (minispec.speculative.draft_length.best_draft_length): max over K = 0..max_len of
+    E(K) / (c(K + 1) + K r), E(K) from the per-depth acceptance acc, r = draft_cost; K* = 0 gives 1 / c(1)."""
+    return best_draft_length(acc, costs, max_len, draft_cost)
 
 
 @dataclass
