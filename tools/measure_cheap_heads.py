@@ -8,7 +8,9 @@ Every time is this process's CPU time (the project's backend_clock: the machine 
 units of one plain decoding step (one token through the model against 60 cached tokens, timed in the same run).
 "speed": greedy, the held-out prompts (minispec.bench.heldout_prompts, 8 prompts of 48 tokens), 128 new tokens
 each; every setup runs prompt by prompt in turn (interleaved), `runs` times (default 2); every run's tokens are
-checked equal to AR's. Proposal cost = the CPU time inside propose/observe per step, in AR steps.
+checked equal to AR's. Proposal cost = the CPU time inside propose/observe per step, in AR steps. "medusa v1
+copies" runs the shipped v2 heads as v1 heads whose own projections are copies of the base output layer: the same
+function (the same tokens), but each head reads its own [D, V] matrix instead of the shared one.
 """
 import statistics
 import sys
@@ -23,7 +25,7 @@ from minispec.bench import heldout_prompts                                      
 from minispec.decoders.head_vocab import kept_ids, token_counts                 # noqa: E402
 from minispec.decoders.hydra import grounded_proposal, head_forward as hydra_head  # noqa: E402
 from minispec.decoders.hydra import new_prefix_cache, prefix_advance, prefix_forward  # noqa: E402
-from minispec.decoders.medusa import topk_ids                                   # noqa: E402
+from minispec.decoders.medusa import MedusaHeads, topk_ids                                  # noqa: E402
 from minispec.decoders.registry import make_proposer                            # noqa: E402
 from minispec.mistral.layers import silu                                        # noqa: E402
 from minispec.mistral.model import load                                         # noqa: E402
@@ -42,6 +44,13 @@ def timed(f, n=200, rounds=5):
             f()
         out.append((clock() - t0) / n)
     return statistics.median(out)
+
+
+def old_top1(logits):
+    """topk_ids(logits, 1) before its argmax case: a partial selection, then a sort of the survivor."""
+    part = np.argpartition(-logits, 0, axis=-1)[..., :1]
+    vals = np.take_along_axis(logits, part, axis=-1)
+    return np.take_along_axis(part, np.argsort(-vals, axis=-1), axis=-1)
 
 
 def profile(model):
@@ -69,6 +78,7 @@ def profile(model):
         ("  one projection [1, D] @ [D, V]", lambda: x @ P),
         ("  one projection [1, D] @ [D, 1024]", lambda: x @ P1k),
         ("  top-1 of [1, V] (argmax)", lambda: topk_ids(logits, 1)),
+        ("  top-1 of [1, V] as topk_ids did it before (argpartition, then sort)", lambda: old_top1(logits)),
         ("  top-10 ids + softmax probabilities of [1, V] (dynamic trees)", lambda: top_probs(logits, 10)),
         ("  the same of [1, 1024]", lambda: top_probs(logits[:, :1024], 10)),
         ("Hydra head 0 on 1 row (blocks + projection + bias)", lambda: hydra_head(p0, a)),
@@ -91,6 +101,9 @@ def speed(model, runs):
     tok = Tokenizer.from_dir(MODEL)
     prompts, n_tokens = heldout_prompts(MODEL, tok), 128
     setups = [("ar", "ar", {})]
+    v2 = make_proposer("medusa", model).heads           # the shipped v2 heads share the base output layer
+    v1 = MedusaHeads(v2.W, v2.b, np.stack([np.array(v2.base_output)] * v2.K), v2.base_output, "v1", v2.choices)
+    setups.append(("medusa v1 copies", "medusa", dict(heads=v1)))    # the same function, each head its own copy
     for name in ("medusa", "hydra", "hydra++"):
         for hv in (None, 1024, 512):
             setups.append((f"{name} static M={hv or 'all'}", name, dict(head_vocab=hv)))
