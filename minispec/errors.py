@@ -233,29 +233,25 @@ class Fields:
             self.fail(key, f"must be true or false, got {v!r}")
         return v
 
-    def str(self, key, default=REQUIRED):
+    def typed(self, key, ok, must, default=REQUIRED):
+        """The value at `key` when ok(value) holds (`default` where the key is absent), else the error
+        "key 'key' {must}, got value"."""
         v = self.get(key, default)
         if v is default and default is not REQUIRED:
             return v
-        if not isinstance(v, str):
-            self.fail(key, f"must be a string, got {v!r}")
+        if not ok(v):
+            self.fail(key, f"{must}, got {v!r}")
         return v
+
+    def str(self, key, default=REQUIRED):
+        return self.typed(key, lambda v: isinstance(v, str), "must be a string", default)
 
     def choice(self, key, choices, default=REQUIRED):
-        v = self.get(key, default)
-        if v is default and default is not REQUIRED:
-            return v
-        if not isinstance(v, str) or v not in choices:
-            self.fail(key, f"must be one of {', '.join(repr(c) for c in choices)}, got {v!r}")
-        return v
+        return self.typed(key, lambda v: isinstance(v, str) and v in choices,
+                          f"must be one of {', '.join(repr(c) for c in choices)}", default)
 
     def table(self, key, default=REQUIRED):
-        v = self.get(key, default)
-        if v is default and default is not REQUIRED:
-            return v
-        if not isinstance(v, dict):
-            self.fail(key, f"must be a JSON object, got {v!r}")
-        return v
+        return self.typed(key, lambda v: isinstance(v, dict), "must be a JSON object", default)
 
     def int_list(self, key, low=None, high=None, default=REQUIRED, unique=False):
         """A list of ints in [low, high] (e.g. layer indices); unique: no index twice."""

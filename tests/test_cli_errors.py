@@ -236,12 +236,14 @@ def test_docs_errors_md_shows_the_messages_the_command_line_gives(capsys, monkey
     table = (REPO / "docs" / "errors.md").read_text().split("## Command line")[1].split("## Python API")[0]
     rows = re.findall(r"^\| `minispec ([^`$]*)` \| `` ?(.*?) ?`` \|$|^\| `minispec ([^`$]*)` \| `([^`]*)` \|$",
                       table, re.M)
-    from minispec.decoders.registry import DECODERS, decoders_with_heads
+    from minispec.decoders.registry import DECODERS, decoder_options, decoders_with_heads
     from minispec.mistral.model import DTYPES
-    # lists that grow with the registries (new decoders, dtypes) are compared as they are now
+    # lists that grow with the registries (new decoders, dtypes, a decoder's options) are compared as they are now
     now = {"'ar', 'medusa'": ", ".join(repr(d) for d in sorted(DECODERS)),
            "'float32', 'float64'": ", ".join(repr(d) for d in DTYPES),
-           "with heads: medusa": "with heads: " + ", ".join(decoders_with_heads())}
+           "with heads: medusa": "with heads: " + ", ".join(decoders_with_heads()),
+           "its options: heads, tree, max_nodes, max_depth, top_k, width, costs, depth_costs, cap":
+               "its options: " + ", ".join(decoder_options("hydra")[0])}
     checked = 0
     for a, b, c, d in rows:
         command, message = (a, b) if a or b else (c, d)

@@ -321,3 +321,27 @@ def test_the_finite_check_refuses_nan_and_inf_but_accepts_huge_finite_values_who
             with pytest.raises(ValueError, match=r"f\.safetensors: tensor 'w' holds .*index \[2, 1\]"):
                 check_finite(a, "w", "f.safetensors")
     check_finite(np.arange(6, dtype=np.int64), "ids", "f.safetensors")     # integer tensors hold no NaN
+
+
+@pytest.mark.parametrize("read,value,message", [
+    (lambda f: f.str("name"), 3, "c.json: key 'name' must be a string, got 3"),
+    (lambda f: f.choice("name", ("mlp", "prefix-mlp")), "gru", "c.json: key 'name' must be one of 'mlp', 'prefix-mlp', "
+                                                                "got 'gru'"),
+    (lambda f: f.choice("name", ("mlp",)), 1, "c.json: key 'name' must be one of 'mlp', got 1"),
+    (lambda f: f.table("name"), [1, 2], "c.json: key 'name' must be a JSON object, got [1, 2]")])
+def test_the_config_readers_str_choice_and_table_name_the_file_the_key_and_the_value(read, value, message):
+    """Each message written out by hand: the file, the key, what it must be, the value given."""
+    from minispec.errors import Fields, UserError
+    with pytest.raises(UserError) as e:
+        read(Fields({"name": value}, "c.json"))
+    assert str(e.value) == message
+
+
+def test_the_config_readers_str_choice_and_table_return_the_value_or_the_default_where_the_key_is_absent_or_null():
+    from minispec.errors import REQUIRED, Fields, UserError
+    f = Fields({"s": "x", "c": "mlp", "t": {"a": 1}, "null": None}, "c.json", what=" (a hydra config)")
+    assert f.str("s") == "x" and f.choice("c", ("mlp",)) == "mlp" and f.table("t") == {"a": 1}
+    for read in (lambda k, d: f.str(k, d), lambda k, d: f.choice(k, ("mlp",), d), lambda k, d: f.table(k, d)):
+        assert read("gone", None) is None and read("null", "dflt") == "dflt"
+        with pytest.raises(UserError, match=r"^c\.json: missing key 'gone' \(a hydra config\)$"):
+            read("gone", REQUIRED)

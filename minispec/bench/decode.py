@@ -7,7 +7,7 @@ import statistics
 import numpy as np
 
 from ..decoders.draft_verify import measured_draft_costs
-from ..decoders.registry import DECODERS, generate
+from ..decoders.registry import generate, make_proposer, parse_setups
 from ..errors import UserError
 from ..mistral.model import load
 from ..mistral.tokenizer import Tokenizer
@@ -88,8 +88,12 @@ def bench_decode(model_dir, decoders=("ar", "medusa"), n_tokens=128, n_prompts=8
     CPU time of the same interleaved decodes (Stats.decode_cpu_time; the curve's clock, run with
     OPENBLAS_NUM_THREADS=1), with the wall-time speed-up of the table beside it. The prediction prices a plain
     step at exactly t1: what the loop adds around the forward shows as the baseline's own step cost in t1.
-    Returns (tokens/s per decoder, the canonical curve {T: c(T)})."""
+    decoders: names, each with options if wanted, NAME[:KEY=VALUE]... ("hydra:tree=dynamic:max_nodes=auto",
+    minispec.decoders.registry.parse_setup), labelled so in the table.
+    Returns (tokens/s per decoder label, the canonical curve {T: c(T)})."""
     check_bench(n_tokens, runs, n_prompts, decoders)
+    setups = parse_setups(decoders)                 # {label: (decoder name, its options)}
+    decoders = list(setups)
     if prompt_set not in PROMPT_SETS:
         raise UserError(f"prompt_set must be one of {', '.join(PROMPT_SETS)}, not {prompt_set!r}")
     print("environment:", environment())
@@ -100,7 +104,7 @@ def bench_decode(model_dir, decoders=("ar", "medusa"), n_tokens=128, n_prompts=8
           f"{min(map(len, prompts))}..{max(map(len, prompts))} tokens, {n_tokens} new tokens each, greedy; median "
           f"of {runs} interleaved runs after a warm-up")
     for name in decoders:
-        generate(model, prompts[0], decoder=name, max_new_tokens=16)        # warm-up (loads heads, trees)
+        generate(model, prompts[0], decoder=setups[name][0], max_new_tokens=16, **setups[name][1])  # warm-up
     # runs interleave the decoders (prompt by prompt), so that a slow phase of a shared machine hits all alike
     times = {name: [0.0] * runs for name in decoders}
     cpu = {name: 0.0 for name in decoders}                              # CPU seconds of the decodes, all runs
@@ -109,13 +113,15 @@ def bench_decode(model_dir, decoders=("ar", "medusa"), n_tokens=128, n_prompts=8
     for r in range(runs):
         for p in prompts:
             for name in decoders:
-                o = generate(model, p, decoder=name, max_new_tokens=n_tokens, eos_id=None)
+                o = generate(model, p, decoder=setups[name][0], max_new_tokens=n_tokens, eos_id=None,
+                             **setups[name][1])
                 times[name][r] += o.stats.decode_time
                 cpu[name] += o.stats.decode_cpu_time
                 if r == 0:
                     outs[name].append(o.tokens)
                     stats[name].append(o.stats)
     results, results_tau = {}, {}
+    width = max(8, *map(len, decoders))                # the labels right-aligned, as long as the longest
     for name in decoders:
         new = sum(s.new_tokens for s in stats[name])
         steps = sum(s.steps for s in stats[name])
@@ -125,7 +131,7 @@ def bench_decode(model_dir, decoders=("ar", "medusa"), n_tokens=128, n_prompts=8
         results[name] = statistics.median(new / t for t in times[name])
         results_tau[name] = new / steps
         same = outs[name] == outs[decoders[0]]
-        print(f"{name:>8}: {results[name]:7.1f} tokens/s  tau = {results_tau[name]:.2f} tokens/step  "
+        print(f"{name:>{width}}: {results[name]:7.1f} tokens/s  tau = {results_tau[name]:.2f} tokens/step  "
               f"speedup vs {decoders[0]} {results[name] / results[decoders[0]]:.2f}x  "
               f"identical output: {'yes' if same else 'NO'}  histogram (tokens/step: steps) "
               f"{ {i: int(c) for i, c in enumerate(hist) if c} }")
@@ -139,7 +145,8 @@ def bench_decode(model_dir, decoders=("ar", "medusa"), n_tokens=128, n_prompts=8
     print(f"{b:>8}: one step costs {base_cpu * results_tau[b] / t1:.2f} t1 in {curve.clock} (the model prices it "
           f"at 1.00); speed-ups below: predicted from c(T) and the measured proposal, measured in {curve.clock} "
           f"(wall time beside it)")
-    props = {name: DECODERS[name](model) for name in decoders[1:]}  # as generate made them (heads cached on the model)
+    props = {name: make_proposer(setups[name][0], model, **setups[name][1])     # as generate made them (heads
+             for name in decoders[1:]}                                          # cached on the model)
     predictions = {}
     for name in decoders[1:]:
         tree = getattr(props[name], "tree", None)                      # a static tree's depth, if it has one
@@ -148,23 +155,28 @@ def bench_decode(model_dir, decoders=("ar", "medusa"), n_tokens=128, n_prompts=8
             name, stats[name], costs, t1, measured_cpu, results[name] / results[b],
             None if tree is None else tree.max_depth, base_step)
         print(line)
-    for name in ("hydra", "hydra++"):
-        if name in decoders and tree_of(props[name]) is not None and props[name].heads.accuracies is not None:
+    kinds = {name: setups[name][0] for name in decoders}
+    for name in [n for n in decoders[1:] if kinds[n] in ("hydra", "hydra++")]:
+        if tree_of(props[name]) is not None and props[name].heads.accuracies is not None:
             choices = [list(p) for p in props[name].tree.choices[1:]]
             expected = expected_tau(props[name].heads.accuracies, choices)
             print(f"{name} tree of {len(choices)} nodes: expected tau {expected:.2f} (from the heads' stored top-k "
                   f"accuracies, assumed independent) vs measured {results_tau[name]:.2f}")
-    if "lookup" in decoders:
-        print_lookup(stats["lookup"])
-    if "draft_verify" in decoders:
-        print_draft_verify(model, props["draft_verify"], stats["draft_verify"], results_tau["draft_verify"])
-    if "medusa" in decoders and tree_of(props["medusa"]) is not None:
-        heads, shipped = props["medusa"].heads, props["medusa"].tree          # the tree the proposer ran
+    for name in [n for n in decoders if kinds[n] == "lookup"]:
+        if name != "lookup":
+            print(f"{name}:")
+        print_lookup(stats[name])
+    for name in [n for n in decoders[1:] if kinds[n] == "draft_verify"]:
+        if name != "draft_verify":
+            print(f"{name}:")
+        print_draft_verify(model, props[name], stats[name], results_tau[name])
+    for name in [n for n in decoders[1:] if kinds[n] == "medusa" and tree_of(props[n]) is not None]:
+        heads, shipped = props[name].heads, props[name].tree          # the tree the proposer ran
         if heads.accuracies is not None:
             choices = [list(p) for p in shipped.choices[1:]]
             expected = expected_tau(heads.accuracies, choices)
-            print(f"medusa tree of {len(choices)} nodes: expected tau {expected:.2f} (from "
-                  f"the heads' held-out top-k accuracies, assumed independent) vs measured {results_tau['medusa']:.2f}")
+            print(f"{name} tree of {len(choices)} nodes: expected tau {expected:.2f} (from "
+                  f"the heads' held-out top-k accuracies, assumed independent) vs measured {results_tau[name]:.2f}")
             per_depth = [heads_cost(model, heads, t1, num_heads=d, clock=backend_clock(model)[0])
                          for d in range(1, heads.K + 1)]
             proposal = per_depth[shipped.max_depth - 1]           # the proposer runs tree.max_depth heads

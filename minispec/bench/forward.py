@@ -14,7 +14,7 @@ import time
 import numpy as np
 
 from ..backend import to_host
-from ..decoders.registry import check_decoder
+from ..decoders.registry import parse_setups
 from ..errors import UserError, check_int
 from ..mistral.model import load, proc_bytes
 from ..speculative.costs import cost_curve
@@ -29,7 +29,8 @@ def environment():
                 break
     except OSError:
         pass
-    threads = {k: os.environ[k] for k in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS") if k in os.environ}
+    threads = {k: os.environ[k] for k in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")
+               if k in os.environ}
     blas = "?"
     try:
         cfg = np.show_config(mode="dicts")
@@ -59,15 +60,15 @@ def _decode_rate(step, first, n_tokens, runs, after=None):
 
 def check_bench(n_tokens, runs, n_prompts=1, decoders=("ar",)):
     """The bench options that would measure nothing: a rate needs >= 2 tokens (the timer starts after the
-    first), >= 1 timed run, >= 1 prompt, and registered decoders (the first is the baseline)."""
+    first), >= 1 timed run, >= 1 prompt, and registered decoders (the first is the baseline), each a name with
+    options the decoder takes, NAME[:KEY=VALUE]... (minispec.decoders.registry.parse_setup), none twice."""
     check_int("n_tokens", n_tokens, low=2, what=" (the timer starts after the first token)")
     check_int("runs", runs, low=1)
     check_int("n_prompts", n_prompts, low=1)
     if isinstance(decoders, str) or not decoders or not all(decoders):
         raise UserError(f"decoders must be a non-empty list of decoder names (the first is the baseline), "
                         f"got {decoders!r}")
-    for name in decoders:
-        check_decoder(name)
+    parse_setups(decoders)
 
 
 def private_memory():
@@ -142,8 +143,8 @@ def bench_forward(model_dir, n_tokens=64, runs=5, device="auto", dtype="float32"
     print(f"  weights ({model.storage}): loaded in {load_s:.2f} s; private memory (RssAnon) +{mem_load / 1e9:.3f} GB "
           f"after load, peak +{state['peak'] / 1e9:.3f} GB while decoding")
     print(f"  prefill: {prompt_len / statistics.median(state['prefill']):.1f} tokens/s ({prompt_len} tokens)")
-    print(f"  weights read per token: {bytes_per_token / 1e6:.1f} MB -> {med * bytes_per_token / 1e9:.2f} GB/s achieved; "
-          f"memory read bandwidth measured here (interleaved): {bw / 1e9:.2f} GB/s on one core, "
+    print(f"  weights read per token: {bytes_per_token / 1e6:.1f} MB -> {med * bytes_per_token / 1e9:.2f} GB/s "
+          f"achieved; memory read bandwidth measured here (interleaved): {bw / 1e9:.2f} GB/s on one core, "
           f"{bw_all / 1e9:.2f} GB/s on all {os.cpu_count()}")
     cpu = state["cpu"]                                              # of the last run
     print(f"  {1 / med:.3f} s per token = {(1 / med) / (bytes_per_token / bw):.2f}x the one-core "

@@ -11,10 +11,12 @@ from pathlib import Path
 
 from .. import __version__, bench
 from ..decoders.medusa import VERSIONS
-from ..decoders.registry import DECODERS, decoders_with_heads, generate, make_proposer
+from ..decoders.registry import (DECODERS, check_decoder, decoders_with_heads, generate, make_proposer, option_value,
+                                 parse_option, setup_label, split_outside)
 from ..errors import UserError
 from ..mistral.model import load
 from ..mistral.weights import load_config
+from ..speculative.acceptance import make_rule
 from ..speculative.sampling import check_generation
 from ..training.checks import check_hydra_training, check_out_folder, check_training
 from ..training.train_hydra import train_hydra
@@ -36,18 +38,59 @@ def check_heads(decoder, heads):
     return {"heads": heads}
 
 
+def check_decoder_options(args):
+    """The decoder's options from --heads, --tree, --max-nodes and each --option KEY=VALUE (VALUE read by
+    registry.option_value: JSON where it parses, else text), every one an option the decoder takes
+    (registry.check_decoder: the error names the decoder, the option and the options it takes), none set twice.
+    Their values are checked when the decoder is made (after the model loads, before any output)."""
+    options = check_heads(args.decoder, args.heads)
+    given = {"heads": "--heads"} if options else {}
+    for key, flag, text in (("tree", "--tree", args.tree), ("max_nodes", "--max-nodes", args.max_nodes)):
+        if text is not None:
+            options[key], given[key] = option_value(text), flag
+    for text in args.option or []:
+        try:
+            key, value = parse_option(text)
+        except UserError as e:
+            raise UserError(f"argument --option: {e}") from None
+        if key in given:
+            raise UserError(f"argument --option: {key} is set twice (by {given[key]} and --option {text})")
+        options[key], given[key] = value, "--option"
+    for key, value in options.items():
+        try:
+            check_decoder(args.decoder, **{key: value})
+        except UserError as e:
+            raise UserError(f"argument {given[key]}: {e}") from None
+    return options
+
+
+def check_chain_rule(acceptance, proposer, decoder):
+    """--acceptance block verifies chains: a decoder drafting trees (dynamic, or a static tree that branches) is
+    refused before any output, not at its first step."""
+    tree = getattr(proposer, "tree", None)
+    if acceptance == "block" and (getattr(proposer, "dynamic", None) is not None
+                                  or (tree is not None and tree.max_depth != tree.N - 1)):
+        raise UserError(f"argument --acceptance: block verifies chains, but decoder {decoder!r} drafts a tree "
+                        f"here (give it a chain, e.g. --tree '[[0],[0,0]]', or use --acceptance rejection)")
+
+
 # ---------------------------------------------------------------------------------------------------------
 # generate
 # ---------------------------------------------------------------------------------------------------------
 def check_generate(args):
     """generate's arguments, checked before the weights load (the decoder's name by argparse's choices, its
-    options by check_heads). Returns (decoder options, the model's Tokenizer)."""
+    options by check_decoder_options, the acceptance rule against the temperature). Returns (decoder options,
+    the model's Tokenizer)."""
     try:
-        check_generation(args.temperature, args.top_k, args.top_p, args.seed, args.n)
+        params = check_generation(args.temperature, args.top_k, args.top_p, args.seed, args.n)
     except UserError as e:
         raise UserError(as_flags(e)) from None
+    try:
+        make_rule(params, args.acceptance, None)
+    except UserError as e:
+        raise UserError(f"argument --acceptance: {e}") from None
     check_prompt(args.prompt)
-    options = check_heads(args.decoder, args.heads)
+    options = check_decoder_options(args)
     return options, check_model_args(args)
 
 
@@ -56,6 +99,7 @@ def cmd_generate(args):
 
     model = load(args.model, dtype=args.dtype, device=args.device, weights=args.weights)
     proposer = make_proposer(args.decoder, model, **options)     # its heads load (or fail) before any output
+    check_chain_rule(args.acceptance, proposer, args.decoder)
     ids = tok.encode(args.prompt, bos=True)
     stream = tok.stream()
     for t in ids[1:]:               # show the prompt as the tokenizer will continue it
@@ -68,10 +112,12 @@ def cmd_generate(args):
         sys.stdout.flush()
 
     out = generate(model, ids, decoder=proposer, max_new_tokens=args.n, temperature=args.temperature,
-                   top_k=args.top_k, top_p=args.top_p, seed=args.seed, eos_id=tok.eos_id, on_token=on_token)
+                   top_k=args.top_k, top_p=args.top_p, seed=args.seed, eos_id=tok.eos_id,
+                   acceptance=args.acceptance, on_token=on_token)
     sys.stdout.write(stream.flush() + "\n")
     s = out.stats
-    print(f"[{args.decoder}] {s.new_tokens} tokens in {s.decode_time:.2f} s: {s.tokens_per_s:.1f} tokens/s "
+    label = setup_label(args.decoder, {k: v for k, v in options.items() if k != "heads"})
+    print(f"[{label}] {s.new_tokens} tokens in {s.decode_time:.2f} s: {s.tokens_per_s:.1f} tokens/s "
           f"(prefill {len(ids)} tokens in {s.prefill_time:.2f} s), {s.steps} steps, "
           f"tau = {s.tau:.2f} tokens/step, device {model.device}", file=sys.stderr)
 
@@ -80,7 +126,7 @@ def cmd_generate(args):
 # bench
 # ---------------------------------------------------------------------------------------------------------
 def cmd_bench(args):
-    decoders = [d.strip() for d in args.decoders.split(",")] if args.decoders.strip() else []
+    decoders = [d.strip() for d in split_outside(args.decoders, ",")] if args.decoders.strip() else []
     try:
         bench.check_bench(args.n, args.runs, args.prompts, decoders)
     except UserError as e:
@@ -171,6 +217,18 @@ def build_parser():
                    help="ar (plain) or a speculative decoder (all give plain decoding's tokens at temperature 0)")
     g.add_argument("--heads", default=None, metavar="DIR",
                    help="the decoder's heads from this folder (default: the heads next to the model)")
+    g.add_argument("--tree", default=None, metavar="dynamic|CHOICES",
+                   help="medusa, hydra, hydra++: dynamic (a tree grown per step from the heads' probabilities) or a "
+                        "static tree as JSON choices, e.g. '[[0],[0,0],[1]]' (default: the stored tree)")
+    g.add_argument("--max-nodes", default=None, metavar="N|auto",
+                   help="with --tree dynamic: nodes per tree (default 10), or auto (sized per step from this "
+                        "backend's verify cost c(T))")
+    g.add_argument("--acceptance", default=None, choices=["greedy", "rejection", "typical", "block"],
+                   help="acceptance rule (default: greedy at temperature 0, else rejection sampling); typical is "
+                        "Medusa's lossy rule, block verifies chains")
+    g.add_argument("--option", action="append", default=None, metavar="KEY=VALUE",
+                   help="any other option of the decoder, repeatable, e.g. --option max_depth=2 --option "
+                        "sizing=cost; VALUE is JSON where it parses (3, 0.5, true, null, [[0],[1]]), else text")
     g.add_argument("--temperature", type=float, default=0.0,
                    help="0: greedy (argmax; top-k and top-p then change nothing)")
     g.add_argument("--top-k", type=int, default=0, help="keep the k most likely tokens (0: no cut)")
@@ -188,7 +246,9 @@ def build_parser():
     b.add_argument("--runs", type=int, default=5, help="timed runs (the median is reported)")
     b.add_argument("--no-hf", action="store_true", help="skip the HF transformers comparison")
     b.add_argument("--decoders", default="ar,medusa",
-                   help=f"bench decode: comma-separated, the first is the baseline; from {', '.join(sorted(DECODERS))}")
+                   help=f"bench decode: comma-separated, the first is the baseline; from "
+                        f"{', '.join(sorted(DECODERS))}, each with options if wanted (NAME:KEY=VALUE:..., as "
+                        f"generate's --option), e.g. ar,hydra,hydra:tree=dynamic:max_nodes=auto")
     b.add_argument("--prompts", type=int, default=8, help="bench decode: held-out prompts")
     b.add_argument("--prompt-set", default="heldout", choices=sorted(bench.PROMPT_SETS),
                    help="bench decode: heldout (cut from held-out files) or copy (a held-out function, then its "

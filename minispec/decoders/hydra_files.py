@@ -120,7 +120,8 @@ def state_dict(heads, dtype=np.float32, hydra_extras=False):
                     LAYER + "self_attn.v_proj.weight": t(wqkv[:, (H + Hkv) * Dh:]),
                     LAYER + "self_attn.o_proj.weight": t(p["wo"]),
                     LAYER + "mlp.gate_proj.weight": t(w13[:, :F]), LAYER + "mlp.up_proj.weight": t(w13[:, F:]),
-                    LAYER + "mlp.down_proj.weight": t(p["w2"]), LAYER + "input_layernorm.weight": v(p["attention_norm"]),
+                    LAYER + "mlp.down_proj.weight": t(p["w2"]),
+                    LAYER + "input_layernorm.weight": v(p["attention_norm"]),
                     LAYER + "post_attention_layernorm.weight": v(p["ffn_norm"]), PREFIX + "norm.weight": v(p["norm"])})
     if hydra_extras:
         out["input_embed_fn.weight"] = v(heads.embed)
@@ -165,7 +166,8 @@ def from_state_dict(model, tensors, arch, num_heads, num_layers, source="state d
     prefix = None
     if arch == "prefix-mlp":
         g = lambda n: np.asarray(tensors[LAYER + n], dt)                                   # noqa: E731
-        prefix = {"attention_norm": put(g("input_layernorm.weight")), "ffn_norm": put(g("post_attention_layernorm.weight")),
+        prefix = {"attention_norm": put(g("input_layernorm.weight")),
+                  "ffn_norm": put(g("post_attention_layernorm.weight")),
                   "wqkv": put(np.concatenate([g("self_attn.q_proj.weight"), g("self_attn.k_proj.weight"),
                                               g("self_attn.v_proj.weight")]).T),            # [D, (H+2Hkv)Dh]
                   "wo": put(g("self_attn.o_proj.weight").T),                                # [H·Dh, D]

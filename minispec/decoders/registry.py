@@ -9,6 +9,7 @@ proposes nothing (the root-only tree), so plain decoding is the verifier's degen
 above the loop: the loop knows no decoder, and a new decoder is one file in this folder and one line here.
 """
 import inspect
+import json
 from pathlib import Path
 
 import numpy as np
@@ -106,19 +107,29 @@ def decoders_with_heads():
     return sorted(n for n, f in DECODERS.items() if takes(f))
 
 
+def decoder_options(name):
+    """The options the factory of registered decoder `name` takes (its keyword parameters after the model), and
+    whether it also takes **options (then it checks its own)."""
+    params = list(inspect.signature(DECODERS[name]).parameters.values())[1:]
+    named = [p.name for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+    return named, any(p.kind == p.VAR_KEYWORD for p in params)
+
+
 def check_decoder(name, **options):
-    """The factory registered as `name`, or UserError listing the registered decoders; options the factory does
-    not take are refused by name (a factory that takes **options checks its own)."""
+    """The factory registered as `name`, or UserError listing the registered decoders; an option the factory does
+    not take is refused naming the decoder, the option and the options it takes (a factory that takes **options
+    checks its own)."""
     if name not in DECODERS:
         raise UserError(f"decoder must be one of {', '.join(repr(d) for d in sorted(DECODERS))}, not {name!r}")
-    factory = DECODERS[name]
     try:
-        inspect.signature(factory).bind(None, **options)
-    except TypeError as e:
-        raise UserError(f"decoder {name!r} does not take that option: {e}") from None
+        named, open_ended = decoder_options(name)
     except ValueError:          # no signature (a builtin): nothing to check here
-        pass
-    return factory
+        return DECODERS[name]
+    unknown = [k for k in options if k not in named]
+    if unknown and not open_ended:
+        takes = f"its options: {', '.join(named)}" if named else "it takes no options"
+        raise UserError(f"decoder {name!r} has no option {unknown[0]!r} ({takes})")
+    return DECODERS[name]
 
 
 def make_proposer(name, model, **options):
@@ -153,3 +164,98 @@ def generate(model, ids, decoder="ar", max_new_tokens=64, temperature=0.0, top_k
     warn_if_past_max_positions(end, model.config.max_seq_len,
                                what=f"the prompt ({len(ids)} tokens) + max_new_tokens ({max_new_tokens})")
     return run_loop(model, ids, proposer, rule, params, rng, max_new_tokens, eos_id, on_token, cache)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Decoder options as text (the command line: `--option KEY=VALUE`, `--decoders ar,hydra:tree=dynamic`)
+# ---------------------------------------------------------------------------------------------------------
+WORDS = {"True": True, "False": False, "None": None}
+
+
+def int_keys(d):
+    """A JSON object whose keys are all whole numbers with int keys (a cost curve {T: c(T)}: JSON keys are text)."""
+    return {int(k): v for k, v in d.items()} if all(k.isdigit() for k in d) else d
+
+
+def option_value(text):
+    """A decoder option's value from text: JSON where it parses (3, 0.5, true, null, [[0], [0, 0]], "quoted
+    text", {"1": 1.0, "2": 1.3} read as {1: 1.0, 2: 1.3}), Python's True / False / None, else the text itself
+    ("dynamic", "auto", a path)."""
+    text = text.strip()
+    if text in WORDS:
+        return WORDS[text]
+    try:
+        return json.loads(text, object_hook=int_keys)
+    except ValueError:
+        return text
+
+
+def option_text(value):
+    """The text that option_value (and split_outside) read back as `value`: plain text where it can be, JSON
+    otherwise (a label's spelling: no spaces in lists)."""
+    if isinstance(value, str) and option_value(value) == value and not set(value) & set(":,=[]{}()\"' "):
+        return value
+    return json.dumps(value, separators=(",", ":"))
+
+
+def split_outside(text, sep):
+    """text split at each `sep` that is outside brackets and quotes, so that a JSON value keeps its commas and
+    colons: split_outside("ar,medusa:tree=[[0],[1]]", ",") == ["ar", "medusa:tree=[[0],[1]]"]."""
+    parts, depth, quote, start = [], 0, None, 0
+    for i, ch in enumerate(text):
+        if quote:
+            quote = None if ch == quote else quote
+        elif ch in "\"'":
+            quote = ch
+        elif ch in "[{(":
+            depth += 1
+        elif ch in "]})":
+            depth = max(depth - 1, 0)
+        elif ch == sep and depth == 0:
+            parts.append(text[start:i])
+            start = i + 1
+    return parts + [text[start:]]
+
+
+def parse_option(text, within=None):
+    """("key", value) from "key=value" (option_value reads the value); UserError naming the text otherwise."""
+    key, eq, value = text.partition("=")
+    key = key.strip()
+    if not eq or not key.isidentifier():
+        where = f" in {within!r}" if within is not None else ""
+        raise UserError(f"decoder option {text!r}{where} must be KEY=VALUE (e.g. max_nodes=auto)")
+    return key, option_value(value)
+
+
+def setup_label(name, options):
+    """A decoder with its options as one word: "hydra:tree=dynamic:max_nodes=auto" (parse_setup reads it)."""
+    return "".join([name] + [f":{k}={option_text(v)}" for k, v in options.items()])
+
+
+def parse_setup(spec):
+    """(name, options) of a decoder setup written NAME[:KEY=VALUE]..., e.g. "hydra:tree=dynamic:max_nodes=auto",
+    checked by check_decoder (the name registered, every option one the decoder takes; values are checked when
+    the decoder is made)."""
+    if not isinstance(spec, str):
+        raise UserError(f"decoder setup must be a string NAME[:KEY=VALUE]..., got {spec!r}")
+    name, *parts = split_outside(spec.strip(), ":")
+    options = {}
+    for part in parts:
+        key, value = parse_option(part, within=spec)
+        if key in options:
+            raise UserError(f"decoder option {key!r} given twice in {spec!r}")
+        options[key] = value
+    check_decoder(name.strip(), **options)
+    return name.strip(), options
+
+
+def parse_setups(specs):
+    """{label: (name, options)} of decoder setups (parse_setup), in order; the same setup twice is refused."""
+    setups = {}
+    for spec in specs:
+        name, options = parse_setup(spec)
+        label = setup_label(name, options)
+        if label in setups:
+            raise UserError(f"decoders: {label!r} is listed twice")
+        setups[label] = (name, options)
+    return setups

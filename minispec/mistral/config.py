@@ -117,7 +117,8 @@ class MistralConfig:
         n_kv = k.count("n_kv_heads", n_heads)
         k.divides("n_heads", n_heads, "n_kv_heads", n_kv)
         window = k.window("sliding_window")
-        return cls(dim=dim, n_layers=k.count("n_layers"), head_dim=k.head_dim("head_dim", "dim", dim, "n_heads", n_heads),
+        return cls(dim=dim, n_layers=k.count("n_layers"),
+                   head_dim=k.head_dim("head_dim", "dim", dim, "n_heads", n_heads),
                    hidden_dim=k.count("hidden_dim"), n_heads=n_heads, n_kv_heads=n_kv,
                    vocab_size=k.count("vocab_size"), norm_eps=k.real("norm_eps", 1e-5),
                    rope_theta=k.real("rope_theta", DEFAULT_ROPE_THETA, null_default=True), sliding_window=window,

@@ -74,7 +74,8 @@ class Model:
             p = f"layers.{i}."
             self.layers.append(dict(
                 attention_norm=put(p + "attention_norm.weight"), ffn_norm=put(p + "ffn_norm.weight"),   # [D]
-                wqkv=put_t(p + "attention.wq.weight", p + "attention.wk.weight", p + "attention.wv.weight"),  # [D, (H+2Hkv)Dh]
+                wqkv=put_t(p + "attention.wq.weight", p + "attention.wk.weight",
+                           p + "attention.wv.weight"),                                         # [D, (H+2Hkv)Dh]
                 wo=put_t(p + "attention.wo.weight"),                                           # [H·Dh, D]
                 w13=put_t(p + "feed_forward.w1.weight", p + "feed_forward.w3.weight"),         # [D, 2F]
                 w2=put_t(p + "feed_forward.w2.weight")))                                       # [F, D]
@@ -131,7 +132,8 @@ class Model:
         ids = check_token_ids(ids, self.config.vocab_size)                                    # [T] host int64
         T = len(ids)
         depths = np.arange(T) if depths is None else np.asarray(to_host(depths), dtype=np.int64)
-        block_visible = np.tril(np.ones((T, T), bool)) if parents_mask is None else np.asarray(to_host(parents_mask), bool)
+        block_visible = (np.tril(np.ones((T, T), bool)) if parents_mask is None
+                         else np.asarray(to_host(parents_mask), bool))
         if depths.shape != (T,) or block_visible.shape != (T, T):
             raise UserError(f"forward_block: {T} ids need depths [{T}] and parents_mask [{T}, {T}], got "
                             f"{list(depths.shape)} and {list(block_visible.shape)}")

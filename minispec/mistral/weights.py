@@ -59,7 +59,8 @@ def hf_to_canonical(name):
             return f"layers.{i}.{sub}.weight"
     if len(parts) == 5 and parts[:2] == ["model", "layers"] and parts[4] == "weight" \
             and parts[3] in ("input_layernorm", "post_attention_layernorm"):
-        return f"layers.{parts[2]}." + {"input_layernorm": "attention_norm", "post_attention_layernorm": "ffn_norm"}[parts[3]] + ".weight"
+        norm = {"input_layernorm": "attention_norm", "post_attention_layernorm": "ffn_norm"}[parts[3]]
+        return f"layers.{parts[2]}.{norm}.weight"
     return name    # unknown names pass through and are then reported as unexpected
 
 
@@ -175,7 +176,8 @@ def load_tensors(folder, cfg=None, layout=None, lazy16=False):
                               f"(canonical names; expected shape of the first {list(expected[missing[0]])})")
     if layout == "mistral":
         for i in range(cfg.n_layers):
-            for key, n in ((f"layers.{i}.attention.wq.weight", cfg.n_heads), (f"layers.{i}.attention.wk.weight", cfg.n_kv_heads)):
+            for key, n in ((f"layers.{i}.attention.wq.weight", cfg.n_heads),
+                           (f"layers.{i}.attention.wk.weight", cfg.n_kv_heads)):
                 w = tensors[key]
                 if isinstance(w, Tensor16):     # permute row indices, not data: nothing is read at load
                     tensors[key] = w.permuted(interleaved_to_half_rope(np.arange(w.shape[0])[:, None], n)[:, 0])

@@ -44,7 +44,8 @@ class SamplingParams:
         check_real("temperature", self.temperature, low=0, what=" (0: greedy)")
         if 0 < self.temperature < MIN_TEMPERATURE:
             raise UserError(f"temperature must be 0 (greedy) or >= {MIN_TEMPERATURE:g}: a smaller one overflows "
-                            f"logits / temperature in float32 (and samples the argmax anyway), got {self.temperature!r}")
+                            f"logits / temperature in float32 (and samples the argmax anyway), "
+                            f"got {self.temperature!r}")
         check_int("top_k", self.top_k, low=0, what=" (0: no top-k cut)")
         check_real("top_p", self.top_p, low=0, high=1, low_open=True, what=" (1: no nucleus cut)")
 

@@ -93,7 +93,8 @@ class Tree:
                 if r < 0:
                     raise UserError(f"tree: choices[{i}] = {c} has a negative rank {r}")
                 if top_k is not None and r >= top_k:
-                    raise UserError(f"tree: choices[{i}] = {c} uses rank {r}, but top_k = {top_k} (ranks 0..{top_k - 1})")
+                    raise UserError(f"tree: choices[{i}] = {c} uses rank {r}, but top_k = {top_k} "
+                                    f"(ranks 0..{top_k - 1})")
             if n_heads is not None and len(c) > n_heads:
                 raise UserError(f"tree: choices[{i}] = {c} has depth {len(c)}, but there are only n_heads = {n_heads}")
             nodes.append(tuple(int(r) for r in c))

@@ -83,4 +83,5 @@ def verify(model, cache, draft, accept, limit=None, eos_id=None):
     path = list(path[:max(1, len(emitted))])     # emitted[i] follows path[i]: commit the nodes before the last
     cache.commit(path)
     return Verified(path=path, bonus=emitted[-1] if emitted else int(bonus), hidden=out.hidden[path[-1]],
-                    tokens=emitted, path_hidden=out.hidden[to_device(model.xp, np.asarray(path, dtype=np.int64))], drafted=tree.N - 1)
+                    tokens=emitted, path_hidden=out.hidden[to_device(model.xp, np.asarray(path, dtype=np.int64))],
+                    drafted=tree.N - 1)

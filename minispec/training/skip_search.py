@@ -9,9 +9,10 @@ The objectives and the encoding live in minispec.training.skip_objective. The me
     random      the sets of the search space in a seeded random order, without repetition
     bo          the authors' Bayesian optimisation (bayes_opt, a Gaussian process with a Matern kernel and the
                 authors' GP noise alpha = 1e-2; UCB acquisition with kappa = 2.5 as in SWIFT's code): one
-                variable x_j in [0, 1] per free decision, skipped when x_j > 0.5; a few random points first. A suggestion that rounds to a set already
-                scored is registered again with its known value and costs no budget (after max_duplicates = 5 such
-                suggestions in a row the next unseen set of a seeded random order is taken instead).
+                variable x_j in [0, 1] per free decision, skipped when x_j > 0.5; a few random points first. A
+                suggestion that rounds to a set already scored is registered again with its known value and costs
+                no budget (after max_duplicates = 5 such suggestions in a row the next unseen set of a seeded random
+                order is taken instead).
     exhaustive  every set of the space (4096 for L = 6 with all layers, 256 with keep_ends)
 
 Every method spends its budget in evaluations of distinct sets. The trace (a JSON file, default
