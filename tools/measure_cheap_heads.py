@@ -46,6 +46,12 @@ def timed(f, n=200, rounds=5):
     return statistics.median(out)
 
 
+def v1_copies(v2):
+    """The shipped v2 heads (sharing the base output layer) as v1 heads whose own projections are copies of it:
+    the same function, but each head reads its own [D, V] matrix."""
+    return MedusaHeads(v2.W, v2.b, np.stack([np.array(v2.base_output)] * v2.K), v2.base_output, "v1", v2.choices)
+
+
 def old_top1(logits):
     """topk_ids(logits, 1) before its argmax case: a partial selection, then a sort of the survivor."""
     part = np.argpartition(-logits, 0, axis=-1)[..., :1]
@@ -63,6 +69,7 @@ def profile(model):
     keep = kept_ids(token_counts(model), 1024)
     med, hyd, hpp = (make_proposer(n, model) for n in ("medusa", "hydra", "hydra++"))
     med1k, hyd1k = make_proposer("medusa", model, head_vocab=1024), make_proposer("hydra", model, head_vocab=1024)
+    v1 = v1_copies(med.heads)
     P, P1k = med.heads.base_output, np.ascontiguousarray(med.heads.base_output[:, keep])  # [D, V], [D, 1024]
     logits = x @ P                                                                     # [1, V]
     p0 = hyd.heads.heads[0]
@@ -74,6 +81,7 @@ def profile(model):
     parts = [
         ("Medusa, shipped tree: its 2 heads' top-1 (heads.topk)", lambda: med.heads.topk(h, 1, 2)),
         ("  the same, head_vocab=1024", lambda: med1k.heads.topk(h, 1, 2)),
+        ("  the same as v1 heads, each with its own copy of the output layer", lambda: v1.topk(h, 1, 2)),
         ("  one residual block [1, D] @ [D, D]", lambda: x + silu(x @ med.heads.W[0, 0] + med.heads.b[0, 0])),
         ("  one projection [1, D] @ [D, V]", lambda: x @ P),
         ("  one projection [1, D] @ [D, 1024]", lambda: x @ P1k),
@@ -101,9 +109,7 @@ def speed(model, runs):
     tok = Tokenizer.from_dir(MODEL)
     prompts, n_tokens = heldout_prompts(MODEL, tok), 128
     setups = [("ar", "ar", {})]
-    v2 = make_proposer("medusa", model).heads           # the shipped v2 heads share the base output layer
-    v1 = MedusaHeads(v2.W, v2.b, np.stack([np.array(v2.base_output)] * v2.K), v2.base_output, "v1", v2.choices)
-    setups.append(("medusa v1 copies", "medusa", dict(heads=v1)))    # the same function, each head its own copy
+    setups.append(("medusa v1 copies", "medusa", dict(heads=v1_copies(make_proposer("medusa", model).heads))))
     for name in ("medusa", "hydra", "hydra++"):
         for hv in (None, 1024, 512):
             setups.append((f"{name} static M={hv or 'all'}", name, dict(head_vocab=hv)))

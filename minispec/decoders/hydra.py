@@ -233,7 +233,7 @@ class HydraHeads:
         self.choices_cuda = [list(map(int, c)) for c in choices_cuda] if choices_cuda else None
         self.accuracies = accuracies
         self.base_model = Path(model.path).name if getattr(model, "path", None) else None
-        self.keep = None                # restricted heads (head_vocab.py): the token id of each logit [V], host
+        self.keep = None                # restricted heads (head_vocab.py): the token id of each logit [M], host
 
     @property
     def K(self):

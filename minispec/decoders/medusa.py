@@ -102,7 +102,7 @@ class MedusaHeads:
         self.choices_cuda = None        # a larger tree for GPUs, where verifying N tokens costs ~1 step
         self.accuracies = accuracies
         self.base_model = base_model
-        self.keep = None                # restricted heads (head_vocab.py): the token id of each logit [V], host
+        self.keep = None                # restricted heads (head_vocab.py): the token id of each logit [M], host
 
     @property
     def K(self):
