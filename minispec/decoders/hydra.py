@@ -48,6 +48,7 @@ from ..mistral.model import attention_sublayer, block_mask, mlp_sublayer, new_ca
 from ..speculative.dynamic_tree import DynamicTrees, refuse_dynamic_options, top_probs
 from ..speculative.tree import Tree, proposer_tree
 from ..speculative.verify import Draft, count
+from .head_vocab import slice_columns, token_ids, vocab_heads
 from .medusa import first_hidden, topk_ids
 
 ARCHS = ("mlp", "prefix-mlp")          # zankner/Hydra's hydra_head_arch values: Hydra, Hydra++
@@ -197,7 +198,7 @@ def grounded_proposal(heads, plan, h, root, stats=None):
         par_d, kids_d, kid_par_d = plan.on_device[d]
         logits = head_forward(heads.heads[d], feats[par_d, :(d + 2) * D])       # [B, V]
         top = to_host(topk_ids(logits, plan.k[d]))                               # [B, k]
-        tokens[kids] = top[plan.rows[d], plan.ranks[d]]
+        tokens[kids] = token_ids(heads, top[plan.rows[d], plan.ranks[d]])
         if d + 1 < depth:                    # a child's row: its parent's row, then E(child token)
             feats[kids_d, :(d + 2) * D] = feats[kid_par_d, :(d + 2) * D]
             feats[kids_d, (d + 2) * D:(d + 3) * D] = E[xp.asarray(tokens[kids])]
@@ -232,6 +233,7 @@ class HydraHeads:
         self.choices_cuda = [list(map(int, c)) for c in choices_cuda] if choices_cuda else None
         self.accuracies = accuracies
         self.base_model = Path(model.path).name if getattr(model, "path", None) else None
+        self.keep = None                # restricted heads (head_vocab.py): the token id of each logit [M], host
 
     @property
     def K(self):
@@ -247,7 +249,7 @@ class HydraHeads:
 
     @property
     def V(self):
-        return self.model_config.vocab_size
+        return self.model_config.vocab_size if self.keep is None else len(self.keep)
 
     @property
     def kind(self):
@@ -262,6 +264,16 @@ class HydraHeads:
         heads = [init_head(model, i, num_layers) for i in range(num_heads)]
         prefix = init_prefix(model, rng) if arch == "prefix-mlp" else None
         return cls(heads, prefix, model, arch)
+
+    def restricted(self, keep):
+        """These heads drafting only among the tokens keep [M] (host int64, sorted; head_vocab.py): every head's
+        projection [D, M] and bias [M] sliced to those columns; the blocks and the prefix layer are shared."""
+        out = object.__new__(HydraHeads)
+        out.__dict__.update(self.__dict__)
+        out.heads = [dict(p, proj_w=slice_columns(self.xp, p["proj_w"], keep),
+                          proj_b=slice_columns(self.xp, p["proj_b"], keep)) for p in self.heads]
+        out.keep = keep
+        return out
 
     def logits(self, i, a):
         """Head i on a batch a [B, (i+2)·D] -> [B, V]."""
@@ -282,13 +294,16 @@ class HydraProposer:
     once when not given, at most `cap` nodes), max_depth (default K), top_k (children per node), width (nodes
     expanded per depth). A node's value is the product along its path of head d's softmax probability of the
     node's token given the path: Hydra's heads are conditioned on it.
+    head_vocab=M: the heads draft only among the M most frequent tokens (FR-Spec; minispec.decoders.head_vocab),
+    counted in token_counts (default the model folder's token_counts.json).
     Hydra++: start() fills the prefix layer's cache with the prompt's hidden states; observe() runs the newly
     committed path's hidden states through it and commits them, so it never sees a rejected token; the prefix
     output at the last committed position replaces h_t."""
 
     def __init__(self, model, heads, tree=None, max_nodes=None, max_depth=None, top_k=None, width=None, costs=None,
-                 depth_costs=None, cap=None):
+                 depth_costs=None, cap=None, head_vocab=None, token_counts=None):
         self.name = heads.kind
+        heads = vocab_heads(model, heads, head_vocab, token_counts, self.name)
         self.model, self.heads, self.root_only = model, heads, Tree.from_choices([])
         self.cache, self.h, self.dynamic = None, None, None
         if isinstance(tree, str) and tree == "dynamic":
@@ -337,7 +352,8 @@ class HydraProposer:
                 up = xp.asarray(np.array([where[int(parents[n])] for n in rows], np.int64))
                 feats = xp.concatenate([prev[up], E[xp.asarray(tokens[rows])]], axis=1)   # [B, (d+2)·D]
             batch["where"], batch["feats"] = {int(n): i for i, n in enumerate(rows)}, feats
-            out = top_probs(head_forward(self.heads.heads[d], feats), dyn.top_k)          # [B, k] x 2
+            ids, probs = top_probs(head_forward(self.heads.heads[d], feats), dyn.top_k)   # [B, k] x 2
+            out = token_ids(self.heads, ids), probs
             if stats is not None:
                 count(stats, "head_calls", 1)
                 count(stats, "head_rows", len(rows))

@@ -32,6 +32,7 @@ from ..mistral.layers import linear, silu
 from ..speculative.dynamic_tree import DynamicTrees, refuse_dynamic_options, top_probs
 from ..speculative.tree import Tree, proposer_tree
 from ..speculative.verify import Draft, count
+from .head_vocab import slice_columns, token_ids, vocab_heads
 
 VERSIONS = ("v1", "v2")
 
@@ -69,6 +70,8 @@ def topk_ids(logits, k):
     Exact ties come out in an unspecified order."""
     xp = array_module(logits)
     V = logits.shape[-1]
+    if k == 1:                                                               # the greedy tree's case: one pass
+        return logits.argmax(axis=-1)[..., None]                             # [..., 1]
     if k >= V:
         return xp.argsort(-logits, axis=-1)
     part = xp.argpartition(-logits, k - 1, axis=-1)[..., :k]                 # [..., k] the k largest, unordered
@@ -99,6 +102,7 @@ class MedusaHeads:
         self.choices_cuda = None        # a larger tree for GPUs, where verifying N tokens costs ~1 step
         self.accuracies = accuracies
         self.base_model = base_model
+        self.keep = None                # restricted heads (head_vocab.py): the token id of each logit [M], host
 
     @property
     def K(self):
@@ -115,6 +119,16 @@ class MedusaHeads:
     @property
     def V(self):
         return self.base_output.shape[1]
+
+    def restricted(self, keep):
+        """These heads drafting only among the tokens keep [M] (host int64, sorted; head_vocab.py): every
+        projection sliced to those columns, [D, M]; a v2 file's shared base output layer is sliced once."""
+        xp = array_module(self.W)
+        proj = None if self.proj is None else slice_columns(xp, self.proj, keep)         # [K, D, M]
+        out = MedusaHeads(self.W, self.b, proj, slice_columns(xp, self.base_output, keep), self.version,
+                          self.choices, self.accuracies, self.base_model)
+        out.choices_cuda, out.keep = self.choices_cuda, keep
+        return out
 
     def projection(self, k):
         """Head k's vocabulary projection [D, V]."""
@@ -156,7 +170,7 @@ class MedusaHeads:
 
     def topk(self, hidden, k, num_heads=None):
         """Top-k token ids of each head for one hidden state [D] -> host int64 [K, k], by decreasing logit."""
-        return to_host(topk_ids(self.logits(hidden, num_heads), k)).astype(np.int64)
+        return token_ids(self, to_host(topk_ids(self.logits(hidden, num_heads), k)).astype(np.int64))
 
 
 def model_name(model):
@@ -175,6 +189,8 @@ class MedusaProposer:
     ("tree_cuda" on a GPU when stored, where a verify of N tokens costs about one step; else "tree", sized from
     the CPU's cost curve c(T)), the chain of K tokens when none is stored; top_k: candidates read per head,
     default what the tree needs (its largest rank + 1).
+    head_vocab=M: the heads draft only among the M most frequent tokens (FR-Spec; minispec.decoders.head_vocab),
+    counted in token_counts (default the model folder's token_counts.json).
     tree="dynamic": max_nodes (an int, or "auto": sized per step from costs {T: c(T)} and depth_costs, measured
     once when not given, at most `cap` nodes), max_depth (default K), top_k (children per node), width (nodes
     expanded per depth). A node's value is the product of its heads' softmax probabilities of its tokens: the
@@ -184,7 +200,8 @@ class MedusaProposer:
     name = "medusa"
 
     def __init__(self, model, heads, tree=None, top_k=None, max_nodes=None, max_depth=None, width=None, costs=None,
-                 depth_costs=None, cap=None):
+                 depth_costs=None, cap=None, head_vocab=None, token_counts=None):
+        heads = vocab_heads(model, heads, head_vocab, token_counts, "medusa")
         self.heads, self.root_only = heads, Tree.from_choices([])
         self.dynamic = None
         if isinstance(tree, str) and tree == "dynamic":
@@ -215,6 +232,7 @@ class MedusaProposer:
         def expand(d, rows, tokens, parents):
             logits = head_forward(hidden[None], heads.W[d], heads.b[d], heads.projection(d))[0]      # [V]
             ids, probs = top_probs(logits, dyn.top_k)                                                 # [k] x 2
+            ids = token_ids(heads, ids)
             if stats is not None:
                 count(stats, "head_calls", 1)
             return np.repeat(ids[None], len(rows), 0), np.repeat(probs[None], len(rows), 0)
