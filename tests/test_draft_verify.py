@@ -204,7 +204,7 @@ def test_a_draft_that_skips_nothing_is_always_fully_accepted_so_tau_is_max_draft
     tokens)."""
     _, _, m = tiny(W=5, L=3, seed=9)
     out = generate(m, [1, 2, 3], decoder="draft_verify", skip=SkipSet.none(3), max_draft=4, gamma0=0.0,
-                   max_new_tokens=40, eos_id=None)
+                   max_new_tokens=40, eos_id=None, gate=False)
     assert out.stats.accepted == [5] * 8 and out.stats.drafted == [4] * 8
 
 

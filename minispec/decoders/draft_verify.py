@@ -223,7 +223,8 @@ class DraftVerifyProposer:
     check whether another token pays; K* = 0 drafts nothing (a plain decoding step). costs {T: c(T)} and
     draft_cost r unless given: the canonical curve and r timed on its clock (`measured_draft_costs`).
 
-    gate: True (default), False or a DraftGate (minispec.speculative.gate): when the acceptance so far says no
+    gate: False (the class's default: draft at every step), True (the registry's default, decoder
+    "draft_verify") or a DraftGate (minispec.speculative.gate): when the acceptance so far says no
     draft pays (a step of K draft tokens costing s(K + 1) + K r on the cost model), the step is a plain one
     with no draft forward, re-probed now and then.
 
@@ -233,7 +234,7 @@ class DraftVerifyProposer:
     name = "draft_verify"
 
     def __init__(self, model, skip=None, max_draft=None, gamma0=None, adaptive=True, rule=None, sizing="threshold",
-                 costs=None, draft_cost=None, gate=True):
+                 costs=None, draft_cost=None, gate=False):
         self.model, self.skip = model, _as_skip_set(skip, model)
         self.rule = rule or ExitRule()
         # unset options: the skip set file's own (its meta), else the authors' decoding.py defaults

@@ -290,10 +290,10 @@ class HydraProposer:
     hidden states are run through it and committed before the next draft (so it never sees a rejected token, and
     after plain steps it catches up on all of them in one batch), and the prefix output at the last committed
     position replaces h_t.
-    gate: True (default), False or a DraftGate, as for Medusa (minispec.decoders.medusa.MedusaProposer)."""
+    gate: False (default here), True (the registry's default) or a DraftGate, as for medusa.MedusaProposer."""
 
     def __init__(self, model, heads, tree=None, max_nodes=None, max_depth=None, top_k=None, width=None, costs=None,
-                 depth_costs=None, cap=None, gate=True):
+                 depth_costs=None, cap=None, gate=False):
         self.name = heads.kind
         self.model, self.heads, self.root_only = model, heads, Tree.from_choices([])
         self.cache, self.h, self.dynamic, self.gate, self.drafting, self.pending = None, None, None, None, False, []

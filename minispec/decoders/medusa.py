@@ -184,14 +184,15 @@ class MedusaProposer:
     expanded per depth). A node's value is the product of its heads' softmax probabilities of its tokens: the
     heads are independent of the path, so head d-1 runs once when depth d is grown and every node at depth d
     reads its top-k.
-    gate: True (default), False or a DraftGate (minispec.speculative.gate): when the acceptance so far says no
+    gate: False (the class's default: draft at every step), True (the registry's default, minispec.generate's
+    decoder "medusa") or a DraftGate (minispec.speculative.gate): when the acceptance so far says no
     draft pays on this backend's cost model, the step is a plain one and the heads do not run; True measures the
     cost model once per heads and tree (`step_curve` with this proposal).
     """
     name = "medusa"
 
     def __init__(self, model, heads, tree=None, top_k=None, max_nodes=None, max_depth=None, width=None, costs=None,
-                 depth_costs=None, cap=None, gate=True):
+                 depth_costs=None, cap=None, gate=False):
         self.heads, self.root_only = heads, Tree.from_choices([])
         self.dynamic, self.gate, self.drafting = None, None, False
         if isinstance(tree, str) and tree == "dynamic":

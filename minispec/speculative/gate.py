@@ -33,7 +33,7 @@ class DraftGate:
     `extra` more (the grown tree's expansions, the draft forwards) costs s(N) + proposal + extra (`step_cost`).
     enabled=False: always draft (the gate only keeps its estimate)."""
 
-    def __init__(self, costs=None, proposal=0.0, decay=0.9, weight=1.0, prior=1.5, max_wait=32, enabled=True):
+    def __init__(self, costs=None, proposal=0.0, decay=0.9, weight=1.0, prior=1.0, max_wait=32, enabled=True):
         self.costs = costs
         self.proposal = check_real("gate: proposal", proposal, 0.0)
         self.decay = check_real("gate: decay", decay, 0.0, 1.0, low_open=True)
