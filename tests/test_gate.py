@@ -88,7 +88,7 @@ def test_a_disabled_gate_always_drafts_and_bad_options_are_refused():
 
 # ---- greedy decoding stays plain decoding, gate closed, open or off ------------------------------------------------
 CLOSED = dict(costs={1: 1.0, 64: 1.0}, proposal=10.0)        # no draft ever pays: probes only
-OPEN = dict(costs={1: 1.0, 64: 1.0}, proposal=0.0)           # every draft pays (>= 1 token for 1 unit)
+OPEN = dict(costs={1: 1.0, 64: 1.0}, proposal=0.0, prior=1.5)   # every draft pays (>= 1 token for 1 unit)
 SETUPS = [("medusa", {}), ("medusa", dict(tree="dynamic", max_nodes=4)), ("hydra", {}),
           ("hydra", dict(tree="dynamic", max_nodes=4)), ("hydra++", {}), ("hydra++", dict(tree="dynamic", max_nodes=4)),
           ("draft_verify", dict(draft_cost=0.0))]
@@ -109,6 +109,8 @@ def test_greedy_decoding_with_the_gate_forced_closed_open_or_off_emits_plain_dec
         if gate is not False:
             assert plain == gate.plain_steps                      # a plain step is one the gate decided
             assert drafted <= len(gate.history) - plain           # only a step the gate let draft drafts
+        if name == "draft_verify" and label == "closed":               # after the first step, one-token probes
+            assert max(out.stats.drafted[1:]) == 1
         if name == "medusa" and not opts:                         # no head runs on a plain step
             assert out.stats.counters.get("head_calls", 0) == prop.tree.max_depth * (len(gate.history) - plain
                                                                                      if gate else out.stats.steps - 1)

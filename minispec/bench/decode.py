@@ -41,8 +41,8 @@ def draft_summary(stats_list):
 
 def print_draft_verify(model, proposer, stats_list, tau):
     """Draft & Verify's columns: draft lengths and the threshold over time from the bench's runs; then what its
-    cost rule (sizing="cost") believes, tau / mean(K r + c(K + 1)) with the canonical c(T) and r one draft token
-    timed on the same clock (`measured_draft_costs`), beside the generic prediction from the measured proposal."""
+    cost rule (sizing="cost") believes, tau / mean(K r + s(K + 1)) with the whole-step curve s(N) and r one draft
+    token timed on the same clock (`measured_draft_costs`), beside the generic prediction."""
     skip = proposer.skip
     summary = draft_summary(stats_list)
     gam = np.asarray(summary["series"].get("draft_verify.gamma", [np.nan]))
@@ -55,8 +55,8 @@ def print_draft_verify(model, proposer, stats_list, tau):
     drafted = [k for s in stats_list for k in s.drafted]
     r, c = measured_draft_costs(model, skip, max(drafted, default=0) + 1)
     pred = chain_speedup(tau, drafted, r, c)
-    print(f"draft_verify cost rule's inputs: one draft token r = {r:.2f} AR forwards ({backend_clock(model)[1]}), "
-          f"c(T) canonical; tau / mean(K r + c(K + 1)) = {pred:.2f}x")
+    print(f"draft_verify cost rule's inputs: one draft token r = {r:.2f} plain steps ({backend_clock(model)[1]}), "
+          f"s(N) the whole-step curve; tau / mean(K r + s(K + 1)) = {pred:.2f}x")
     return {"predicted": pred, "r": r}
 
 

@@ -226,7 +226,7 @@ class DraftVerifyProposer:
     gate: False (the class's default: draft at every step), True (the registry's default, decoder
     "draft_verify") or a DraftGate (minispec.speculative.gate): when the acceptance so far says no
     draft pays (a step of K draft tokens costing s(K + 1) + K r on the cost model), the step is a plain one
-    with no draft forward, re-probed now and then.
+    with no draft forward, re-probed now and then by a one-token draft.
 
     Counts in ctx.stats.counters: "draft_verify.forwards" (one-token draft forwards) and
     "draft_verify.gamma" (a list: the threshold in force at each step, before its update).
@@ -285,6 +285,8 @@ class DraftVerifyProposer:
         if k_max and not self.drafting:
             count(ctx.stats, "gate.plain_steps", 1)
             k_max = 0
+        elif self.gate is not None and self.gate.probing:  # a probe drafts one token: the cheapest evidence
+            k_max = min(k_max, 1)
         if not cache.ring:
             k_max = max(0, min(k_max, cache.W - cache.pos - 1))
         q = xp.empty((k_max, model.config.vocab_size), dtype=model.dtype) if sampled else None   # [K, V]

@@ -49,7 +49,7 @@ class DraftGate:
         """A new generation: no evidence (the estimate is the prior), the gate open."""
         self.tokens, self.cost = 0.0, 0.0            # fading sums over the drafting steps
         self.open, self.wait, self.backoff = True, 0, 1
-        self.drafting = False                         # the decision of the step under way
+        self.drafting = self.probing = False          # the decision of the step under way; a probe (gate closed)
         self.history = []                             # per step: True drafted, False plain (for tests and bench)
 
     @property
@@ -65,13 +65,14 @@ class DraftGate:
 
     def should_draft(self):
         """The decision for the step about to run (call once per step, before proposing)."""
+        self.probing = False
         if not self.enabled or self.open:
             self.drafting = True
         elif self.wait > 0:
             self.wait -= 1
             self.drafting = False
         else:
-            self.drafting = True                      # a probe
+            self.drafting = self.probing = True       # a probe: a proposer may make it its cheapest draft
         self.history.append(self.drafting)
         return self.drafting
 
