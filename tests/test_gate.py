@@ -91,7 +91,7 @@ CLOSED = dict(costs={1: 1.0, 64: 1.0}, proposal=10.0)        # no draft ever pay
 OPEN = dict(costs={1: 1.0, 64: 1.0}, proposal=0.0, prior=1.5)   # every draft pays (>= 1 token for 1 unit)
 SETUPS = [("medusa", {}), ("medusa", dict(tree="dynamic", max_nodes=4)), ("hydra", {}),
           ("hydra", dict(tree="dynamic", max_nodes=4)), ("hydra++", {}), ("hydra++", dict(tree="dynamic", max_nodes=4)),
-          ("draft_verify", dict(draft_cost=0.0))]
+          ("draft_verify", dict(draft_cost=0.0, gamma0=0.0))]
 
 
 @pytest.mark.parametrize("name,opts", SETUPS)
