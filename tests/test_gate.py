@@ -75,6 +75,21 @@ def test_failing_probes_double_the_wait_up_to_max_wait_and_a_probe_that_pays_sta
     assert "".join(seq) == "D.D..DD.D"
 
 
+def test_draft_and_verify_never_drafts_where_even_a_fully_accepted_draft_would_not_pay(model):
+    """K draft tokens emit at most K + 1 and cost s(K + 1) + K r. With s = {1: 1, 2: 1.25, 9: 3} and r = 0.9:
+    K = 1 costs 2.15 for 2 tokens, K = 8 costs 3 + 7.2 for 9: none pays, so no step drafts, not even a probe.
+    With r = 0.5, K = 1 costs 1.75 for 2 tokens: probes run."""
+    ids = [1, 400, 17, 905, 33, 12, 700, 5]
+    costs = {1: 1.0, 2: 1.25, 9: 3.0}
+    for r, hopeless in ((0.9, True), (0.5, False)):
+        gate = DraftGate(costs=costs)
+        out = generate(model, ids, decoder=make_proposer("draft_verify", model, gate=gate, draft_cost=r),
+                       max_new_tokens=40, eos_id=None)
+        assert gate.hopeless == hopeless
+        assert (sum(out.stats.drafted) == 0) == hopeless and out.stats.counters.get("draft_verify.forwards", 0) \
+            == sum(out.stats.drafted)
+
+
 def test_a_disabled_gate_always_drafts_and_bad_options_are_refused():
     gate = DraftGate(costs={1: 1.0}, proposal=9.0, enabled=False)
     for _ in range(5):
@@ -89,6 +104,21 @@ def test_a_disabled_gate_always_drafts_and_bad_options_are_refused():
 # ---- greedy decoding stays plain decoding, gate closed, open or off ------------------------------------------------
 CLOSED = dict(costs={1: 1.0, 64: 1.0}, proposal=10.0)        # no draft ever pays: probes only
 OPEN = dict(costs={1: 1.0, 64: 1.0}, proposal=0.0, prior=1.5)   # every draft pays (>= 1 token for 1 unit)
+
+
+def closed_gate(name):
+    """A gate closed from the first step. For Draft & Verify a draft of 8 could still pay (9 tokens for 2.5), so
+    it is not ruled out, but a one-token probe (2 tokens at most, for 2.5) never does."""
+    gate = DraftGate(**(dict(CLOSED, proposal=1.5) if name == "draft_verify" else CLOSED))
+    reset = gate.reset
+
+    def closed():
+        reset()
+        gate.open = False
+    gate.reset = closed
+    return gate
+
+
 SETUPS = [("medusa", {}), ("medusa", dict(tree="dynamic", max_nodes=4)), ("hydra", {}),
           ("hydra", dict(tree="dynamic", max_nodes=4)), ("hydra++", {}), ("hydra++", dict(tree="dynamic", max_nodes=4)),
           ("draft_verify", dict(draft_cost=0.0, gamma0=0.0))]
@@ -99,7 +129,7 @@ def test_greedy_decoding_with_the_gate_forced_closed_open_or_off_emits_plain_dec
     ids = [1, 400, 17, 905, 33, 12, 700, 5]
     want = generate(model, ids, max_new_tokens=40, eos_id=None).tokens
     counts = {}
-    for label, gate in (("closed", DraftGate(**CLOSED)), ("open", DraftGate(**OPEN)), ("off", False)):
+    for label, gate in (("closed", closed_gate(name)), ("open", DraftGate(**OPEN)), ("off", False)):
         prop = make_proposer(name, model, gate=gate, **opts)
         out = generate(model, ids, decoder=prop, max_new_tokens=40, eos_id=None)
         assert out.tokens == want, f"{name} {opts} gate {label}"
@@ -109,8 +139,8 @@ def test_greedy_decoding_with_the_gate_forced_closed_open_or_off_emits_plain_dec
         if gate is not False:
             assert plain == gate.plain_steps                      # a plain step is one the gate decided
             assert drafted <= len(gate.history) - plain           # only a step the gate let draft drafts
-        if name == "draft_verify" and label == "closed":               # after the first step, one-token probes
-            assert max(out.stats.drafted[1:]) == 1
+        if name == "draft_verify" and label == "closed":               # closed from the start: one-token probes
+            assert max(out.stats.drafted) == 1
         if name == "medusa" and not opts:                         # no head runs on a plain step
             assert out.stats.counters.get("head_calls", 0) == prop.tree.max_depth * (len(gate.history) - plain
                                                                                      if gate else out.stats.steps - 1)

@@ -123,7 +123,7 @@ def speed_table(model, prompts, n_tokens, runs):
     for label, name, opts in setups:
         if name != "ar":
             props[label] = make_proposer(name, model, **opts)
-            if "dynamic" in opts:
+            if opts.get("tree") == "dynamic":
                 print(f"{label}: depth costs (fixed + per row, units of one plain step, CPU time) "
                       + ", ".join(f"{a:.3f} + {b:.3f}/row" for a, b in props[label].dynamic.depth_costs), flush=True)
             else:

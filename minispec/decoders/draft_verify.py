@@ -262,6 +262,8 @@ class DraftVerifyProposer:
         self.gate, self.drafting = make_gate(gate, "draft_verify"), False
         if self.gate is not None and not hasattr(self, "draft_cost"):       # a DraftGate given: r as given, or 0
             self.draft_cost = 0.0 if draft_cost is None else check_real("draft_verify: draft_cost", draft_cost, 0.0)
+        if self.gate is not None:         # K tokens drafted emit at most K + 1 and cost s(K + 1) + K r
+            self.gate.rule_out([(K + 1, K + 1, K * self.draft_cost) for K in range(1, self.max_draft + 1)])
         self.start(None, None)
 
     def start(self, ctx, prompt_hidden):

@@ -11,7 +11,13 @@ Plain decoding makes 1 token per unit of time, so speculation pays only where c(
 On a GPU, and for any memory-bound model, c(T) stays near 1 for dozens of tokens; for a small model whose
 weights sit in a CPU's cache it grows with T (docs/medusa.md, notebook 06).
 
-The timing loop is ONE function, `measure_costs`: interleaved round-robin over the sizes (a noisy spell hits
+What decoding pays is a whole step, not a bare forward: `measure_steps` / `step_curve` time the real verify
+step (mask, forward, acceptance, commit, gather) of N nodes, s(N) in units of one whole plain step, right after
+a proposer's proposal when given (its eviction of the model's weights from the CPU's caches counted), and the
+proposal right after a verify step. The cost rules, the gate (minispec.speculative.gate) and bench decode's
+prediction read these curves (docs/costs.md).
+
+The timing loop of c(T) is ONE function, `measure_costs`: interleaved round-robin over the sizes (a noisy spell hits
 every size alike), with the statistic named by the caller. The curve is ONE measurement, `backend_curve(model)`:
 the canonical c(T) of a model on its backend (the clock, statistic, context and sizes in `CANONICAL`), measured
 once per model and used by every decoder's cost rule and by `minispec bench decode` (docs/costs.md). Every

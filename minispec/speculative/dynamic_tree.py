@@ -22,8 +22,8 @@ expanding only those (without `width`) keeps exactly the best max_nodes of ALL p
 ranks < top_k (tests/test_dynamic_tree.py checks both against a naive enumeration).
 
 Size (`best_size`; Sequoia, Chen et al. 2024, arXiv 2402.12374, chooses its tree's size from the hardware's
-measured verify cost in the same spirit, offline and once). With c(T) the verify cost curve of this backend
-(minispec.speculative.costs, units of one plain decoding step) and P the proposal's cost paid so far, keeping
+measured verify cost in the same spirit, offline and once). With c(T) the proposer's whole-step curve s(N) on
+this backend (minispec.speculative.costs.step_curve, units of one whole plain decoding step) and P the proposal's cost paid so far, keeping
 the best n nodes is expected to give
 
     rate(n) = (1 + v_1 + ... + v_n) / (c(n + 1) + P)          tokens per unit of time (plain decoding: 1)

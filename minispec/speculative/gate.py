@@ -15,7 +15,8 @@ Drafting pays while rate > 1 (a plain step earns 1 token per unit). After a draf
 rate <= 1 the gate closes: the next `wait` steps are plain, then one step drafts again (a probe) and its
 outcome decides anew. Waits back off exponentially while probes keep failing (1, 2, 4, ... up to `max_wait`
 plain steps) and start again from 1 after a probe that pays, so a context where speculation pays is found
-again, at a cost of at most one probe per max_wait steps where it does not.
+again, at a cost of at most one probe per max_wait steps where it does not. A proposer whose every draft would
+cost more than it emits even if every token were accepted (`rule_out`) never drafts at all.
 
 Deterministic and lossless: a step's cost is the cost model's number for the draft it ran (never a live
 timing), so the decisions are a function of the tokens emitted so far; they use no random draw and depend only
@@ -43,6 +44,7 @@ class DraftGate:
         if not isinstance(enabled, bool):
             raise UserError(f"gate: enabled must be True or False, got {enabled!r}")
         self.enabled = enabled
+        self.hopeless = False     # set by a proposer whose every draft costs more than it could emit: never draft
         self.reset()
 
     def reset(self):
@@ -66,7 +68,9 @@ class DraftGate:
     def should_draft(self):
         """The decision for the step about to run (call once per step, before proposing)."""
         self.probing = False
-        if not self.enabled or self.open:
+        if self.enabled and self.hopeless:
+            self.drafting = False
+        elif not self.enabled or self.open:
             self.drafting = True
         elif self.wait > 0:
             self.wait -= 1
@@ -75,6 +79,13 @@ class DraftGate:
             self.drafting = self.probing = True       # a probe: a proposer may make it its cheapest draft
         self.history.append(self.drafting)
         return self.drafting
+
+    def rule_out(self, best_case):
+        """best_case [(tokens, nodes, extra)]: every draft the proposer could make, with the most tokens it could
+        emit if all were accepted. When none of them beats a plain step even then (tokens <= its step cost), the
+        gate never drafts, not even to probe (`hopeless`). Returns hopeless."""
+        self.hopeless = self.costs is not None and all(t <= self.step_cost(n, e) for t, n, e in best_case)
+        return self.hopeless
 
     def observe(self, tokens, cost=None):
         """After the step: `tokens` emitted; cost its modelled cost (`step_cost`) when it drafted, None when it was
