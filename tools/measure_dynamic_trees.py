@@ -100,11 +100,12 @@ def tau_table(model, prompts, n_tokens):
 
 def modelled(stats_list, costs):
     """(mean modelled step cost, mean s(N_s) of it) over the steps of a gated proposer's runs: its cost model's
-    price of every step (stats.counters["model.step_cost"], a plain step at 1) and the verify part of it."""
+    price of every step (stats.counters["model.step_cost"], a plain step at 1) and the verify part of it (s(N)
+    of the proposer's curve for a drafting step, 1 for a plain one)."""
     steps = sum(s.steps for s in stats_list)
     total = sum(s.counters.get("model.step_cost", 0.0) for s in stats_list) / steps
     N = 1 + np.concatenate([np.asarray(s.drafted, np.float64) for s in stats_list])
-    return total, float(np.mean(interp_cost(costs, N)))
+    return total, float(np.mean(np.where(N > 1, interp_cost(costs, N), 1.0)))      # a plain step is charged 1
 
 
 def step_costs_of(prop):
