@@ -78,10 +78,12 @@ def test_failing_probes_double_the_wait_up_to_max_wait_and_a_probe_that_pays_sta
 def test_draft_and_verify_never_drafts_where_even_a_fully_accepted_draft_would_not_pay(model):
     """K draft tokens emit at most K + 1 and cost s(K + 1) + K r. With s = {1: 1, 2: 1.25, 9: 3} and r = 0.9:
     K = 1 costs 2.15 for 2 tokens, K = 8 costs 3 + 7.2 for 9: none pays, so no step drafts, not even a probe.
-    With r = 0.5, K = 1 costs 1.75 for 2 tokens: probes run."""
+    With r = 0.5, K = 1 costs 1.75 for 2 tokens (2 > 1.1 x 1.75 = 1.925): probes run. With r = 0.7, K tokens
+    cost s(K + 1) + 0.7 K = 1 + 0.95 K (s(N) = 1.25 + 0.25 (N - 2) between 2 and 9) for K + 1 tokens: more than a
+    plain step, but less than 10% more (1.1 (1 + 0.95 K) >= K + 1 for K <= 8): ruled out too."""
     ids = [1, 400, 17, 905, 33, 12, 700, 5]
     costs = {1: 1.0, 2: 1.25, 9: 3.0}
-    for r, hopeless in ((0.9, True), (0.5, False)):
+    for r, hopeless in ((0.9, True), (0.5, False), (0.7, True)):
         gate = DraftGate(costs=costs)
         out = generate(model, ids, decoder=make_proposer("draft_verify", model, gate=gate, draft_cost=r),
                        max_new_tokens=40, eos_id=None)

@@ -16,7 +16,7 @@ rate <= 1 the gate closes: the next `wait` steps are plain, then one step drafts
 outcome decides anew. Waits back off exponentially while probes keep failing (1, 2, 4, ... up to `max_wait`
 plain steps) and start again from 1 after a probe that pays, so a context where speculation pays is found
 again, at a cost of at most one probe per max_wait steps where it does not. A proposer whose every draft would
-cost more than it emits even if every token were accepted (`rule_out`) never drafts at all.
+gain less than 10% over plain steps even if every token were accepted (`rule_out`) never drafts at all.
 
 Deterministic and lossless: a step's cost is the cost model's number for the draft it ran (never a live
 timing), so the decisions are a function of the tokens emitted so far; they use no random draw and depend only
@@ -80,11 +80,13 @@ class DraftGate:
         self.history.append(self.drafting)
         return self.drafting
 
-    def rule_out(self, best_case):
+    def rule_out(self, best_case, margin=0.1):
         """best_case [(tokens, nodes, extra)]: every draft the proposer could make, with the most tokens it could
-        emit if all were accepted. When none of them beats a plain step even then (tokens <= its step cost), the
-        gate never drafts, not even to probe (`hopeless`). Returns hopeless."""
-        self.hopeless = self.costs is not None and all(t <= self.step_cost(n, e) for t, n, e in best_case)
+        emit if all were accepted. When none of them beats a plain step by more than `margin` even then
+        (tokens <= (1 + margin) · its step cost: a draft that gains less at best cannot win back the probes that
+        fail), the gate never drafts, not even to probe (`hopeless`). Returns hopeless."""
+        self.hopeless = self.costs is not None and all(t <= (1 + margin) * self.step_cost(n, e)
+                                                       for t, n, e in best_case)
         return self.hopeless
 
     def observe(self, tokens, cost=None):
