@@ -323,14 +323,15 @@ class HydraProposer:
         self.gate = make_gate(gate, self.name) if self.tree.N > 1 else None
 
     def prefix_step(self, model):
-        """Hydra++'s prefix layer on 2 committed positions against a cache of 32 (what observe() runs per step,
-        for the cost of a step; nothing is committed), or None for plain Hydra."""
+        """Hydra++'s prefix layer on 2 committed positions against a cache of 32 (what a drafting step runs, for
+        the cost of a step; nothing is committed), or None for plain Hydra."""
         if self.heads.prefix is None:
             return None
         cache = new_prefix_cache(model)
-        x = model.xp.zeros((34, self.heads.D), dtype=model.dtype)                        # [34, D]
-        prefix_advance(self.heads.prefix, self.heads.model_config, x[:32], cache)
-        return lambda: prefix_forward(self.heads.prefix, self.heads.model_config, x[32:], cache)
+        n = 32 if cache.ring else min(32, cache.W - 2)                                    # a cache without a window
+        x = model.xp.zeros((n + 2, self.heads.D), dtype=model.dtype)                     # [n + 2, D]
+        prefix_advance(self.heads.prefix, self.heads.model_config, x[:n], cache)
+        return lambda: prefix_forward(self.heads.prefix, self.heads.model_config, x[n:], cache)
 
     def start(self, ctx, prompt_hidden):
         self.h, self.pending = None, []
@@ -382,8 +383,7 @@ class HydraProposer:
         return Draft(self.tree, grounded_proposal(self.heads, self.plan, h, ctx.root, ctx.stats))
 
     def catch_up(self):
-        """Hydra++: run every committed path not yet through the prefix layer, in one batch, and commit it; h is
-        then the prefix output at the last committed position. Nothing for plain Hydra."""
+        """Hydra++: run the committed paths not yet through the prefix layer in one batch (h: its last output)."""
         if self.heads.prefix is None or not self.pending:
             return
         xp = self.heads.xp

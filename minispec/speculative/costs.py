@@ -52,8 +52,11 @@ def measure_costs(model, sizes=(1, 2, 4, 8, 16, 32, 64), reps=15, context=200, c
     proposal cost per drafted token in units of t1 or None) per clock, with c(T) = stat(T-token times) /
     stat(one-token times)."""
     cache = model.new_cache()
-    model.forward(np.arange(context) % model.config.vocab_size, cache)
     sizes = sorted(set(sizes) | {1})
+    if not cache.ring:               # a cache without a window: the context and every block must fit its positions
+        context = min(context, cache.W // 2)
+        sizes = [T for T in sizes if context + T <= cache.W]
+    model.forward(np.arange(context) % model.config.vocab_size, cache, warn_positions=False)
     jobs = {T: np.arange(1, T + 1) % model.config.vocab_size for T in sizes}
     if propose is not None:
         jobs["propose"] = None
@@ -181,13 +184,17 @@ def measure_steps(model, sizes=STEP["sizes"], tree_of=Tree.chain, propose=None, 
     right after another plain step (the unit, as plain decoding runs it); a bare one-token forward; and for each
     N in sizes, propose() (when given) then a greedy `verify` of an N-node draft shaped tree_of(N - 1)
     (Tree.chain(K) by default, or a proposer's trees). The verify commits its path; the cache position is set
-    back after each step, so every step sees the same context. Statistic: medians."""
+    back after each step, so every step sees the same context. Statistic: medians. A cache without a window
+    (no ring) holds at most half its positions as context, and only the sizes that fit after it are timed."""
     clock = clock or backend_clock(model)[0]
     V = model.config.vocab_size
     cache = model.new_cache()
-    model.forward(np.arange(context) % V, cache)
-    rule = lambda draft, logits: greedy_accept(draft.tree, draft.tokens, logits)      # noqa: E731
     sizes = sorted(set(sizes) | {1})
+    if not cache.ring:               # a cache without a window: the context and every step must fit its positions
+        context = min(context, cache.W // 2)
+        sizes = [N for N in sizes if context + N <= cache.W]
+    model.forward(np.arange(context) % V, cache, warn_positions=False)
+    rule = lambda draft, logits: greedy_accept(draft.tree, draft.tokens, logits)      # noqa: E731
     drafts = {N: Draft(tree_of(N - 1) if N > 1 else Tree.from_choices([]), [int(t) for t in np.arange(1, N + 1) % V])
               for N in sizes}
     times = {key: [] for key in ["plain", "forward", "propose"] + sizes}
