@@ -179,7 +179,8 @@ def phases(model, prompts, n_tokens):
     unit = step_curve(model).unit
     clock, loop.time.perf_counter = loop.time.perf_counter, time.process_time
     try:
-        for name, opts in [("ar", {})] + [(n, o) for n in DECODERS for o in ({}, dict(tree="dynamic", max_nodes="auto"))]:
+        kinds = ({}, dict(tree="dynamic", max_nodes="auto"))
+        for name, opts in [("ar", {})] + [(n, o) for n in DECODERS for o in kinds]:
             prop = name if name == "ar" else make_proposer(name, model, **opts)
             st = [generate(model, p, decoder=prop, max_new_tokens=n_tokens, eos_id=None).stats for p in prompts[:4]]
             steps = sum(s.steps for s in st)

@@ -53,10 +53,10 @@ def measure_costs(model, sizes=(1, 2, 4, 8, 16, 32, 64), reps=15, context=200, c
     stat(one-token times)."""
     cache = model.new_cache()
     sizes = sorted(set(sizes) | {1})
-    if not cache.ring:               # a cache without a window: the context and every block must fit its positions
+    if not getattr(cache, "ring", True):     # a cache without a window: the context and blocks must fit it
         context = min(context, cache.W // 2)
         sizes = [T for T in sizes if context + T <= cache.W]
-    model.forward(np.arange(context) % model.config.vocab_size, cache, warn_positions=False)
+    model.forward(np.arange(context) % model.config.vocab_size, cache)
     jobs = {T: np.arange(1, T + 1) % model.config.vocab_size for T in sizes}
     if propose is not None:
         jobs["propose"] = None
@@ -159,7 +159,8 @@ class StepCurve:
     costs {N: s(N)}: a `verify` of an N-node draft (tree mask, block forward, acceptance walk, commit of the
     accepted path, gather of its hidden states), timed right after the proposal when there is one, so the
     proposal's eviction of the model's weights from the CPU's caches is counted (without a proposal the curve
-    is scaled to s(1) = 1 exactly, its own root-only steps). proposal: the median proposal (timed right after a verify step) in the same unit, or None.
+    is scaled to s(1) = 1 exactly, its own root-only steps). proposal: the median proposal (timed right after a
+    verify step) in the same unit, or None.
     forward: the bare one-token block forward in the same unit (to convert costs timed in one-token forwards)."""
     costs: dict
     unit: float
