@@ -275,6 +275,11 @@ class DraftVerifyProposer:
             self.gate.reset()
 
     def propose(self, ctx):
+        self.drafting, self.stats = False, ctx.stats
+        if self.gate is not None and not self.gate.should_draft():      # a plain step: nothing else to do
+            count(ctx.stats, "gate.plain_steps", 1)
+            ctx.stats.counters.setdefault("draft_verify.gamma", []).append(self.gamma)
+            return Draft(self._chains.setdefault(0, Tree.chain(0)), [int(ctx.root)])
         model, cache, xp = self.model, ctx.cache, self.model.xp
         tokens, tok = [int(ctx.root)], int(ctx.root)
         sampled = not ctx.params.greedy
@@ -283,11 +288,8 @@ class DraftVerifyProposer:
         # a step emits at most K + 1 tokens: K <= left - 1 (docs/draft_and_verify.md, "The last step"); at the end
         # of a cache without a window the draft's forwards and its verification must stay inside it: K <= room - 1
         k_max = self.cap if ctx.left is None else max(0, min(self.cap, int(ctx.left) - 1))
-        self.drafting, self.stats = k_max > 0 and (self.gate is None or self.gate.should_draft()), ctx.stats
-        if k_max and not self.drafting:
-            count(ctx.stats, "gate.plain_steps", 1)
-            k_max = 0
-        elif self.gate is not None and self.gate.probing:  # a probe drafts one token: the cheapest evidence
+        self.drafting = k_max > 0
+        if self.gate is not None and self.gate.probing:     # a probe drafts one token: the cheapest evidence
             k_max = min(k_max, 1)
         if not cache.ring:
             k_max = max(0, min(k_max, cache.W - cache.pos - 1))
