@@ -306,7 +306,7 @@ def test_every_decoder_fills_a_cache_without_a_window_exactly_to_its_end(decoder
     options = {"medusa": {"heads": MedusaHeads.create(model, 4, 1, "v1")},
                "hydra": {"heads": HydraHeads.create(model, 4, 1, "mlp")},
                "hydra++": {"heads": HydraHeads.create(model, 4, 1, "prefix-mlp")},
-               "draft_verify": {"skip": SkipSet.none(3), "max_draft": 6, "gamma0": 0.0}}.get(decoder, {})
+               "draft_verify": {"skip": SkipSet.none(3), "max_draft": 6, "gamma0": 0.0, "gate": False}}.get(decoder, {})
     name = Oracle(ar.tokens, len(ids), decoder == "oracle chain") if decoder.startswith("oracle") else decoder
     cache = model.new_cache()
     out = generate(model, ids, decoder=name, max_new_tokens=n, eos_id=None, cache=cache, **options)
@@ -414,7 +414,7 @@ def test_sampling_decoders_also_fill_a_cache_without_a_window_to_its_end(decoder
     ar = generate(model, ids, max_new_tokens=n, eos_id=None)
     options = {"medusa": {"heads": MedusaHeads.create(model, 4, 1, "v1")},
                "hydra++": {"heads": HydraHeads.create(model, 4, 1, "prefix-mlp")},
-               "draft_verify": {"skip": SkipSet.none(3), "max_draft": 6, "gamma0": 0.0}}.get(decoder, {})
+               "draft_verify": {"skip": SkipSet.none(3), "max_draft": 6, "gamma0": 0.0, "gate": False}}.get(decoder, {})
     name = Oracle(ar.tokens, len(ids), True) if decoder.startswith("oracle") else decoder
     cache = model.new_cache()
     out = generate(model, ids, decoder=name, max_new_tokens=n, eos_id=None, cache=cache, temperature=0.8, seed=1,

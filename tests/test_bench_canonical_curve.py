@@ -90,15 +90,16 @@ def test_the_real_clock_is_cpu_time_on_numpy():
     assert costs.backend_clock(model) == (time.process_time, "CPU time")
 
 
-def test_every_decoders_cost_rule_reads_the_one_canonical_curve(monkeypatch):
+def test_every_decoders_cost_rule_reads_the_one_whole_step_curve(monkeypatch):
     """Lookup (verify_costs), dynamic trees (model_costs) and Draft & Verify (measured_draft_costs) once had a
-    curve each; now all three are the same measurement, made once."""
-    calls = count_measurements(monkeypatch)
+    curve each; now all three read the same whole-step curve (costs.step_curve), measured once per model."""
+    calls, real = [], costs.measure_steps
+    monkeypatch.setattr(costs, "measure_steps", lambda *a, **k: calls.append(1) or real(*a, **k))
     cfg = tiny_config(n_layers=2, sliding_window=16)
     model = Model(cfg, random_tensors(cfg), dtype="float32", device="cpu")
-    curve = costs.backend_curve(model)
+    curve = costs.step_curve(model)
     assert verify_costs(model, 9) is curve.costs
-    assert model_costs(model) == (curve.costs, curve.t1)
+    assert model_costs(model) == (curve.costs, curve.unit)
     r, c = measured_draft_costs(model, SkipSet.from_lists(2, attn=[0], mlp=[1]), 8)
     assert c is curve.costs and r > 0
-    assert len(calls) == 2                                   # the curve's two groups of sizes, once
+    assert costs.step_curve(model) is curve and len(calls) == 1              # measured once

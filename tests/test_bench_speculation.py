@@ -32,10 +32,10 @@ def test_the_decoder_line_reports_head_calls_proposal_cost_and_both_speedups():
     line, pred = speculation_line("hydra", [s], {1: 1.0, 2: 1.5, 4: 2.5}, 0.1, 1.23, 1.5, base_step=0.1)
     # tau 2; N_s = 1, 3, 3, 3 -> mean c(N_s) = (1 + 2 + 2 + 2) / 4 = 1.75; proposal 0.2 CPU s / 4 steps / 0.1 s
     # = 0.5 AR steps, half of it the heads (0.2 of 0.4 wall s); predicted 2 / (1.75 + 0.5) = 0.89
-    assert "2.5 nodes verified/step, c(N) = 1.75 (in this run 1.75, wall)" in line     # 0.7 s / 4 steps / 0.1 s
+    assert "2.5 nodes verified/step, s(N) = 1.75 (in this run 1.75, wall)" in line     # 0.7 s / 4 steps / 0.1 s
     assert "per-depth acceptance [0.67, 1.00]" in line and "1.5 head calls/step" in line
-    assert "proposal 0.50 AR steps/step, heads 0.25 of them" in line
-    assert "predicted tau / (c(N) + proposal) = 0.89x, measured 1.23x in CPU time (measured / predicted 1.38), " \
+    assert "proposal 0.50 plain steps/step (measured in this run), heads 0.25 of them" in line
+    assert "predicted tau / (s(N) + proposal) = 0.89x, measured 1.23x in CPU time (measured / predicted 1.38), " \
         "1.50x in wall time" in line
     assert pred["predicted"] == 2 / 2.25 and pred["c"] == 1.75 and pred["proposal"] == 0.5
 
@@ -47,13 +47,25 @@ def test_the_prediction_averages_c_over_the_steps_not_c_of_the_mean_size():
     assert pred["nodes"] == 4.0 and pred["c"] == (1.0 + 4.0) / 2 and pred["predicted"] == 3 / 2.5
 
 
+def test_the_prediction_prices_each_step_at_the_proposers_modelled_cost_when_it_keeps_one():
+    """A gated proposer sums its cost model's price of every step (a plain step at 1) in model.step_cost; the
+    prediction divides tau by their mean and ignores the run's proposal time. Two steps: plain (1 token, 1.0)
+    and a 3-node draft (3 tokens, modelled 2.5): tau 2, mean cost 1.75, predicted 2 / 1.75; s(N) = (1 + 2) / 2
+    on {1: 1, 2: 1.5, 4: 2.5}, so the proposal shown is 1.75 - 1.5 = 0.25."""
+    s = Stats(steps=2, accepted=[1, 3], drafted=[0, 2], propose_cpu_time=9.0, counters={"model.step_cost": 3.5})
+    pred = prediction([s], {1: 1.0, 2: 1.5, 4: 2.5}, 0.1)
+    assert pred["modelled"] and pred["predicted"] == 2 / 1.75 and pred["c"] == 1.5 and pred["proposal"] == 0.25
+    line, _ = speculation_line("medusa", [s], {1: 1.0, 2: 1.5, 4: 2.5}, 0.1, 1.0)
+    assert "proposal 0.25 plain steps/step (modelled)" in line
+
+
 def test_the_decoder_line_ignores_a_proposer_counter_that_is_a_series_not_a_count():
     """Draft & Verify records its threshold gamma at every step (a list): the line sums counts only."""
     s = Stats(steps=2, accepted=[2, 3], drafted=[2, 3], propose_time=0.2, propose_cpu_time=0.2,
               counters={"draft_verify.forwards": 5, "draft_verify.gamma": [0.6, 0.59]})
     s.verify_time = 0.3
     line, _ = speculation_line("draft_verify", [s], {1: 1.0, 2: 1.5, 4: 2.5}, 0.1, 0.9, base_step=0.1)
-    assert "3.5 nodes verified/step" in line and "proposal 1.00 AR steps/step" in line     # 1 + 5/2; 0.2/2/0.1
+    assert "3.5 nodes verified/step" in line and "proposal 1.00 plain steps/step" in line     # 1 + 5/2; 0.2/2/0.1
 
 
 def test_bench_decode_prints_the_canonical_curve_and_each_decoders_prediction_beside_its_measurement(
@@ -62,25 +74,25 @@ def test_bench_decode_prints_the_canonical_curve_and_each_decoders_prediction_be
     with its statistic, and the lookup line's prediction is tau / (c(N) + proposal) of its own printed numbers."""
     from minispec import bench
     from minispec.speculative import costs
-    calls, real = [], costs.measure_costs
+    calls, real = [], costs.measure_steps
 
     def spy(*args, **kw):
         calls.append(args[1])
         return real(*args, **kw)
-    monkeypatch.setattr(costs, "measure_costs", spy)
+    monkeypatch.setattr(costs, "measure_steps", spy)
     folder, _, _ = cli_model
     results, curve = bench.bench_decode(str(folder), decoders=("ar", "lookup"), n_tokens=12, n_prompts=2, runs=1,
                                         device="cpu", prompt_set="copy")
     text = capsys.readouterr().out
-    assert len(calls) == 2 and sorted(curve) == list(costs.CANONICAL["sizes"])      # one curve, its two groups
-    assert re.search(r"canonical verify cost curve on cpu .*: c\(T\) = median CPU time of a T-token block forward "
-                     r"/ that of one token, over 15 interleaved rounds against 200 cached tokens, T > 8 chained "
-                     r"through c\(8\) \(t1 = [\d.]+ ms\): "
-                     r"c\(1\)=1\.00, c\(2\)=", text)
-    assert re.search(r"ar: one step costs [\d.]+ t1 in CPU time", text)
+    assert len(calls) == 1 and sorted(curve) == list(costs.STEP["sizes"])           # one curve, measured once
+    assert re.search(r"whole-step cost curve on cpu .*: s\(N\) = median CPU time of a whole verify step of N "
+                     r"nodes / that of a plain step, over 11 interleaved rounds against 200 cached tokens \(plain "
+                     r"step = [\d.]+ ms, bare one-token forward [\d.]+\): s\(1\)=1\.00, s\(2\)=", text)
+    assert re.search(r"ar: one step costs [\d.]+ plain steps of the curve in CPU time", text)
     line = next(ln for ln in text.splitlines() if ln.strip().startswith("lookup: per-depth"))
     c, p, pred, meas, ratio, wall = map(float, re.search(
-        r"c\(N\) = ([\d.]+) .*proposal ([\d.]+) AR steps/step; speedup predicted tau / \(c\(N\) \+ proposal\) = "
+        r"s\(N\) = ([\d.]+) .*proposal ([\d.]+) plain steps/step \(measured in this run\); speedup predicted "
+        r"tau / \(s\(N\) \+ proposal\) = "
         r"([\d.]+)x, measured ([\d.]+)x in CPU time \(measured / predicted ([\d.]+)\), ([\d.]+)x in wall time",
         line).groups())
     tau = float(re.search(r"lookup: +[\d.]+ tokens/s  tau = ([\d.]+)", text).group(1))

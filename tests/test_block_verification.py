@@ -142,8 +142,10 @@ def shipped():
 PROMPT = [1, 851, 2897, 13, 13, 1270]
 
 
-@pytest.mark.parametrize("decoder,options", [("draft_verify", {}), ("medusa", {"tree": Tree.chain(3)}),
-                                             ("hydra", {"tree": Tree.chain(3)}), ("hydra++", {"tree": Tree.chain(2)})])
+@pytest.mark.parametrize("decoder,options", [("draft_verify", {"gate": False}),
+                                             ("medusa", {"tree": Tree.chain(3), "gate": False}),
+                                             ("hydra", {"tree": Tree.chain(3), "gate": False}),
+                                             ("hydra++", {"tree": Tree.chain(2), "gate": False})])
 def test_every_chain_decoder_takes_acceptance_block_greedy_equals_plain_decoding_and_sampling_is_seeded(
         shipped, decoder, options):
     ar = generate(shipped, PROMPT, max_new_tokens=24, eos_id=None)

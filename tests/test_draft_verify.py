@@ -204,7 +204,7 @@ def test_a_draft_that_skips_nothing_is_always_fully_accepted_so_tau_is_max_draft
     tokens)."""
     _, _, m = tiny(W=5, L=3, seed=9)
     out = generate(m, [1, 2, 3], decoder="draft_verify", skip=SkipSet.none(3), max_draft=4, gamma0=0.0,
-                   max_new_tokens=40, eos_id=None)
+                   max_new_tokens=40, eos_id=None, gate=False)
     assert out.stats.accepted == [5] * 8 and out.stats.drafted == [4] * 8
 
 
@@ -315,7 +315,7 @@ def test_greedy_draft_and_verify_equals_plain_greedy_with_the_same_final_cache_a
             c_ar, c_dv = m.new_cache(), m.new_cache()
             ar = generate(m, [1, 2, 3], max_new_tokens=n, eos_id=None, cache=c_ar)
             dv = generate(m, [1, 2, 3], decoder="draft_verify", skip=skip, max_draft=4, gamma0=0.3,
-                          max_new_tokens=n, eos_id=None, cache=c_dv)
+                          max_new_tokens=n, eos_id=None, cache=c_dv, gate=False)
             assert dv.tokens == ar.tokens, (W, seed)
             assert c_dv.pos == c_ar.pos == 3 + n - 1
             # the same rows, computed in a block forward instead of one by one (BLAS rounding only)
@@ -332,9 +332,9 @@ def test_draft_and_verify_runs_under_the_host_guard_with_the_same_tokens():
     skip = SkipSet.from_lists(3, attn=[1], mlp=[2])
     for temp in (0.0, 0.8):
         a = generate(guarded, [1, 2], decoder="draft_verify", skip=skip, max_new_tokens=14, eos_id=None,
-                     temperature=temp, seed=1)
+                     temperature=temp, seed=1, gate=False)
         b = generate(plain, [1, 2], decoder="draft_verify", skip=skip, max_new_tokens=14, eos_id=None,
-                     temperature=temp, seed=1)
+                     temperature=temp, seed=1, gate=False)
         assert a.tokens == b.tokens
 
 

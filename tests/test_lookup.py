@@ -236,9 +236,9 @@ def test_draft_and_verify_measures_its_costs_once_per_model_and_skip_set():
     skip = SkipSet.from_lists(2, attn=[1], mlp=[])
     a = DraftVerifyProposer(m, skip=skip, max_draft=3, sizing="cost")
     b = DraftVerifyProposer(m, skip=skip, max_draft=3, sizing="cost")
-    from minispec.speculative.costs import CANONICAL, backend_curve
-    assert a.costs is b.costs is backend_curve(m).costs                  # the canonical curve, measured once
-    assert sorted(a.costs) == list(CANONICAL["sizes"]) and a.costs[1] == 1.0 and a.draft_cost > 0
+    from minispec.speculative.costs import STEP, step_curve
+    assert a.costs is b.costs is step_curve(m).costs                     # the whole-step curve, measured once
+    assert sorted(a.costs) == list(STEP["sizes"]) and a.costs[1] == 1.0 and a.draft_cost > 0
     with pytest.raises(UserError, match="sizing"):
         DraftVerifyProposer(m, skip=skip, sizing="always")
 
@@ -279,6 +279,6 @@ def test_bench_decode_runs_lookup_end_to_end_on_a_tiny_model_and_prints_its_line
                               device="cpu", prompt_set="copy")
     text = capsys.readouterr().out
     assert set(results) == {"ar", "lookup"} and "identical output: NO" not in text
-    assert "lookup draft lengths" in text and "predicted tau / (c(N) + proposal)" in text
+    assert "lookup draft lengths" in text and "predicted tau / (s(N) + proposal)" in text
     with pytest.raises(UserError, match="prompt_set"):
         bench_decode(str(folder), decoders=("ar", "lookup"), n_tokens=4, n_prompts=1, runs=1, prompt_set="news")

@@ -48,7 +48,7 @@ def test_the_layout_check_catches_a_missing_row_a_missing_module_and_a_stale_pat
     readme = (REPO / "README.md").read_text()
     no_hydra = "\n".join(line for line in readme.splitlines() if not line.startswith("| `notebooks/04_hydra.ipynb`"))
     assert layout_problems(no_hydra, REPO) == ["no row names notebooks/04_hydra.ipynb"]
-    no_costs = readme.replace(" → `costs.py` (c(T) and the predicted speed-ups)", "")
+    no_costs = readme.replace(" → `costs.py` (c(T), whole-step costs s(N), and the predicted speed-ups)", "")
     assert layout_problems(no_costs, REPO) == ["the row of minispec/speculative/ does not list `costs.py`"]
     stale = readme.replace("| `docs/errors.md` |", "| `docs/errors.md`, `docs/gone.md` |")
     assert layout_problems(stale, REPO) == ["the table names docs/gone.md, which is not in the repository"]

@@ -34,7 +34,7 @@ def test_a_draft_equal_to_the_target_is_always_accepted_when_sampling_with_top_k
     for seed in range(3):
         out = generate(model, [1, 5, 3], decoder="draft_verify", skip=SkipSet.none(L), max_draft=4, gamma0=0.0,
                        adaptive=False, max_new_tokens=31, temperature=temperature, top_k=top_k, top_p=top_p,
-                       seed=seed, eos_id=None)
+                       seed=seed, eos_id=None, gate=False)
         s = out.stats
         full = [a == d + 1 for a, d in zip(s.accepted, s.drafted)]
         assert all(full[:-1]), f"seed {seed}: emitted {s.accepted} of drafted {s.drafted}"    # the last: limit

@@ -1,8 +1,8 @@
 """Measure dynamic trees on the shipped model (docs/dynamic_trees.md quotes what this prints).
 
     OPENBLAS_NUM_THREADS=1 python tools/measure_dynamic_trees.py tau      # tau, dynamic vs static, + calibration
-    OPENBLAS_NUM_THREADS=1 python tools/measure_dynamic_trees.py speed    # speed-up vs AR, hardware-sized trees
-    OPENBLAS_NUM_THREADS=1 python tools/measure_dynamic_trees.py phases   # where the predicted step time falls short
+    OPENBLAS_NUM_THREADS=1 python tools/measure_dynamic_trees.py speed    # speed-up vs AR, gated, sized trees
+    OPENBLAS_NUM_THREADS=1 python tools/measure_dynamic_trees.py phases   # step time: measured vs charged
 
 Greedy, the held-out prompts of minispec.bench.heldout_prompts (8 prompts), 128 new tokens each. "static" is
 the tree build_tree makes from the heads' own stored top-k accuracies at that budget; "dynamic" is
@@ -20,8 +20,7 @@ from minispec.bench import heldout_prompts                          # noqa: E402
 from minispec.decoders.registry import make_proposer                # noqa: E402
 from minispec.mistral.model import load                             # noqa: E402
 from minispec.mistral.tokenizer import Tokenizer                    # noqa: E402
-from minispec.speculative.costs import backend_curve, interp_cost   # noqa: E402
-from minispec.speculative.dynamic_tree import depth_cost, model_costs           # noqa: E402
+from minispec.speculative.costs import interp_cost, step_curve     # noqa: E402
 from minispec.speculative.tree import build_tree                    # noqa: E402
 
 MODEL = Path(__file__).resolve().parent.parent / "weights" / "stdlib-mistral"
@@ -72,9 +71,9 @@ def tau_table(model, prompts, n_tokens):
                 log = {"nodes": [], "steps": []}
                 if kind == "static":
                     heads = make_proposer(name, model).heads
-                    opts = dict(tree=build_tree(heads.accuracies, budget)[0])
+                    opts = dict(tree=build_tree(heads.accuracies, budget)[0], gate=False)
                 else:
-                    opts = dict(tree="dynamic", max_nodes=budget)
+                    opts = dict(tree="dynamic", max_nodes=budget, gate=False)
                 new = steps = 0
                 for p, want in zip(prompts, ar):
                     prop = make_proposer(name, model, **opts)
@@ -99,83 +98,99 @@ def tau_table(model, prompts, n_tokens):
     return out
 
 
+def modelled(stats_list, costs):
+    """(mean modelled step cost, mean s(N_s) of it) over the steps of a gated proposer's runs: its cost model's
+    price of every step (stats.counters["model.step_cost"], a plain step at 1) and the verify part of it (s(N)
+    of the proposer's curve for a drafting step, 1 for a plain one)."""
+    steps = sum(s.steps for s in stats_list)
+    total = sum(s.counters.get("model.step_cost", 0.0) for s in stats_list) / steps
+    N = 1 + np.concatenate([np.asarray(s.drafted, np.float64) for s in stats_list])
+    return total, float(np.mean(np.where(N > 1, interp_cost(costs, N), 1.0)))      # a plain step is charged 1
+
+
+def step_costs_of(prop):
+    """The whole-step curve a gated proposer prices its steps with (its gate's, or its dynamic trees')."""
+    return prop.gate.costs if prop.gate is not None and prop.gate.costs is not None else prop.dynamic.costs
+
+
 def speed_table(model, prompts, n_tokens, runs):
-    costs, t1 = model_costs(model)
-    print("canonical", backend_curve(model).describe(), flush=True)
+    print("whole-step curve:", step_curve(model).describe(), flush=True)
     setups = [("ar", "ar", {})]
     for name in DECODERS:
         setups.append((f"{name} static", name, {}))
         setups.append((f"{name} auto", name, dict(tree="dynamic", max_nodes="auto")))
+        setups.append((f"{name} auto, no gate", name, dict(tree="dynamic", max_nodes="auto", gate=False)))
     props = {}
     for label, name, opts in setups:
-        if opts:
+        if name != "ar":
             props[label] = make_proposer(name, model, **opts)
-            print(f"{label}: depth costs (fixed + per row, units of one step, CPU time) "
-                  + ", ".join(f"{a:.3f} + {b:.3f}/row" for a, b in props[label].dynamic.depth_costs), flush=True)
+            if opts.get("tree") == "dynamic":
+                print(f"{label}: depth costs (fixed + per row, units of one plain step, CPU time) "
+                      + ", ".join(f"{a:.3f} + {b:.3f}/row" for a, b in props[label].dynamic.depth_costs), flush=True)
+            else:
+                g = props[label].gate
+                print(f"{label}: gate prices a drafting step at s(N) = {g.costs[max(g.costs)]:.3f} for its "
+                      f"{max(g.costs)} nodes + proposal {g.proposal:.3f} (plain steps, CPU time)", flush=True)
     times = {label: [0.0] * runs for label, _, _ in setups}
     cpu = {label: [0.0] * runs for label, _, _ in setups}
-    logs = {label: {"nodes": [], "steps": []} for label, _, _ in setups}
-    tokens, steps, ar = {label: 0 for label, _, _ in setups}, {label: 0 for label, _, _ in setups}, []
+    stats = {label: [] for label, _, _ in setups}
+    ar = []
     for r in range(runs):
         for i, p in enumerate(prompts):
             for label, name, opts in setups:
-                prop = name if not opts else recording(make_proposer(name, model, **opts), logs[label]) \
-                    if r == 0 else make_proposer(name, model, **opts)
-                o = generate(model, p, decoder=prop, max_new_tokens=n_tokens, eos_id=None)
+                o = generate(model, p, decoder=name if name == "ar" else props[label], max_new_tokens=n_tokens,
+                             eos_id=None)
                 times[label][r] += o.stats.decode_time
                 cpu[label][r] += o.stats.decode_cpu_time
                 if r == 0:
                     if label == "ar":
                         ar.append(o.tokens)
                     assert o.tokens == ar[i], f"{label}: not AR's tokens"
-                    tokens[label] += o.stats.new_tokens
-                    steps[label] += o.stats.steps
+                    stats[label].append(o.stats)
     print(f"{runs} interleaved runs (prompt by prompt, every setup in turn); medians over the runs; speed-up = "
           "tokens/s over AR's, in wall time and in this process's CPU time (the machine is shared: wall time also "
-          "counts the neighbours)")
+          "counts the neighbours); predicted = tau / the mean modelled step cost (the gate's prices: s(N) of the "
+          "proposer's whole-step curve + its proposal, a plain step at 1)")
     base = statistics.median(n_tokens * len(prompts) / t for t in times["ar"])
     base_cpu = statistics.median(n_tokens * len(prompts) / t for t in cpu["ar"])
     for label, name, opts in setups:
         rate = statistics.median(n_tokens * len(prompts) / t for t in times[label])
         rate_cpu = statistics.median(n_tokens * len(prompts) / t for t in cpu[label])
-        line = (f"{label:>15}: {rate:7.1f} tokens/s  speed-up wall {rate / base:.2f}x  CPU {rate_cpu / base_cpu:.2f}x"
-                f"  tau {tokens[label] / steps[label]:.2f}")
-        st = logs[label]["steps"]
-        if st:
-            d = props[label].dynamic.depth_costs
-            pred_tokens = sum(t for t, _, _ in st)
-            pred_time = sum(interp_cost(costs, n) + sum(depth_cost(c, b) for c, b in zip(d, rows)) for _, n, rows in st)
-            drafted = np.bincount([n - 1 for _, n, _ in st])
-            line += (f"  predicted {pred_tokens / pred_time:.2f}x (rate rule, per step)  nodes drafted per step: "
-                     f"mean {np.mean([n - 1 for _, n, _ in st]):.1f}, root alone in "
-                     f"{drafted[0] / len(st):.0%} of steps")
+        st = stats[label]
+        steps = sum(s.steps for s in st)
+        tau = sum(s.new_tokens for s in st) / steps
+        line = (f"{label:>24}: {rate:7.1f} tokens/s  speed-up wall {rate / base:.2f}x  CPU {rate_cpu / base_cpu:.2f}x"
+                f"  tau {tau:.2f}")
+        if name != "ar" and all("model.step_cost" in s.counters for s in st):
+            total, _ = modelled(st, step_costs_of(props[label]))
+            plain = sum(s.counters.get("gate.plain_steps", 0) for s in st)
+            line += (f"  predicted {tau / total:.2f}x (measured / predicted {rate_cpu / base_cpu / (tau / total):.2f})"
+                     f"  plain steps (gate) {plain / steps:.0%}, nodes drafted per step "
+                     f"{np.mean(np.concatenate([s.drafted for s in st])):.1f}")
         print(line, flush=True)
 
 
 def phases(model, prompts, n_tokens):
     """The loop's propose and verify time per step in CPU time (the loop's clock swapped for process_time), in
-    units of t1, beside what the rate rule charged: the depth costs paid and c(N)."""
+    units of one plain step of the whole-step curve, beside what the cost model charged: s(N) of the proposer's
+    curve for the verify and the rest of its modelled step cost for the proposal."""
     import time
     import minispec.speculative.loop as loop
-    costs, t1 = model_costs(model)
+    unit = step_curve(model).unit
     clock, loop.time.perf_counter = loop.time.perf_counter, time.process_time
     try:
-        for name in ("ar",) + DECODERS:
-            prop = name if name == "ar" else make_proposer(name, model, tree="dynamic", max_nodes="auto")
-            log = {"nodes": [], "steps": []}
+        kinds = ({}, dict(tree="dynamic", max_nodes="auto"))
+        for name, opts in [("ar", {})] + [(n, o) for n in DECODERS for o in kinds]:
+            prop = name if name == "ar" else make_proposer(name, model, **opts)
+            st = [generate(model, p, decoder=prop, max_new_tokens=n_tokens, eos_id=None).stats for p in prompts[:4]]
+            steps = sum(s.steps for s in st)
+            propose, verify = sum(s.propose_time for s in st), sum(s.verify_time for s in st)
+            label = name + (" auto" if opts else (" static" if name != "ar" else ""))
+            line = f"{label:>15}: per step, units of a plain step = {unit * 1e3:.2f} ms CPU: propose " \
+                   f"{propose / steps / unit:.3f}  verify {verify / steps / unit:.3f}"
             if name != "ar":
-                recording(prop, log)
-            steps = propose = verify = 0.0
-            for p in prompts[:4]:
-                s = generate(model, p, decoder=prop, max_new_tokens=n_tokens, eos_id=None).stats
-                steps, propose, verify = steps + s.steps, propose + s.propose_time, verify + s.verify_time
-            line = f"{name:>8}: per step, units of t1 = {t1 * 1e3:.2f} ms CPU: propose {propose / steps / t1:.3f}  " \
-                   f"verify {verify / steps / t1:.3f}"
-            if log["steps"]:
-                d = prop.dynamic.depth_costs
-                paid = np.mean([sum(depth_cost(c, b) for c, b in zip(d, rows)) for _, _, rows in log["steps"]])
-                cn = np.mean([interp_cost(costs, n) for _, n, _ in log["steps"]])
-                line += f"  | charged by the rule: depth costs {paid:.3f}  c(N) {cn:.3f}"
+                total, c = modelled(st, step_costs_of(prop))
+                line += f"  | charged by the cost model: proposal {total - c:.3f}  s(N) {c:.3f}"
             print(line, flush=True)
     finally:
         loop.time.perf_counter = clock

@@ -11,8 +11,8 @@ from ..decoders.registry import generate, make_proposer, parse_setups
 from ..errors import UserError
 from ..mistral.model import load
 from ..mistral.tokenizer import Tokenizer
-from ..speculative.costs import (backend_clock, backend_curve, chain_speedup, heads_cost, interp_cost, pick_budget,
-                                 speedup)
+from ..speculative.costs import (backend_clock, chain_speedup, heads_cost, interp_cost, pick_budget, speedup,
+                                 step_curve)
 from ..speculative.tree import expected_tau
 from .forward import check_bench, environment
 from .prompts import PROMPT_SETS
@@ -41,8 +41,8 @@ def draft_summary(stats_list):
 
 def print_draft_verify(model, proposer, stats_list, tau):
     """Draft & Verify's columns: draft lengths and the threshold over time from the bench's runs; then what its
-    cost rule (sizing="cost") believes, tau / mean(K r + c(K + 1)) with the canonical c(T) and r one draft token
-    timed on the same clock (`measured_draft_costs`), beside the generic prediction from the measured proposal."""
+    cost rule (sizing="cost") believes, tau / mean(K r + s(K + 1)) with the whole-step curve s(N) and r one draft
+    token timed on the same clock (`measured_draft_costs`), beside the generic prediction."""
     skip = proposer.skip
     summary = draft_summary(stats_list)
     gam = np.asarray(summary["series"].get("draft_verify.gamma", [np.nan]))
@@ -55,8 +55,8 @@ def print_draft_verify(model, proposer, stats_list, tau):
     drafted = [k for s in stats_list for k in s.drafted]
     r, c = measured_draft_costs(model, skip, max(drafted, default=0) + 1)
     pred = chain_speedup(tau, drafted, r, c)
-    print(f"draft_verify cost rule's inputs: one draft token r = {r:.2f} AR forwards ({backend_clock(model)[1]}), "
-          f"c(T) canonical; tau / mean(K r + c(K + 1)) = {pred:.2f}x")
+    print(f"draft_verify cost rule's inputs: one draft token r = {r:.2f} plain steps ({backend_clock(model)[1]}), "
+          f"s(N) the whole-step curve; tau / mean(K r + s(K + 1)) = {pred:.2f}x")
     return {"predicted": pred, "r": r}
 
 
@@ -135,16 +135,16 @@ def bench_decode(model_dir, decoders=("ar", "medusa"), n_tokens=128, n_prompts=8
               f"speedup vs {decoders[0]} {results[name] / results[decoders[0]]:.2f}x  "
               f"identical output: {'yes' if same else 'NO'}  histogram (tokens/step: steps) "
               f"{ {i: int(c) for i, c in enumerate(hist) if c} }")
-    curve = backend_curve(model)
-    costs, t1 = curve.costs, curve.t1
-    print(f"canonical verify cost curve on {model.device} (minispec.speculative.costs.backend_curve): "
-          f"{curve.describe()}")
+    curve = step_curve(model)
+    costs, t1 = curve.costs, curve.unit
+    print(f"whole-step cost curve on {model.device} (minispec.speculative.costs.step_curve): {curve.describe()}")
     base, b = stats[decoders[0]], decoders[0]
     base_step = sum(s.decode_time for s in base) / sum(s.steps for s in base)      # wall seconds per baseline step
     base_cpu = cpu[b] / sum(s.new_tokens for s in base) / runs                     # CPU seconds per baseline token
-    print(f"{b:>8}: one step costs {base_cpu * results_tau[b] / t1:.2f} t1 in {curve.clock} (the model prices it "
-          f"at 1.00); speed-ups below: predicted from c(T) and the measured proposal, measured in {curve.clock} "
-          f"(wall time beside it)")
+    print(f"{b:>8}: one step costs {base_cpu * results_tau[b] / t1:.2f} plain steps of the curve in {curve.clock} "
+          f"(the model prices it at 1.00); speed-ups below: predicted from the cost model (each proposer's "
+          f"modelled step costs where it keeps them, else s(N) and the measured proposal), measured in "
+          f"{curve.clock} (wall time beside it)")
     props = {name: make_proposer(setups[name][0], model, **setups[name][1])     # as generate made them (heads
              for name in decoders[1:]}                                          # cached on the model)
     predictions = {}
@@ -215,17 +215,26 @@ def depth_acceptance(stats_list, max_depth=None):
 
 
 def prediction(stats_list, costs, t1):
-    """The cost model's predicted speed-up over plain decoding from one decoder's runs (units of t1, the curve's
-    one-token time): tau = tokens per step; c = the mean over steps s of c(N_s), N_s = 1 + the tokens drafted at
-    step s (interpolated on `costs`); proposal = the proposer's CPU time per step (Stats.propose_cpu_time) / t1;
-    predicted = tau / (c + proposal). Returns {"tau", "nodes" (mean N_s), "c", "proposal", "predicted"}."""
+    """The cost model's predicted speed-up over plain decoding from one decoder's runs, in units of one plain
+    step (t1 seconds, the step curve's unit): tau = tokens per step; c = the mean over steps s of s(N_s),
+    N_s = 1 + the tokens drafted at step s (interpolated on `costs`, the whole-step curve). The step's cost:
+    where the proposer kept its cost model's price of every step (stats.counters["model.step_cost"]: the gated
+    decoders, whose verify steps and proposals were timed together once, before decoding), their mean, and
+    proposal = that mean - c; else c + proposal with proposal = the proposer's CPU time per step in these runs
+    (Stats.propose_cpu_time) / t1 (lookup: its drafts are Python work with no cost model of their own).
+    predicted = tau / (step cost). Returns {"tau", "nodes" (mean N_s), "c", "proposal", "predicted",
+    "modelled" (True when the proposer's own step costs were used)}."""
     steps = sum(s.steps for s in stats_list)
     tau = sum(s.new_tokens for s in stats_list) / steps
     N = 1 + np.concatenate([np.asarray(s.drafted, np.float64) for s in stats_list])          # [steps]
     c = float(np.mean(interp_cost(costs, N)))
-    proposal = sum(s.propose_cpu_time for s in stats_list) / steps / t1
+    modelled = all("model.step_cost" in s.counters for s in stats_list)
+    if modelled:
+        proposal = sum(s.counters["model.step_cost"] for s in stats_list) / steps - c
+    else:
+        proposal = sum(s.propose_cpu_time for s in stats_list) / steps / t1
     return {"tau": tau, "nodes": float(N.mean()), "c": c, "proposal": proposal,
-            "predicted": speedup(tau, c, proposal)}
+            "predicted": speedup(tau, c, proposal), "modelled": modelled}
 
 
 def speculation_line(name, stats_list, costs, t1, measured, measured_wall=None, max_depth=None, base_step=None):
@@ -245,8 +254,11 @@ def speculation_line(name, stats_list, costs, t1, measured, measured_wall=None, 
     c_run = (f" (in this run {sum(s.verify_time for s in stats_list) / steps / base_step:.2f}, wall)"
              if base_step else "")
     wall_text = f", {measured_wall:.2f}x in wall time" if measured_wall is not None else ""
-    line = (f"{name:>8}: per-depth acceptance [{acc}]; {pred['nodes']:.1f} nodes verified/step, c(N) = "
-            f"{pred['c']:.2f}{c_run}{calls}; proposal {pred['proposal']:.2f} AR steps/step{heads}; speedup "
-            f"predicted tau / (c(N) + proposal) = {pred['predicted']:.2f}x, measured {measured:.2f}x in CPU time "
-            f"(measured / predicted {measured / pred['predicted']:.2f}){wall_text}")
+    plain = counters.get("gate.plain_steps", 0)
+    gated = f", {plain} of {steps} steps plain (the gate)" if plain else ""
+    source = "modelled" if pred["modelled"] else "measured in this run"
+    line = (f"{name:>8}: per-depth acceptance [{acc}]; {pred['nodes']:.1f} nodes verified/step{gated}, s(N) = "
+            f"{pred['c']:.2f}{c_run}{calls}; proposal {pred['proposal']:.2f} plain steps/step ({source}){heads}; "
+            f"speedup predicted tau / (s(N) + proposal) = {pred['predicted']:.2f}x, measured {measured:.2f}x in CPU "
+            f"time (measured / predicted {measured / pred['predicted']:.2f}){wall_text}")
     return line, pred

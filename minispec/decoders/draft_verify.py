@@ -27,8 +27,9 @@ import numpy as np
 
 from ..backend import to_host
 from ..errors import Fields, MissingFileError, UserError, check_int, check_real, is_int, read_json, write_json_lines
-from ..speculative.costs import backend_clock, backend_curve, measure_costs
+from ..speculative.costs import backend_clock, measure_costs, step_curve
 from ..speculative.draft_length import AcceptanceEstimate, best_length, step_costs
+from ..speculative.gate import make_gate
 from ..speculative.loop import Context, Stats
 from ..speculative.sampling import SamplingParams, randomness, target_probs
 from ..speculative.tree import Tree
@@ -222,13 +223,18 @@ class DraftVerifyProposer:
     check whether another token pays; K* = 0 drafts nothing (a plain decoding step). costs {T: c(T)} and
     draft_cost r unless given: the canonical curve and r timed on its clock (`measured_draft_costs`).
 
+    gate: False (the class's default: draft at every step), True (the registry's default, decoder
+    "draft_verify") or a DraftGate (minispec.speculative.gate): when the acceptance so far says no
+    draft pays (a step of K draft tokens costing s(K + 1) + K r on the cost model), the step is a plain one
+    with no draft forward, re-probed now and then by a one-token draft.
+
     Counts in ctx.stats.counters: "draft_verify.forwards" (one-token draft forwards) and
     "draft_verify.gamma" (a list: the threshold in force at each step, before its update).
     """
     name = "draft_verify"
 
     def __init__(self, model, skip=None, max_draft=None, gamma0=None, adaptive=True, rule=None, sizing="threshold",
-                 costs=None, draft_cost=None):
+                 costs=None, draft_cost=None, gate=False):
         self.model, self.skip = model, _as_skip_set(skip, model)
         self.rule = rule or ExitRule()
         # unset options: the skip set file's own (its meta), else the authors' decoding.py defaults
@@ -249,6 +255,15 @@ class DraftVerifyProposer:
             self.costs, self.draft_cost = costs, float(draft_cost)
             self.step_cost = step_costs(costs, self.max_draft, self.draft_cost)               # [max_draft + 1]
             self.estimate = AcceptanceEstimate(self.max_draft)
+        if gate is True:
+            r, c = (self.draft_cost, self.costs) if sizing == "cost" else measured_draft_costs(model, self.skip,
+                                                                                               self.max_draft)
+            self.draft_cost, gate = r, make_gate(True, "draft_verify", c)
+        self.gate, self.drafting = make_gate(gate, "draft_verify"), False
+        if self.gate is not None and not hasattr(self, "draft_cost"):       # a DraftGate given: r as given, or 0
+            self.draft_cost = 0.0 if draft_cost is None else check_real("draft_verify: draft_cost", draft_cost, 0.0)
+        if self.gate is not None:         # K tokens drafted emit at most K + 1 and cost s(K + 1) + K r
+            self.gate.rule_out([(K + 1, K + 1, K * self.draft_cost) for K in range(1, self.max_draft + 1)])
         self.start(None, None)
 
     def start(self, ctx, prompt_hidden):
@@ -256,8 +271,15 @@ class DraftVerifyProposer:
         self.gamma, self.m = self.gamma0, 0.0
         if self.sizing == "cost":
             self.estimate.reset()
+        if getattr(self, "gate", None) is not None:
+            self.gate.reset()
 
     def propose(self, ctx):
+        self.drafting, self.stats = False, ctx.stats
+        if self.gate is not None and not self.gate.should_draft():      # a plain step: nothing else to do
+            count(ctx.stats, "gate.plain_steps", 1)
+            ctx.stats.counters.setdefault("draft_verify.gamma", []).append(self.gamma)
+            return Draft(self._chains.setdefault(0, Tree.chain(0)), [int(ctx.root)])
         model, cache, xp = self.model, ctx.cache, self.model.xp
         tokens, tok = [int(ctx.root)], int(ctx.root)
         sampled = not ctx.params.greedy
@@ -266,6 +288,9 @@ class DraftVerifyProposer:
         # a step emits at most K + 1 tokens: K <= left - 1 (docs/draft_and_verify.md, "The last step"); at the end
         # of a cache without a window the draft's forwards and its verification must stay inside it: K <= room - 1
         k_max = self.cap if ctx.left is None else max(0, min(self.cap, int(ctx.left) - 1))
+        self.drafting = k_max > 0
+        if self.gate is not None and self.gate.probing:     # a probe drafts one token: the cheapest evidence
+            k_max = min(k_max, 1)
         if not cache.ring:
             k_max = max(0, min(k_max, cache.W - cache.pos - 1))
         q = xp.empty((k_max, model.config.vocab_size), dtype=model.dtype) if sampled else None   # [K, V]
@@ -296,8 +321,12 @@ class DraftVerifyProposer:
         if self.adaptive and step.drafted:
             self.gamma, self.m = update_threshold(self.gamma, self.m, len(step.path) - 1, step.drafted,
                                                   step.drafted == self.cap, self.rule)
-        if self.sizing == "cost":
+        if self.sizing == "cost" and (self.gate is None or self.drafting):
             self.estimate.observe(step.drafted, len(step.path) - 1)
+        if self.gate is not None:
+            cost = self.gate.step_cost(step.drafted + 1, step.drafted * self.draft_cost) if self.drafting else None
+            self.gate.observe(len(step.tokens), cost)
+            count(self.stats, "model.step_cost", 1.0 if cost is None else cost)
 
 
 # ---- the cost model's inputs ------------------------------------------------------------------------------------
@@ -305,14 +334,20 @@ _MEASURED = weakref.WeakKeyDictionary()
 
 
 def measured_draft_costs(model, skip, max_draft):
-    """(r, {T: c(T)} covering T = 1..max_draft + 1) of this model and skip set: c(T) the canonical curve
-    (minispec.speculative.costs.backend_curve, shared by every decoder), r one draft token over one full
-    one-token forward, timed by `draft_cost_inputs` on the canonical curve's clock (medians of interleaved
-    rounds, the one-token forward timed in the same rounds); measured once per model and skip set."""
+    """(r, {N: s(N)} covering N = 1..max_draft + 1) of this model and skip set, in units of one whole plain
+    step: s(N) the whole-step curve (minispec.speculative.costs.step_curve: a real verify of an N-token chain,
+    shared by lookup), r one draft token, timed by `draft_cost_inputs` over a one-token forward on the curve's
+    clock (medians of interleaved rounds) and converted with the curve's one-token forward; measured once per
+    model and skip set. The draft forwards run the model's own weights, so they evict nothing the verify needs
+    and the curve is timed without a proposal between its steps."""
     have = _MEASURED.setdefault(model, {})
+    curve = step_curve(model)
+    if max_draft + 1 > max(curve.costs):
+        raise UserError(f"draft_verify: max_draft = {max_draft} is beyond the measured step curve (N <= "
+                        f"{max(curve.costs)} tokens)")
     if skip not in have:
-        have[skip] = draft_cost_inputs(model, skip, (1,), clock=backend_clock(model)[0])[0]
-    return have[skip], backend_curve(model, max_draft + 1).costs
+        have[skip] = draft_cost_inputs(model, skip, (1,), clock=backend_clock(model)[0])[0] * curve.forward
+    return have[skip], curve.costs
 
 
 def draft_cost_inputs(model, skip, sizes, reps=25, context=200, clock=time.process_time, K=4):
@@ -324,7 +359,7 @@ def draft_cost_inputs(model, skip, sizes, reps=25, context=200, clock=time.proce
 
     The default clock is CPU time of this process (run with one BLAS thread): on a shared machine a call's WALL
     time grows faster than its work (a longer call is preempted more often), CPU time does not."""
-    proposer = DraftVerifyProposer(model, skip=skip, max_draft=K, gamma0=0.0, adaptive=False)
+    proposer = DraftVerifyProposer(model, skip=skip, max_draft=K, gamma0=0.0, adaptive=False, gate=False)
 
     def propose(cache):
         proposer.propose(Context(1, None, model, cache, SamplingParams(), np.random.default_rng(0), Stats()))

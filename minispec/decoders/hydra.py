@@ -45,11 +45,15 @@ from ..backend import array_module, to_host
 from ..errors import UserError
 from ..mistral.layers import linear, rms_norm, rope_tables, silu
 from ..mistral.model import attention_sublayer, block_mask, mlp_sublayer, new_cache, prefill_chunks
+from ..speculative.costs import step_curve
 from ..speculative.dynamic_tree import DynamicTrees, refuse_dynamic_options, top_probs
+from ..speculative.gate import make_gate
+from ..speculative.loop import Context, Stats
+from ..speculative.sampling import SamplingParams
 from ..speculative.tree import Tree, proposer_tree
 from ..speculative.verify import Draft, count
 from .head_vocab import slice_columns, token_ids, vocab_heads
-from .medusa import first_hidden, topk_ids
+from .medusa import first_hidden, observe_gate, topk_ids
 
 ARCHS = ("mlp", "prefix-mlp")          # zankner/Hydra's hydra_head_arch values: Hydra, Hydra++
 KIND_ARCH = {"hydra": "mlp", "hydra++": "prefix-mlp"}
@@ -296,21 +300,23 @@ class HydraProposer:
     node's token given the path: Hydra's heads are conditioned on it.
     head_vocab=M: the heads draft only among the M most frequent tokens (FR-Spec; minispec.decoders.head_vocab),
     counted in token_counts (default the model folder's token_counts.json).
-    Hydra++: start() fills the prefix layer's cache with the prompt's hidden states; observe() runs the newly
-    committed path's hidden states through it and commits them, so it never sees a rejected token; the prefix
-    output at the last committed position replaces h_t."""
+    Hydra++: start() fills the prefix layer's cache with the prompt's hidden states; every committed path's
+    hidden states are run through it and committed before the next draft (so it never sees a rejected token, and
+    after plain steps it catches up on all of them in one batch), and the prefix output at the last committed
+    position replaces h_t.
+    gate: False (default here), True (the registry's default) or a DraftGate, as for medusa.MedusaProposer."""
 
     def __init__(self, model, heads, tree=None, max_nodes=None, max_depth=None, top_k=None, width=None, costs=None,
-                 depth_costs=None, cap=None, head_vocab=None, token_counts=None):
+                 depth_costs=None, cap=None, head_vocab=None, token_counts=None, gate=False):
         self.name = heads.kind
         heads = vocab_heads(model, heads, head_vocab, token_counts, self.name)
         self.model, self.heads, self.root_only = model, heads, Tree.from_choices([])
-        self.cache, self.h, self.dynamic = None, None, None
+        self.cache, self.h, self.dynamic, self.gate, self.drafting, self.pending = None, None, None, None, False, []
         if isinstance(tree, str) and tree == "dynamic":
             self.dynamic = DynamicTrees(self.name, heads.K, max_nodes, max_depth, top_k, width, costs, depth_costs,
                                         cap)
-            if self.dynamic.sized:
-                self.dynamic.size_with(model, heads, self.expand_at, first_hidden(model), self.prefix_step(model))
+            self.gate = self.dynamic.size_with(model, heads, self.expand_at, first_hidden(model),
+                                               self.prefix_step(model), gate=gate)
             self.tree = self.plan = None
             return
         refuse_dynamic_options(self.name, max_nodes=max_nodes, max_depth=max_depth, width=width, costs=costs,
@@ -318,19 +324,34 @@ class HydraProposer:
         device = getattr(model, "device", None)
         self.tree = proposer_tree(tree, heads, device, self.name)
         self.plan = TreePlan(self.tree, heads.xp)
+        if self.tree.N > 1 and gate is True:
+            hidden, extra = first_hidden(model), self.prefix_step(model)
+            ctx = Context(1, hidden, model, None, SamplingParams(), None, Stats())
+
+            def propose():
+                grounded_proposal(heads, self.plan, hidden, 1, ctx.stats)
+                if extra is not None:
+                    extra()
+            curve = step_curve(model, (heads, tuple(self.tree.choices)), propose, sizes=(1, self.tree.N),
+                               tree_of=lambda k: self.tree)
+            gate = make_gate(gate, self.name, curve.costs, curve.proposal)
+        self.gate = make_gate(gate, self.name) if self.tree.N > 1 else None
 
     def prefix_step(self, model):
-        """Hydra++'s prefix layer on 2 committed positions against a cache of 32 (what observe() runs per step,
-        for the cost of a step; nothing is committed), or None for plain Hydra."""
+        """Hydra++'s prefix layer on 2 committed positions against a cache of 32 (what a drafting step runs, for
+        the cost of a step; nothing is committed), or None for plain Hydra."""
         if self.heads.prefix is None:
             return None
         cache = new_prefix_cache(model)
-        x = model.xp.zeros((34, self.heads.D), dtype=model.dtype)                        # [34, D]
-        prefix_advance(self.heads.prefix, self.heads.model_config, x[:32], cache)
-        return lambda: prefix_forward(self.heads.prefix, self.heads.model_config, x[32:], cache)
+        n = 32 if cache.ring else min(32, cache.W - 2)                                    # a cache without a window
+        x = model.xp.zeros((n + 2, self.heads.D), dtype=model.dtype)                     # [n + 2, D]
+        prefix_advance(self.heads.prefix, self.heads.model_config, x[:n], cache)
+        return lambda: prefix_forward(self.heads.prefix, self.heads.model_config, x[n:], cache)
 
     def start(self, ctx, prompt_hidden):
-        self.h = None
+        self.h, self.pending = None, []
+        if self.gate is not None:
+            self.gate.reset()
         if self.heads.prefix is not None:
             self.cache = new_prefix_cache(ctx.model)
             if prompt_hidden.shape[0]:
@@ -362,17 +383,33 @@ class HydraProposer:
         return expand
 
     def propose(self, ctx):
-        """Draft(tree, tokens [N]); tokens[0] = ctx.root. Before the first verification (ctx.hidden None) the
-        root alone."""
+        """Draft(tree, tokens [N]); tokens[0] = ctx.root. Before the first verification (ctx.hidden None), or when
+        the gate says no draft pays (then no head runs and Hydra++'s prefix layer waits), the root alone."""
+        self.drafting, self.stats = False, ctx.stats
         if ctx.hidden is None or (self.tree is not None and self.tree.N == 1):
             return Draft(self.root_only, [ctx.root])
+        if self.gate is not None and not self.gate.should_draft():
+            count(ctx.stats, "gate.plain_steps", 1)
+            return Draft(self.root_only, [ctx.root])
+        self.drafting = True
+        self.catch_up()
         h = ctx.hidden if self.heads.prefix is None else self.h
         if self.dynamic is not None:
             return Draft(*self.dynamic.grow(ctx.root, self.expand_at(h, ctx.stats)))
         return Draft(self.tree, grounded_proposal(self.heads, self.plan, h, ctx.root, ctx.stats))
 
+    def catch_up(self):
+        """Hydra++: run the committed paths not yet through the prefix layer in one batch (h: its last output)."""
+        if self.heads.prefix is None or not self.pending:
+            return
+        xp = self.heads.xp
+        x = self.pending[0] if len(self.pending) == 1 else xp.concatenate(self.pending, axis=0)   # [n, D]
+        self.pending = []
+        self.h = prefix_advance(self.heads.prefix, self.heads.model_config, x, self.cache)[-1]
+
     def observe(self, step):
         if self.heads.prefix is not None:
-            out = prefix_advance(self.heads.prefix, self.heads.model_config, step.path_hidden,
-                                 self.cache)                                                  # [len(path), D]
-            self.h = out[-1]
+            self.pending.append(step.path_hidden)                                           # [len(path), D]
+            if self.gate is None:
+                self.catch_up()
+        observe_gate(self, step)

@@ -29,7 +29,11 @@ import numpy as np
 from ..backend import array_module, to_host
 from ..errors import UserError, check_int
 from ..mistral.layers import linear, silu
+from ..speculative.costs import step_curve
 from ..speculative.dynamic_tree import DynamicTrees, refuse_dynamic_options, top_probs
+from ..speculative.gate import make_gate
+from ..speculative.loop import Context, Stats
+from ..speculative.sampling import SamplingParams
 from ..speculative.tree import Tree, proposer_tree
 from ..speculative.verify import Draft, count
 from .head_vocab import slice_columns, token_ids, vocab_heads
@@ -196,18 +200,21 @@ class MedusaProposer:
     expanded per depth). A node's value is the product of its heads' softmax probabilities of its tokens: the
     heads are independent of the path, so head d-1 runs once when depth d is grown and every node at depth d
     reads its top-k.
+    gate: False (the class's default: draft at every step), True (the registry's default, minispec.generate's
+    decoder "medusa") or a DraftGate (minispec.speculative.gate): when the acceptance so far says no
+    draft pays on this backend's cost model, the step is a plain one and the heads do not run; True measures the
+    cost model once per heads and tree (`step_curve` with this proposal).
     """
     name = "medusa"
 
     def __init__(self, model, heads, tree=None, top_k=None, max_nodes=None, max_depth=None, width=None, costs=None,
-                 depth_costs=None, cap=None, head_vocab=None, token_counts=None):
+                 depth_costs=None, cap=None, head_vocab=None, token_counts=None, gate=False):
         heads = vocab_heads(model, heads, head_vocab, token_counts, "medusa")
         self.heads, self.root_only = heads, Tree.from_choices([])
-        self.dynamic = None
+        self.dynamic, self.gate, self.drafting = None, None, False
         if isinstance(tree, str) and tree == "dynamic":
             self.dynamic = DynamicTrees("medusa", heads.K, max_nodes, max_depth, top_k, width, costs, depth_costs, cap)
-            if self.dynamic.sized:
-                self.dynamic.size_with(model, heads, self.expand_at, first_hidden(model))
+            self.gate = self.dynamic.size_with(model, heads, self.expand_at, first_hidden(model), gate=gate)
             self.tree = None
             return
         refuse_dynamic_options("medusa", max_nodes=max_nodes, max_depth=max_depth, width=width, costs=costs,
@@ -219,9 +226,17 @@ class MedusaProposer:
         if top_k < need:
             raise UserError(f"medusa: the tree uses rank {need - 1}, so top_k must be >= {need}, got {top_k}")
         self.tree, self.top_k = tree, top_k
+        if tree.N > 1 and gate is True:
+            hidden, stats = first_hidden(model), Stats()
+            ctx = Context(1, hidden, model, None, SamplingParams(), None, stats)
+            curve = step_curve(model, (heads, tuple(tree.choices), top_k), lambda: self.draft(ctx),
+                               sizes=(1, tree.N), tree_of=lambda k: tree)
+            gate = make_gate(gate, "medusa", curve.costs, curve.proposal)
+        self.gate = make_gate(gate, "medusa") if tree.N > 1 else None
 
     def start(self, ctx, prompt_hidden):
-        pass
+        if self.gate is not None:
+            self.gate.reset()
 
     def expand_at(self, hidden, stats=None):
         """expand(d, rows, ...) for dynamic_tree.grow: head d runs once, on hidden [D] (Medusa's heads do not read
@@ -241,18 +256,39 @@ class MedusaProposer:
     def propose(self, ctx):
         """Draft(tree, tokens [N]) for the next step; tokens[0] = ctx.root. ctx.hidden: [D] at the last verified
         position, None before anything is verified (then only the root is proposed)."""
-        if self.dynamic is not None:
-            if ctx.hidden is None:
-                return Draft(self.root_only, [ctx.root])
-            return Draft(*self.dynamic.grow(ctx.root, self.expand_at(ctx.hidden, ctx.stats)))
-        if ctx.hidden is None or self.tree.N == 1:
+        self.drafting, self.stats = False, ctx.stats
+        if ctx.hidden is None or (self.tree is not None and self.tree.N == 1):
             return Draft(self.root_only, [ctx.root])
+        if self.gate is not None and not self.gate.should_draft():
+            count(ctx.stats, "gate.plain_steps", 1)
+            return Draft(self.root_only, [ctx.root])
+        self.drafting = True
+        return self.draft(ctx)
+
+    def draft(self, ctx):
+        """The proposal itself (no gate): the dynamic tree grown, or the static tree filled from the heads."""
+        if self.dynamic is not None:
+            return Draft(*self.dynamic.grow(ctx.root, self.expand_at(ctx.hidden, ctx.stats)))
         ids = self.heads.topk(ctx.hidden, self.top_k, num_heads=self.tree.max_depth)   # [depth, top_k] host
         count(ctx.stats, "head_calls", self.tree.max_depth)
         return Draft(self.tree, self.tree.candidates(ctx.root, ids))
 
     def observe(self, step):
-        pass
+        observe_gate(self, step)
+
+
+def observe_gate(proposer, step):
+    """Tell a head proposer's gate what the step emitted and, when it drafted, what the cost model says it cost
+    (the verified nodes, plus a dynamic tree's depth costs paid); the modelled cost of every step (1 for a plain
+    one) is summed in stats.counters["model.step_cost"] for bench decode's prediction."""
+    gate = proposer.gate
+    if gate is None:
+        return
+    cost = None
+    if proposer.drafting:
+        cost = gate.step_cost(step.drafted + 1, proposer.dynamic.paid() if proposer.dynamic is not None else 0.0)
+    gate.observe(len(step.tokens), cost)
+    count(proposer.stats, "model.step_cost", 1.0 if cost is None else cost)
 
 
 def first_hidden(model):

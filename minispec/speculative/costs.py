@@ -11,7 +11,13 @@ Plain decoding makes 1 token per unit of time, so speculation pays only where c(
 On a GPU, and for any memory-bound model, c(T) stays near 1 for dozens of tokens; for a small model whose
 weights sit in a CPU's cache it grows with T (docs/medusa.md, notebook 06).
 
-The timing loop is ONE function, `measure_costs`: interleaved round-robin over the sizes (a noisy spell hits
+What decoding pays is a whole step, not a bare forward: `measure_steps` / `step_curve` time the real verify
+step (mask, forward, acceptance, commit, gather) of N nodes, s(N) in units of one whole plain step, right after
+a proposer's proposal when given (its eviction of the model's weights from the CPU's caches counted), and the
+proposal right after a verify step. The cost rules, the gate (minispec.speculative.gate) and bench decode's
+prediction read these curves (docs/costs.md).
+
+The timing loop of c(T) is ONE function, `measure_costs`: interleaved round-robin over the sizes (a noisy spell hits
 every size alike), with the statistic named by the caller. The curve is ONE measurement, `backend_curve(model)`:
 the canonical c(T) of a model on its backend (the clock, statistic, context and sizes in `CANONICAL`), measured
 once per model and used by every decoder's cost rule and by `minispec bench decode` (docs/costs.md). Every
@@ -31,7 +37,9 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..backend import to_host
-from .tree import build_tree
+from .acceptance import greedy_accept
+from .tree import Tree, build_tree
+from .verify import Draft, verify
 
 
 def measure_costs(model, sizes=(1, 2, 4, 8, 16, 32, 64), reps=15, context=200, clocks=(time.perf_counter,),
@@ -44,8 +52,11 @@ def measure_costs(model, sizes=(1, 2, 4, 8, 16, 32, 64), reps=15, context=200, c
     proposal cost per drafted token in units of t1 or None) per clock, with c(T) = stat(T-token times) /
     stat(one-token times)."""
     cache = model.new_cache()
-    model.forward(np.arange(context) % model.config.vocab_size, cache)
     sizes = sorted(set(sizes) | {1})
+    if not getattr(cache, "ring", True):     # a cache without a window: the context and blocks must fit it
+        context = min(context, cache.W // 2)
+        sizes = [T for T in sizes if context + T <= cache.W]
+    model.forward(np.arange(context) % model.config.vocab_size, cache)
     jobs = {T: np.arange(1, T + 1) % model.config.vocab_size for T in sizes}
     if propose is not None:
         jobs["propose"] = None
@@ -132,6 +143,110 @@ def backend_curve(model, max_tokens=None):
         costs.update({T: costs[a] * far[T] / far[a] for T in large})
     _CANONICAL[model] = BackendCurve(costs, t1, name, reps, context, a)
     return _CANONICAL[model]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Whole-step costs: the real verify step, and the proposal as it runs between verify steps
+# ---------------------------------------------------------------------------------------------------------
+STEP = {"sizes": (1, 2, 3, 4, 5, 6, 8, 10, 12, 16, 24, 33), "reps": 11, "context": 200}
+
+
+@dataclass(frozen=True)
+class StepCurve:
+    """What a whole decoding step costs, in units of one whole PLAIN step (a root-only `verify` after a plain
+    step: forward, acceptance, commit and gather; `unit` seconds on `clock`).
+
+    costs {N: s(N)}: a `verify` of an N-node draft (tree mask, block forward, acceptance walk, commit of the
+    accepted path, gather of its hidden states), timed right after the proposal when there is one, so the
+    proposal's eviction of the model's weights from the CPU's caches is counted (without a proposal the curve
+    is scaled to s(1) = 1 exactly, its own root-only steps). proposal: the median proposal (timed right after a
+    verify step) in the same unit, or None.
+    forward: the bare one-token block forward in the same unit (to convert costs timed in one-token forwards)."""
+    costs: dict
+    unit: float
+    forward: float
+    proposal: object
+    clock: str
+    reps: int
+    context: int
+
+    def describe(self):
+        extra = "" if self.proposal is None else f", proposal {self.proposal:.3f}"
+        return (f"s(N) = median {self.clock} of a whole verify step of N nodes / that of a plain step, over "
+                f"{self.reps} interleaved rounds against {self.context} cached tokens (plain step = "
+                f"{self.unit * 1e3:.2f} ms, bare one-token forward {self.forward:.3f}{extra}): "
+                + ", ".join(f"s({N})={c:.2f}" for N, c in sorted(self.costs.items())))
+
+
+def measure_steps(model, sizes=STEP["sizes"], tree_of=Tree.chain, propose=None, reps=STEP["reps"],
+                  context=STEP["context"], clock=None):
+    """A `StepCurve`: round-robin over reps rounds (after one warm-up round) against a cache holding `context`
+    tokens, on `clock` (default `backend_clock`). Each round times: a plain step (a root-only greedy `verify`)
+    right after another plain step (the unit, as plain decoding runs it); a bare one-token forward; and for each
+    N in sizes, propose() (when given) then a greedy `verify` of an N-node draft shaped tree_of(N - 1)
+    (Tree.chain(K) by default, or a proposer's trees). The verify commits its path; the cache position is set
+    back after each step, so every step sees the same context. Statistic: medians. A cache without a window
+    (no ring) holds at most half its positions as context, and only the sizes that fit after it are timed."""
+    clock = clock or backend_clock(model)[0]
+    V = model.config.vocab_size
+    cache = model.new_cache()
+    sizes = sorted(set(sizes) | {1})
+    if not cache.ring:               # a cache without a window: the context and every step must fit its positions
+        context = min(context, cache.W // 2)
+        sizes = [N for N in sizes if context + N <= cache.W]
+    model.forward(np.arange(context) % V, cache, warn_positions=False)
+    rule = lambda draft, logits: greedy_accept(draft.tree, draft.tokens, logits)      # noqa: E731
+    drafts = {N: Draft(tree_of(N - 1) if N > 1 else Tree.from_choices([]), [int(t) for t in np.arange(1, N + 1) % V])
+              for N in sizes}
+    times = {key: [] for key in ["plain", "forward", "propose"] + sizes}
+
+    def step(draft):
+        pos = cache.pos
+        verify(model, cache, draft, rule)
+        cache.pos = pos
+    for rep in range(reps + 1):
+        step(drafts[1])
+        t0 = clock()
+        step(drafts[1])
+        t1 = clock()
+        to_host(model.forward_block([1], cache).logits[-1, :1])
+        cache.discard()
+        t2 = clock()
+        if rep:
+            times["plain"].append(t1 - t0)
+            times["forward"].append(t2 - t1)
+        for N in sizes:
+            if propose is not None:
+                a = clock()
+                propose()
+                if rep:
+                    times["propose"].append(clock() - a)
+            a = clock()
+            step(drafts[N])
+            if rep:
+                times[N].append(clock() - a)
+    cache.discard()
+    unit = statistics.median(times["plain"])
+    scale = unit if propose is not None else statistics.median(times[1])     # no proposal: s(1) = 1 exactly
+    return StepCurve({N: statistics.median(times[N]) / scale for N in sizes}, unit,
+                     statistics.median(times["forward"]) / unit,
+                     statistics.median(times["propose"]) / unit if propose is not None else None,
+                     backend_clock(model)[1], reps, context)
+
+
+_STEPS = weakref.WeakKeyDictionary()            # model -> {key: StepCurve}
+
+
+def step_curve(model, key=None, propose=None, sizes=STEP["sizes"], tree_of=Tree.chain):
+    """THE whole-step curve of a model on its backend (`measure_steps`: CPU time on NumPy, wall time on CuPy,
+    medians of STEP["reps"] interleaved rounds against STEP["context"] cached tokens, chains of N = 1..33 nodes),
+    measured once per model; with a key (the proposer's heads and tree options) and propose(), the curve of
+    that proposer: its verify steps timed right after its proposal, and the proposal right after a verify step,
+    measured once per model and key. Every cost rule and bench decode's prediction read these curves."""
+    known = _STEPS.setdefault(model, {})
+    if key not in known:
+        known[key] = measure_steps(model, sizes, tree_of, propose)
+    return known[key]
 
 
 def cost_curve(model, sizes=(1, 2, 4, 8, 16, 32, 64), reps=15, context=200):

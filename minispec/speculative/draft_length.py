@@ -21,7 +21,8 @@ that stopped drafting (K* = 0) drifts back to its prior and tries again once the
 import numpy as np
 
 from ..errors import check_int, check_real
-from .costs import backend_curve, interp_cost
+from ..errors import UserError
+from .costs import interp_cost, step_curve
 
 
 def expected_tokens(acc, K):
@@ -93,7 +94,11 @@ class AcceptanceEstimate:
 
 
 def verify_costs(model, max_tokens=9):
-    """This model's verify cost curve on its backend, {T: c(T)} for T up to at least max_tokens: the canonical
-    curve, minispec.speculative.costs.backend_curve (CPU time on NumPy, medians of 15 interleaved rounds
-    against 200 cached tokens, measured once per model and shared by every decoder)."""
-    return backend_curve(model, max_tokens).costs
+    """This model's whole-step curve on its backend, {N: s(N)} for N up to at least max_tokens, in units of one
+    whole plain step: minispec.speculative.costs.step_curve (a real verify of an N-token chain, CPU time on
+    NumPy, medians of interleaved rounds against 200 cached tokens, measured once per model and shared by
+    lookup and Draft & Verify)."""
+    costs = step_curve(model).costs
+    if max_tokens > max(costs):
+        raise UserError(f"drafts of {max_tokens - 1} tokens are beyond the measured step curve (N <= {max(costs)})")
+    return costs

@@ -22,8 +22,8 @@ expanding only those (without `width`) keeps exactly the best max_nodes of ALL p
 ranks < top_k (tests/test_dynamic_tree.py checks both against a naive enumeration).
 
 Size (`best_size`; Sequoia, Chen et al. 2024, arXiv 2402.12374, chooses its tree's size from the hardware's
-measured verify cost in the same spirit, offline and once). With c(T) the verify cost curve of this backend
-(minispec.speculative.costs, units of one plain decoding step) and P the proposal's cost paid so far, keeping
+measured verify cost in the same spirit, offline and once). With c(T) the proposer's whole-step curve s(N) on
+this backend (minispec.speculative.costs.step_curve, units of one whole plain decoding step) and P the proposal's cost paid so far, keeping
 the best n nodes is expected to give
 
     rate(n) = (1 + v_1 + ... + v_n) / (c(n + 1) + P)          tokens per unit of time (plain decoding: 1)
@@ -45,8 +45,11 @@ import numpy as np
 
 from ..backend import array_module, to_host
 from ..errors import UserError
-from .costs import backend_clock, backend_curve, interp_cost
+from .acceptance import greedy_accept
+from .costs import backend_clock, interp_cost, step_curve
+from .gate import make_gate
 from .tree import Tree
+from .verify import Draft, verify
 
 
 def check_dynamic(max_nodes, max_depth, top_k, width, n_heads, name):
@@ -209,11 +212,11 @@ _DEPTH_COSTS = weakref.WeakKeyDictionary()          # heads -> {(max_nodes, max_
 
 
 def model_costs(model):
-    """(curve {T: c(T)}, t1 seconds): this model's canonical verify cost curve on its backend,
-    minispec.speculative.costs.backend_curve (CPU time on NumPy, wall time on CuPy; medians of 15 interleaved
-    rounds against 200 cached tokens, T = 1..64), measured once per model and shared by every decoder."""
-    curve = backend_curve(model)
-    return curve.costs, curve.t1
+    """(curve {N: s(N)}, unit seconds): this model's whole-step curve on its backend,
+    minispec.speculative.costs.step_curve (a real verify of N nodes over a plain step; CPU time on NumPy, wall
+    time on CuPy; medians of interleaved rounds against 200 cached tokens), measured once per model."""
+    curve = step_curve(model)
+    return curve.costs, curve.unit
 
 
 class DynamicTrees:
@@ -242,23 +245,44 @@ class DynamicTrees:
         self.depth_costs = None if depth_costs is None else list(depth_costs)
         if self.depth_costs is not None and len(self.depth_costs) < self.max_depth:
             raise UserError(f"{name}: depth_costs needs one cost per depth, {self.max_depth}, got {len(self.depth_costs)}")
-        self.trees, self.last, self.values = TreeCache(), None, None
+        self.trees, self.last, self.values, self.name = TreeCache(), None, None, name
 
-    def size_with(self, model, heads, expand_at, hidden, step_extra=None):
-        """Fill costs / depth_costs that are None (sized trees only): c(T) from `model_costs`; the cost of each
-        depth's expansion timed on this backend (`measure_depth_costs`), by growing the capped tree from
-        `hidden` (expand_at(hidden) -> expand), once per heads and options; step_extra(): the proposer's other
-        work per step (Hydra++'s prefix layer), timed with it."""
-        if not self.sized:
-            return
-        if self.costs is None:
-            self.costs = model_costs(model)[0]
-        if self.depth_costs is None:
+    def size_with(self, model, heads, expand_at, hidden, step_extra=None, gate=True):
+        """Fill what the cost model needs and is not given, and return the proposer's gate (DraftGate or None).
+
+        costs: the proposer's whole-step curve (`step_curve` keyed by heads and options: verify steps of N nodes
+        timed right after a growth from `hidden`, expand_at(hidden) -> expand, one row per depth when sized,
+        every row when not, plus step_extra(), the proposer's other work per step such as Hydra++'s prefix
+        layer); depth_costs (sized trees): each depth's expansion timed right after verify steps
+        (`measure_depth_costs`), once per heads and options. gate: the proposer's `gate` option
+        (minispec.speculative.gate.make_gate); a sized tree's gate charges s(N) + the depth costs paid, an
+        unsized one's s(N) + the measured growth."""
+        key = (self.max_nodes, self.max_depth, self.top_k, self.width)
+        curve = None
+        if (self.sized and self.costs is None) or (gate is True and not (self.sized and self.costs is not None)):
+            def propose():
+                to_tree(grow(1, expand_at(hidden), self.max_nodes, self.max_depth, self.top_k,
+                             1 if self.sized else self.width), self.trees)
+                if step_extra is not None:
+                    step_extra()
+            curve = step_curve(model, (heads, key, self.sized), propose)
+        if self.sized and self.costs is None:
+            self.costs = curve.costs
+        if self.sized and self.depth_costs is None:
             known = _DEPTH_COSTS.setdefault(heads, {})
-            key = (self.max_nodes, self.max_depth, self.top_k, self.width)
             if key not in known:
                 known[key] = measure_depth_costs(model, self, expand_at, hidden, step_extra)
             self.depth_costs = known[key]
+        if self.sized:
+            return make_gate(gate, self.name, self.costs)
+        return make_gate(gate, self.name, None if curve is None else curve.costs,
+                         0.0 if curve is None else curve.proposal)
+
+    def paid(self):
+        """The modelled proposal cost of the last growth: its depth costs for the rows it expanded (sized), else 0."""
+        if not self.sized or self.last is None:
+            return 0.0
+        return sum(depth_cost(c, b) for c, b in zip(self.depth_costs, self.last.depth_rows))
 
     def grow(self, root, expand):
         costs = self.costs if self.sized else None
@@ -276,20 +300,31 @@ def refuse_dynamic_options(name, **options):
 
 
 def measure_depth_costs(model, trees, expand_at, hidden, step_extra=None, reps=9):
-    """[max_depth] (fixed, per row) cost of each depth's expansion in units of a one-token forward: the capped
+    """[max_depth] (fixed, per row) cost of each depth's expansion in units of one whole plain step: the capped
     tree (no sizing) is grown from `hidden` twice per round, once with every row (B_d rows at depth d) and once
-    one row per depth (width 1), interleaved with one-token forwards (t1), one warm-up round first, timed with
-    the clock of `model_costs`; with the medians m_B and m_1, per row = (m_B - m_1) / (B_d - 1) (0 when B_d = 1)
-    and fixed = m_1 - per row, both >= 0. Depth 0's fixed cost also carries what every step pays besides the
-    expansions: the one-row growth's own bookkeeping and tree building, and step_extra() when given."""
+    one row per depth (width 1), each right after a verify step of a 4-node chain (as in decoding, where the
+    model's weights have just pushed the heads' out of the CPU's caches), with a plain step (a root-only verify)
+    timed in every round as the unit, one warm-up round first, on the clock of `model_costs`; with the medians
+    m_B and m_1, per row = (m_B - m_1) / (B_d - 1) (0 when B_d = 1) and fixed = m_1 - per row, both >= 0. Depth
+    0's fixed cost also carries what every step pays besides the expansions: the one-row growth's own
+    bookkeeping and tree building, and step_extra() when given."""
     clock = backend_clock(model)[0]
     cache = model.new_cache()
-    model.forward(np.arange(1, 33) % model.config.vocab_size, cache)
+    n = 32 if cache.ring else min(32, cache.W // 2)                                  # a cache without a window
+    model.forward(np.arange(1, n + 1) % model.config.vocab_size, cache, warn_positions=False)
+    rule = lambda draft, logits: greedy_accept(draft.tree, draft.tokens, logits)      # noqa: E731
+    plain, chain = Draft(Tree.from_choices([]), [1]), Draft(Tree.chain(3), [1, 2, 3, 4])
+
+    def step(draft):
+        pos = cache.pos
+        verify(model, cache, draft, rule)
+        cache.pos = pos
     D = trees.max_depth
     t1s, wide, narrow, rows, other = [], [[] for _ in range(D)], [[] for _ in range(D)], [1] * D, []
     for rep in range(reps + 1):
+        step(plain)
         t0 = clock()
-        to_host(model.forward_block([1], cache).logits[-1, :1])
+        step(plain)
         t1 = clock() - t0
         for width, times in ((trees.width, wide), (1, narrow)):
             expand, seen = expand_at(hidden), {}
@@ -299,6 +334,7 @@ def measure_depth_costs(model, trees, expand_at, hidden, step_extra=None, reps=9
                 out = expand(d, rows_d, *args)
                 seen[d] = (clock() - s, len(rows_d))
                 return out
+            step(chain)
             s0 = clock()
             to_tree(grow(1, timed, trees.max_nodes, D, trees.top_k, width), trees.trees)
             if step_extra is not None and width == 1:

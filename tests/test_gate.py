@@ -1,0 +1,240 @@
+"""The gate (minispec.speculative.gate): drafting nothing costs nothing, and decides only from the past.
+
+Its decisions on a hand-worked example and its re-probe schedule; greedy decoding equal to plain decoding with
+the gate forced closed, forced open and off, for every gated decoder; Hydra++'s prefix layer catching up on
+plain steps in one batch against the layer run over the whole sequence at once; the exact output law of a gated
+sampling decoder on tiny models against the target's own; and the shape and units of the whole-step curve.
+"""
+import copy
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+
+from minispec import generate
+from minispec.decoders.registry import make_proposer
+from minispec.mistral.model import load
+from minispec.speculative.acceptance import make_rule
+from minispec.speculative.costs import measure_steps
+from minispec.speculative.exact_law import autoregressive_law, autoregressive_step, step_law, topk_tree, tv
+from minispec.speculative.gate import DraftGate
+from minispec.speculative.loop import Stats
+from minispec.speculative.tree import Tree
+from minispec.speculative.verify import Verified
+from minispec.decoders.hydra import prefix_forward
+from minispec.errors import UserError
+from test_exact_law import PARAMS, oracle_probs, table
+
+MODEL = "weights/stdlib-mistral"
+
+
+@pytest.fixture(scope="module")
+def model():
+    return load(MODEL)
+
+
+# ---- the decisions -------------------------------------------------------------------------------------------------
+def test_the_gate_closes_probes_and_reopens_as_worked_by_hand():
+    """decay 0.5, weight 1, prior 1.5; a drafting step verifies 3 nodes: s(3) = 2 + proposal 0.5 = 2.5.
+    step 1 draft, 1 token:  T = 1, C = 2.5, rate 2.5 / 3.5 = 0.714 -> close, wait 1 (next wait 2)
+    step 2 plain:           T = 0.5, C = 1.25, rate 2 / 2.25 = 0.889
+    step 3 probe, 3 tokens: T = 0.25 + 3 = 3.25, C = 0.625 + 2.5 = 3.125, rate 4.75 / 4.125 = 1.152 -> open
+    step 4 draft, 1 token:  T = 2.625, C = 4.0625, rate 4.125 / 5.0625 = 0.815 -> close, wait 1 (next 2)
+    step 5 plain:           T = 1.3125, C = 2.03125, rate 2.8125 / 3.03125 = 0.928
+    step 6 probe, 1 token:  T = 1.65625, C = 3.515625, rate 3.15625 / 4.515625 = 0.699 -> close, wait 2 (next 4)
+    steps 7, 8 plain; step 9 probes."""
+    gate = DraftGate(costs={1: 1.0, 3: 2.0}, proposal=0.5, decay=0.5, weight=1.0, prior=1.5, max_wait=4)
+    emitted = [1, 1, 3, 1, 1, 1, 1, 1, 1]
+    decisions, rates = [], []
+    for tokens in emitted:
+        drafting = gate.should_draft()
+        decisions.append(drafting)
+        gate.observe(tokens, gate.step_cost(3) if drafting else None)
+        rates.append(round(gate.rate, 3))
+    assert decisions == [True, False, True, True, False, True, False, False, True]
+    assert rates[:6] == [0.714, 0.889, 1.152, 0.815, 0.928, 0.699]
+    assert gate.step_cost(3) == 2.5 and gate.step_cost(2, extra=0.25) == pytest.approx(2.25)
+
+
+def test_failing_probes_double_the_wait_up_to_max_wait_and_a_probe_that_pays_starts_again_from_one():
+    gate = DraftGate(costs={1: 1.0, 8: 1.0}, proposal=4.0, decay=1.0, max_wait=4)    # 1 token for 5: never pays
+    pattern = []
+    for _ in range(20):
+        d = gate.should_draft()
+        pattern.append("D" if d else ".")
+        gate.observe(1, gate.step_cost(2) if d else None)
+    # draft, wait 1, probe, wait 2, probe, wait 4, probe, wait 4 (max_wait), probe ...
+    assert "".join(pattern) == "D.D..D....D....D...."
+    gate = DraftGate(costs={1: 1.0, 8: 1.0}, proposal=4.0, decay=0.0 + 1e-9, max_wait=8)   # forgets at once
+    seq = []
+    for tokens in [1, 1, 1, 1, 1, 50, 1, 1, 1]:
+        d = gate.should_draft()
+        seq.append("D" if d else ".")
+        gate.observe(tokens, gate.step_cost(2) if d else None)
+    # D (fail: wait 1) . D (fail: wait 2) . . D (50 tokens for 5: pays) D (fail: wait 1 again) .
+    assert "".join(seq) == "D.D..DD.D"
+
+
+def test_draft_and_verify_never_drafts_where_even_a_fully_accepted_draft_would_not_pay(model):
+    """K draft tokens emit at most K + 1 and cost s(K + 1) + K r. With s = {1: 1, 2: 1.25, 9: 3} and r = 0.9:
+    K = 1 costs 2.15 for 2 tokens, K = 8 costs 3 + 7.2 for 9: none pays, so no step drafts, not even a probe.
+    With r = 0.5, K = 1 costs 1.75 for 2 tokens (2 > 1.1 x 1.75 = 1.925): probes run. With r = 0.7, K tokens
+    cost s(K + 1) + 0.7 K = 1 + 0.95 K (s(N) = 1.25 + 0.25 (N - 2) between 2 and 9) for K + 1 tokens: more than a
+    plain step, but less than 10% more (1.1 (1 + 0.95 K) >= K + 1 for K <= 8): ruled out too."""
+    ids = [1, 400, 17, 905, 33, 12, 700, 5]
+    costs = {1: 1.0, 2: 1.25, 9: 3.0}
+    for r, hopeless in ((0.9, True), (0.5, False), (0.7, True)):
+        gate = DraftGate(costs=costs)
+        out = generate(model, ids, decoder=make_proposer("draft_verify", model, gate=gate, draft_cost=r),
+                       max_new_tokens=40, eos_id=None)
+        assert gate.hopeless == hopeless
+        assert (sum(out.stats.drafted) == 0) == hopeless and out.stats.counters.get("draft_verify.forwards", 0) \
+            == sum(out.stats.drafted)
+
+
+def test_a_disabled_gate_always_drafts_and_bad_options_are_refused():
+    gate = DraftGate(costs={1: 1.0}, proposal=9.0, enabled=False)
+    for _ in range(5):
+        assert gate.should_draft()
+        gate.observe(1, gate.step_cost(1))
+    with pytest.raises(UserError, match="decay"):
+        DraftGate(decay=0.0)
+    with pytest.raises(UserError, match="gate must be"):
+        make_proposer("draft_verify", load(MODEL), gate="yes")
+
+
+# ---- greedy decoding stays plain decoding, gate closed, open or off ------------------------------------------------
+CLOSED = dict(costs={1: 1.0, 64: 1.0}, proposal=10.0)        # no draft ever pays: probes only
+OPEN = dict(costs={1: 1.0, 64: 1.0}, proposal=0.0, prior=1.5)   # every draft pays (>= 1 token for 1 unit)
+
+
+def closed_gate(name):
+    """A gate closed from the first step. For Draft & Verify a draft of 8 could still pay (9 tokens for 2.5), so
+    it is not ruled out, but a one-token probe (2 tokens at most, for 2.5) never does."""
+    gate = DraftGate(**(dict(CLOSED, proposal=1.5) if name == "draft_verify" else CLOSED))
+    reset = gate.reset
+
+    def closed():
+        reset()
+        gate.open = False
+    gate.reset = closed
+    return gate
+
+
+SETUPS = [("medusa", {}), ("medusa", dict(tree="dynamic", max_nodes=4)), ("hydra", {}),
+          ("hydra", dict(tree="dynamic", max_nodes=4)), ("hydra++", {}), ("hydra++", dict(tree="dynamic", max_nodes=4)),
+          ("draft_verify", dict(draft_cost=0.0, gamma0=0.0))]
+
+
+@pytest.mark.parametrize("name,opts", SETUPS)
+def test_greedy_decoding_with_the_gate_forced_closed_open_or_off_emits_plain_decodings_tokens(model, name, opts):
+    ids = [1, 400, 17, 905, 33, 12, 700, 5]
+    want = generate(model, ids, max_new_tokens=40, eos_id=None).tokens
+    counts = {}
+    for label, gate in (("closed", closed_gate(name)), ("open", DraftGate(**OPEN)), ("off", False)):
+        prop = make_proposer(name, model, gate=gate, **opts)
+        out = generate(model, ids, decoder=prop, max_new_tokens=40, eos_id=None)
+        assert out.tokens == want, f"{name} {opts} gate {label}"
+        plain = out.stats.counters.get("gate.plain_steps", 0)
+        drafted = sum(1 for k in out.stats.drafted if k > 0)
+        counts[label] = (plain, drafted)
+        if gate is not False:
+            assert plain == gate.plain_steps                      # a plain step is one the gate decided
+            assert drafted <= len(gate.history) - plain           # only a step the gate let draft drafts
+        if name == "draft_verify" and label == "closed":               # closed from the start: one-token probes
+            assert max(out.stats.drafted) == 1
+        if name == "medusa" and not opts:                         # no head runs on a plain step
+            assert out.stats.counters.get("head_calls", 0) == prop.tree.max_depth * (len(gate.history) - plain
+                                                                                     if gate else out.stats.steps - 1)
+    assert counts["closed"][0] > 0.5 * sum(counts["closed"])      # mostly plain: the probes back off
+    assert counts["open"][0] == 0 and counts["off"][0] == 0
+
+
+# ---- Hydra++: the prefix layer catches up in one batch -------------------------------------------------------------
+def test_hydra_pp_catch_up_after_plain_steps_equals_the_prefix_layer_over_the_whole_sequence(model):
+    """Plain steps leave their committed hidden states pending; the next drafting step runs them through the
+    prefix layer in one batch. Reference: the prefix layer run without a cache over every committed position at
+    once (its causal mask, positions 0..T-1), and the per-step update of a proposer without a gate."""
+    rng = np.random.default_rng(0)
+    D = model.config.dim
+    prompt = rng.standard_normal((9, D)).astype(model.dtype)                 # [9, D]
+    paths = [rng.standard_normal((n, D)).astype(model.dtype) for n in (1, 3, 1, 2, 1)]
+    batched = make_proposer("hydra++", model, gate=DraftGate(**OPEN))
+    per_step = make_proposer("hydra++", model, gate=False)
+    for prop in (batched, per_step):
+        prop.start(SimpleNamespace(model=model), prompt)
+        prop.stats, prop.drafting = Stats(), False
+        for x in paths:
+            prop.observe(Verified(path=list(range(len(x))), bonus=1, hidden=None, tokens=[1] * len(x),
+                                  path_hidden=x, drafted=0))
+    assert len(batched.pending) == len(paths)                                 # nothing run yet
+    batched.catch_up()
+    whole = prefix_forward(batched.heads.prefix, model.config, np.concatenate([prompt] + paths))   # [T, D]
+    np.testing.assert_allclose(batched.h, whole[-1], rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(per_step.h, whole[-1], rtol=1e-4, atol=1e-5)
+    assert batched.cache.pos == per_step.cache.pos == len(whole) and not batched.pending
+
+
+# ---- sampling stays lossless: the exact law of a gated decoder -----------------------------------------------------
+def gated_law(prefix, H, gate, tree, target, draft, params, cost):
+    """{first H tokens: probability} of a decoder whose steps are plain (the target's own) or a top-k tree draft
+    verified by rejection sampling, as the gate decides from the tokens emitted so far (the gate copied along
+    every branch)."""
+    probs_of = lambda pre: oracle_probs(target(pre), params)                          # noqa: E731
+    plain = autoregressive_step(probs_of)
+    rule = lambda rand: make_rule(params, "rejection", rand)                          # noqa: E731
+    out = {}
+
+    def walk(pre, h, g, p):
+        if h == 0:
+            out[()] = out.get((), 0.0)
+            return
+        g = copy.deepcopy(g)
+        drafting = g.should_draft()
+        law = step_law(pre, topk_tree(draft, tree), rule, target) if drafting else plain(pre)
+        for emitted, q in law.items():
+            e = emitted[:h]
+            g2 = copy.deepcopy(g)
+            g2.observe(len(emitted), cost if drafting else None)
+            if len(e) == h:
+                key = pre[len(prefix):] + e
+                out[key] = out.get(key, 0.0) + p * q
+            else:
+                walk(pre + e, h - len(e), g2, p * q)
+    walk(tuple(prefix), H, gate, 1.0)
+    return {k: v for k, v in out.items() if k}
+
+
+@pytest.mark.parametrize("case", range(12))
+def test_a_gated_sampling_decoder_has_the_targets_exact_law(case):
+    r = np.random.default_rng([17, case])
+    V = int(r.integers(2, 4))
+    params = [p for p in PARAMS if not p.greedy][case % 6]
+    target, draft = table(V, 100 + case), table(V, 200 + case)
+    tree = Tree.from_choices([[0], [1], [0, 0]] if V > 2 else [[0], [0, 0]])
+    gate = DraftGate(costs={1: 1.0, 4: 1.0}, proposal=float(r.uniform(0.2, 1.5)), decay=0.5, max_wait=2)
+    H = 4
+    prefix = (int(r.integers(V)),)
+    got = gated_law(prefix, H, gate, tree, target, draft, params, gate.step_cost(tree.N))
+    want = autoregressive_law(prefix, H, lambda pre: oracle_probs(target(pre), params))
+    assert tv(got, want) <= 1e-12
+
+
+# ---- the whole-step curve: its shape and units ---------------------------------------------------------------------
+def test_the_step_curve_prices_whole_verify_steps_in_plain_steps_and_times_the_proposal_between_them(model):
+    calls = []
+    big = np.ones((256, 256))
+
+    def propose():
+        calls.append(1)
+        for _ in range(20):
+            big @ big
+    bare = measure_steps(model, sizes=(2, 4), reps=2)
+    curve = measure_steps(model, sizes=(2, 4), propose=propose, reps=2)
+    assert sorted(bare.costs) == sorted(curve.costs) == [1, 2, 4]
+    assert bare.costs[1] == 1.0 and bare.proposal is None                   # no proposal: scaled to s(1) = 1
+    assert len(calls) == 3 * 3                                              # one per size per round, warm-up too
+    assert curve.proposal > 0 and 0 < curve.unit < 1 and 0.3 < curve.forward < 3
+    assert curve.clock == "CPU time" and curve.reps == 2 and curve.context == 200
+    cache = model.new_cache()
+    assert cache.pos == 0
