@@ -6,7 +6,9 @@
 
 Greedy, the held-out prompts of minispec.bench.heldout_prompts (8 prompts), 128 new tokens each. "static" is
 the tree build_tree makes from the heads' own stored top-k accuracies at that budget; "dynamic" is
-tree="dynamic" with max_nodes = that budget. Every run's tokens are checked against AR's.
+tree="dynamic" with max_nodes = that budget, "raw" ranking by the heads' own probabilities (calibrate=False),
+"calibrated" by the heads' calibration.json (tools/fit_calibration.py); "oracle" keeps, of a wide growth's
+candidates, the true continuation's chain (`oracle_proposer`). Every run's tokens are checked against AR's.
 """
 import statistics
 import sys
@@ -21,7 +23,9 @@ from minispec.decoders.registry import make_proposer                # noqa: E402
 from minispec.mistral.model import load                             # noqa: E402
 from minispec.mistral.tokenizer import Tokenizer                    # noqa: E402
 from minispec.speculative.costs import backend_curve, interp_cost   # noqa: E402
-from minispec.speculative.dynamic_tree import depth_cost, model_costs           # noqa: E402
+from minispec.speculative.dynamic_tree import depth_cost, model_costs, to_tree  # noqa: E402
+from minispec.speculative.verify import Draft                       # noqa: E402
+from minispec.training.calibrate import label_step                  # noqa: E402
 from minispec.speculative.tree import build_tree                    # noqa: E402
 
 MODEL = Path(__file__).resolve().parent.parent / "weights" / "stdlib-mistral"
@@ -63,39 +67,70 @@ def calibration(nodes):
     return rows
 
 
+def oracle_proposer(name, model, budget, full):
+    """The oracle bound at `budget` nodes: the candidates a raw dynamic growth of 64 nodes with top_k = budget
+    grows, of which the oracle keeps the chain of the true continuation (full: prompt + AR's tokens), at most
+    budget nodes deep: the best budget-node tree of those candidates under the true acceptance of each step."""
+    prop = make_proposer(name, model, tree="dynamic", max_nodes=64, top_k=budget, calibrate=False)
+    propose = prop.propose
+
+    def oracle(ctx):
+        draft = propose(ctx)
+        if ctx.hidden is None:
+            return draft
+        grown = prop.dynamic.last
+        on = label_step(grown, full, ctx.cache.pos)[2]
+        chain = np.flatnonzero(on[1:]) + 1
+        grown.kept = chain[grown.depths[chain] <= budget]
+        tree, tokens, prop.dynamic.values = to_tree(grown, prop.dynamic.trees)
+        return Draft(tree, tokens)
+    prop.propose = oracle
+    return prop
+
+
 def tau_table(model, prompts, n_tokens):
     ar = [generate(model, p, max_new_tokens=n_tokens, eos_id=None).tokens for p in prompts]
     out = {}
+    kinds = ("static", "raw", "calibrated", "oracle")
     for name in DECODERS:
         for budget in (4, 10, 32):
-            for kind in ("static", "dynamic"):
+            for kind in kinds:
                 log = {"nodes": [], "steps": []}
                 if kind == "static":
                     heads = make_proposer(name, model).heads
                     opts = dict(tree=build_tree(heads.accuracies, budget)[0])
                 else:
-                    opts = dict(tree="dynamic", max_nodes=budget)
+                    opts = dict(tree="dynamic", max_nodes=budget, calibrate=kind == "calibrated")
                 new = steps = 0
                 for p, want in zip(prompts, ar):
-                    prop = make_proposer(name, model, **opts)
-                    if kind == "dynamic":
+                    if kind == "oracle":
+                        prop = oracle_proposer(name, model, budget, list(p) + want)
+                    else:
+                        prop = make_proposer(name, model, **opts)
+                    if kind in ("raw", "calibrated"):
                         recording(prop, log)
                     o = generate(model, p, decoder=prop, max_new_tokens=n_tokens, eos_id=None)
                     assert o.tokens == want, f"{name} {kind} {budget}: not AR's tokens"
                     new, steps = new + o.stats.new_tokens, steps + o.stats.steps
                 out[(name, budget, kind)] = (new / steps, log)
-            s, d = out[(name, budget, "static")][0], out[(name, budget, "dynamic")]
-            pred = np.mean([t for t, _, _ in d[1]["steps"]])
-            print(f"{name:>8} budget {budget:2d}: tau static {s:.3f}  dynamic {d[0]:.3f}  ratio {d[0] / s:.3f}  "
-                  f"(dynamic: predicted 1 + sum of kept values per step {pred:.3f}; identical to AR: yes)", flush=True)
-    print("\ncalibration of the dynamic trees (all budgets): a node's value (its path probability under the heads) "
-          "vs how often it was accepted (on the accepted path)")
-    for name in DECODERS:
-        nodes = sum((out[(name, b, "dynamic")][1]["nodes"] for b in (4, 10, 32)), [])
-        print(f"{name}: {len(nodes)} nodes")
-        print("   value bin      nodes   mean value   accepted")
-        for lo, hi, n, mv, acc in calibration(nodes):
-            print(f"  [{lo:.2f}, {hi:.2f})  {n:7d}      {mv:.3f}      {acc:.3f}")
+            s = out[(name, budget, "static")][0]
+            r, c = out[(name, budget, "raw")], out[(name, budget, "calibrated")]
+            pr, pc = (np.mean([t for t, _, _ in x[1]["steps"]]) for x in (r, c))
+            o = out[(name, budget, "oracle")][0]
+            print(f"{name:>8} budget {budget:2d}: tau static {s:.3f}  dynamic raw {r[0]:.3f} (ratio {r[0] / s:.3f}, "
+                  f"predicted {pr:.3f})  calibrated {c[0]:.3f} (ratio {c[0] / s:.3f}, predicted {pc:.3f})  "
+                  f"oracle {o:.3f}  (all identical to AR: yes)", flush=True)
+    for kind in ("raw", "calibrated"):
+        print(f"\ncalibration of the {kind} dynamic trees (all budgets): a kept node's value vs how often it was "
+              "accepted (on the accepted path)")
+        for name in DECODERS:
+            nodes = sum((out[(name, b, kind)][1]["nodes"] for b in (4, 10, 32)), [])
+            rows = calibration(nodes)
+            gap = sum(n * abs(mv - acc) for _, _, n, mv, acc in rows) / len(nodes)
+            print(f"{name}: {len(nodes)} nodes; mean |value - accepted| over the bins, weighted by nodes: {gap:.3f}")
+            print("   value bin      nodes   mean value   accepted")
+            for lo, hi, n, mv, acc in rows:
+                print(f"  [{lo:.2f}, {hi:.2f})  {n:7d}      {mv:.3f}      {acc:.3f}")
     return out
 
 

@@ -45,7 +45,7 @@ from ..backend import array_module, to_host
 from ..errors import UserError
 from ..mistral.layers import linear, rms_norm, rope_tables, silu
 from ..mistral.model import attention_sublayer, block_mask, mlp_sublayer, new_cache, prefill_chunks
-from ..speculative.dynamic_tree import DynamicTrees, refuse_dynamic_options, top_probs
+from ..speculative.dynamic_tree import DynamicTrees, choose_calibration, refuse_dynamic_options, top_probs
 from ..speculative.tree import Tree, proposer_tree
 from ..speculative.verify import Draft, count
 from .medusa import first_hidden, topk_ids
@@ -280,26 +280,27 @@ class HydraProposer:
     on a GPU when stored, else "tree"), the chain of K tokens when none is stored.
     tree="dynamic": max_nodes (an int, or "auto": sized per step from costs {T: c(T)} and depth_costs, measured
     once when not given, at most `cap` nodes), max_depth (default K), top_k (children per node), width (nodes
-    expanded per depth). A node's value is the product along its path of head d's softmax probability of the
-    node's token given the path: Hydra's heads are conditioned on it.
+    expanded per depth), calibrate (as Medusa's: the heads' calibration.json by default). A node's value is the
+    product along its path of head d's softmax probability of the node's token given the path (Hydra's heads are
+    conditioned on it), each mapped through the calibration when there is one.
     Hydra++: start() fills the prefix layer's cache with the prompt's hidden states; observe() runs the newly
     committed path's hidden states through it and commits them, so it never sees a rejected token; the prefix
     output at the last committed position replaces h_t."""
 
     def __init__(self, model, heads, tree=None, max_nodes=None, max_depth=None, top_k=None, width=None, costs=None,
-                 depth_costs=None, cap=None):
+                 depth_costs=None, cap=None, calibrate=None):
         self.name = heads.kind
         self.model, self.heads, self.root_only = model, heads, Tree.from_choices([])
         self.cache, self.h, self.dynamic = None, None, None
         if isinstance(tree, str) and tree == "dynamic":
             self.dynamic = DynamicTrees(self.name, heads.K, max_nodes, max_depth, top_k, width, costs, depth_costs,
-                                        cap)
+                                        cap, choose_calibration(self.name, heads, calibrate))
             if self.dynamic.sized:
                 self.dynamic.size_with(model, heads, self.expand_at, first_hidden(model), self.prefix_step(model))
             self.tree = self.plan = None
             return
         refuse_dynamic_options(self.name, max_nodes=max_nodes, max_depth=max_depth, width=width, costs=costs,
-                               depth_costs=depth_costs, cap=cap, top_k=top_k)
+                               depth_costs=depth_costs, cap=cap, top_k=top_k, calibrate=calibrate)
         device = getattr(model, "device", None)
         self.tree = proposer_tree(tree, heads, device, self.name)
         self.plan = TreePlan(self.tree, heads.xp)

@@ -46,14 +46,14 @@ class Autoregressive:
 
 
 def medusa(model, heads=None, tree=None, top_k=None, max_nodes=None, max_depth=None, width=None, costs=None,
-           depth_costs=None, cap=None):
+           depth_costs=None, cap=None, calibrate=None):
     """Decoder "medusa": K independent heads on the last hidden state. heads: MedusaHeads, a folder, or None for
     <model>/medusa/. tree: a static tree (Tree or choices; default the stored one) or "dynamic" (grown at every
     step from the heads' probabilities: max_nodes an int or "auto", max_depth, top_k, width, costs, depth_costs,
-    cap; minispec.speculative.dynamic_tree)."""
+    cap, calibrate; minispec.speculative.dynamic_tree)."""
     return MedusaProposer(model, heads_for(model, heads, "medusa", load_medusa, "Medusa"), tree=tree, top_k=top_k,
                           max_nodes=max_nodes, max_depth=max_depth, width=width, costs=costs,
-                          depth_costs=depth_costs, cap=cap)
+                          depth_costs=depth_costs, cap=cap, calibrate=calibrate)
 
 
 def hydra_heads(model, heads, kind):
@@ -67,19 +67,21 @@ def hydra_heads(model, heads, kind):
 
 
 def hydra(model, heads=None, tree=None, max_nodes=None, max_depth=None, top_k=None, width=None, costs=None,
-          depth_costs=None, cap=None):
+          depth_costs=None, cap=None, calibrate=None):
     """Decoder "hydra": sequentially dependent heads (heads at <model>/hydra/ unless given). tree: static (default
     the stored one) or "dynamic" with the options of `medusa`."""
     return HydraProposer(model, hydra_heads(model, heads, "hydra"), tree=tree, max_nodes=max_nodes,
-                         max_depth=max_depth, top_k=top_k, width=width, costs=costs, depth_costs=depth_costs, cap=cap)
+                         max_depth=max_depth, top_k=top_k, width=width, costs=costs, depth_costs=depth_costs, cap=cap,
+                         calibrate=calibrate)
 
 
 def hydra_pp(model, heads=None, tree=None, max_nodes=None, max_depth=None, top_k=None, width=None, costs=None,
-             depth_costs=None, cap=None):
+             depth_costs=None, cap=None, calibrate=None):
     """Decoder "hydra++": Hydra's heads after a prefix attention layer (heads at <model>/hydra++/ unless given).
     tree: static (default the stored one) or "dynamic" with the options of `medusa`."""
     return HydraProposer(model, hydra_heads(model, heads, "hydra++"), tree=tree, max_nodes=max_nodes,
-                         max_depth=max_depth, top_k=top_k, width=width, costs=costs, depth_costs=depth_costs, cap=cap)
+                         max_depth=max_depth, top_k=top_k, width=width, costs=costs, depth_costs=depth_costs, cap=cap,
+                         calibrate=calibrate)
 
 
 def draft_verify(model, skip=None, max_draft=None, gamma0=None, adaptive=True, sizing="threshold", costs=None,
