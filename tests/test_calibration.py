@@ -33,22 +33,26 @@ KINDS = ["medusa", "hydra", "hydra++"]
 
 def hand_calibration():
     """Depth 1: rank 0 q -> 0.2 + 0.6 q (knots (0, 0.2), (1, 0.8)), ranks >= 1 q -> q / 2; depth 2 and deeper:
-    every rank q -> 0.9 q. By hand, rank 1 at depth 1 gets min(0.2 + 0.6 q, q / 2) = q / 2 for q <= 1."""
-    return Calibration([[([0.0, 1.0], [0.2, 0.8]), ([0.0, 1.0], [0.0, 0.5])],
-                        [([0.0, 1.0], [0.0, 0.9])]])
+    under a parent of rank 0 every rank q -> 0.9 q, under a parent of rank >= 1 q -> 0.3 q. By hand, rank 1 at
+    depth 1 gets min(0.2 + 0.6 q, q / 2) = q / 2 for q <= 1."""
+    return Calibration([[[([0.0, 1.0], [0.2, 0.8]), ([0.0, 1.0], [0.0, 0.5])]],
+                        [[([0.0, 1.0], [0.0, 0.9])], [([0.0, 1.0], [0.0, 0.3])]]])
 
 
-def random_calibration(seed, depths=3, buckets=3):
+def random_calibration(seed, depths=3, buckets=3, parents=2):
     """Monotone maps with random knots, some flat stretches (ties) and some at 0 and 1."""
     rng = np.random.default_rng(seed)
     maps = []
     for _ in range(depths):
-        row = []
-        for _ in range(buckets):
-            q = np.unique(np.round(rng.random(rng.integers(1, 6)), 3))
-            p = np.sort(rng.choice([0.0, 0.1, 0.3, 0.3, 0.7, 1.0], len(q)))
-            row.append((q, p))
-        maps.append(row)
+        depth = []
+        for _ in range(parents):
+            row = []
+            for _ in range(buckets):
+                q = np.unique(np.round(rng.random(rng.integers(1, 6)), 3))
+                p = np.sort(rng.choice([0.0, 0.1, 0.3, 0.3, 0.7, 1.0], len(q)))
+                row.append((q, p))
+            depth.append(row)
+        maps.append(depth)
     return Calibration(maps)
 
 
@@ -58,9 +62,10 @@ def random_calibration(seed, depths=3, buckets=3):
 def test_a_calibrated_factor_is_the_hand_computed_one_capped_by_every_lower_ranks_map():
     cal = hand_calibration()
     probs = np.array([[0.5, 0.3, 0.1], [1.0, 0.0, 0.0]])
-    assert cal(0, probs) == pytest.approx(np.array([[0.5, 0.15, 0.05], [0.8, 0.0, 0.0]]))
-    assert cal(1, probs) == pytest.approx(0.9 * probs)
-    assert cal(3, probs) == pytest.approx(0.9 * probs)                     # deeper than the file: its last depth
+    assert cal(0, probs, [-1, -1]) == pytest.approx(np.array([[0.5, 0.15, 0.05], [0.8, 0.0, 0.0]]))
+    assert cal(1, probs, [0, 0]) == pytest.approx(0.9 * probs)
+    assert cal(1, probs, [3, 0]) == pytest.approx(np.array([0.3, 0.9])[:, None] * probs)
+    assert cal(3, probs, [-1, 1]) == pytest.approx(np.array([0.9, 0.3])[:, None] * probs)   # deeper: the last depth
 
 
 @pytest.mark.parametrize("kind", KINDS)
@@ -77,10 +82,11 @@ def test_random_maps_give_factors_monotone_in_q_non_increasing_in_rank_and_withi
 def check_monotone(cal):
     grid = np.linspace(0, 1, 201)
     for d in range(cal.depths):
-        f = cal(d, np.repeat(grid[:, None], 6, axis=1))                  # [201, 6]: every rank at every q
-        assert (f >= 0).all() and (f <= 1).all()
-        assert (np.diff(f, axis=0) >= 0).all(), "not non-decreasing in q"
-        assert (np.diff(f, axis=1) <= 0).all(), "not non-increasing in rank"
+        for parent in (-1, 0, 1, 2, 5):
+            f = cal(d, np.repeat(grid[:, None], 6, axis=1), np.full(201, parent))    # [201, 6]: every rank, every q
+            assert (f >= 0).all() and (f <= 1).all()
+            assert (np.diff(f, axis=0) >= 0).all(), "not non-decreasing in q"
+            assert (np.diff(f, axis=1) <= 0).all(), "not non-increasing in rank"
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -88,8 +94,8 @@ def check_monotone(cal):
 # ---------------------------------------------------------------------------------------------------------
 def naive_best_calibrated(q, cal, V, max_depth, top_k, n):
     """Every rank path of at most max_depth ranks < top_k, its value the product of the calibrated factors along
-    it (each edge: its row's sorted probabilities through cal, the rank's column), sorted by (-value, depth, rank
-    path); the first n as {rank path: (tokens, value)}."""
+    it (each edge: its row's sorted probabilities through cal under the parent's rank, the rank's column), sorted
+    by (-value, depth, rank path); the first n as {rank path: (tokens, value)}."""
     rows = []
     for depth in range(1, max_depth + 1):
         for ranks in itertools.product(range(top_k), repeat=depth):
@@ -97,7 +103,8 @@ def naive_best_calibrated(q, cal, V, max_depth, top_k, n):
             for d, r in enumerate(ranks):
                 p = np.asarray(q(toks), np.float64)
                 order = sorted(range(V), key=lambda i: (-p[i], i))
-                value *= float(cal(d, np.minimum(p[order], 1.0)[None, :top_k])[0, r])
+                parent = ranks[d - 1] if d else -1
+                value *= float(cal(d, np.minimum(p[order], 1.0)[None, :top_k], [parent])[0, r])
                 toks += (order[r],)
             rows.append((-value, depth, ranks, toks))
     rows.sort()
@@ -131,14 +138,15 @@ def test_with_calibration_every_best_n_contains_each_nodes_parent_and_siblings_k
 
 
 def test_on_the_hand_worked_draft_calibrated_values_are_the_hand_computed_products():
-    """hand_q of test_dynamic_tree.py (after the root [0.6, 0.3, 0.1], after token 0 [0.5, 0.4, 0.1]) through
-    hand_calibration: [0] 0.2 + 0.6·0.6 = 0.56, [1] 0.3 / 2 = 0.15, [0,0] 0.56·0.9·0.5 = 0.252, [0,1] 0.56·0.9·0.4
-    = 0.2016; raw q is kept in Grown.probs."""
+    """hand_q of test_dynamic_tree.py (after the root [0.6, 0.3, 0.1], after token 0 [0.5, 0.4, 0.1], after token
+    1 [0.9, 0.05, 0.05]) through hand_calibration: [0] 0.2 + 0.6·0.6 = 0.56, [1] 0.3 / 2 = 0.15, [0,0] 0.56·0.9·0.5
+    = 0.252, [0,1] 0.56·0.9·0.4 = 0.2016, [1,0] 0.15·0.3·0.9 = 0.0405 (its parent has rank 1); raw q is kept in
+    Grown.probs."""
     from test_dynamic_tree import hand_q
-    g = grow(2, table_expand(hand_q), 4, 2, 2, calibrate=hand_calibration())
+    g = grow(2, table_expand(hand_q), 5, 2, 2, calibrate=hand_calibration())
     got = kept_paths(g)
     assert {r: v for r, (_, v) in got.items()} == pytest.approx({(0,): 0.56, (0, 0): 0.252, (0, 1): 0.2016,
-                                                                 (1,): 0.15})
+                                                                 (1,): 0.15, (1, 0): 0.0405})
     assert sorted(g.probs[1:3]) == pytest.approx([0.3, 0.6])
 
 
@@ -183,19 +191,21 @@ def test_the_shipped_heads_use_their_calibration_by_default_and_stay_ar_with_and
 # ---------------------------------------------------------------------------------------------------------
 # Bad input
 # ---------------------------------------------------------------------------------------------------------
-GOOD = {"format": "minispec-calibration-1", "depths": [[{"q": [0.1, 0.9], "p": [0.2, 0.8]}]] * 2}
+GOOD = {"format": "minispec-calibration-1", "depths": [[[{"q": [0.1, 0.9], "p": [0.2, 0.8]}]]] * 2}
 
 
 @pytest.mark.parametrize("change, message", [
     (dict(format="other"), "key 'format'"),
-    (dict(depths=[[{"q": [0.1, 0.9], "p": [0.2, 0.8]}]]), "key 'depths' must be a list of one map list per head"),
-    (dict(depths=[[], [{"q": [0.5], "p": [0.5]}]]), "key 'depths\\[0\\]'"),
-    (dict(depths=[[{"q": [0.1, 0.9], "p": [0.8, 0.2]}]] * 2), "depths\\[0\\]\\[0\\].*non-decreasing"),
-    (dict(depths=[[{"q": [0.9, 0.1], "p": [0.2, 0.8]}]] * 2), "strictly increasing"),
-    (dict(depths=[[{"q": [0.1, 0.9], "p": [0.2, 1.5]}]] * 2), "in \\[0, 1\\]"),
-    (dict(depths=[[{"q": [0.1, 0.9], "p": [0.2]}]] * 2), "equally long"),
-    (dict(depths=[[{"q": [0.1, "x"], "p": [0.2, 0.3]}]] * 2), "lists of numbers"),
-    (dict(depths=[[{"q": [0.1, 0.9], "p": [0.2, 0.8], "r": 1}]] * 2), "keys 'q' and 'p'"),
+    (dict(depths=[[[{"q": [0.1, 0.9], "p": [0.2, 0.8]}]]]), "key 'depths' must be a list of one entry per head"),
+    (dict(depths=[[], [[{"q": [0.5], "p": [0.5]}]]]), "key 'depths\\[0\\]'"),
+    (dict(depths=[[[]], [[{"q": [0.5], "p": [0.5]}]]]), "key 'depths\\[0\\]\\[0\\]'"),
+    (dict(depths=[[[{"q": [0.1, 0.9], "p": [0.8, 0.2]}]]] * 2), "depths\\[0\\]\\[0\\]\\[0\\].*non-decreasing"),
+    (dict(depths=[[[{"q": [0.9, 0.1], "p": [0.2, 0.8]}]]] * 2), "strictly increasing"),
+    (dict(depths=[[[{"q": [0.1, 0.9], "p": [0.2, 1.5]}]]] * 2), "in \\[0, 1\\]"),
+    (dict(depths=[[[{"q": [0.1, 0.9], "p": [0.2]}]]] * 2), "equally long"),
+    (dict(depths=[[[{"q": [0.1, "x"], "p": [0.2, 0.3]}]]] * 2), "lists of numbers"),
+    (dict(depths=[[[{"q": [0.1, 0.9], "p": [0.2, 0.8], "r": 1}]]] * 2), "keys 'q' and 'p'"),
+    (dict(depths=[[{"q": [0.1, 0.9], "p": [0.2, 0.8]}]] * 2), "depths\\[0\\]\\[0\\]' must be a non-empty list of maps"),
 ])
 def test_a_malformed_calibration_file_is_refused_naming_the_file_and_the_key(tmp_path, change, message):
     path = tmp_path / "calibration.json"
@@ -209,7 +219,7 @@ def test_a_malformed_calibration_file_is_refused_naming_the_file_and_the_key(tmp
 def test_heads_with_a_bad_calibration_file_are_refused_at_load_and_calibrate_is_checked(shipped, tmp_path):
     folder = tmp_path / "hydra"
     shutil.copytree(SHIPPED / "hydra", folder)
-    (folder / "calibration.json").write_text('{"format": "minispec-calibration-1", "depths": [[{"q": [2], "p": [1]}]]}')
+    (folder / "calibration.json").write_text('{"format": "minispec-calibration-1", "depths": [[[{"q": [2], "p": [1]}]]]}')
     with pytest.raises(UserError, match="hydra/calibration.json: key 'depths'"):
         make_proposer("hydra", shipped, heads=str(folder), tree="dynamic")
     (folder / "calibration.json").unlink()
@@ -253,16 +263,27 @@ def test_label_step_marks_the_nodes_whose_parent_is_on_the_true_continuation_as_
     assert list(np.flatnonzero(on)) == [0, 1, 3, 6]
 
 
-def test_fit_gives_each_depth_and_rank_bucket_its_own_map_and_borrows_where_samples_are_few():
+def test_fit_gives_each_depth_parent_and_rank_bucket_its_own_map_and_borrows_where_samples_are_few():
+    """P(accepted) = q at depth 1, q / 2 at depth 2 under a rank-0 parent, q / 4 under a lower-ranked one, halved
+    again for a rank >= 1 node; depth 1 has only the root as a parent (its parent bucket 1 borrows bucket 0), and
+    depth 3 has no samples (it borrows depth 2 whole)."""
     rng = np.random.default_rng(0)
-    n = 4000
+    n = 8000
     depth, rank, q = rng.integers(1, 3, n), rng.integers(0, 3, n), rng.random(n)
-    truth = np.where(depth == 1, q, q / 2) * np.where(rank == 0, 1.0, 0.5)        # P(accepted)
-    recs = dict(depth=depth, rank=rank, q=q, accepted=rng.random(n) < truth)
-    cal = fit(recs, n_heads=3, n_ranks=2, bin_size=100)
+    parent = np.where(depth == 1, -1, rng.integers(0, 3, n))
+    truth = q * np.where(depth == 1, 1.0, np.where(parent == 0, 0.5, 0.25)) * np.where(rank == 0, 1.0, 0.5)
+    recs = dict(depth=depth, rank=rank, q=q, parent_rank=parent, accepted=rng.random(n) < truth)
+    cal = fit(recs, n_heads=3, n_ranks=2, n_parents=2, bin_size=100)
     grid = np.array([[0.2, 0.2], [0.8, 0.8]])
-    assert cal(0, grid) == pytest.approx(np.array([[0.2, 0.1], [0.8, 0.4]]), abs=0.08)
-    assert cal(1, grid) == pytest.approx(np.array([[0.1, 0.05], [0.4, 0.2]]), abs=0.08)
-    assert cal(2, grid) == pytest.approx(cal(1, grid))                   # depth 3 has no samples: depth 2's maps
+    assert cal(0, grid, [-1, -1]) == pytest.approx(np.array([[0.2, 0.1], [0.8, 0.4]]), abs=0.08)
+    assert cal(0, grid, [1, 1]) == pytest.approx(cal(0, grid, [-1, -1]))
+    assert cal(1, grid, [0, 0]) == pytest.approx(np.array([[0.1, 0.05], [0.4, 0.2]]), abs=0.08)
+    assert cal(1, grid, [2, 2]) == pytest.approx(np.array([[0.05, 0.025], [0.2, 0.1]]), abs=0.06)
+    for parents in ([0, 0], [1, 1]):
+        assert cal(2, grid, parents) == pytest.approx(cal(1, grid, parents))    # depth 3: depth 2's maps
+    only_top = dict(recs, parent_rank=np.where(depth == 1, -1, 0))          # no depth-2 node under a rank-1 parent
+    cal = fit(only_top, n_heads=2, n_ranks=2, n_parents=2, bin_size=100)
+    assert cal(1, grid, [1, 1]) == pytest.approx(cal(1, grid, [0, 0]))       # depth 2's own bucket 0, not depth 1's
+    assert not np.allclose(cal(1, grid, [1, 1]), cal(0, grid, [-1, -1]))
     with pytest.raises(UserError, match="samples of depth 1, rank 0"):
-        fit(dict(depth=depth[:10], rank=rank[:10], q=q[:10], accepted=truth[:10] > 0.5), n_heads=2)
+        fit({k: v[:10] for k, v in recs.items()}, n_heads=2)

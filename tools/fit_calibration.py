@@ -51,6 +51,8 @@ def main():
     ap.add_argument("--prompts", type=int, default=48)
     ap.add_argument("--tokens", type=int, default=128)
     ap.add_argument("--seed", type=int, default=7)
+    ap.add_argument("--records", default=None, help="keep each kind's labelled nodes in <records>/<kind>.npz and "
+                    "fit from that file when it is there (to refit without decoding again)")
     ap.add_argument("--out-dir", default=None, help="write <out-dir>/<kind>/calibration.json (default: the heads' "
                                                     "own folders)")
     args = ap.parse_args()
@@ -61,8 +63,16 @@ def main():
     print(f"{len(texts)} stdlib files of the training split; {len(prompts)} prompts of {len(prompts[0])} tokens, "
           f"{args.tokens} new tokens each, greedy; dynamic trees max_nodes 64, top_k 16, raw values", flush=True)
     for kind in args.kinds.split(","):
-        recs = collect(model, lambda: make_proposer(kind, model, tree="dynamic", max_nodes=64, top_k=16,
-                                                    calibrate=False), prompts, args.tokens)
+        saved = Path(args.records) / f"{kind}.npz" if args.records else None
+        if saved is not None and saved.is_file():
+            with np.load(saved) as f:
+                recs = {k: f[k] for k in f.files}
+        else:
+            recs = collect(model, lambda: make_proposer(kind, model, tree="dynamic", max_nodes=64, top_k=16,
+                                                        calibrate=False), prompts, args.tokens)
+            if saved is not None:
+                saved.parent.mkdir(parents=True, exist_ok=True)
+                np.savez(saved, **{k: recs[k] for k in ("depth", "q", "rank", "accepted", "parent_rank")})
         K = make_proposer(kind, model).heads.K
         cal = fit(recs, K)
         cal.meta.update(kind=kind, data=f"{len(prompts)} prompts of {len(prompts[0])} tokens cut from stdlib files of "
@@ -72,15 +82,17 @@ def main():
         folder = Path(args.out_dir) / kind if args.out_dir else MODEL / kind
         folder.mkdir(parents=True, exist_ok=True)
         write_json_lines(folder / FILE, cal.to_json())
-        print(f"{kind}: {len(recs['q'])} labelled nodes, samples per depth x rank bucket {cal.meta['samples']}; "
+        print(f"{kind}: {len(recs['q'])} labelled nodes, samples per depth x parent bucket x rank bucket {cal.meta['samples']}; "
               f"wrote {folder.name}/{FILE}")
-        for d, row in enumerate(cal.maps):
-            for b, (q, p) in enumerate(row):
-                grid = np.repeat(np.array([[0.1], [0.3], [0.5], [0.7], [0.9]]), b + 1, axis=1)   # [5, b + 1]
-                at = cal(d, grid)[:, b]                                  # the factor a rank-b node gets
-                print(f"  depth {d + 1} rank {'>=' if b == len(row) - 1 else '  '}{b}: {len(q):3d} knots;  "
-                      f"q = 0.1 0.3 0.5 0.7 0.9 -> " + " ".join(f"{x:.2f}" for x in at), flush=True)
-
+        for d, depth in enumerate(cal.maps):
+            for a in range(len(depth) if d else 1):                    # depth 1: every parent is the root
+                for b in range(len(depth[a])):
+                    grid = np.repeat(np.array([[0.1], [0.3], [0.5], [0.7], [0.9]]), b + 1, axis=1)   # [5, b + 1]
+                    at = cal(d, grid, np.full(5, a))[:, b]            # the factor a rank-b node gets
+                    last = b == len(depth[a]) - 1
+                    print(f"  depth {d + 1} parent rank {'>=' if a and a == len(depth) - 1 else '  '}{a} "
+                          f"rank {'>=' if last else '  '}{b}: {len(depth[a][b][0]):3d} knots;  q = 0.1 0.3 0.5 0.7 "
+                          f"0.9 -> " + " ".join(f"{x:.2f}" for x in at), flush=True)
 
 if __name__ == "__main__":
     main()

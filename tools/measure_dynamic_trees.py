@@ -3,6 +3,7 @@
     OPENBLAS_NUM_THREADS=1 python tools/measure_dynamic_trees.py tau      # tau, dynamic vs static, + calibration
     OPENBLAS_NUM_THREADS=1 python tools/measure_dynamic_trees.py speed    # speed-up vs AR, hardware-sized trees
     OPENBLAS_NUM_THREADS=1 python tools/measure_dynamic_trees.py phases   # where the predicted step time falls short
+    OPENBLAS_NUM_THREADS=1 python tools/measure_dynamic_trees.py expected # what the calibrated values expect
 
 Greedy, the held-out prompts of minispec.bench.heldout_prompts (8 prompts), 128 new tokens each. "static" is
 the tree build_tree makes from the heads' own stored top-k accuracies at that budget; "dynamic" is
@@ -134,6 +135,48 @@ def tau_table(model, prompts, n_tokens):
     return out
 
 
+def expected_table(model, prompts, n_tokens):
+    """What the calibrated values expect of the dynamic tree against the static one, step by step: each step
+    grows the best 64 nodes of all paths (top_k = budget) under the calibrated values and verifies the best
+    `budget` of them (the dynamic tree of that budget); the expected tokens of a tree are 1 + the sum of its
+    nodes' values, for the dynamic tree and for the static tree's rank paths (a static path outside the 64 grown
+    counts 0: a lower bound, the count of such paths is printed)."""
+    ar = [generate(model, p, max_new_tokens=n_tokens, eos_id=None).tokens for p in prompts]
+    for name in DECODERS:
+        for budget in (4, 10, 32):
+            heads = make_proposer(name, model).heads
+            static = [tuple(c) for c in build_tree(heads.accuracies, budget)[0].choices if len(c)]
+            dyn, sta, missing, new, steps = [], [], 0, 0, 0
+            for p, want in zip(prompts, ar):
+                prop = make_proposer(name, model, tree="dynamic", max_nodes=64, top_k=budget, calibrate=True)
+                propose = prop.propose
+
+                def expected(ctx, prop=prop, propose=propose):
+                    nonlocal missing
+                    draft = propose(ctx)
+                    if ctx.hidden is None:
+                        return draft
+                    g = prop.dynamic.last
+                    path = {0: ()}
+                    for n in range(1, len(g.tokens)):
+                        path[n] = path[int(g.parents[n])] + (int(g.ranks[n]),)
+                    value = {path[n]: float(g.values[n]) for n in g.kept}
+                    g.kept = g.kept[:budget]                              # the dynamic tree of this budget
+                    dyn.append(1 + float(g.values[g.kept].sum()))
+                    sta.append(1 + sum(value.get(c, 0.0) for c in static))
+                    missing += sum(c not in value for c in static)
+                    tree, tokens, prop.dynamic.values = to_tree(g, prop.dynamic.trees)
+                    return Draft(tree, tokens)
+                prop.propose = expected
+                o = generate(model, p, decoder=prop, max_new_tokens=n_tokens, eos_id=None)
+                assert o.tokens == want, f"{name} {budget}: not AR's tokens"
+                new, steps = new + o.stats.new_tokens, steps + o.stats.steps
+            print(f"{name:>8} budget {budget:2d}: expected tokens per step under the calibrated values: dynamic "
+                  f"{np.mean(dyn):.3f}, static >= {np.mean(sta):.3f} (ratio <= {np.mean(dyn) / np.mean(sta):.3f}; "
+                  f"{missing} static nodes of {len(sta) * len(static)} outside the 64 grown); measured tau of the "
+                  f"dynamic tree {new / steps:.3f} (identical to AR: yes)", flush=True)
+
+
 def speed_table(model, prompts, n_tokens, runs):
     costs, t1 = model_costs(model)
     print("canonical", backend_curve(model).describe(), flush=True)
@@ -224,6 +267,8 @@ def main():
     print(f"model {MODEL.name}, {len(prompts)} held-out prompts of {len(prompts[0])} tokens, 128 new tokens, greedy")
     if what == "tau":
         tau_table(model, prompts, 128)
+    elif what == "expected":
+        expected_table(model, prompts, 128)
     elif what == "phases":
         phases(model, prompts, 128)
     else:

@@ -120,7 +120,7 @@ def grow(root, expand, max_nodes, max_depth, top_k, width=None, costs=None, dept
     max_nodes: nodes to keep besides the root (the candidate cap when sized). costs {T: c(T)} and depth_costs
     [max_depth] (each depth's expansion cost in units of one decoding step: a number, or (fixed, per row)):
     size the tree by the rate rule instead (module docstring); then only the depth-d nodes that the best tree
-    so far keeps are expanded. calibrate(d, probs [B, k']) -> factors [B, k'] in [0, 1] (e.g. a
+    so far keeps are expanded. calibrate(d, probs [B, k'], parent ranks [B]) -> factors [B, k'] in [0, 1] (a
     minispec.speculative.calibration.Calibration): the children's values are values[rows[b]] · factors instead
     (non-increasing in rank among siblings, so every argument above still holds). Returns a Grown."""
     tokens, parents = np.array([int(root)], np.int64), np.array([-1], np.int64)
@@ -139,7 +139,7 @@ def grow(root, expand, max_nodes, max_depth, top_k, width=None, costs=None, dept
         ids, probs = np.asarray(ids)[:, :top_k], np.minimum(np.asarray(probs, np.float64)[:, :top_k], 1.0)
         qs = np.concatenate([qs, probs.reshape(-1)])
         if calibrate is not None:
-            probs = np.clip(calibrate(d, probs), 0.0, 1.0)
+            probs = np.clip(calibrate(d, probs, ranks[rows]), 0.0, 1.0)
         B, k = ids.shape
         tokens = np.concatenate([tokens, ids.reshape(-1).astype(np.int64)])
         parents = np.concatenate([parents, np.repeat(rows, k)])

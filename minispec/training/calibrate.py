@@ -143,34 +143,48 @@ def fit_map(q, accepted, bin_size=50):
     return kq, np.round(np.clip(vals[first], 0.0, 1.0), 6)                         # as calibration.json stores them
 
 
-def fit(records, n_heads, n_ranks=3, bin_size=50, min_samples=200):
-    """A Calibration from collect()'s records: for each depth 1..n_heads and rank bucket b (ranks 0 ..
-    n_ranks - 2 alone, the rest together) the monotone map of `fit_map`. A bucket with fewer than min_samples
-    samples reuses the bucket before it; a depth with too few at rank 0 reuses the whole depth before it."""
+def fit(records, n_heads, n_ranks=3, n_parents=2, bin_size=50, min_samples=200):
+    """A Calibration from collect()'s records: for each depth 1..n_heads, parent bucket a (the root and parent
+    rank 0 in bucket 0, parent ranks 1 .. n_parents - 2 alone, the rest together) and rank bucket b (ranks 0 ..
+    n_ranks - 2 alone, the rest together) the monotone map of `fit_map`. Where a bucket has fewer than
+    min_samples samples: rank bucket b > 0 reuses rank bucket b - 1; parent bucket a > 0 (at rank 0) reuses
+    parent bucket 0 whole; depth d > 1 (parent bucket 0, rank 0) reuses the depth before it whole."""
     check_int("calibration: n_heads", n_heads, low=1)
     check_int("calibration: n_ranks", n_ranks, low=1)
-    depth, q = np.asarray(records["depth"]), np.asarray(records["q"])
-    bucket, acc = np.minimum(np.asarray(records["rank"]), n_ranks - 1), np.asarray(records["accepted"])
+    check_int("calibration: n_parents", n_parents, low=1)
+    depth, q, acc = np.asarray(records["depth"]), np.asarray(records["q"]), np.asarray(records["accepted"])
+    bucket = np.minimum(np.asarray(records["rank"]), n_ranks - 1)
+    parent = np.minimum(np.maximum(np.asarray(records["parent_rank"]), 0), n_parents - 1)
     maps, counts = [], []
     for d in range(1, n_heads + 1):
-        row, row_n = [], []
-        for b in range(n_ranks):
-            sel = (depth == d) & (bucket == b)
-            n = int(sel.sum())
-            row_n.append(n)
-            if n >= min_samples:
-                row.append(fit_map(q[sel], acc[sel], bin_size))
-            elif b:
-                row.append(row[-1])
-            elif maps:
-                row = None                                  # too few at rank 0: the whole depth before it
-                break
-            else:
-                raise UserError(f"calibration: only {n} samples of depth 1, rank 0 (need {min_samples}): "
+        depth_maps, depth_n = [], []
+        for a in range(n_parents):
+            row, row_n = [], []
+            for b in range(n_ranks):
+                sel = (depth == d) & (parent == a) & (bucket == b)
+                n = int(sel.sum())
+                row_n.append(n)
+                if n >= min_samples:
+                    row.append(fit_map(q[sel], acc[sel], bin_size))
+                elif b:
+                    row.append(row[-1])
+                else:
+                    row = None                  # too few at rank 0: borrowed whole (below)
+                    break
+            if row is None and a:
+                row = list(depth_maps[0])
+            elif row is None and not maps:
+                raise UserError(f"calibration: only {row_n[0]} samples of depth 1, rank 0 (need {min_samples}): "
                                 f"decode more prompts")
-        maps.append(row if row is not None else list(maps[-1]))
-        counts.append(row_n + [0] * (n_ranks - len(row_n)))
-    meta = {"what": "P(edge accepted | parent accepted) by depth (outer list, 1..K) and rank bucket (inner list: "
-                    f"ranks 0..{n_ranks - 2} alone, then the rest): a monotone map q -> p through its knots",
+            elif row is None:
+                depth_maps = None
+                break
+            depth_maps.append(row)
+            depth_n.append(row_n + [0] * (n_ranks - len(row_n)))
+        maps.append(depth_maps if depth_maps is not None else [list(r) for r in maps[-1]])
+        counts.append(depth_n if depth_maps is not None else [[0] * n_ranks] * n_parents)
+    meta = {"what": "P(edge accepted | parent accepted) by depth (outer list, 1..K), parent bucket (the root and "
+                    "parent rank 0 first, then parent ranks 1, 2, ..., the last bucket taking the rest) and rank "
+                    "bucket (ranks 0, 1, ..., the last bucket taking the rest): a monotone map q -> p through its knots",
             "samples": counts, "bin_size": bin_size}
     return Calibration(maps, meta)
