@@ -244,10 +244,12 @@ def test_isotonic_regression_pools_the_violators_as_by_hand():
 
 
 def test_fit_map_bins_the_samples_pools_the_bins_and_puts_knots_at_the_pooled_means_as_by_hand():
-    """q 0.1..0.6, accepted 1 1 0 1 1 1, bins of 2: rates 1.0 (mean q 0.15), 0.5 (0.35), 1.0 (0.55); the first
-    two pool into 0.75 at q 0.25: knots (0.25, 0.75), (0.55, 1.0)."""
+    """q 0.1..0.6, accepted 1 1 0 1 1 1, bins of 2, add-half rates (k + 1/2) / 3: 5/6 (mean q 0.15), 1/2 (0.35),
+    5/6 (0.55); the first two pool into 2/3 at q 0.25: knots (0.25, 2/3), (0.55, 5/6)."""
     q, p = fit_map([0.6, 0.1, 0.3, 0.2, 0.5, 0.4], [1, 1, 0, 1, 1, 1], bin_size=2)
-    assert q == pytest.approx([0.25, 0.55]) and p == pytest.approx([0.75, 1.0])
+    assert q == pytest.approx([0.25, 0.55]) and p == pytest.approx([2 / 3, 5 / 6], abs=1e-6)
+    q, p = fit_map([0.1, 0.2, 0.3], [0, 0, 0], bin_size=3)                 # none accepted: 1/8, not 0
+    assert q == pytest.approx([0.2]) and p == pytest.approx([0.125])
 
 
 def test_label_step_marks_the_nodes_whose_parent_is_on_the_true_continuation_as_by_hand():

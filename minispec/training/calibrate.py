@@ -125,16 +125,18 @@ def isotonic(y, w):
 
 
 def fit_map(q, accepted, bin_size=50):
-    """One monotone map: (q knots, p knots). The samples, sorted by q, are cut into bins of bin_size (the last
-    bin takes the remainder), isotonic regression pools the bins' acceptance rates, and each pooled block
-    becomes a knot at its mean q with its acceptance rate, both rounded to 6 decimals (as the file stores them);
-    knots at equal q are merged, the first one kept."""
+    """One monotone map: (q knots, p knots). The samples, sorted by q, are cut into bins of bin_size (sizes
+    differing by at most one), each bin's acceptance rate is estimated as (accepted + 1/2) / (samples + 1) (the
+    add-half estimator: a finite bin never claims a rate of exactly 0 or 1, so no node's value is 0 and every
+    extra node adds some expected tokens), isotonic regression pools the bins' rates, and each pooled block
+    becomes a knot at its mean q with its rate, both rounded to 6 decimals (as the file stores them); knots at
+    equal q are merged, the first one kept."""
     order = np.argsort(q, kind="stable")
     q, a = np.asarray(q, np.float64)[order], np.asarray(accepted, np.float64)[order]
     n_bins = max(1, len(q) // bin_size)
     edges = np.linspace(0, len(q), n_bins + 1).astype(int)
     bq = np.array([q[s:e].mean() for s, e in zip(edges[:-1], edges[1:])])
-    ba = np.array([a[s:e].mean() for s, e in zip(edges[:-1], edges[1:])])
+    ba = np.array([(a[s:e].sum() + 0.5) / (e - s + 1) for s, e in zip(edges[:-1], edges[1:])])   # add-half
     bw = np.diff(edges).astype(np.float64)
     vals, wts, ends = isotonic(ba, bw)
     starts = np.concatenate([[0], ends[:-1]])
