@@ -219,7 +219,8 @@ def test_a_malformed_calibration_file_is_refused_naming_the_file_and_the_key(tmp
 def test_heads_with_a_bad_calibration_file_are_refused_at_load_and_calibrate_is_checked(shipped, tmp_path):
     folder = tmp_path / "hydra"
     shutil.copytree(SHIPPED / "hydra", folder)
-    (folder / "calibration.json").write_text('{"format": "minispec-calibration-1", "depths": [[[{"q": [2], "p": [1]}]]]}')
+    bad = '{"format": "minispec-calibration-1", "depths": [[[{"q": [2], "p": [1]}]]]}'        # one depth, not 4
+    (folder / "calibration.json").write_text(bad)
     with pytest.raises(UserError, match="hydra/calibration.json: key 'depths'"):
         make_proposer("hydra", shipped, heads=str(folder), tree="dynamic")
     (folder / "calibration.json").unlink()

@@ -82,7 +82,8 @@ def main():
         folder = Path(args.out_dir) / kind if args.out_dir else MODEL / kind
         folder.mkdir(parents=True, exist_ok=True)
         write_json_lines(folder / FILE, cal.to_json())
-        print(f"{kind}: {len(recs['q'])} labelled nodes, samples per depth x parent bucket x rank bucket {cal.meta['samples']}; "
+        print(f"{kind}: {len(recs['q'])} labelled nodes, samples per depth x parent bucket x rank bucket "
+              f"{cal.meta['samples']}; "
               f"wrote {folder.name}/{FILE}")
         for d, depth in enumerate(cal.maps):
             for a in range(len(depth) if d else 1):                    # depth 1: every parent is the root

@@ -233,7 +233,8 @@ class DynamicTrees:
     the cap: a child of rank >= max_nodes can never be kept, since its max_nodes elder siblings rank before it);
     width: at most this many nodes expanded per depth (EAGLE-2's top-k expansion; None: every node that can
     still be kept); calibration: a Calibration (minispec.speculative.calibration) whose factors replace the
-    draft's probabilities in the values, or None (`choose_calibration` picks it). After each step `last` holds the Grown and `values` the kept nodes' values in tree order."""
+    draft's probabilities in the values, or None (`choose_calibration` picks it). After each step `last` holds
+    the Grown and `values` the kept nodes' values in tree order."""
 
     def __init__(self, name, n_heads, max_nodes=None, max_depth=None, top_k=None, width=None, costs=None,
                  depth_costs=None, cap=None, calibration=None):

@@ -68,8 +68,9 @@ def label_step(grown, full, pos):
 def collect(model, make_proposer, prompts, n_tokens):
     """Decode each prompt greedily with a fresh make_proposer() (a dynamic Medusa or Hydra proposer) and label
     every step's grown nodes (`label_step`). Returns {"depth", "q", "rank", "accepted", "parent_rank"}: arrays
-    [S] (depth 1..K, q the raw draft probability, rank among siblings, the parent's rank, -1 for the root), plus "steps": per step (accepted tokens, deepest grown
-    node on the true continuation) and "tokens": the outputs. The outputs must be AR's; it is checked."""
+    [S] (depth 1..K, q the raw draft probability, rank among siblings, the parent's rank, -1 for the root),
+    plus "steps": per step (accepted tokens, deepest grown node on the true continuation) and "tokens": the
+    outputs. The outputs must be AR's; it is checked."""
     out = {"depth": [], "q": [], "rank": [], "accepted": [], "parent_rank": [], "steps": [], "tokens": []}
     for ids in prompts:
         prop = make_proposer()
@@ -187,6 +188,7 @@ def fit(records, n_heads, n_ranks=3, n_parents=2, bin_size=50, min_samples=200):
         counts.append(depth_n if depth_maps is not None else [[0] * n_ranks] * n_parents)
     meta = {"what": "P(edge accepted | parent accepted) by depth (outer list, 1..K), parent bucket (the root and "
                     "parent rank 0 first, then parent ranks 1, 2, ..., the last bucket taking the rest) and rank "
-                    "bucket (ranks 0, 1, ..., the last bucket taking the rest): a monotone map q -> p through its knots",
+                    "bucket (ranks 0, 1, ..., the last bucket taking the rest): a monotone map q -> p through its "
+                    "knots",
             "samples": counts, "bin_size": bin_size}
     return Calibration(maps, meta)
