@@ -3,10 +3,13 @@
     OPENBLAS_NUM_THREADS=1 python tools/measure_dynamic_trees.py tau      # tau, dynamic vs static, + calibration
     OPENBLAS_NUM_THREADS=1 python tools/measure_dynamic_trees.py speed    # speed-up vs AR, gated, sized trees
     OPENBLAS_NUM_THREADS=1 python tools/measure_dynamic_trees.py phases   # step time: measured vs charged
+    OPENBLAS_NUM_THREADS=1 python tools/measure_dynamic_trees.py expected # what the calibrated values expect
 
 Greedy, the held-out prompts of minispec.bench.heldout_prompts (8 prompts), 128 new tokens each. "static" is
 the tree build_tree makes from the heads' own stored top-k accuracies at that budget; "dynamic" is
-tree="dynamic" with max_nodes = that budget. Every run's tokens are checked against AR's.
+tree="dynamic" with max_nodes = that budget, "raw" ranking by the heads' own probabilities (calibrate=False),
+"calibrated" by the heads' calibration.json (tools/fit_calibration.py); "oracle" keeps, of a wide growth's
+candidates, the true continuation's chain (`oracle_proposer`). Every run's tokens are checked against AR's.
 """
 import statistics
 import sys
@@ -21,6 +24,9 @@ from minispec.decoders.registry import make_proposer                # noqa: E402
 from minispec.mistral.model import load                             # noqa: E402
 from minispec.mistral.tokenizer import Tokenizer                    # noqa: E402
 from minispec.speculative.costs import interp_cost, step_curve     # noqa: E402
+from minispec.speculative.dynamic_tree import to_tree  # noqa: E402
+from minispec.speculative.verify import Draft                       # noqa: E402
+from minispec.training.calibrate import label_step                  # noqa: E402
 from minispec.speculative.tree import build_tree                    # noqa: E402
 
 MODEL = Path(__file__).resolve().parent.parent / "weights" / "stdlib-mistral"
@@ -62,39 +68,71 @@ def calibration(nodes):
     return rows
 
 
+def oracle_proposer(name, model, budget, full):
+    """The oracle bound at `budget` nodes: the candidates a raw dynamic growth of 64 nodes with top_k = budget
+    grows, of which the oracle keeps the chain of the true continuation (full: prompt + AR's tokens), at most
+    budget nodes deep: the best budget-node tree of those candidates under the true acceptance of each step."""
+    prop = make_proposer(name, model, tree="dynamic", max_nodes=64, top_k=budget, calibrate=False,
+                         gate=False)
+    propose = prop.propose
+
+    def oracle(ctx):
+        draft = propose(ctx)
+        if ctx.hidden is None:
+            return draft
+        grown = prop.dynamic.last
+        on = label_step(grown, full, ctx.cache.pos)[2]
+        chain = np.flatnonzero(on[1:]) + 1
+        grown.kept = chain[grown.depths[chain] <= budget]
+        tree, tokens, prop.dynamic.values = to_tree(grown, prop.dynamic.trees)
+        return Draft(tree, tokens)
+    prop.propose = oracle
+    return prop
+
+
 def tau_table(model, prompts, n_tokens):
     ar = [generate(model, p, max_new_tokens=n_tokens, eos_id=None).tokens for p in prompts]
     out = {}
+    kinds = ("static", "raw", "calibrated", "oracle")
     for name in DECODERS:
         for budget in (4, 10, 32):
-            for kind in ("static", "dynamic"):
+            for kind in kinds:
                 log = {"nodes": [], "steps": []}
                 if kind == "static":
                     heads = make_proposer(name, model).heads
                     opts = dict(tree=build_tree(heads.accuracies, budget)[0], gate=False)
                 else:
-                    opts = dict(tree="dynamic", max_nodes=budget, gate=False)
+                    opts = dict(tree="dynamic", max_nodes=budget, gate=False, calibrate=kind == "calibrated")
                 new = steps = 0
                 for p, want in zip(prompts, ar):
-                    prop = make_proposer(name, model, **opts)
-                    if kind == "dynamic":
+                    if kind == "oracle":
+                        prop = oracle_proposer(name, model, budget, list(p) + want)
+                    else:
+                        prop = make_proposer(name, model, **opts)
+                    if kind in ("raw", "calibrated"):
                         recording(prop, log)
                     o = generate(model, p, decoder=prop, max_new_tokens=n_tokens, eos_id=None)
                     assert o.tokens == want, f"{name} {kind} {budget}: not AR's tokens"
                     new, steps = new + o.stats.new_tokens, steps + o.stats.steps
                 out[(name, budget, kind)] = (new / steps, log)
-            s, d = out[(name, budget, "static")][0], out[(name, budget, "dynamic")]
-            pred = np.mean([t for t, _, _ in d[1]["steps"]])
-            print(f"{name:>8} budget {budget:2d}: tau static {s:.3f}  dynamic {d[0]:.3f}  ratio {d[0] / s:.3f}  "
-                  f"(dynamic: predicted 1 + sum of kept values per step {pred:.3f}; identical to AR: yes)", flush=True)
-    print("\ncalibration of the dynamic trees (all budgets): a node's value (its path probability under the heads) "
-          "vs how often it was accepted (on the accepted path)")
-    for name in DECODERS:
-        nodes = sum((out[(name, b, "dynamic")][1]["nodes"] for b in (4, 10, 32)), [])
-        print(f"{name}: {len(nodes)} nodes")
-        print("   value bin      nodes   mean value   accepted")
-        for lo, hi, n, mv, acc in calibration(nodes):
-            print(f"  [{lo:.2f}, {hi:.2f})  {n:7d}      {mv:.3f}      {acc:.3f}")
+            s = out[(name, budget, "static")][0]
+            r, c = out[(name, budget, "raw")], out[(name, budget, "calibrated")]
+            pr, pc = (np.mean([t for t, _, _ in x[1]["steps"]]) for x in (r, c))
+            o = out[(name, budget, "oracle")][0]
+            print(f"{name:>8} budget {budget:2d}: tau static {s:.3f}  dynamic raw {r[0]:.3f} (ratio {r[0] / s:.3f}, "
+                  f"predicted {pr:.3f})  calibrated {c[0]:.3f} (ratio {c[0] / s:.3f}, predicted {pc:.3f})  "
+                  f"oracle {o:.3f}  (all identical to AR: yes)", flush=True)
+    for kind in ("raw", "calibrated"):
+        print(f"\ncalibration of the {kind} dynamic trees (all budgets): a kept node's value vs how often it was "
+              "accepted (on the accepted path)")
+        for name in DECODERS:
+            nodes = sum((out[(name, b, kind)][1]["nodes"] for b in (4, 10, 32)), [])
+            rows = calibration(nodes)
+            gap = sum(n * abs(mv - acc) for _, _, n, mv, acc in rows) / len(nodes)
+            print(f"{name}: {len(nodes)} nodes; mean |value - accepted| over the bins, weighted by nodes: {gap:.3f}")
+            print("   value bin      nodes   mean value   accepted")
+            for lo, hi, n, mv, acc in rows:
+                print(f"  [{lo:.2f}, {hi:.2f})  {n:7d}      {mv:.3f}      {acc:.3f}")
     return out
 
 
@@ -111,6 +149,49 @@ def modelled(stats_list, costs):
 def step_costs_of(prop):
     """The whole-step curve a gated proposer prices its steps with (its gate's, or its dynamic trees')."""
     return prop.gate.costs if prop.gate is not None and prop.gate.costs is not None else prop.dynamic.costs
+
+
+def expected_table(model, prompts, n_tokens):
+    """What the calibrated values expect of the dynamic tree against the static one, step by step: each step
+    grows the best 64 nodes of all paths (top_k = budget) under the calibrated values and verifies the best
+    `budget` of them (the dynamic tree of that budget); the expected tokens of a tree are 1 + the sum of its
+    nodes' values, for the dynamic tree and for the static tree's rank paths (a static path outside the 64 grown
+    counts 0: a lower bound, the count of such paths is printed)."""
+    ar = [generate(model, p, max_new_tokens=n_tokens, eos_id=None).tokens for p in prompts]
+    for name in DECODERS:
+        for budget in (4, 10, 32):
+            heads = make_proposer(name, model).heads
+            static = [tuple(c) for c in build_tree(heads.accuracies, budget)[0].choices if len(c)]
+            dyn, sta, missing, new, steps = [], [], 0, 0, 0
+            for p, want in zip(prompts, ar):
+                prop = make_proposer(name, model, tree="dynamic", max_nodes=64, top_k=budget, calibrate=True,
+                                     gate=False)
+                propose = prop.propose
+
+                def expected(ctx, prop=prop, propose=propose):
+                    nonlocal missing
+                    draft = propose(ctx)
+                    if ctx.hidden is None:
+                        return draft
+                    g = prop.dynamic.last
+                    path = {0: ()}
+                    for n in range(1, len(g.tokens)):
+                        path[n] = path[int(g.parents[n])] + (int(g.ranks[n]),)
+                    value = {path[n]: float(g.values[n]) for n in g.kept}
+                    g.kept = g.kept[:budget]                              # the dynamic tree of this budget
+                    dyn.append(1 + float(g.values[g.kept].sum()))
+                    sta.append(1 + sum(value.get(c, 0.0) for c in static))
+                    missing += sum(c not in value for c in static)
+                    tree, tokens, prop.dynamic.values = to_tree(g, prop.dynamic.trees)
+                    return Draft(tree, tokens)
+                prop.propose = expected
+                o = generate(model, p, decoder=prop, max_new_tokens=n_tokens, eos_id=None)
+                assert o.tokens == want, f"{name} {budget}: not AR's tokens"
+                new, steps = new + o.stats.new_tokens, steps + o.stats.steps
+            print(f"{name:>8} budget {budget:2d}: expected tokens per step under the calibrated values: dynamic "
+                  f"{np.mean(dyn):.3f}, static >= {np.mean(sta):.3f} (ratio <= {np.mean(dyn) / np.mean(sta):.3f}; "
+                  f"{missing} static nodes of {len(sta) * len(static)} outside the 64 grown); measured tau of the "
+                  f"dynamic tree {new / steps:.3f} (identical to AR: yes)", flush=True)
 
 
 def speed_table(model, prompts, n_tokens, runs):
@@ -204,6 +285,8 @@ def main():
     print(f"model {MODEL.name}, {len(prompts)} held-out prompts of {len(prompts[0])} tokens, 128 new tokens, greedy")
     if what == "tau":
         tau_table(model, prompts, 128)
+    elif what == "expected":
+        expected_table(model, prompts, 128)
     elif what == "phases":
         phases(model, prompts, 128)
     else:

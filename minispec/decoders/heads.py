@@ -14,6 +14,7 @@ from safetensors.numpy import save_file
 from ..errors import MissingFileError, UserError, check_finite, write_json_lines
 from ..mistral.model import FLOAT16_MAX
 from ..mistral.safetensors import CheckpointError, check_float
+from ..speculative.calibration import FILE as CALIBRATION_FILE, read_calibration
 from ..speculative.tree import Tree
 
 # model -> {folder: heads}: a decoder built for every generate() call loads its heads once per model
@@ -144,5 +145,13 @@ def heads_for(model, heads, kind, load_heads, label=None):
     loaded = _LOADED.setdefault(model, {})
     key = folder.resolve()
     if key not in loaded:
-        loaded[key] = load_heads(folder, model)
+        loaded[key] = attach_calibration(load_heads(folder, model), folder)
     return loaded[key]
+
+
+def attach_calibration(heads, folder):
+    """heads with heads.calibration: the Calibration in folder/calibration.json (one map list per head), or None
+    when the folder has none (dynamic trees then rank by the raw draft probabilities, as before)."""
+    path = Path(folder) / CALIBRATION_FILE
+    heads.calibration = read_calibration(path, heads.K) if path.is_file() else None
+    return heads

@@ -46,7 +46,7 @@ from ..errors import UserError
 from ..mistral.layers import linear, rms_norm, rope_tables, silu
 from ..mistral.model import attention_sublayer, block_mask, mlp_sublayer, new_cache, prefill_chunks
 from ..speculative.costs import step_curve
-from ..speculative.dynamic_tree import DynamicTrees, refuse_dynamic_options, top_probs
+from ..speculative.dynamic_tree import DynamicTrees, choose_calibration, refuse_dynamic_options, top_probs
 from ..speculative.gate import make_gate
 from ..speculative.loop import Context, Stats
 from ..speculative.sampling import SamplingParams
@@ -296,8 +296,9 @@ class HydraProposer:
     on a GPU when stored, else "tree"), the chain of K tokens when none is stored.
     tree="dynamic": max_nodes (an int, or "auto": sized per step from costs {T: c(T)} and depth_costs, measured
     once when not given, at most `cap` nodes), max_depth (default K), top_k (children per node), width (nodes
-    expanded per depth). A node's value is the product along its path of head d's softmax probability of the
-    node's token given the path: Hydra's heads are conditioned on it.
+    expanded per depth), calibrate (as Medusa's: the heads' calibration.json by default). A node's value is the
+    product along its path of head d's softmax probability of the node's token given the path (Hydra's heads are
+    conditioned on it), each mapped through the calibration when there is one.
     head_vocab=M: the heads draft only among the M most frequent tokens (FR-Spec; minispec.decoders.head_vocab),
     counted in token_counts (default the model folder's token_counts.json).
     Hydra++: start() fills the prefix layer's cache with the prompt's hidden states; every committed path's
@@ -307,20 +308,20 @@ class HydraProposer:
     gate: False (default here), True (the registry's default) or a DraftGate, as for medusa.MedusaProposer."""
 
     def __init__(self, model, heads, tree=None, max_nodes=None, max_depth=None, top_k=None, width=None, costs=None,
-                 depth_costs=None, cap=None, head_vocab=None, token_counts=None, gate=False):
+                 depth_costs=None, cap=None, head_vocab=None, token_counts=None, gate=False, calibrate=None):
         self.name = heads.kind
         heads = vocab_heads(model, heads, head_vocab, token_counts, self.name)
         self.model, self.heads, self.root_only = model, heads, Tree.from_choices([])
         self.cache, self.h, self.dynamic, self.gate, self.drafting, self.pending = None, None, None, None, False, []
         if isinstance(tree, str) and tree == "dynamic":
             self.dynamic = DynamicTrees(self.name, heads.K, max_nodes, max_depth, top_k, width, costs, depth_costs,
-                                        cap)
+                                        cap, choose_calibration(self.name, heads, calibrate))
             self.gate = self.dynamic.size_with(model, heads, self.expand_at, first_hidden(model),
                                                self.prefix_step(model), gate=gate)
             self.tree = self.plan = None
             return
         refuse_dynamic_options(self.name, max_nodes=max_nodes, max_depth=max_depth, width=width, costs=costs,
-                               depth_costs=depth_costs, cap=cap, top_k=top_k)
+                               depth_costs=depth_costs, cap=cap, top_k=top_k, calibrate=calibrate)
         device = getattr(model, "device", None)
         self.tree = proposer_tree(tree, heads, device, self.name)
         self.plan = TreePlan(self.tree, heads.xp)

@@ -30,7 +30,7 @@ from ..backend import array_module, to_host
 from ..errors import UserError, check_int
 from ..mistral.layers import linear, silu
 from ..speculative.costs import step_curve
-from ..speculative.dynamic_tree import DynamicTrees, refuse_dynamic_options, top_probs
+from ..speculative.dynamic_tree import DynamicTrees, choose_calibration, refuse_dynamic_options, top_probs
 from ..speculative.gate import make_gate
 from ..speculative.loop import Context, Stats
 from ..speculative.sampling import SamplingParams
@@ -197,9 +197,10 @@ class MedusaProposer:
     counted in token_counts (default the model folder's token_counts.json).
     tree="dynamic": max_nodes (an int, or "auto": sized per step from costs {T: c(T)} and depth_costs, measured
     once when not given, at most `cap` nodes), max_depth (default K), top_k (children per node), width (nodes
-    expanded per depth). A node's value is the product of its heads' softmax probabilities of its tokens: the
-    heads are independent of the path, so head d-1 runs once when depth d is grown and every node at depth d
-    reads its top-k.
+    expanded per depth), calibrate (None: the heads' calibration.json when they have one; False: off; True: it
+    must be there; minispec.speculative.calibration). A node's value is the product of its heads' softmax
+    probabilities of its tokens (each mapped through the calibration when there is one): the heads are
+    independent of the path, so head d-1 runs once when depth d is grown and every node at depth d reads its top-k.
     gate: False (the class's default: draft at every step), True (the registry's default, minispec.generate's
     decoder "medusa") or a DraftGate (minispec.speculative.gate): when the acceptance so far says no
     draft pays on this backend's cost model, the step is a plain one and the heads do not run; True measures the
@@ -208,17 +209,18 @@ class MedusaProposer:
     name = "medusa"
 
     def __init__(self, model, heads, tree=None, top_k=None, max_nodes=None, max_depth=None, width=None, costs=None,
-                 depth_costs=None, cap=None, head_vocab=None, token_counts=None, gate=False):
+                 depth_costs=None, cap=None, head_vocab=None, token_counts=None, gate=False, calibrate=None):
         heads = vocab_heads(model, heads, head_vocab, token_counts, "medusa")
         self.heads, self.root_only = heads, Tree.from_choices([])
         self.dynamic, self.gate, self.drafting = None, None, False
         if isinstance(tree, str) and tree == "dynamic":
-            self.dynamic = DynamicTrees("medusa", heads.K, max_nodes, max_depth, top_k, width, costs, depth_costs, cap)
+            self.dynamic = DynamicTrees("medusa", heads.K, max_nodes, max_depth, top_k, width, costs, depth_costs, cap,
+                                        choose_calibration("medusa", heads, calibrate))
             self.gate = self.dynamic.size_with(model, heads, self.expand_at, first_hidden(model), gate=gate)
             self.tree = None
             return
         refuse_dynamic_options("medusa", max_nodes=max_nodes, max_depth=max_depth, width=width, costs=costs,
-                               depth_costs=depth_costs, cap=cap)
+                               depth_costs=depth_costs, cap=cap, calibrate=calibrate)
         device = getattr(model, "device", None)
         tree = proposer_tree(tree, heads, device, "medusa")
         need = int(tree.rank.max()) + 1 if tree.N > 1 else 1

@@ -46,6 +46,7 @@ import numpy as np
 from ..backend import array_module, to_host
 from ..errors import UserError
 from .acceptance import greedy_accept
+from .calibration import Calibration
 from .costs import backend_clock, interp_cost, step_curve
 from .gate import make_gate
 from .tree import Tree
@@ -92,7 +93,8 @@ class Grown:
 
     tokens, parents, depths, ranks int [M + 1] and values float [M + 1] (the root: its token, -1, 0, -1, 1.0);
     kept: the kept node numbers in rank order (a tree: every kept node's parent is kept or is the root);
-    depth_rows [d]: the rows of each expansion; rates [d]: the best rate after each depth (sized growth only)."""
+    depth_rows [d]: the rows of each expansion; rates [d]: the best rate after each depth (sized growth only);
+    probs float [M + 1]: each node's own draft probability q (the root: 1.0), before any calibration."""
     tokens: np.ndarray
     parents: np.ndarray
     depths: np.ndarray
@@ -101,6 +103,7 @@ class Grown:
     kept: np.ndarray
     depth_rows: list
     rates: list
+    probs: np.ndarray = None
 
 
 def depth_cost(cost, rows):
@@ -110,7 +113,7 @@ def depth_cost(cost, rows):
     return float(cost[0]) + float(cost[1]) * rows
 
 
-def grow(root, expand, max_nodes, max_depth, top_k, width=None, costs=None, depth_costs=None):
+def grow(root, expand, max_nodes, max_depth, top_k, width=None, costs=None, depth_costs=None, calibrate=None):
     """Grow a draft tree depth by depth (module docstring) and keep its best nodes.
 
     expand(d, rows, tokens, parents) -> (ids int [B, k'], probs float [B, k']), k' >= top_k: the draft's top
@@ -120,9 +123,11 @@ def grow(root, expand, max_nodes, max_depth, top_k, width=None, costs=None, dept
     max_nodes: nodes to keep besides the root (the candidate cap when sized). costs {T: c(T)} and depth_costs
     [max_depth] (each depth's expansion cost in units of one decoding step: a number, or (fixed, per row)):
     size the tree by the rate rule instead (module docstring); then only the depth-d nodes that the best tree
-    so far keeps are expanded. Returns a Grown."""
+    so far keeps are expanded. calibrate(d, probs [B, k'], parent ranks [B]) -> factors [B, k'] in [0, 1] (a
+    minispec.speculative.calibration.Calibration): the children's values are values[rows[b]] · factors instead
+    (non-increasing in rank among siblings, so every argument above still holds). Returns a Grown."""
     tokens, parents = np.array([int(root)], np.int64), np.array([-1], np.int64)
-    depths, ranks, values = np.zeros(1, np.int64), np.array([-1], np.int64), np.ones(1)
+    depths, ranks, values, qs = np.zeros(1, np.int64), np.array([-1], np.int64), np.ones(1), np.ones(1)
     depth_rows, rates, paid, prev, n = [], [], 0.0, 1.0, max_nodes
     for d in range(max_depth if max_nodes > 0 else 0):
         if d == 0:
@@ -135,6 +140,9 @@ def grow(root, expand, max_nodes, max_depth, top_k, width=None, costs=None, dept
             break
         ids, probs = expand(d, rows, tokens, parents)
         ids, probs = np.asarray(ids)[:, :top_k], np.minimum(np.asarray(probs, np.float64)[:, :top_k], 1.0)
+        qs = np.concatenate([qs, probs.reshape(-1)])
+        if calibrate is not None:
+            probs = np.clip(calibrate(d, probs, ranks[rows]), 0.0, 1.0)
         B, k = ids.shape
         tokens = np.concatenate([tokens, ids.reshape(-1).astype(np.int64)])
         parents = np.concatenate([parents, np.repeat(rows, k)])
@@ -151,7 +159,7 @@ def grow(root, expand, max_nodes, max_depth, top_k, width=None, costs=None, dept
             prev = rate
     order = rank_order(values)[:max_nodes]
     n = best_size(values[order], costs, paid)[0] if costs is not None else len(order)
-    return Grown(tokens, parents, depths, ranks, values, order[:n], depth_rows, rates)
+    return Grown(tokens, parents, depths, ranks, values, order[:n], depth_rows, rates, qs)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -227,10 +235,12 @@ class DynamicTrees:
     max_depth: depths grown (<= the draft's heads); top_k: children per expanded node (default max_nodes, or
     the cap: a child of rank >= max_nodes can never be kept, since its max_nodes elder siblings rank before it);
     width: at most this many nodes expanded per depth (EAGLE-2's top-k expansion; None: every node that can
-    still be kept). After each step `last` holds the Grown and `values` the kept nodes' values in tree order."""
+    still be kept); calibration: a Calibration (minispec.speculative.calibration) whose factors replace the
+    draft's probabilities in the values, or None (`choose_calibration` picks it). After each step `last` holds
+    the Grown and `values` the kept nodes' values in tree order."""
 
     def __init__(self, name, n_heads, max_nodes=None, max_depth=None, top_k=None, width=None, costs=None,
-                 depth_costs=None, cap=None):
+                 depth_costs=None, cap=None, calibration=None):
         max_nodes = 10 if max_nodes is None else max_nodes
         cap = 32 if cap is None else cap
         check_dynamic(max_nodes, max_depth, top_k, width, n_heads, name)
@@ -246,6 +256,7 @@ class DynamicTrees:
         if self.depth_costs is not None and len(self.depth_costs) < self.max_depth:
             raise UserError(f"{name}: depth_costs needs one cost per depth, {self.max_depth}, got {len(self.depth_costs)}")
         self.trees, self.last, self.values, self.name = TreeCache(), None, None, name
+        self.calibration = calibration
 
     def size_with(self, model, heads, expand_at, hidden, step_extra=None, gate=True):
         """Fill what the cost model needs and is not given, and return the proposer's gate (DraftGate or None).
@@ -287,9 +298,26 @@ class DynamicTrees:
     def grow(self, root, expand):
         costs = self.costs if self.sized else None
         self.last = grow(root, expand, self.max_nodes, self.max_depth, self.top_k, self.width, costs,
-                         self.depth_costs)
+                         self.depth_costs, self.calibration)
         tree, tokens, self.values = to_tree(self.last, self.trees)
         return tree, tokens
+
+
+def choose_calibration(name, heads, calibrate):
+    """The Calibration a dynamic tree uses: calibrate None -> the heads' own (heads.calibration, read from their
+    folder's calibration.json), or none when they have none; False -> none (the raw draft probabilities);
+    True -> the heads' own, an error when they have none; a Calibration -> that one."""
+    own = getattr(heads, "calibration", None)
+    if calibrate is None or calibrate is False:
+        return own if calibrate is None else None
+    if calibrate is True:
+        if own is None:
+            raise UserError(f"{name}: calibrate=True, but these heads have no calibration.json (fit one with "
+                            f"tools/fit_calibration.py)")
+        return own
+    if isinstance(calibrate, Calibration):
+        return calibrate
+    raise UserError(f"{name}: calibrate must be None, True, False or a Calibration, got {calibrate!r}")
 
 
 def refuse_dynamic_options(name, **options):
