@@ -20,6 +20,7 @@ from minispec.errors import UserError
 from minispec.mistral.model import load
 from minispec.speculative.calibration import Calibration, read_calibration, top1_run
 from minispec.speculative.dynamic_tree import Grown
+from minispec.speculative.gate import DraftGate
 from minispec.speculative.verify import Draft
 from minispec.training import calibrate as training
 from minispec.training.calibrate import fit_by_run
@@ -204,3 +205,30 @@ def test_fit_by_run_gives_each_run_bucket_its_own_maps_and_lends_the_pooled_ones
     assert cal(0, grid, run=2) == pytest.approx(cal(0, grid))
     with pytest.raises(UserError, match="n_runs"):
         fit_by_run(recs, n_heads=1, n_runs=0)
+
+
+def test_collect_labels_only_the_steps_that_drafted_when_a_gate_makes_some_steps_plain():
+    """A gate that lets every other step draft: a plain step grows no tree, so it must give no samples (the
+    proposer's last tree is stale then) and the next step's run is 'none' (-1)."""
+    class EveryOther(DraftGate):
+        yes = no = 0
+
+        def should_draft(self):
+            draft = (self.yes + self.no) % 2 == 0
+            self.yes, self.no = self.yes + draft, self.no + (not draft)
+            return draft
+
+        def observe(self, tokens, cost=None):
+            pass
+    model = tiny_model(W=5, seed=3, dim=64)
+    heads = hydra_random_heads(model, "mlp", seed=3)
+    gates = []
+
+    def make():
+        gates.append(EveryOther(costs={1: 1.0, 64: 1.0}))
+        return make_proposer("hydra", model, heads=heads, tree="dynamic", max_nodes=6, max_depth=3,
+                             calibrate=False, gate=gates[-1])
+    recs = training.collect(model, make, [[1, 5, 3]], 20)
+    assert gates[0].yes >= 5 and gates[0].no >= 5
+    assert len(recs["steps"]) == gates[0].yes
+    assert len(recs["prev_run"]) and (recs["prev_run"] == -1).all()          # each drafting step follows a plain one

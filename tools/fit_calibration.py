@@ -8,7 +8,8 @@ The prompts are cut from the Python standard library files of the training split
 Python running this, as tools/collect_corpus.py reads it, without the files in weights/stdlib-mistral/
 heldout_files.txt), so they are disjoint from the benchmark's held-out prompts (minispec.bench.heldout_prompts,
 cut from heldout_sample.txt, whose files are held out). Each prompt is decoded greedily (128 new tokens) by the
-kind's dynamic proposer with a wide tree (max_nodes 64, top_k 16) and raw values (calibrate=False).
+kind's dynamic proposer with a wide tree (max_nodes 64, top_k 16), raw values (calibrate=False) and no gate
+(every step drafts).
 """
 import argparse
 import sys
@@ -71,7 +72,7 @@ def main():
                 recs = {k: f[k] for k in f.files}
         else:
             recs = collect(model, lambda: make_proposer(kind, model, tree="dynamic", max_nodes=64, top_k=16,
-                                                        calibrate=False), prompts, args.tokens)
+                                                        calibrate=False, gate=False), prompts, args.tokens)
             if saved is not None:
                 saved.parent.mkdir(parents=True, exist_ok=True)
                 np.savez(saved, **{k: recs[k] for k in ("depth", "q", "rank", "accepted", "parent_rank",

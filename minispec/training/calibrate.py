@@ -93,7 +93,8 @@ def collect(model, make_proposer, prompts, n_tokens):
 
         def recording(ctx, propose=propose, steps=steps):
             draft = propose(ctx)
-            steps.append((ctx.cache.pos, prop.dynamic.last if ctx.hidden is not None else None))
+            drafted = ctx.hidden is not None and getattr(prop, "drafting", True)   # a gated plain step: no tree
+            steps.append((ctx.cache.pos, prop.dynamic.last if drafted else None))
             return draft
         prop.propose = recording
         o = generate(model, ids, decoder=prop, max_new_tokens=n_tokens, eos_id=None)
