@@ -4,7 +4,8 @@
     OPENBLAS_NUM_THREADS=1 python tools/measure_dynamic_trees.py speed    # speed-up vs AR, gated, sized trees
     OPENBLAS_NUM_THREADS=1 python tools/measure_dynamic_trees.py phases   # step time: measured vs charged
     OPENBLAS_NUM_THREADS=1 python tools/measure_dynamic_trees.py expected # what the calibrated values expect
-    OPENBLAS_NUM_THREADS=1 python tools/measure_dynamic_trees.py context  # maps per previous top-1 run or not
+    OPENBLAS_NUM_THREADS=1 python tools/measure_dynamic_trees.py context [n]  # maps per previous top-1 run
+                                                                          # or not, fitted on n prompts (48)
 
 Greedy, the held-out prompts of minispec.bench.heldout_prompts (8 prompts), 128 new tokens each. "static" is
 the tree build_tree makes from the heads' own stored top-k accuracies at that budget; "dynamic" is
@@ -198,13 +199,13 @@ def expected_table(model, prompts, n_tokens):
                   f"dynamic tree {new / steps:.3f} (identical to AR: yes)", flush=True)
 
 
-def context_table(model, tok, prompts, n_tokens, n_runs=3):
+def context_table(model, tok, prompts, n_tokens, n_fit=48, n_runs=3):
     """Maps per top-1 run of the previous step (training.calibrate.fit_by_run) against maps fitted on the same
-    records without them (`fit`): records from 48 training-split prompts (tools/fit_calibration.py's texts,
+    records without them (`fit`): records from n_fit training-split prompts (tools/fit_calibration.py's texts,
     seed 7), decoded ungated by a raw dynamic tree of 64 nodes (top_k 16); tau on the held-out prompts at 4 / 10
     / 32 nodes, static / without / with, and each dynamic tree's predicted tau (1 + the kept values)."""
     texts = training_texts(MODEL)
-    fit_on = fit_prompts(tok, texts, 48, seed=7)
+    fit_on = fit_prompts(tok, texts, n_fit, seed=7)
     print(f"fit: {len(fit_on)} training-split prompts, {n_tokens} greedy tokens each, ungated raw dynamic trees of "
           f"64 nodes (top_k 16); maps per run: runs 0 .. {n_runs - 2} alone, >= {n_runs - 1} together", flush=True)
     ar = [generate(model, p, max_new_tokens=n_tokens, eos_id=None).tokens for p in prompts]
@@ -328,7 +329,7 @@ def main():
     elif what == "expected":
         expected_table(model, prompts, 128)
     elif what == "context":
-        context_table(model, tok, prompts, 128)
+        context_table(model, tok, prompts, 128, int(sys.argv[2]) if len(sys.argv) > 2 else 48)
     elif what == "phases":
         phases(model, prompts, 128)
     else:
