@@ -8,7 +8,8 @@ The prompts are cut from the Python standard library files of the training split
 Python running this, as tools/collect_corpus.py reads it, without the files in weights/stdlib-mistral/
 heldout_files.txt), so they are disjoint from the benchmark's held-out prompts (minispec.bench.heldout_prompts,
 cut from heldout_sample.txt, whose files are held out). Each prompt is decoded greedily (128 new tokens) by the
-kind's dynamic proposer with a wide tree (max_nodes 64, top_k 16) and raw values (calibrate=False).
+kind's dynamic proposer with a wide tree (max_nodes 64, top_k 16), raw values (calibrate=False) and no gate
+(every step drafts).
 """
 import argparse
 import sys
@@ -23,7 +24,7 @@ from minispec.errors import write_json_lines                        # noqa: E402
 from minispec.mistral.model import load                             # noqa: E402
 from minispec.mistral.tokenizer import Tokenizer                    # noqa: E402
 from minispec.speculative.calibration import FILE                   # noqa: E402
-from minispec.training.calibrate import collect, fit, fit_prompts   # noqa: E402
+from minispec.training.calibrate import collect, fit, fit_by_run, fit_prompts   # noqa: E402
 
 MODEL = Path(__file__).resolve().parent.parent / "weights" / "stdlib-mistral"
 
@@ -51,6 +52,8 @@ def main():
     ap.add_argument("--prompts", type=int, default=48)
     ap.add_argument("--tokens", type=int, default=128)
     ap.add_argument("--seed", type=int, default=7)
+    ap.add_argument("--runs", type=int, default=1, help="with N > 1, also fit maps per top-1 run of the "
+                    "previous step (runs 0 .. N - 2 alone, the rest together; training.calibrate.fit_by_run)")
     ap.add_argument("--records", default=None, help="keep each kind's labelled nodes in <records>/<kind>.npz and "
                     "fit from that file when it is there (to refit without decoding again)")
     ap.add_argument("--out-dir", default=None, help="write <out-dir>/<kind>/calibration.json (default: the heads' "
@@ -69,12 +72,13 @@ def main():
                 recs = {k: f[k] for k in f.files}
         else:
             recs = collect(model, lambda: make_proposer(kind, model, tree="dynamic", max_nodes=64, top_k=16,
-                                                        calibrate=False), prompts, args.tokens)
+                                                        calibrate=False, gate=False), prompts, args.tokens)
             if saved is not None:
                 saved.parent.mkdir(parents=True, exist_ok=True)
-                np.savez(saved, **{k: recs[k] for k in ("depth", "q", "rank", "accepted", "parent_rank")})
+                np.savez(saved, **{k: recs[k] for k in ("depth", "q", "rank", "accepted", "parent_rank",
+                                                        "prev_run")})
         K = make_proposer(kind, model).heads.K
-        cal = fit(recs, K)
+        cal = fit_by_run(recs, K, n_runs=args.runs) if args.runs > 1 else fit(recs, K)
         cal.meta.update(kind=kind, data=f"{len(prompts)} prompts of {len(prompts[0])} tokens cut from stdlib files of "
                         f"the training split (not heldout_files.txt), seed {args.seed}, {args.tokens} greedy tokens "
                         "each, dynamic trees max_nodes 64, top_k 16, raw values",

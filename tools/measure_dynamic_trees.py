@@ -4,6 +4,8 @@
     OPENBLAS_NUM_THREADS=1 python tools/measure_dynamic_trees.py speed    # speed-up vs AR, gated, sized trees
     OPENBLAS_NUM_THREADS=1 python tools/measure_dynamic_trees.py phases   # step time: measured vs charged
     OPENBLAS_NUM_THREADS=1 python tools/measure_dynamic_trees.py expected # what the calibrated values expect
+    OPENBLAS_NUM_THREADS=1 python tools/measure_dynamic_trees.py context [n]  # maps per previous top-1 run
+                                                                          # or not, fitted on n prompts (48)
 
 Greedy, the held-out prompts of minispec.bench.heldout_prompts (8 prompts), 128 new tokens each. "static" is
 the tree build_tree makes from the heads' own stored top-k accuracies at that budget; "dynamic" is
@@ -26,8 +28,10 @@ from minispec.mistral.tokenizer import Tokenizer                    # noqa: E402
 from minispec.speculative.costs import interp_cost, step_curve     # noqa: E402
 from minispec.speculative.dynamic_tree import to_tree  # noqa: E402
 from minispec.speculative.verify import Draft                       # noqa: E402
-from minispec.training.calibrate import label_step                  # noqa: E402
+from minispec.training.calibrate import collect, fit, fit_by_run, fit_prompts, label_step   # noqa: E402
 from minispec.speculative.tree import build_tree                    # noqa: E402
+
+from fit_calibration import training_texts                          # noqa: E402  (tools/)
 
 MODEL = Path(__file__).resolve().parent.parent / "weights" / "stdlib-mistral"
 DECODERS = ("medusa", "hydra", "hydra++")
@@ -183,6 +187,7 @@ def expected_table(model, prompts, n_tokens):
                     sta.append(1 + sum(value.get(c, 0.0) for c in static))
                     missing += sum(c not in value for c in static)
                     tree, tokens, prop.dynamic.values = to_tree(g, prop.dynamic.trees)
+                    prop.dynamic.tree = tree                              # the tree verified (DynamicTrees.observe)
                     return Draft(tree, tokens)
                 prop.propose = expected
                 o = generate(model, p, decoder=prop, max_new_tokens=n_tokens, eos_id=None)
@@ -192,6 +197,42 @@ def expected_table(model, prompts, n_tokens):
                   f"{np.mean(dyn):.3f}, static >= {np.mean(sta):.3f} (ratio <= {np.mean(dyn) / np.mean(sta):.3f}; "
                   f"{missing} static nodes of {len(sta) * len(static)} outside the 64 grown); measured tau of the "
                   f"dynamic tree {new / steps:.3f} (identical to AR: yes)", flush=True)
+
+
+def context_table(model, tok, prompts, n_tokens, n_fit=48, n_runs=3):
+    """Maps per top-1 run of the previous step (training.calibrate.fit_by_run) against maps fitted on the same
+    records without them (`fit`): records from n_fit training-split prompts (tools/fit_calibration.py's texts,
+    seed 7), decoded ungated by a raw dynamic tree of 64 nodes (top_k 16); tau on the held-out prompts at 4 / 10
+    / 32 nodes, static / without / with, and each dynamic tree's predicted tau (1 + the kept values)."""
+    texts = training_texts(MODEL)
+    fit_on = fit_prompts(tok, texts, n_fit, seed=7)
+    print(f"fit: {len(fit_on)} training-split prompts, {n_tokens} greedy tokens each, ungated raw dynamic trees of "
+          f"64 nodes (top_k 16); maps per run: runs 0 .. {n_runs - 2} alone, >= {n_runs - 1} together", flush=True)
+    ar = [generate(model, p, max_new_tokens=n_tokens, eos_id=None).tokens for p in prompts]
+    for name in DECODERS:
+        recs = collect(model, lambda: make_proposer(name, model, tree="dynamic", max_nodes=64, top_k=16,
+                                                    calibrate=False, gate=False), fit_on, n_tokens)
+        heads = make_proposer(name, model).heads
+        cals = {"without": fit(recs, heads.K), "with": fit_by_run(recs, heads.K, n_runs=n_runs)}
+        for budget in (4, 10, 32):
+            res = {}
+            for kind in ("static", "without", "with"):
+                opts = dict(tree=build_tree(heads.accuracies, budget)[0], gate=False) if kind == "static" else \
+                    dict(tree="dynamic", max_nodes=budget, gate=False, calibrate=cals[kind])
+                new = steps = 0
+                log = {"nodes": [], "steps": []}
+                for p, want in zip(prompts, ar):
+                    prop = make_proposer(name, model, **opts)
+                    if kind != "static":
+                        recording(prop, log)
+                    o = generate(model, p, decoder=prop, max_new_tokens=n_tokens, eos_id=None)
+                    assert o.tokens == want, f"{name} {kind} {budget}: not AR's tokens"
+                    new, steps = new + o.stats.new_tokens, steps + o.stats.steps
+                res[kind] = (new / steps, np.mean([t for t, _, _ in log["steps"]]) if log["steps"] else 0.0)
+            s = res["static"][0]
+            print(f"{name:>8} budget {budget:2d}: tau static {s:.3f}  " + "  ".join(
+                f"{k} runs {res[k][0]:.3f} (ratio {res[k][0] / s:.3f}, predicted {res[k][1]:.3f})"
+                for k in ("without", "with")) + "  (all identical to AR: yes)", flush=True)
 
 
 def speed_table(model, prompts, n_tokens, runs):
@@ -287,6 +328,8 @@ def main():
         tau_table(model, prompts, 128)
     elif what == "expected":
         expected_table(model, prompts, 128)
+    elif what == "context":
+        context_table(model, tok, prompts, 128, int(sys.argv[2]) if len(sys.argv) > 2 else 48)
     elif what == "phases":
         phases(model, prompts, 128)
     else:

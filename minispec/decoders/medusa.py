@@ -282,7 +282,10 @@ class MedusaProposer:
 def observe_gate(proposer, step):
     """Tell a head proposer's gate what the step emitted and, when it drafted, what the cost model says it cost
     (the verified nodes, plus a dynamic tree's depth costs paid); the modelled cost of every step (1 for a plain
-    one) is summed in stats.counters["model.step_cost"] for bench decode's prediction."""
+    one) is summed in stats.counters["model.step_cost"] for bench decode's prediction. A dynamic tree is told
+    the step too (its top-1 run picks the next step's calibrated maps; DynamicTrees.observe)."""
+    if proposer.dynamic is not None:
+        proposer.dynamic.observe(step, proposer.drafting)
     gate = proposer.gate
     if gate is None:
         return

@@ -18,6 +18,13 @@ so f does too: the kept set stays a tree of sibling-ordered rank paths, and f <=
 value(parent), the closure argument of dynamic_tree.py. The maps are fitted by minispec.training.calibrate and
 stored next to the heads as calibration.json (`read_calibration`; minispec.decoders.heads attaches it to the
 heads it loads).
+
+Context. A step's maps may also depend on what the step before it showed, known before this step's draft and
+free to read: its top-1 run, the number of leading depths of its accepted path at which the accepted token was
+its parent's rank-0 child (`top1_run`; a path of ranks (0, 0, 1) has run 2). The optional `by_run` holds one
+full set of maps per run bucket c (runs 0 .. C - 2 alone, runs >= C - 1 in the last bucket); a step whose
+previous step drafted nothing (the first step, a gated plain step) or a file without them uses `maps`, the
+maps fitted on every step. Every context's maps keep the invariants above, so the argument holds per step.
 """
 import numpy as np
 
@@ -34,27 +41,30 @@ class Calibration:
     depth to depth). Called as calibrate(d, probs, parent_ranks) with d the expansion's depth (0-based: the
     children are at depth d + 1), probs [B, k] the draft's probabilities of each row's children by rank (column
     j = rank j) and parent_ranks [B] each row's own rank (-1 for the root; None: all bucket 0) -> the factors
-    [B, k]. A depth deeper than the maps uses the last depth's. meta: what the file says about its fit."""
+    [B, k]. A depth deeper than the maps uses the last depth's. meta: what the file says about its fit. by_run:
+    optional maps [C][K][P][R], one set per top-1 run bucket of the previous step (module docstring, "Context"),
+    chosen by calibrate(..., run=r)."""
 
-    def __init__(self, maps, meta=None):
-        self.maps = [[[(np.asarray(q, np.float64), np.asarray(p, np.float64)) for q, p in ranks] for ranks in depth]
-                     for depth in maps]
+    def __init__(self, maps, meta=None, by_run=None):
+        self.maps = checked_maps(maps, "calibration")
+        self.by_run = [checked_maps(m, f"calibration: run bucket {c}") for c, m in enumerate(by_run or [])]
         self.meta = dict(meta or {})
-        for d, depth in enumerate(self.maps):
-            for a, ranks in enumerate(depth):
-                for b, (q, p) in enumerate(ranks):
-                    problem = knots_problem(q, p)
-                    if problem:
-                        raise CheckpointError(f"calibration: depth {d + 1}, parent bucket {a}, rank bucket {b}: "
-                                              f"{problem}")
 
     @property
     def depths(self):
         return len(self.maps)
 
-    def __call__(self, d, probs, parent_ranks=None):
+    def context_maps(self, run):
+        """The maps a step uses whose previous step's top-1 run was `run` (None: it drafted nothing)."""
+        if run is None or run < 0 or not self.by_run:
+            return self.maps
+        return self.by_run[min(int(run), len(self.by_run) - 1)]
+
+    def __call__(self, d, probs, parent_ranks=None, run=None):
+        """The factors [B, k] (class docstring); run: the previous step's top-1 run (`top1_run`), None: none."""
         probs = np.asarray(probs, np.float64)
-        depth = self.maps[min(d, len(self.maps) - 1)]
+        maps = self.context_maps(run)
+        depth = maps[min(d, len(maps) - 1)]
         bucket = np.zeros(probs.shape[0], np.int64) if parent_ranks is None else \
             np.minimum(np.maximum(np.asarray(parent_ranks, np.int64), 0), len(depth) - 1)      # [B]
         out = np.empty_like(probs)
@@ -79,9 +89,37 @@ class Calibration:
 
     def to_json(self):
         """The file's content (write with minispec.errors.write_json_lines)."""
-        return {"format": FORMAT, **self.meta,
-                "depths": [[[{"q": [round(float(x), 6) for x in q], "p": [round(float(x), 6) for x in p]}
-                             for q, p in ranks] for ranks in depth] for depth in self.maps]}
+        def js(maps):
+            return [[[{"q": [round(float(x), 6) for x in q], "p": [round(float(x), 6) for x in p]}
+                      for q, p in ranks] for ranks in depth] for depth in maps]
+        out = {"format": FORMAT, **self.meta, "depths": js(self.maps)}
+        if self.by_run:
+            out["by_run"] = [js(m) for m in self.by_run]
+        return out
+
+
+def checked_maps(maps, what):
+    """maps [K][P][R] of (q, p) as float64 arrays, one CheckpointError naming the map on bad knots."""
+    maps = [[[(np.asarray(q, np.float64), np.asarray(p, np.float64)) for q, p in ranks] for ranks in depth]
+            for depth in maps]
+    for d, depth in enumerate(maps):
+        for a, ranks in enumerate(depth):
+            for b, (q, p) in enumerate(ranks):
+                problem = knots_problem(q, p)
+                if problem:
+                    raise CheckpointError(f"{what}: depth {d + 1}, parent bucket {a}, rank bucket {b}: {problem}")
+    return maps
+
+
+def top1_run(rank_path):
+    """The top-1 run of an accepted path given by its ranks (tree.choices of its last node): how many leading
+    ranks are 0. top1_run((0, 0, 1)) == 2, top1_run((1, 0)) == 0, top1_run(()) == 0."""
+    run = 0
+    for r in rank_path:
+        if int(r) != 0:
+            break
+        run += 1
+    return run
 
 
 def knots_problem(q, p):
@@ -107,23 +145,35 @@ def read_calibration(path, n_heads):
     d = read_json(path)
     if d.get("format") != FORMAT:
         raise CheckpointError(f"{path}: key 'format' must be {FORMAT!r}, got {d.get('format')!r}")
-    depths = d.get("depths")
+    maps = read_maps(path, d.get("depths"), n_heads, "depths")
+    by_run = d.get("by_run", [])
+    if not isinstance(by_run, list):
+        raise CheckpointError(f"{path}: key 'by_run' must be a list of one 'depths'-like entry per run bucket, "
+                              f"got {by_run!r}"[:200])
+    by_run = [read_maps(path, m, n_heads, f"by_run[{c}]") for c, m in enumerate(by_run)]
+    meta = {k: v for k, v in d.items() if k not in ("format", "depths", "by_run")}
+    return Calibration(maps, meta, by_run)
+
+
+def read_maps(path, depths, n_heads, key):
+    """maps [K][P][R] of (q, p) from the file's entry `key` (a list of one entry per head, each a non-empty list
+    of parent buckets, each a non-empty list of {"q": [...], "p": [...]}); one CheckpointError naming the key."""
     if not isinstance(depths, list) or len(depths) != n_heads:
         got = f"{len(depths)} depths" if isinstance(depths, list) else repr(depths)[:60]
-        raise CheckpointError(f"{path}: key 'depths' must be a list of one entry per head ({n_heads}), got {got}")
+        raise CheckpointError(f"{path}: key {key!r} must be a list of one entry per head ({n_heads}), got {got}")
     maps = []
     for i, depth in enumerate(depths):
         if not isinstance(depth, list) or not depth:
-            raise CheckpointError(f"{path}: key 'depths[{i}]' must be a non-empty list of parent buckets, got "
+            raise CheckpointError(f"{path}: key '{key}[{i}]' must be a non-empty list of parent buckets, got "
                                   f"{depth!r}"[:200])
         buckets = []
         for a, ranks in enumerate(depth):
             if not isinstance(ranks, list) or not ranks:
-                raise CheckpointError(f"{path}: key 'depths[{i}][{a}]' must be a non-empty list of maps, got "
+                raise CheckpointError(f"{path}: key '{key}[{i}][{a}]' must be a non-empty list of maps, got "
                                       f"{ranks!r}"[:200])
             row = []
             for b, m in enumerate(ranks):
-                where = f"depths[{i}][{a}][{b}]"
+                where = f"{key}[{i}][{a}][{b}]"
                 if not isinstance(m, dict) or set(m) != {"q", "p"}:
                     raise CheckpointError(f"{path}: key {where!r} must be an object with keys 'q' and 'p', got "
                                           f"{m!r}"[:200])
@@ -136,5 +186,4 @@ def read_calibration(path, n_heads):
                 row.append((q, p))
             buckets.append(row)
         maps.append(buckets)
-    meta = {k: v for k, v in d.items() if k not in ("format", "depths")}
-    return Calibration(maps, meta)
+    return maps

@@ -46,7 +46,7 @@ import numpy as np
 from ..backend import array_module, to_host
 from ..errors import UserError
 from .acceptance import greedy_accept
-from .calibration import Calibration
+from .calibration import Calibration, top1_run
 from .costs import backend_clock, interp_cost, step_curve
 from .gate import make_gate
 from .tree import Tree
@@ -237,7 +237,8 @@ class DynamicTrees:
     width: at most this many nodes expanded per depth (EAGLE-2's top-k expansion; None: every node that can
     still be kept); calibration: a Calibration (minispec.speculative.calibration) whose factors replace the
     draft's probabilities in the values, or None (`choose_calibration` picks it). After each step `last` holds
-    the Grown and `values` the kept nodes' values in tree order."""
+    the Grown and `values` the kept nodes' values in tree order; `observe` after each verification records the
+    step's top-1 run (`run`, None after a step that drafted nothing), which picks the next step's maps."""
 
     def __init__(self, name, n_heads, max_nodes=None, max_depth=None, top_k=None, width=None, costs=None,
                  depth_costs=None, cap=None, calibration=None):
@@ -256,7 +257,7 @@ class DynamicTrees:
         if self.depth_costs is not None and len(self.depth_costs) < self.max_depth:
             raise UserError(f"{name}: depth_costs needs one cost per depth, {self.max_depth}, got {len(self.depth_costs)}")
         self.trees, self.last, self.values, self.name = TreeCache(), None, None, name
-        self.calibration = calibration
+        self.calibration, self.tree, self.run = calibration, None, None
 
     def size_with(self, model, heads, expand_at, hidden, step_extra=None, gate=True):
         """Fill what the cost model needs and is not given, and return the proposer's gate (DraftGate or None).
@@ -297,10 +298,17 @@ class DynamicTrees:
 
     def grow(self, root, expand):
         costs = self.costs if self.sized else None
+        cal, run = self.calibration, self.run
+        calibrate = None if cal is None else (lambda d, probs, parents: cal(d, probs, parents, run=run))
         self.last = grow(root, expand, self.max_nodes, self.max_depth, self.top_k, self.width, costs,
-                         self.depth_costs, self.calibration)
-        tree, tokens, self.values = to_tree(self.last, self.trees)
-        return tree, tokens
+                         self.depth_costs, calibrate)
+        self.tree, tokens, self.values = to_tree(self.last, self.trees)
+        return self.tree, tokens
+
+    def observe(self, step, drafted):
+        """After a verification: `run` becomes the step's top-1 run (calibration.top1_run of its accepted path
+        in the tree grown for it) when `drafted` (this step's draft was that tree), None otherwise."""
+        self.run = top1_run(self.tree.choices[step.path[-1]]) if drafted and self.tree is not None else None
 
 
 def choose_calibration(name, heads, calibrate):

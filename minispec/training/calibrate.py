@@ -12,6 +12,7 @@ makes the data wider than the accepted paths alone.
     recs = collect(model, lambda: make_proposer("hydra", model, tree="dynamic", max_nodes=64, top_k=16,
                                                  calibrate=False), prompts, 128)
     cal = fit(recs, n_heads=4)                         # a Calibration; cal.to_json() is calibration.json
+    cal = fit_by_run(recs, n_heads=4, n_runs=3)        # plus maps per previous step's top-1 run: 0, 1, 2+
 
 Shapes: S samples (grown nodes whose parent was on the true path), K heads (depths), R rank buckets.
 """
@@ -65,13 +66,25 @@ def label_step(grown, full, pos):
     return nodes, on[nodes], on
 
 
+def top1_run(grown, on):
+    """How many draft tokens of the step's top-1 chain (rank 0 at every depth) were right: the number of leading
+    depths at which the node on the true continuation (`on`, from label_step) has rank 0."""
+    run, node = 0, 0
+    while True:
+        kids = np.flatnonzero((grown.parents == node) & on)
+        if not len(kids) or int(grown.ranks[kids[0]]) != 0:
+            return run
+        run, node = run + 1, int(kids[0])
+
+
 def collect(model, make_proposer, prompts, n_tokens):
     """Decode each prompt greedily with a fresh make_proposer() (a dynamic Medusa or Hydra proposer) and label
     every step's grown nodes (`label_step`). Returns {"depth", "q", "rank", "accepted", "parent_rank"}: arrays
     [S] (depth 1..K, q the raw draft probability, rank among siblings, the parent's rank, -1 for the root),
     plus "steps": per step (accepted tokens, deepest grown node on the true continuation) and "tokens": the
     outputs. The outputs must be AR's; it is checked."""
-    out = {"depth": [], "q": [], "rank": [], "accepted": [], "parent_rank": [], "steps": [], "tokens": []}
+    out = {"depth": [], "q": [], "rank": [], "accepted": [], "parent_rank": [], "prev_run": [], "steps": [],
+           "tokens": []}
     for ids in prompts:
         prop = make_proposer()
         if getattr(prop, "dynamic", None) is None:
@@ -80,7 +93,8 @@ def collect(model, make_proposer, prompts, n_tokens):
 
         def recording(ctx, propose=propose, steps=steps):
             draft = propose(ctx)
-            steps.append((ctx.cache.pos, prop.dynamic.last if ctx.hidden is not None else None))
+            drafted = ctx.hidden is not None and getattr(prop, "drafting", True)   # a gated plain step: no tree
+            steps.append((ctx.cache.pos, prop.dynamic.last if drafted else None))
             return draft
         prop.propose = recording
         o = generate(model, ids, decoder=prop, max_new_tokens=n_tokens, eos_id=None)
@@ -88,10 +102,14 @@ def collect(model, make_proposer, prompts, n_tokens):
         if o.tokens != ar:
             raise AssertionError("calibration: the dynamic proposer's greedy output is not AR's")
         full = list(ids) + o.tokens
+        run = -1                                        # the previous step's top-1 run (-1: no previous draft)
         for (pos, grown), acc in zip(steps, o.stats.accepted):
             if grown is None:
+                run = -1
                 continue
             nodes, accepted, on = label_step(grown, full, pos)
+            out["prev_run"].append(np.full(len(nodes), run, np.int64))
+            run = top1_run(grown, on)
             out["depth"].append(grown.depths[nodes])
             out["q"].append(grown.probs[nodes])
             out["rank"].append(grown.ranks[nodes])
@@ -100,7 +118,7 @@ def collect(model, make_proposer, prompts, n_tokens):
             out["parent_rank"].append(np.where(par > 0, grown.ranks[np.maximum(par, 0)], -1))
             out["steps"].append((acc, int(grown.depths[on].max())))
         out["tokens"].append(o.tokens)
-    for k in ("depth", "q", "rank", "accepted", "parent_rank"):
+    for k in ("depth", "q", "rank", "accepted", "parent_rank", "prev_run"):
         out[k] = np.concatenate(out[k]) if out[k] else np.zeros(0)
     return out
 
@@ -192,3 +210,26 @@ def fit(records, n_heads, n_ranks=3, n_parents=2, bin_size=50, min_samples=200):
                     "knots",
             "samples": counts, "bin_size": bin_size}
     return Calibration(maps, meta)
+
+
+def fit_by_run(records, n_heads, n_runs=3, min_samples=200, **options):
+    """`fit` on every record (the maps of a step after one that drafted nothing), plus one set of maps per run
+    bucket c of the previous step's top-1 run (records["prev_run"]: runs 0 .. n_runs - 2 alone, the rest
+    together; minispec.speculative.calibration, "Context"), each fitted by `fit` on that bucket's records alone.
+    A bucket with fewer than min_samples samples at depth 1, rank 0 takes the maps fitted on every record."""
+    check_int("calibration: n_runs", n_runs, low=1)
+    pooled = fit(records, n_heads, min_samples=min_samples, **options)
+    run = np.asarray(records["prev_run"])
+    bucket = np.minimum(run, n_runs - 1)                 # run -1 (no draft before) stays in no bucket
+    by_run, counts = [], []
+    for c in range(n_runs):
+        sel = bucket == c
+        sub = {k: np.asarray(records[k])[sel] for k in ("depth", "q", "rank", "accepted", "parent_rank")}
+        first = int(((sub["depth"] == 1) & (sub["rank"] == 0)).sum())
+        cal = fit(sub, n_heads, min_samples=min_samples, **options) if first >= min_samples else pooled
+        by_run.append(cal.maps)
+        counts.append(cal.meta["samples"] if first >= min_samples else "the maps of every step")
+    meta = dict(pooled.meta, by_run=f"maps per top-1 run of the previous step: runs 0 .. {n_runs - 2} alone, runs "
+                f">= {n_runs - 1} together (the 'depths' maps: a step after one that drafted nothing)",
+                by_run_samples=counts)
+    return Calibration(pooled.maps, meta, by_run)
