@@ -21,7 +21,7 @@ from minispec.speculative.gate import DraftGate
 from minispec.speculative.loop import Stats
 from minispec.speculative.tree import Tree
 from minispec.speculative.verify import Verified
-from minispec.decoders.hydra import prefix_forward
+from minispec.decoders.hydra_heads import prefix_forward
 from minispec.errors import UserError
 from test_exact_law import PARAMS, oracle_probs, table
 
