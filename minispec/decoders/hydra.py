@@ -6,12 +6,15 @@ Head i (0-based) reads h_t (Hydra) or the prefix layer's output at the last comm
 embeddings of the root and of the i tokens drafted on the path before it; a tree is filled depth by depth, one
 batched head call per depth (`grounded_proposal`).
 """
+import statistics
 import time
+import weakref
+from dataclasses import dataclass
 
 import numpy as np
 
 from ..backend import to_host
-from ..speculative.costs import step_curve
+from ..speculative.costs import STEP, backend_clock, step_curve
 from ..speculative.dynamic_tree import DynamicTrees, choose_calibration, refuse_dynamic_options, top_probs
 from ..speculative.gate import make_gate
 from ..speculative.loop import Context, Stats
@@ -21,6 +24,68 @@ from ..speculative.verify import Draft, count
 from .head_vocab import token_ids, vocab_heads
 from .hydra_heads import head_forward, new_prefix_cache, prefix_advance, prefix_forward
 from .medusa import first_hidden, observe_gate, topk_ids
+
+
+PREFIX_ROWS = 2                 # rows a dynamic tree's timed proposal runs through Hydra++'s prefix layer
+
+
+# ---------------------------------------------------------------------------------------------------------
+# What Hydra++'s prefix catch-up costs: fixed + per row, in plain steps
+# ---------------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class PrefixCost:
+    """The prefix layer's catch-up of n committed rows (`HydraProposer.catch_up`) costs fixed + per_row · n plain
+    steps (0 for n = 0): after w plain steps a probe catches up about w + 1 rows, not the 1..4 of a step that
+    follows a drafting step."""
+    fixed: float
+    per_row: float
+    rows: tuple          # the two row counts it was timed at
+
+    def __call__(self, n):
+        return self.fixed + self.per_row * n if n else 0.0
+
+
+_PREFIX_COSTS = weakref.WeakKeyDictionary()      # heads -> PrefixCost
+
+
+def prefix_cost(model, heads, forward, rows=(1, 33), reps=STEP["reps"], context=STEP["context"], clock=None):
+    """The `PrefixCost` of Hydra++ heads on this model (None for plain Hydra), measured once per heads: medians
+    over reps interleaved rounds (after one warm-up round), on `clock` (default `backend_clock`), of a bare
+    one-token forward of the model against `context` cached tokens and of the prefix layer's catch-up
+    (`prefix_advance`: forward and commit) of each row count in `rows` against a prefix cache holding `context`
+    positions (set back after each). A catch-up of n rows costs median(n) / median(forward) · `forward` plain
+    steps (`forward`: the bare one-token forward in plain steps, StepCurve.forward); fixed and per_row are the
+    line through the two row counts."""
+    if heads.prefix is None:
+        return None
+    if heads not in _PREFIX_COSTS:
+        clock = clock or backend_clock(model)[0]
+        lo, hi = rows
+        base, cache = model.new_cache(), new_prefix_cache(model)
+        if not cache.ring:                                   # a cache without a window: context and rows must fit
+            context = min(context, cache.W // 2)
+            hi = max(lo + 1, min(hi, cache.W - context))
+        x = model.xp.asarray(np.random.default_rng(0).standard_normal((context + hi, heads.D)).astype(model.dtype))
+        model.forward(np.arange(context) % model.config.vocab_size, base, warn_positions=False)
+        prefix_advance(heads.prefix, heads.model_config, x[:context], cache)
+        times = {"forward": [], lo: [], hi: []}
+        for rep in range(reps + 1):
+            a = clock()
+            to_host(model.forward_block([1], base).logits[-1, :1])
+            base.discard()
+            if rep:
+                times["forward"].append(clock() - a)
+            for n in (lo, hi):
+                pos, a = cache.pos, clock()
+                to_host(prefix_advance(heads.prefix, heads.model_config, x[context:context + n], cache)[-1, :1])
+                if rep:
+                    times[n].append(clock() - a)
+                cache.pos = pos
+        unit = statistics.median(times["forward"]) / forward                     # seconds of one plain step
+        c = {n: statistics.median(times[n]) / unit for n in (lo, hi)}
+        per_row = max(0.0, (c[hi] - c[lo]) / (hi - lo))
+        _PREFIX_COSTS[heads] = PrefixCost(c[lo] - per_row * lo, per_row, (lo, hi))
+    return _PREFIX_COSTS[heads]
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -111,11 +176,14 @@ class HydraProposer:
         heads = vocab_heads(model, heads, head_vocab, token_counts, self.name)
         self.model, self.heads, self.root_only = model, heads, Tree.from_choices([])
         self.cache, self.h, self.dynamic, self.gate, self.drafting, self.pending = None, None, None, None, False, []
+        self.prefix_cost, self.caught = None, 0        # the catch-up's cost model (gated Hydra++); rows caught up
         if isinstance(tree, str) and tree == "dynamic":
             self.dynamic = DynamicTrees(self.name, heads.K, max_nodes, max_depth, top_k, width, costs, depth_costs,
                                         cap, choose_calibration(self.name, heads, calibrate))
             self.gate = self.dynamic.size_with(model, heads, self.expand_at, first_hidden(model),
                                                self.prefix_step(model), gate=gate)
+            if self.gate is not None:           # its proposal prices PREFIX_ROWS rows; the rest is charged per row
+                self.prefix_cost = prefix_cost(model, heads, step_curve(model).forward)
             self.tree = self.plan = None
             return
         refuse_dynamic_options(self.name, max_nodes=max_nodes, max_depth=max_depth, width=width, costs=costs,
@@ -124,28 +192,35 @@ class HydraProposer:
         self.tree = proposer_tree(tree, heads, device, self.name)
         self.plan = TreePlan(self.tree, heads.xp)
         if self.tree.N > 1 and gate is True:
-            hidden, extra = first_hidden(model), self.prefix_step(model)
+            hidden = first_hidden(model)
             ctx = Context(1, hidden, model, None, SamplingParams(), None, Stats())
-
-            def propose():
-                grounded_proposal(heads, self.plan, hidden, 1, ctx.stats)
-                if extra is not None:
-                    extra()
-            curve = step_curve(model, (heads, tuple(self.tree.choices)), propose, sizes=(1, self.tree.N),
-                               tree_of=lambda k: self.tree)
+            curve = step_curve(model, (heads, tuple(self.tree.choices)),
+                               lambda: grounded_proposal(heads, self.plan, hidden, 1, ctx.stats),
+                               sizes=(1, self.tree.N), tree_of=lambda k: self.tree)
             gate = make_gate(gate, self.name, curve.costs, curve.proposal)
+            self.prefix_cost = prefix_cost(model, heads, curve.forward)
         self.gate = make_gate(gate, self.name) if self.tree.N > 1 else None
 
     def prefix_step(self, model):
-        """Hydra++'s prefix layer on 2 committed positions against a cache of 32 (what a drafting step runs, for
-        the cost of a step; nothing is committed), or None for plain Hydra."""
+        """Hydra++'s prefix layer on PREFIX_ROWS (2) committed positions against a cache of 32 (a dynamic tree's
+        proposal is timed with it; nothing is committed), or None for plain Hydra."""
         if self.heads.prefix is None:
             return None
         cache = new_prefix_cache(model)
-        n = 32 if cache.ring else min(32, cache.W - 2)                                    # a cache without a window
-        x = model.xp.zeros((n + 2, self.heads.D), dtype=model.dtype)                     # [n + 2, D]
+        n, r = (32 if cache.ring else min(32, cache.W - PREFIX_ROWS)), PREFIX_ROWS     # a cache without a window
+        x = model.xp.zeros((n + r, self.heads.D), dtype=model.dtype)                     # [n + r, D]
         prefix_advance(self.heads.prefix, self.heads.model_config, x[:n], cache)
         return lambda: prefix_forward(self.heads.prefix, self.heads.model_config, x[n:], cache)
+
+    def prefix_paid(self):
+        """The modelled cost of this step's prefix catch-up (`PrefixCost` of the rows caught up), beyond what the
+        proposal already prices: all of it for a static tree, the rows past PREFIX_ROWS for a dynamic one (its
+        timed proposal ran the layer on PREFIX_ROWS rows). 0 for plain Hydra or without a gate."""
+        if self.prefix_cost is None or not self.caught:
+            return 0.0
+        if self.dynamic is None:
+            return self.prefix_cost(self.caught)
+        return self.prefix_cost.per_row * max(0, self.caught - PREFIX_ROWS)
 
     def start(self, ctx, prompt_hidden):
         self.h, self.pending = None, []
@@ -199,11 +274,12 @@ class HydraProposer:
 
     def catch_up(self):
         """Hydra++: run the committed paths not yet through the prefix layer in one batch (h: its last output)."""
+        self.caught = 0
         if self.heads.prefix is None or not self.pending:
             return
         xp = self.heads.xp
         x = self.pending[0] if len(self.pending) == 1 else xp.concatenate(self.pending, axis=0)   # [n, D]
-        self.pending = []
+        self.pending, self.caught = [], x.shape[0]
         self.h = prefix_advance(self.heads.prefix, self.heads.model_config, x, self.cache)[-1]
 
     def observe(self, step):
@@ -211,4 +287,4 @@ class HydraProposer:
             self.pending.append(step.path_hidden)                                           # [len(path), D]
             if self.gate is None:
                 self.catch_up()
-        observe_gate(self, step)
+        observe_gate(self, step, self.prefix_paid() if self.drafting else 0.0)
