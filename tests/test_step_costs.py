@@ -37,12 +37,13 @@ def test_a_prefix_cost_is_fixed_plus_per_row_and_nothing_for_no_rows():
     assert cost(0) == 0.0 and cost(1) == pytest.approx(0.21) and cost(30) == pytest.approx(0.5)
 
 
-def test_hydra_pp_charges_a_drafting_step_the_catch_up_of_every_row_since_the_last_draft(model):
-    """Gate costs s(N) = 1 for every N, proposal 0.5; catch-up 0.2 + 0.01 per row (set by hand).
-    Plain steps emit paths of 1, 3 and 1 tokens (5 rows pending); the drafting step after them verifies 3 nodes
-    and catches up those 5 rows: 1 + 0.5 + 0.2 + 0.05 = 1.75. Its own 2-token path waits; the plain step after it
-    is charged 1. Then a probe catches up 2 + 1 = 3 rows: 1 + 0.5 + 0.2 + 0.03 = 1.73.
-    model.step_cost: 1 + 1 + 1 + 1.75 + 1 + 1.73 = 7.48."""
+def test_hydra_pp_charges_a_drafting_step_the_catch_up_rows_its_timed_proposal_did_not_run(model):
+    """Gate costs s(N) = 1 for every N, proposal 0.5 (timed with the prefix layer on 2 rows); catch-up 0.01 per
+    row past those 2 (set by hand). Plain steps emit paths of 1, 3 and 1 tokens (5 rows pending); the drafting
+    step after them verifies 3 nodes and catches up those 5 rows: 1 + 0.5 + 3 · 0.01 = 1.53. Its own 2-token path
+    waits; the plain step after it is charged 1. Then a probe catches up 2 + 1 = 3 rows: 1.51; the drafting step
+    right after it only the probe's 1 row: 1.5.
+    model.step_cost: 1 + 1 + 1 + 1.53 + 1 + 1.51 + 1.5 = 8.54."""
     rng = np.random.default_rng(0)
     D = model.config.dim
     rows = lambda n: rng.standard_normal((n, D)).astype(model.dtype)          # noqa: E731  [n, D]
@@ -64,13 +65,14 @@ def test_hydra_pp_charges_a_drafting_step_the_catch_up_of_every_row_since_the_la
     step(True, rows(2), drafted=2)
     step(False, rows(1))
     step(True, rows(1), drafted=2)
-    assert charged == pytest.approx([1.0, 1.0, 1.0, 1.75, 1.0, 1.73])
-    assert prop.stats.counters["model.step_cost"] == pytest.approx(7.48)
-    assert prop.cache.pos == 6 + 5 + 3                       # every caught-up row committed, the last path pending
+    step(True, rows(1), drafted=2)
+    assert charged == pytest.approx([1.0, 1.0, 1.0, 1.53, 1.0, 1.51, 1.5])
+    assert prop.stats.counters["model.step_cost"] == pytest.approx(8.54)
+    assert prop.cache.pos == 6 + 5 + 3 + 1                   # every caught-up row committed, the last path pending
 
 
-def test_a_dynamic_hydra_pp_tree_is_charged_only_the_rows_its_timed_proposal_did_not_run(model):
-    """A dynamic tree's timed proposal already ran the prefix layer on 2 rows: 5 rows caught up add 3 · 0.01."""
+def test_a_dynamic_hydra_pp_tree_is_charged_the_same_rows_past_the_two_its_timed_proposal_ran(model):
+    """A dynamic tree's timed proposal also ran the prefix layer on 2 rows: 5 rows caught up add 3 · 0.01."""
     prop = make_proposer("hydra++", model, gate=DraftGate(costs={1: 1.0, 64: 1.0}), tree="dynamic", max_nodes=4)
     prop.prefix_cost, prop.caught = PrefixCost(0.2, 0.01, (1, 33)), 5
     assert prop.prefix_paid() == pytest.approx(0.03)

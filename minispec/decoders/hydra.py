@@ -26,7 +26,7 @@ from .hydra_heads import head_forward, new_prefix_cache, prefix_advance, prefix_
 from .medusa import first_hidden, observe_gate, topk_ids
 
 
-PREFIX_ROWS = 2                 # rows a dynamic tree's timed proposal runs through Hydra++'s prefix layer
+PREFIX_ROWS = 2                 # rows a proposer's timed proposal runs through Hydra++'s prefix layer
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -48,7 +48,8 @@ class PrefixCost:
 _PREFIX_COSTS = weakref.WeakKeyDictionary()      # heads -> PrefixCost
 
 
-def prefix_cost(model, heads, forward, rows=(1, 33), reps=STEP["reps"], context=STEP["context"], clock=None):
+def prefix_cost(model, heads, forward, rows=(1, 33), reps=STEP["reps"], context=STEP["context"], clock=None,
+                plain_before=4):
     """The `PrefixCost` of Hydra++ heads on this model (None for plain Hydra), measured once per heads: medians
     over reps interleaved rounds (after one warm-up round), on `clock` (default `backend_clock`), of a bare
     one-token forward of the model against `context` cached tokens and of the prefix layer's catch-up
@@ -76,6 +77,9 @@ def prefix_cost(model, heads, forward, rows=(1, 33), reps=STEP["reps"], context=
             if rep:
                 times["forward"].append(clock() - a)
             for n in (lo, hi):
+                for _ in range(plain_before):          # as in decoding: the catch-up follows plain steps
+                    to_host(model.forward_block([1], base).logits[-1, :1])
+                    base.discard()
                 pos, a = cache.pos, clock()
                 to_host(prefix_advance(heads.prefix, heads.model_config, x[context:context + n], cache)[-1, :1])
                 if rep:
@@ -192,18 +196,23 @@ class HydraProposer:
         self.tree = proposer_tree(tree, heads, device, self.name)
         self.plan = TreePlan(self.tree, heads.xp)
         if self.tree.N > 1 and gate is True:
-            hidden = first_hidden(model)
+            hidden, extra = first_hidden(model), self.prefix_step(model)
             ctx = Context(1, hidden, model, None, SamplingParams(), None, Stats())
-            curve = step_curve(model, (heads, tuple(self.tree.choices)),
-                               lambda: grounded_proposal(heads, self.plan, hidden, 1, ctx.stats),
-                               sizes=(1, self.tree.N), tree_of=lambda k: self.tree)
+
+            def propose():
+                grounded_proposal(heads, self.plan, hidden, 1, ctx.stats)
+                if extra is not None:
+                    extra()
+            curve = step_curve(model, (heads, tuple(self.tree.choices)), propose, sizes=(1, self.tree.N),
+                               tree_of=lambda k: self.tree)
             gate = make_gate(gate, self.name, curve.costs, curve.proposal)
             self.prefix_cost = prefix_cost(model, heads, curve.forward)
         self.gate = make_gate(gate, self.name) if self.tree.N > 1 else None
 
     def prefix_step(self, model):
-        """Hydra++'s prefix layer on PREFIX_ROWS (2) committed positions against a cache of 32 (a dynamic tree's
-        proposal is timed with it; nothing is committed), or None for plain Hydra."""
+        """Hydra++'s prefix layer on PREFIX_ROWS (2) committed positions against a cache of 32 (the proposal of a
+        proposer's curve is timed with it, so its verify steps pay what the layer evicts; nothing is committed),
+        or None for plain Hydra."""
         if self.heads.prefix is None:
             return None
         cache = new_prefix_cache(model)
@@ -213,13 +222,11 @@ class HydraProposer:
         return lambda: prefix_forward(self.heads.prefix, self.heads.model_config, x[n:], cache)
 
     def prefix_paid(self):
-        """The modelled cost of this step's prefix catch-up (`PrefixCost` of the rows caught up), beyond what the
-        proposal already prices: all of it for a static tree, the rows past PREFIX_ROWS for a dynamic one (its
-        timed proposal ran the layer on PREFIX_ROWS rows). 0 for plain Hydra or without a gate."""
-        if self.prefix_cost is None or not self.caught:
+        """The modelled cost of this step's prefix catch-up beyond what the proposal already prices: the proposal
+        was timed with the layer on PREFIX_ROWS rows, so the rows past them at `PrefixCost.per_row` each. 0 for
+        plain Hydra or without a gate."""
+        if self.prefix_cost is None:
             return 0.0
-        if self.dynamic is None:
-            return self.prefix_cost(self.caught)
         return self.prefix_cost.per_row * max(0, self.caught - PREFIX_ROWS)
 
     def start(self, ctx, prompt_hidden):

@@ -182,7 +182,7 @@ class StepCurve:
 
 
 def measure_steps(model, sizes=STEP["sizes"], tree_of=Tree.chain, propose=None, reps=STEP["reps"],
-                  context=STEP["context"], clock=None):
+                  context=STEP["context"], clock=None, plain_before=1):
     """A `StepCurve`: round-robin over reps rounds (after one warm-up round) against a cache holding `context`
     tokens, on `clock` (default `backend_clock`). Each round times: a plain step (a root-only greedy `verify`)
     right after another plain step (the unit, as plain decoding runs it); a bare one-token forward; and for each
@@ -227,7 +227,8 @@ def measure_steps(model, sizes=STEP["sizes"], tree_of=Tree.chain, propose=None, 
                 times["plain"].append(t1 - t0)
                 times["forward"].append(t2 - t1)
             for N in group:
-                step(drafts[1])                      # every step follows a plain one, as in decoding
+                for _ in range(plain_before):        # every step follows plain ones, as in decoding
+                    step(drafts[1])
                 if propose is not None:
                     a = clock()
                     propose()
