@@ -17,7 +17,7 @@ from minispec import generate
 from minispec.decoders.registry import Autoregressive, make_proposer
 from minispec.decoders import hydra_files, medusa_files
 from minispec.decoders.draft_verify import SkipSet
-from minispec.decoders.hydra import HydraHeads
+from minispec.decoders.hydra_heads import HydraHeads
 from minispec.decoders.medusa import MedusaHeads
 from minispec.errors import UserError
 from minispec.mistral.model import Model

@@ -86,7 +86,8 @@ def test_bench_decode_prints_the_canonical_curve_and_each_decoders_prediction_be
     text = capsys.readouterr().out
     assert len(calls) == 1 and sorted(curve) == list(costs.STEP["sizes"])           # one curve, measured once
     assert re.search(r"whole-step cost curve on cpu .*: s\(N\) = median CPU time of a whole verify step of N "
-                     r"nodes / that of a plain step, over 11 interleaved rounds against 200 cached tokens \(plain "
+                     r"nodes / that of a plain step, over 11 interleaved rounds against 112 cached tokens, N > 8 "
+                     r"chained through s\(8\) \(plain "
                      r"step = [\d.]+ ms, bare one-token forward [\d.]+\): s\(1\)=1\.00, s\(2\)=", text)
     assert re.search(r"ar: one step costs [\d.]+ plain steps of the curve in CPU time", text)
     line = next(ln for ln in text.splitlines() if ln.strip().startswith("lookup: per-depth"))

@@ -16,7 +16,8 @@ from test_hydra import (assert_stops_at_the_limit_and_right_after_eos, assert_tw
                         oracle_heads, random_heads as hydra_random_heads, ref_head, tiny_model)
 from test_medusa import random_heads as medusa_random_heads, ref_head_logits
 from minispec import generate
-from minispec.decoders.hydra import HydraHeads, HydraProposer
+from minispec.decoders.hydra import HydraProposer
+from minispec.decoders.hydra_heads import HydraHeads
 from minispec.decoders.medusa import MedusaProposer
 from minispec.decoders.registry import make_proposer
 from minispec.errors import UserError

@@ -21,7 +21,7 @@ from minispec.speculative.gate import DraftGate
 from minispec.speculative.loop import Stats
 from minispec.speculative.tree import Tree
 from minispec.speculative.verify import Verified
-from minispec.decoders.hydra import prefix_forward
+from minispec.decoders.hydra_heads import prefix_forward
 from minispec.errors import UserError
 from test_exact_law import PARAMS, oracle_probs, table
 
@@ -235,6 +235,6 @@ def test_the_step_curve_prices_whole_verify_steps_in_plain_steps_and_times_the_p
     assert bare.costs[1] == 1.0 and bare.proposal is None                   # no proposal: scaled to s(1) = 1
     assert len(calls) == 3 * 3                                              # one per size per round, warm-up too
     assert curve.proposal > 0 and 0 < curve.unit < 1 and 0.3 < curve.forward < 3
-    assert curve.clock == "CPU time" and curve.reps == 2 and curve.context == 200
+    assert curve.clock == "CPU time" and curve.reps == 2 and curve.context == 112    # where bench decode runs
     cache = model.new_cache()
     assert cache.pos == 0

@@ -2,7 +2,7 @@
 lossless sampling (the file formats: tests/test_hydra_files.py).
 
 Every expected value comes from a reference written here (a naive head, a naive prefix layer, the model's own
-forward pass, AR decoding), never from minispec.decoders.hydra.
+forward pass, AR decoding), never from minispec.decoders.hydra or hydra_heads.
 """
 import numpy as np
 import pytest
@@ -11,7 +11,8 @@ from conftest import assert_lossless, random_tensors, rel_err, tiny_config
 from test_sampling import SAME, chi2_test
 from minispec import generate
 from minispec.speculative.loop import Context, Stats
-from minispec.decoders.hydra import HydraHeads, HydraProposer, head_forward, prefix_forward
+from minispec.decoders.hydra import HydraProposer
+from minispec.decoders.hydra_heads import HydraHeads, head_forward, prefix_forward
 from minispec.mistral.model import Model
 from minispec.speculative.sampling import SamplingParams
 from minispec.speculative.tree import Tree

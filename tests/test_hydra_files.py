@@ -11,7 +11,8 @@ from safetensors.numpy import load_file, save_file
 from conftest import SHIPPED, random_tensors, rel_err, tiny_config
 import minispec
 from minispec import generate
-from minispec.decoders.hydra import HydraProposer, prefix_forward
+from minispec.decoders.hydra import HydraProposer
+from minispec.decoders.hydra_heads import prefix_forward
 from minispec.decoders.hydra_files import load_heads, read_hydra, save, write_hydra
 from minispec.decoders.registry import make_proposer
 from minispec.mistral.model import Model

@@ -154,7 +154,7 @@ def random_prefix(D, H, Hkv, Dh, F, rng, scale=0.4):
 
 
 def test_prefix_layer_backward_equals_finite_differences():
-    from minispec.decoders.hydra import prefix_forward
+    from minispec.decoders.hydra_heads import prefix_forward
     rng = np.random.default_rng(3)
     T, D, H, Hkv, Dh, F, W, eps = 5, 6, 4, 2, 4, 7, 3, 1e-5
     cfg = tiny_config(dim=D, n_heads=H, n_kv_heads=Hkv, head_dim=Dh, hidden_dim=F, sliding_window=W, norm_eps=eps)
@@ -179,7 +179,7 @@ def random_head(width, D, V, L, rng):
 
 @pytest.mark.parametrize("L", [1, 3])
 def test_hydra_head_backward_equals_finite_differences(L):
-    from minispec.decoders.hydra import head_forward
+    from minispec.decoders.hydra_heads import head_forward
     rng = np.random.default_rng(4 + L)
     T, D, V, width = 4, 3, 7, 9                              # head i = 1: a = concat(h, E(x1), E(x2)), 3·D wide
     p = random_head(width, D, V, L, rng)
@@ -229,7 +229,7 @@ def test_label_and_teacher_cross_entropies_and_their_gradients():
 # ---------------------------------------------------------------------------------------------------------
 def tiny_setup(kind, num_heads=2, num_layers=2, seed=0):
     from conftest import random_tensors
-    from minispec.decoders.hydra import HydraHeads, KIND_ARCH
+    from minispec.decoders.hydra_heads import HydraHeads, KIND_ARCH
     from minispec.mistral.model import Model
     from minispec.training.train_hydra import prepare
     cfg = tiny_config(dim=8, head_dim=4, n_heads=2, n_kv_heads=1, hidden_dim=12, vocab_size=11, sliding_window=4)

@@ -23,7 +23,7 @@ import numpy as np
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from minispec.decoders.hydra import HydraHeads, head_forward, prefix_forward     # noqa: E402
+from minispec.decoders.hydra_heads import HydraHeads, head_forward, prefix_forward     # noqa: E402
 from minispec.decoders.hydra_files import read_hydra, write_hydra               # noqa: E402
 from minispec.mistral.model import load                                         # noqa: E402
 

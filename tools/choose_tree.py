@@ -82,7 +82,8 @@ def hydra_proposal_cost(model, heads, tree, reps=31):
     alternately so that a busy machine slows both alike."""
     import statistics
     import time
-    from minispec.decoders.hydra import TreePlan, grounded_proposal, new_prefix_cache, prefix_advance
+    from minispec.decoders.hydra import TreePlan, grounded_proposal
+    from minispec.decoders.hydra_heads import new_prefix_cache, prefix_advance
     base = model.new_cache()
     _, hidden = model.forward(list(range(1, 40)), base, return_hidden=True)                  # [39, D]
     plan, cache = TreePlan(tree), None
@@ -106,7 +107,7 @@ def hydra_proposal_cost(model, heads, tree, reps=31):
 
 
 def prefix_forward_uncommitted(heads, x, cache):
-    from minispec.decoders.hydra import prefix_forward
+    from minispec.decoders.hydra_heads import prefix_forward
     return prefix_forward(heads.prefix, heads.model_config, x, cache)     # block waits in scratch, never committed
 
 

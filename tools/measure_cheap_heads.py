@@ -23,8 +23,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from minispec import generate                                                   # noqa: E402
 from minispec.bench import heldout_prompts                                      # noqa: E402
 from minispec.decoders.head_vocab import kept_ids, token_counts                 # noqa: E402
-from minispec.decoders.hydra import grounded_proposal, head_forward as hydra_head  # noqa: E402
-from minispec.decoders.hydra import new_prefix_cache, prefix_advance, prefix_forward  # noqa: E402
+from minispec.decoders.hydra import grounded_proposal  # noqa: E402
+from minispec.decoders.hydra_heads import head_forward as hydra_head  # noqa: E402
+from minispec.decoders.hydra_heads import new_prefix_cache, prefix_advance, prefix_forward  # noqa: E402
 from minispec.decoders.medusa import MedusaHeads, topk_ids                                  # noqa: E402
 from minispec.decoders.registry import make_proposer                            # noqa: E402
 from minispec.mistral.layers import silu                                        # noqa: E402

@@ -78,19 +78,20 @@ def bench_decode(model_dir, decoders=("ar", "medusa"), n_tokens=128, n_prompts=8
     of the runs), tau, the speed-up over the first decoder (the baseline, plain decoding) and whether its tokens
     are the baseline's. Then, per decoder, the cost model's PREDICTED speed-up beside the MEASURED one:
 
-        predicted = tau / (mean over steps s of c(N_s) + proposal)        (`prediction`)
+        predicted = tau / (mean over steps s of s(N_s) + proposal)        (`prediction`)
 
     from numbers each measured separately: tau and N_s (the tokens verified at step s, root included) counted in
-    this bench's runs; c(T) the canonical curve of the model on its backend (`backend_curve`: CPU time on NumPy,
-    medians of 15 interleaved rounds against 200 cached tokens, printed with its statistic); proposal the
-    decoder's drafting time per step in this bench's runs (Stats.propose_cpu_time, on the clock of the curve)
-    over t1, the curve's one-token time. Measured: the baseline's CPU seconds per token over the decoder's, the
+    this bench's runs; s(N) the whole-step curve of the model on its backend (`step_curve`: CPU time on NumPy,
+    medians of 11 interleaved rounds against 112 cached tokens, printed with its statistic); the step costs the
+    gated proposers modelled (their own curves, proposal and Hydra++'s prefix catch-up, measured before decoding),
+    or for lookup its drafting time per step in this bench's runs (Stats.propose_cpu_time, on the clock of the
+    curve) over t1, the curve's plain step. Measured: the baseline's CPU seconds per token over the decoder's, the
     CPU time of the same interleaved decodes (Stats.decode_cpu_time; the curve's clock, run with
     OPENBLAS_NUM_THREADS=1), with the wall-time speed-up of the table beside it. The prediction prices a plain
     step at exactly t1: what the loop adds around the forward shows as the baseline's own step cost in t1.
     decoders: names, each with options if wanted, NAME[:KEY=VALUE]... ("hydra:tree=dynamic:max_nodes=auto",
     minispec.decoders.registry.parse_setup), labelled so in the table.
-    Returns (tokens/s per decoder label, the canonical curve {T: c(T)})."""
+    Returns (tokens/s per decoder label, the whole-step curve {N: s(N)})."""
     check_bench(n_tokens, runs, n_prompts, decoders)
     setups = parse_setups(decoders)                 # {label: (decoder name, its options)}
     decoders = list(setups)

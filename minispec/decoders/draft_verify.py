@@ -244,7 +244,7 @@ class DraftVerifyProposer:
         self.gamma0 = check_real("draft_verify: gamma0", gamma0, low=0, high=1)
         if not isinstance(adaptive, bool):
             raise UserError(f"draft_verify: adaptive must be True or False, got {adaptive!r}")
-        self.adaptive, self._chains = adaptive, {}
+        self.adaptive, self._chains = adaptive, {0: Tree.chain(0)}     # a plain step builds no tree
         if sizing not in ("threshold", "cost"):
             raise UserError(f"draft_verify: sizing must be 'threshold' or 'cost', not {sizing!r}")
         self.sizing, self.cap = sizing, self.max_draft
@@ -254,7 +254,7 @@ class DraftVerifyProposer:
                 costs, draft_cost = (c if costs is None else costs), (r if draft_cost is None else draft_cost)
             self.costs, self.draft_cost = costs, float(draft_cost)
             self.step_cost = step_costs(costs, self.max_draft, self.draft_cost)               # [max_draft + 1]
-            self.estimate = AcceptanceEstimate(self.max_draft)
+            self.estimate = AcceptanceEstimate(self.max_draft, prior=calibration_prior(self.skip))
         if gate is True:
             r, c = (self.draft_cost, self.costs) if sizing == "cost" else measured_draft_costs(model, self.skip,
                                                                                                self.max_draft)
@@ -279,7 +279,7 @@ class DraftVerifyProposer:
         if self.gate is not None and not self.gate.should_draft():      # a plain step: nothing else to do
             count(ctx.stats, "gate.plain_steps", 1)
             ctx.stats.counters.setdefault("draft_verify.gamma", []).append(self.gamma)
-            return Draft(self._chains.setdefault(0, Tree.chain(0)), [int(ctx.root)])
+            return Draft(self._chains[0], [int(ctx.root)])
         model, cache, xp = self.model, ctx.cache, self.model.xp
         tokens, tok = [int(ctx.root)], int(ctx.root)
         sampled = not ctx.params.greedy
@@ -327,6 +327,16 @@ class DraftVerifyProposer:
             cost = self.gate.step_cost(step.drafted + 1, step.drafted * self.draft_cost) if self.drafting else None
             self.gate.observe(len(step.tokens), cost)
             count(self.stats, "model.step_cost", 1.0 if cost is None else cost)
+
+
+def calibration_prior(skip, default=0.5):
+    """The acceptance prior of sizing="cost": the skip set's calibration match rate (meta "calibration" "match":
+    how often the skipped model's greedy token equals the full model's on the search's calibration texts, stored
+    by `minispec search-skip`), else `default` (AcceptanceEstimate's 0.5)."""
+    calib = skip.meta.get("calibration")
+    if not isinstance(calib, dict) or "match" not in calib:
+        return default
+    return check_real("draft_verify: the skip set's calibration match", calib["match"], 0.0, 1.0)
 
 
 # ---- the cost model's inputs ------------------------------------------------------------------------------------

@@ -2,7 +2,7 @@
 file), the checks every heads config gets, the refusal of pickle files, and finding the heads stored next to a
 model (loaded once per model).
 
-The math of each kind of head lives in medusa.py / hydra.py; its file formats in medusa_files.py /
+The math of each kind of head lives in medusa.py / hydra_heads.py; its file formats in medusa_files.py /
 hydra_files.py, which import the math (never the reverse) and use the helpers here.
 """
 import weakref

@@ -1,157 +1,95 @@
-"""Hydra and Hydra++ draft heads (Ankner et al. 2024, arXiv 2402.05109, "Hydra: Sequentially-Dependent Draft
-Heads for Medusa Decoding") and the grounded tree proposal that makes them sequential.
+"""Hydra and Hydra++ decoding (Ankner et al. 2024, arXiv 2402.05109): the grounded tree proposal that makes the
+heads sequential, and the proposer of decoders "hydra" and "hydra++". The heads themselves (the head equation,
+the prefix layer, HydraHeads, the parameter layout) are in hydra_heads.py; the file formats in hydra_files.py.
 
-Medusa's head k guesses the token at t+k+2 from h_t alone. Hydra's head i (0-based) also reads the tokens
-already on the path (the paper's Hydra heads; section numbers are not cited here, see docs/hydra.md):
-
-    a_i = concat(h_t, E(x_{t+1}), ..., E(x_{t+i+1}))                        [(i+2)·D]
-    y_1 = res_i(a_i) + silu(a_i W_1 + b_1)                                  [D]   block 1: width (i+2)D -> D
-    y_l = y_{l-1} + silu(y_{l-1} W_l + b_l)      (l = 2 .. num_layers)      [D]
-    logits_i = y_L P_i + c_i                                                [V]
-
-h_t is the base model's final-norm hidden state, E the base model's own embedding table, x_{t+1} the root
-(the base model's own next token, already chosen) and x_{t+2} ... the tokens drafted along the path. W_1 starts
-at zero, res_i is a learned Linear((i+2)D -> D), P_i starts as a copy of the base output layer.
-
-Hydra++ (the paper's tuned recipe with a prefix attention layer, zankner/Hydra's head arch "prefix-mlp")
-replaces h_t by the output of one extra decoder layer run over the base model's final-norm hidden states: here one Mistral
-decoder layer (GQA, RoPE, the model's sliding window) followed by an RMSNorm, with its own rolling cache that
-only ever holds committed (accepted) positions.
-
-Parameters, minispec layout: host or device arrays in the model's dtype, (in, out) orientation, so x @ w.
-Head i (HydraHeads.heads[i], a dict), L = num_layers, I = (i+2)·D:
-    "res_w" [I, D]   "res_b" [D]            res_i, block 1's residual projection
-    "w1"    [I, D]   "b1"    [D]            block 1's linear (zero at init)
-    "ws"    [L-1, D, D]  "bs" [L-1, D]      blocks 2..L, each its own weights (see "shared blocks" below)
-    "proj_w" [D, V]  "proj_b" [V]           the vocabulary projection with its bias
-Prefix layer (HydraHeads.prefix, a dict, None for plain Hydra), the layout of minispec.mistral.model's layers:
-    "attention_norm" [D]   "wqkv" [D, (H + 2Hkv)·Dh] (q | k | v columns)   "wo" [H·Dh, D]
-    "ffn_norm" [D]         "w13" [D, 2F] (w1 | w3 columns)                  "w2" [F, D]
-    "norm" [D]             the final RMSNorm
-The file formats (minispec's and zankner/Hydra's, both with zankner/Hydra's tensor names) are in hydra_files.py.
-
-Shared blocks. zankner/Hydra builds blocks 2..L of a head as `[ResBlock(D)] * (L - 1)`: one module object
-repeated, so those blocks share a single weight matrix. minispec gives every block its own weights, the
-ordinary reading of an L-layer MLP (and what 4 layers buy in capacity); a shared-weight file from zankner/Hydra
-loads as independent blocks holding equal copies (the same function), and writing Hydra's format refuses a
-head whose blocks 2..L differ, since Hydra would silently keep only one of them.
+Head i (0-based) reads h_t (Hydra) or the prefix layer's output at the last committed position (Hydra++) and the
+embeddings of the root and of the i tokens drafted on the path before it; a tree is filled depth by depth, one
+batched head call per depth (`grounded_proposal`).
 """
+import statistics
 import time
-from pathlib import Path
+import weakref
+from dataclasses import dataclass
 
 import numpy as np
 
-from ..backend import array_module, to_host
-from ..errors import UserError
-from ..mistral.layers import linear, rms_norm, rope_tables, silu
-from ..mistral.model import attention_sublayer, block_mask, mlp_sublayer, new_cache, prefill_chunks
-from ..speculative.costs import step_curve
+from ..backend import to_host
+from ..speculative.costs import STEP, backend_clock, step_curve
 from ..speculative.dynamic_tree import DynamicTrees, choose_calibration, refuse_dynamic_options, top_probs
 from ..speculative.gate import make_gate
 from ..speculative.loop import Context, Stats
 from ..speculative.sampling import SamplingParams
 from ..speculative.tree import Tree, proposer_tree
 from ..speculative.verify import Draft, count
-from .head_vocab import slice_columns, token_ids, vocab_heads
+from .head_vocab import token_ids, vocab_heads
+from .hydra_heads import head_forward, new_prefix_cache, prefix_advance, prefix_forward
 from .medusa import first_hidden, observe_gate, topk_ids
 
-ARCHS = ("mlp", "prefix-mlp")          # zankner/Hydra's hydra_head_arch values: Hydra, Hydra++
-KIND_ARCH = {"hydra": "mlp", "hydra++": "prefix-mlp"}
+
+PREFIX_ROWS = 2                 # rows a proposer's timed proposal runs through Hydra++'s prefix layer
 
 
 # ---------------------------------------------------------------------------------------------------------
-# One head's forward (the Hydra head equation above)
+# What Hydra++'s prefix catch-up costs: fixed + per row, in plain steps
 # ---------------------------------------------------------------------------------------------------------
-def head_input_width(i, D):
-    """Width of head i's input: h_t and the embeddings of the root and of i drafted tokens, (i + 2)·D."""
-    return (i + 2) * D
+@dataclass(frozen=True)
+class PrefixCost:
+    """The prefix layer's catch-up of n committed rows (`HydraProposer.catch_up`) costs fixed + per_row · n plain
+    steps (0 for n = 0): after w plain steps a probe catches up about w + 1 rows, not the 1..4 of a step that
+    follows a drafting step."""
+    fixed: float
+    per_row: float
+    rows: tuple          # the two row counts it was timed at
+
+    def __call__(self, n):
+        return self.fixed + self.per_row * n if n else 0.0
 
 
-def head_forward(p, a, keep=False):
-    """Hydra head on a batch: a [B, (i+2)·D] = concat(h_t, E(x_{t+1}), ..., E(x_{t+i+1})) -> logits [B, V].
-
-    keep=True also returns what a backward pass needs: {"a": a, "r": res_i(a) [B, D], "z": [z_1 .. z_L]
-    (pre-activations, each [B, D]), "y": [y_1 .. y_L] (block outputs, each [B, D]; y_L feeds the projection)}.
-    """
-    r = linear(a, p["res_w"]) + p["res_b"]                                   # [B, D] res_i(a)
-    z = linear(a, p["w1"]) + p["b1"]                                         # [B, D]
-    y = r + silu(z)                                                          # [B, D] block 1
-    zs, ys = [z], [y]
-    for W, b in zip(p["ws"], p["bs"]):
-        z = linear(y, W) + b                                                 # [B, D]
-        y = y + silu(z)                                                      # [B, D] blocks 2..L
-        zs.append(z)
-        ys.append(y)
-    logits = linear(y, p["proj_w"]) + p["proj_b"]                            # [B, V]
-    return (logits, {"a": a, "r": r, "z": zs, "y": ys}) if keep else logits
+_PREFIX_COSTS = weakref.WeakKeyDictionary()      # heads -> PrefixCost
 
 
-def init_head(model, i, num_layers, rng=None, scale=0.0):
-    """Head i before training: W_1 = 0 and blocks 2..L zero (silu(0) = 0: blocks 2..L are the identity), c_i = 0,
-    P_i = the base output layer, res_i = [I_D; 0] (it passes h_t through; zankner/Hydra leaves res_i at torch's
-    random default init instead) plus `scale` times standard normal noise drawn from rng."""
-    xp, dt, D, V = model.xp, model.dtype, model.config.dim, model.config.vocab_size
-    I = head_input_width(i, D)
-    res_w = np.zeros((I, D))
-    res_w[:D] = np.eye(D)
-    if scale:
-        res_w += scale * (rng or np.random.default_rng(i)).standard_normal((I, D))
-    put = lambda a: xp.asarray(np.asarray(a, dtype=dt))                      # noqa: E731
-    return {"res_w": put(res_w), "res_b": xp.zeros(D, dt),                   # [I, D], [D]
-            "w1": xp.zeros((I, D), dt), "b1": xp.zeros(D, dt),               # [I, D], [D]
-            "ws": xp.zeros((num_layers - 1, D, D), dt), "bs": xp.zeros((num_layers - 1, D), dt),
-            "proj_w": model.output.copy(), "proj_b": xp.zeros(V, dt)}        # [D, V], [V]
-
-
-# ---------------------------------------------------------------------------------------------------------
-# Hydra++'s prefix attention layer: one Mistral decoder layer + RMSNorm over base hidden states
-# ---------------------------------------------------------------------------------------------------------
-def init_prefix(model, rng=None, scale=0.02):
-    """A prefix layer with random projections (std `scale`) and unit norms (HF's init for a Mistral layer)."""
-    c, xp, dt = model.config, model.xp, model.dtype
-    D, H, Hkv, Dh, F = c.dim, c.n_heads, c.n_kv_heads, c.head_dim, c.hidden_dim
-    rng = rng or np.random.default_rng(0)
-    put = lambda shape: xp.asarray((scale * rng.standard_normal(shape)).astype(dt))   # noqa: E731
-    return {"attention_norm": xp.ones(D, dt), "wqkv": put((D, (H + 2 * Hkv) * Dh)), "wo": put((H * Dh, D)),
-            "ffn_norm": xp.ones(D, dt), "w13": put((D, 2 * F)), "w2": put((F, D)), "norm": xp.ones(D, dt)}
-
-
-def new_prefix_cache(model, chunk=None):
-    """The prefix layer's own rolling cache: 1 layer, the base model's Hkv, Dh and window."""
-    return new_cache(model.config, 1, model.xp, model.dtype, chunk)
-
-
-def prefix_forward(p, config, x, cache=None, keep=False):
-    """The prefix layer over base final-norm hidden states x [T, D] -> [T, D] (Hydra++'s prefix attention): the
-    base model's own decoder-layer functions (minispec.mistral.model attention_sublayer, mlp_sublayer,
-    block_mask) on the prefix layer's weights, then its final RMSNorm.
-
-    Without a cache: the whole sequence at positions 0 .. T-1 under the causal sliding-window mask.
-    With a cache: positions cache.pos .. cache.pos + T - 1 against the committed slots; the block's keys and
-    values wait in scratch, as in Model.forward_block: call cache.commit() to keep them (`prefix_advance` does).
-    keep=True also returns the intermediates a backward needs: attention_sublayer's and mlp_sublayer's, and
-    "x1" (after attention), "x2" (after the FFN, before the final norm).
-    """
-    c, xp = config, array_module(x)
-    pos = (cache.pos if cache is not None else 0) + np.arange(x.shape[0])       # [T]
-    mask = xp.asarray(block_mask(pos, cache, c.sliding_window))                  # [T, C + T] or [T, T]
-    cos, sin = rope_tables(pos, c.head_dim, c.rope_theta, xp, x.dtype)           # [T, Dh/2]
-    if cache is not None:
-        cache.begin_block(x.shape[0])
-    x1, att = attention_sublayer(p, c, x, cos, sin, mask, cache, 0, keep=True)   # [T, D]
-    x2, ffn = mlp_sublayer(p, c, x1, keep=True)                                  # [T, D]
-    out = rms_norm(x2, p["norm"], c.norm_eps)                                    # [T, D]
-    return (out, dict(att, **ffn, x1=x1, x2=x2)) if keep else out
-
-
-def prefix_advance(p, config, x, cache):
-    """Run committed positions x [T, D] through the prefix layer and commit them all, chunk by chunk as the
-    model's prefill does (minispec.mistral.model.prefill_chunks). Returns the outputs [T, D]."""
-    out = cache.xp.empty_like(x)                                                 # [T, D]
-    for s, e in prefill_chunks(x.shape[0], cache):
-        out[s:e] = prefix_forward(p, config, x[s:e], cache)
-        cache.commit()
-    return out
+def prefix_cost(model, heads, forward, rows=(1, 33), reps=STEP["reps"], context=STEP["context"], clock=None,
+                plain_before=4):
+    """The `PrefixCost` of Hydra++ heads on this model (None for plain Hydra), measured once per heads: medians
+    over reps interleaved rounds (after one warm-up round), on `clock` (default `backend_clock`), of a bare
+    one-token forward of the model against `context` cached tokens and of the prefix layer's catch-up
+    (`prefix_advance`: forward and commit) of each row count in `rows` against a prefix cache holding `context`
+    positions (set back after each). A catch-up of n rows costs median(n) / median(forward) · `forward` plain
+    steps (`forward`: the bare one-token forward in plain steps, StepCurve.forward); fixed and per_row are the
+    line through the two row counts."""
+    if heads.prefix is None:
+        return None
+    if heads not in _PREFIX_COSTS:
+        clock = clock or backend_clock(model)[0]
+        lo, hi = rows
+        base, cache = model.new_cache(), new_prefix_cache(model)
+        if not cache.ring:                                   # a cache without a window: context and rows must fit
+            context = min(context, cache.W // 2)
+            hi = max(lo + 1, min(hi, cache.W - context))
+        x = model.xp.asarray(np.random.default_rng(0).standard_normal((context + hi, heads.D)).astype(model.dtype))
+        model.forward(np.arange(context) % model.config.vocab_size, base, warn_positions=False)
+        prefix_advance(heads.prefix, heads.model_config, x[:context], cache)
+        times = {"forward": [], lo: [], hi: []}
+        for rep in range(reps + 1):
+            a = clock()
+            to_host(model.forward_block([1], base).logits[-1, :1])
+            base.discard()
+            if rep:
+                times["forward"].append(clock() - a)
+            for n in (lo, hi):
+                for _ in range(plain_before):          # as in decoding: the catch-up follows plain steps
+                    to_host(model.forward_block([1], base).logits[-1, :1])
+                    base.discard()
+                pos, a = cache.pos, clock()
+                to_host(prefix_advance(heads.prefix, heads.model_config, x[context:context + n], cache)[-1, :1])
+                if rep:
+                    times[n].append(clock() - a)
+                cache.pos = pos
+        unit = statistics.median(times["forward"]) / forward                     # seconds of one plain step
+        c = {n: statistics.median(times[n]) / unit for n in (lo, hi)}
+        per_row = max(0.0, (c[hi] - c[lo]) / (hi - lo))
+        _PREFIX_COSTS[heads] = PrefixCost(c[lo] - per_row * lo, per_row, (lo, hi))
+    return _PREFIX_COSTS[heads]
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -214,77 +152,6 @@ def grounded_proposal(heads, plan, h, root, stats=None):
 
 
 # ---------------------------------------------------------------------------------------------------------
-# The heads of one model
-# ---------------------------------------------------------------------------------------------------------
-class HydraHeads:
-    """K Hydra heads (arch "mlp") or Hydra++ heads (arch "prefix-mlp": + the prefix layer) on a model's device.
-
-    heads: list of K parameter dicts (module docstring); prefix: the prefix layer's dict or None; embed: the base
-    model's embedding table [V, D] (shared, not owned); model_config: the base model's MistralConfig (its D, V, and
-    the prefix layer's shapes); choices / choices_cuda: stored trees (Medusa's choices)
-    for the CPU and for GPUs; accuracies [K][k]: the measured top-k accuracies they were built from."""
-
-    def __init__(self, heads, prefix, model, arch=None, choices=(), choices_cuda=None, accuracies=None):
-        arch = arch or ("mlp" if prefix is None else "prefix-mlp")
-        if arch not in ARCHS:
-            raise UserError(f"Hydra head arch must be one of {ARCHS}, not {arch!r}")
-        if (prefix is None) != (arch == "mlp"):
-            raise UserError(f"Hydra arch {arch!r}: " + ("needs a prefix layer" if prefix is None
-                                                         else "has no prefix layer"))
-        self.heads, self.prefix, self.arch = list(heads), prefix, arch
-        self.model_config, self.embed, self.xp = model.config, model.tok_embeddings, model.xp
-        self.choices = [list(map(int, c)) for c in choices]
-        self.choices_cuda = [list(map(int, c)) for c in choices_cuda] if choices_cuda else None
-        self.accuracies = accuracies
-        self.base_model = Path(model.path).name if getattr(model, "path", None) else None
-        self.keep = None                # restricted heads (head_vocab.py): the token id of each logit [M], host
-
-    @property
-    def K(self):
-        return len(self.heads)
-
-    @property
-    def L(self):
-        return 1 + self.heads[0]["ws"].shape[0]
-
-    @property
-    def D(self):
-        return self.model_config.dim
-
-    @property
-    def V(self):
-        return self.model_config.vocab_size if self.keep is None else len(self.keep)
-
-    @property
-    def kind(self):
-        return "hydra" if self.arch == "mlp" else "hydra++"
-
-    @classmethod
-    def create(cls, model, num_heads=4, num_layers=1, arch="mlp", seed=0):
-        """Untrained heads (init_head for each head; a random prefix layer for "prefix-mlp")."""
-        if num_heads < 1 or num_layers < 1:
-            raise UserError(f"Hydra: need num_heads >= 1 and num_layers >= 1, got {num_heads}, {num_layers}")
-        rng = np.random.default_rng(seed)
-        heads = [init_head(model, i, num_layers) for i in range(num_heads)]
-        prefix = init_prefix(model, rng) if arch == "prefix-mlp" else None
-        return cls(heads, prefix, model, arch)
-
-    def restricted(self, keep):
-        """These heads drafting only among the tokens keep [M] (host int64, sorted; head_vocab.py): every head's
-        projection [D, M] and bias [M] sliced to those columns; the blocks and the prefix layer are shared."""
-        out = object.__new__(HydraHeads)
-        out.__dict__.update(self.__dict__)
-        out.heads = [dict(p, proj_w=slice_columns(self.xp, p["proj_w"], keep),
-                          proj_b=slice_columns(self.xp, p["proj_b"], keep)) for p in self.heads]
-        out.keep = keep
-        return out
-
-    def logits(self, i, a):
-        """Head i on a batch a [B, (i+2)·D] -> [B, V]."""
-        return head_forward(self.heads[i], a)
-
-
-# ---------------------------------------------------------------------------------------------------------
 # The proposer: decoders "hydra" and "hydra++" of minispec.generate
 # ---------------------------------------------------------------------------------------------------------
 class HydraProposer:
@@ -313,11 +180,14 @@ class HydraProposer:
         heads = vocab_heads(model, heads, head_vocab, token_counts, self.name)
         self.model, self.heads, self.root_only = model, heads, Tree.from_choices([])
         self.cache, self.h, self.dynamic, self.gate, self.drafting, self.pending = None, None, None, None, False, []
+        self.prefix_cost, self.caught = None, 0        # the catch-up's cost model (gated Hydra++); rows caught up
         if isinstance(tree, str) and tree == "dynamic":
             self.dynamic = DynamicTrees(self.name, heads.K, max_nodes, max_depth, top_k, width, costs, depth_costs,
                                         cap, choose_calibration(self.name, heads, calibrate))
             self.gate = self.dynamic.size_with(model, heads, self.expand_at, first_hidden(model),
                                                self.prefix_step(model), gate=gate)
+            if self.gate is not None:           # its proposal prices PREFIX_ROWS rows; the rest is charged per row
+                self.prefix_cost = prefix_cost(model, heads, step_curve(model).forward)
             self.tree = self.plan = None
             return
         refuse_dynamic_options(self.name, max_nodes=max_nodes, max_depth=max_depth, width=width, costs=costs,
@@ -336,18 +206,28 @@ class HydraProposer:
             curve = step_curve(model, (heads, tuple(self.tree.choices)), propose, sizes=(1, self.tree.N),
                                tree_of=lambda k: self.tree)
             gate = make_gate(gate, self.name, curve.costs, curve.proposal)
+            self.prefix_cost = prefix_cost(model, heads, curve.forward)
         self.gate = make_gate(gate, self.name) if self.tree.N > 1 else None
 
     def prefix_step(self, model):
-        """Hydra++'s prefix layer on 2 committed positions against a cache of 32 (what a drafting step runs, for
-        the cost of a step; nothing is committed), or None for plain Hydra."""
+        """Hydra++'s prefix layer on PREFIX_ROWS (2) committed positions against a cache of 32 (the proposal of a
+        proposer's curve is timed with it, so its verify steps pay what the layer evicts; nothing is committed),
+        or None for plain Hydra."""
         if self.heads.prefix is None:
             return None
         cache = new_prefix_cache(model)
-        n = 32 if cache.ring else min(32, cache.W - 2)                                    # a cache without a window
-        x = model.xp.zeros((n + 2, self.heads.D), dtype=model.dtype)                     # [n + 2, D]
+        n, r = (32 if cache.ring else min(32, cache.W - PREFIX_ROWS)), PREFIX_ROWS     # a cache without a window
+        x = model.xp.zeros((n + r, self.heads.D), dtype=model.dtype)                     # [n + r, D]
         prefix_advance(self.heads.prefix, self.heads.model_config, x[:n], cache)
         return lambda: prefix_forward(self.heads.prefix, self.heads.model_config, x[n:], cache)
+
+    def prefix_paid(self):
+        """The modelled cost of this step's prefix catch-up beyond what the proposal already prices: the proposal
+        was timed with the layer on PREFIX_ROWS rows, so the rows past them at `PrefixCost.per_row` each. 0 for
+        plain Hydra or without a gate."""
+        if self.prefix_cost is None:
+            return 0.0
+        return self.prefix_cost.per_row * max(0, self.caught - PREFIX_ROWS)
 
     def start(self, ctx, prompt_hidden):
         self.h, self.pending = None, []
@@ -401,11 +281,12 @@ class HydraProposer:
 
     def catch_up(self):
         """Hydra++: run the committed paths not yet through the prefix layer in one batch (h: its last output)."""
+        self.caught = 0
         if self.heads.prefix is None or not self.pending:
             return
         xp = self.heads.xp
         x = self.pending[0] if len(self.pending) == 1 else xp.concatenate(self.pending, axis=0)   # [n, D]
-        self.pending = []
+        self.pending, self.caught = [], x.shape[0]
         self.h = prefix_advance(self.heads.prefix, self.heads.model_config, x, self.cache)[-1]
 
     def observe(self, step):
@@ -413,4 +294,4 @@ class HydraProposer:
             self.pending.append(step.path_hidden)                                           # [len(path), D]
             if self.gate is None:
                 self.catch_up()
-        observe_gate(self, step)
+        observe_gate(self, step, self.prefix_paid() if self.drafting else 0.0)

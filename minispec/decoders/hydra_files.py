@@ -44,7 +44,7 @@ from ..mistral.layers import rope_inv_freq
 from ..mistral.safetensors import CheckpointError, read_safetensors, safetensors_in
 from .heads import (check_fits, check_head_sizes, check_tensors, load_either, read_head_trees, read_trees,
                     refuse_heads_pickle, save_folder)
-from .hydra import ARCHS, KIND_ARCH, HydraHeads, head_input_width
+from .hydra_heads import ARCHS, KIND_ARCH, HydraHeads, head_input_width
 
 CONFIG_NAME, WEIGHTS_NAME = "hydra_config.json", "hydra_heads.safetensors"
 HY_CONFIG_NAME, HY_WEIGHTS_NAME = "config.json", "hydra_lm_head.safetensors"

@@ -279,11 +279,12 @@ class MedusaProposer:
         observe_gate(self, step)
 
 
-def observe_gate(proposer, step):
+def observe_gate(proposer, step, extra=0.0):
     """Tell a head proposer's gate what the step emitted and, when it drafted, what the cost model says it cost
-    (the verified nodes, plus a dynamic tree's depth costs paid); the modelled cost of every step (1 for a plain
-    one) is summed in stats.counters["model.step_cost"] for bench decode's prediction. A dynamic tree is told
-    the step too (its top-1 run picks the next step's calibrated maps; DynamicTrees.observe)."""
+    (the verified nodes, plus a dynamic tree's depth costs paid, plus `extra`: the proposer's other modelled
+    work of this step, e.g. Hydra++'s prefix catch-up); the modelled cost of every step (1 for a plain one) is
+    summed in stats.counters["model.step_cost"] for bench decode's prediction. A dynamic tree is told the step
+    too (its top-1 run picks the next step's calibrated maps; DynamicTrees.observe)."""
     if proposer.dynamic is not None:
         proposer.dynamic.observe(step, proposer.drafting)
     gate = proposer.gate
@@ -291,7 +292,8 @@ def observe_gate(proposer, step):
         return
     cost = None
     if proposer.drafting:
-        cost = gate.step_cost(step.drafted + 1, proposer.dynamic.paid() if proposer.dynamic is not None else 0.0)
+        paid = proposer.dynamic.paid() if proposer.dynamic is not None else 0.0
+        cost = gate.step_cost(step.drafted + 1, paid + extra)
     gate.observe(len(step.tokens), cost)
     count(proposer.stats, "model.step_cost", 1.0 if cost is None else cost)
 

@@ -148,7 +148,8 @@ def backend_curve(model, max_tokens=None):
 # ---------------------------------------------------------------------------------------------------------
 # Whole-step costs: the real verify step, and the proposal as it runs between verify steps
 # ---------------------------------------------------------------------------------------------------------
-STEP = {"sizes": (1, 2, 3, 4, 5, 6, 8, 10, 12, 16, 24, 33), "reps": 11, "context": 200}
+# context: the middle of bench decode's decodes (48-token held-out prompts + 128 new tokens: positions 48..176)
+STEP = {"sizes": (1, 2, 3, 4, 5, 6, 8, 10, 12, 16, 24, 33), "reps": 11, "context": 112, "anchor": 8}
 
 
 @dataclass(frozen=True)
@@ -172,21 +173,29 @@ class StepCurve:
 
     def describe(self):
         extra = "" if self.proposal is None else f", proposal {self.proposal:.3f}"
+        a = STEP["anchor"]
+        chained = f", N > {a} chained through s({a})" if max(self.costs) > a else ""
         return (f"s(N) = median {self.clock} of a whole verify step of N nodes / that of a plain step, over "
-                f"{self.reps} interleaved rounds against {self.context} cached tokens (plain step = "
+                f"{self.reps} interleaved rounds against {self.context} cached tokens{chained} (plain step = "
                 f"{self.unit * 1e3:.2f} ms, bare one-token forward {self.forward:.3f}{extra}): "
                 + ", ".join(f"s({N})={c:.2f}" for N, c in sorted(self.costs.items())))
 
 
 def measure_steps(model, sizes=STEP["sizes"], tree_of=Tree.chain, propose=None, reps=STEP["reps"],
-                  context=STEP["context"], clock=None):
+                  context=STEP["context"], clock=None, plain_before=1):
     """A `StepCurve`: round-robin over reps rounds (after one warm-up round) against a cache holding `context`
     tokens, on `clock` (default `backend_clock`). Each round times: a plain step (a root-only greedy `verify`)
     right after another plain step (the unit, as plain decoding runs it); a bare one-token forward; and for each
-    N in sizes, propose() (when given) then a greedy `verify` of an N-node draft shaped tree_of(N - 1)
-    (Tree.chain(K) by default, or a proposer's trees). The verify commits its path; the cache position is set
-    back after each step, so every step sees the same context. Statistic: medians. A cache without a window
-    (no ring) holds at most half its positions as context, and only the sizes that fit after it are timed."""
+    N in sizes, after an untimed plain step, propose() (when given) then a greedy `verify` of an N-node draft
+    shaped tree_of(N - 1) (Tree.chain(K) by default, or a proposer's trees). Every drafting step follows a plain
+    one, as in decoding (a gated decoder's drafts follow its plain steps; lookup's mostly do): a 9-node step
+    right after a plain step costs about 7% more than right after another 9-node step (docs/costs.md). The
+    verify commits its path; the cache position is set back after each step, so every step sees the same
+    context. Statistic: medians. As in `backend_curve`, the sizes up to STEP["anchor"] (8) are timed in rounds
+    of their own, with the unit, the bare forward and the proposal, and the larger ones in rounds with N = 8,
+    chained through s(8): rounds that also run 10- to 33-node steps time the small steps slower, and made every
+    small s(N) look cheaper than decoding pays (docs/costs.md). A cache without a window (no ring) holds at most
+    half its positions as context, and only the sizes that fit after it are timed."""
     clock = clock or backend_clock(model)[0]
     V = model.config.vocab_size
     cache = model.new_cache()
@@ -198,39 +207,49 @@ def measure_steps(model, sizes=STEP["sizes"], tree_of=Tree.chain, propose=None, 
     rule = lambda draft, logits: greedy_accept(draft.tree, draft.tokens, logits)      # noqa: E731
     drafts = {N: Draft(tree_of(N - 1) if N > 1 else Tree.from_choices([]), [int(t) for t in np.arange(1, N + 1) % V])
               for N in sizes}
-    times = {key: [] for key in ["plain", "forward", "propose"] + sizes}
 
     def step(draft):
         pos = cache.pos
         verify(model, cache, draft, rule)
         cache.pos = pos
-    for rep in range(reps + 1):
-        step(drafts[1])
-        t0 = clock()
-        step(drafts[1])
-        t1 = clock()
-        to_host(model.forward_block([1], cache).logits[-1, :1])
-        cache.discard()
-        t2 = clock()
-        if rep:
-            times["plain"].append(t1 - t0)
-            times["forward"].append(t2 - t1)
-        for N in sizes:
-            if propose is not None:
-                a = clock()
-                propose()
-                if rep:
-                    times["propose"].append(clock() - a)
-            a = clock()
-            step(drafts[N])
+
+    def rounds(group):
+        times = {key: [] for key in ["plain", "forward", "propose"] + group}
+        for rep in range(reps + 1):
+            step(drafts[1])
+            t0 = clock()
+            step(drafts[1])
+            t1 = clock()
+            to_host(model.forward_block([1], cache).logits[-1, :1])
+            cache.discard()
+            t2 = clock()
             if rep:
-                times[N].append(clock() - a)
+                times["plain"].append(t1 - t0)
+                times["forward"].append(t2 - t1)
+            for N in group:
+                for _ in range(plain_before):        # every step follows plain ones, as in decoding
+                    step(drafts[1])
+                if propose is not None:
+                    a = clock()
+                    propose()
+                    if rep:
+                        times["propose"].append(clock() - a)
+                a = clock()
+                step(drafts[N])
+                if rep:
+                    times[N].append(clock() - a)
+        return {key: statistics.median(v) for key, v in times.items() if v}
+    a = STEP["anchor"]
+    small = rounds([N for N in sizes if N <= a])
     cache.discard()
-    unit = statistics.median(times["plain"])
-    scale = unit if propose is not None else statistics.median(times[1])     # no proposal: s(1) = 1 exactly
-    return StepCurve({N: statistics.median(times[N]) / scale for N in sizes}, unit,
-                     statistics.median(times["forward"]) / unit,
-                     statistics.median(times["propose"]) / unit if propose is not None else None,
+    unit = small["plain"]
+    scale = unit if propose is not None else small[1]                        # no proposal: s(1) = 1 exactly
+    costs = {N: small[N] / scale for N in sizes if N <= a}
+    if any(N > a for N in sizes):                    # the larger sizes in rounds of their own, chained through s(a)
+        large = rounds([N for N in sizes if N >= a])
+        cache.discard()
+        costs.update({N: costs[a] * large[N] / large[a] for N in sizes if N > a})
+    return StepCurve(costs, unit, small["forward"] / unit, small["propose"] / unit if propose is not None else None,
                      backend_clock(model)[1], reps, context)
 
 

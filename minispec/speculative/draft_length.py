@@ -96,8 +96,8 @@ class AcceptanceEstimate:
 def verify_costs(model, max_tokens=9):
     """This model's whole-step curve on its backend, {N: s(N)} for N up to at least max_tokens, in units of one
     whole plain step: minispec.speculative.costs.step_curve (a real verify of an N-token chain, CPU time on
-    NumPy, medians of interleaved rounds against 200 cached tokens, measured once per model and shared by
-    lookup and Draft & Verify)."""
+    NumPy, medians of interleaved rounds against 112 cached tokens, each step after a plain one, measured once
+    per model and shared by lookup and Draft & Verify)."""
     costs = step_curve(model).costs
     if max_tokens > max(costs):
         raise UserError(f"drafts of {max_tokens - 1} tokens are beyond the measured step curve (N <= {max(costs)})")

@@ -2,7 +2,7 @@
 (arXiv 2402.05109) in NumPy/CuPy.
 
 The forwards are the ones inference runs (minispec.mistral.layers, decoders.medusa.head_forward,
-decoders.hydra.head_forward / prefix_forward with keep=True); this module adds only their backward passes, each
+decoders.hydra_heads.head_forward / prefix_forward with keep=True); this module adds only their backward passes, each
 the chain rule written out and checked against central finite differences in float64 by tests/test_medusa.py and
 tests/test_train_hydra.py. Reading order: SiLU and the label cross-entropy -> a Medusa head's residual blocks ->
 RMSNorm -> RoPE -> GQA attention under a mask -> SwiGLU -> the Hydra++ prefix layer (one Mistral decoder layer + a
@@ -158,20 +158,20 @@ def swiglu_backward(dy, x, w13, w2, saved):
 
 
 # ---------------------------------------------------------------------------------------------------------
-# The Hydra++ prefix layer: one Mistral decoder layer + a final RMSNorm (forward: decoders.hydra.prefix_forward)
+# The Hydra++ prefix layer: one Mistral decoder layer + a final RMSNorm (forward: decoders.hydra_heads.prefix_forward)
 # ---------------------------------------------------------------------------------------------------------
 PREFIX_KEYS = ("attention_norm", "wqkv", "wo", "ffn_norm", "w13", "w2", "norm")
 
 
 def prefix_backward(dy, p, saved, n_heads, n_kv_heads, eps):
-    """Backward of hydra.prefix_forward without a cache (keep=True gives `saved`):
+    """Backward of hydra_heads.prefix_forward without a cache (keep=True gives `saved`):
 
         out = rms(x2, norm),  x2 = x1 + swiglu(rms(x1, ffn_norm)),  x1 = x + Wo · attn(rope(q), rope(k), v),
         q | k | v = rms(x, attention_norm) Wqkv
 
     the chain rule through the final norm, the SwiGLU residual branch, the attention residual branch (Wo,
     attention, RoPE, the fused qkv projection) and the first norm. The attention probabilities and the SwiGLU
-    intermediates are recomputed from saved q, k, v and h2 (cheap; the forward stays the one in hydra.py).
+    intermediates are recomputed from saved q, k, v and h2 (cheap; the forward stays the one in hydra_heads.py).
     dy [T, D] -> (dx [T, D], {name: gradient} with the shapes of p)."""
     xp = array_module(dy)
     x, h1, q, k, v, x1, h2, x2 = (saved[n] for n in ("x", "h1", "q", "k", "v", "x1", "h2", "x2"))
@@ -200,11 +200,11 @@ def prefix_backward(dy, p, saved, n_heads, n_kv_heads, eps):
 
 
 # ---------------------------------------------------------------------------------------------------------
-# A Hydra head (forward: decoders.hydra.head_forward): block 1 = res(a) + silu(a W_1 + b_1) on
+# A Hydra head (forward: decoders.hydra_heads.head_forward): block 1 = res(a) + silu(a W_1 + b_1) on
 # a = concat(h, E(x_{t+1}) .. E(x_{t+i+1})) [T, (i+2)D], blocks 2..L = y + silu(y W_l + b_l), logits = y P + c
 # ---------------------------------------------------------------------------------------------------------
 def hydra_head_backward(dlogits, p, saved):
-    """Backward of hydra.head_forward (keep=True gives `saved` = {"a", "z": [z_1..z_L], "y": [y_1..y_L]}):
+    """Backward of hydra_heads.head_forward (keep=True gives `saved` = {"a", "z": [z_1..z_L], "y": [y_1..y_L]}):
 
         dP = y_Lᵀ dlogits,  dc = sum_rows dlogits,  dy_L = dlogits Pᵀ;  for l = L .. 2:
         dz_l = dy_l ⊙ silu'(z_l),  dW_l = y_{l-1}ᵀ dz_l,  db_l = sum dz_l,  dy_{l-1} = dy_l + dz_l W_lᵀ;

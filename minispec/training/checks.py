@@ -7,7 +7,7 @@ learning rate > 0, Hydra's loss weights >= 0 and not both 0, the output folder n
 """
 from pathlib import Path
 
-from ..decoders.hydra import KIND_ARCH
+from ..decoders.hydra_heads import KIND_ARCH
 from ..decoders.medusa import VERSIONS
 from ..errors import UserError, check_int, check_real
 from .data import corpus_path, load_sequences

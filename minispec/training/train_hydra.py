@@ -1,7 +1,7 @@
 """Training Hydra and Hydra++ heads on a frozen base model, in NumPy with hand-derived gradients (Ankner et al.
 2024, arXiv 2402.05109; zankner/Hydra hydra/train/train.py for the loss). The backward passes are in
 training.backprop, the data and the hidden states in training.data, Adam and the resumable loop in
-training.optim; the forwards and the file format in decoders.hydra / hydra_files.
+training.optim; the forwards and the file format in decoders.hydra_heads / hydra_files.
 
 Reading order: teacher-forced head inputs -> the loss of a batch and its gradients -> batches (positions for
 Hydra, whole sequences for Hydra++) -> the training loop -> held-out accuracies, the teacher-forced τ of a tree ->
@@ -32,7 +32,7 @@ from pathlib import Path
 import numpy as np
 
 from ..backend import array_module, to_device, to_host
-from ..decoders.hydra import head_forward, HydraHeads, KIND_ARCH, prefix_forward
+from ..decoders.hydra_heads import head_forward, HydraHeads, KIND_ARCH, prefix_forward
 from ..decoders.hydra_files import save
 from ..decoders.medusa import topk_ids
 from ..mistral.model import load
