@@ -23,7 +23,7 @@ from ..speculative.tree import Tree, proposer_tree
 from ..speculative.verify import Draft, count
 from .head_vocab import token_ids, vocab_heads
 from .hydra_heads import head_forward, new_prefix_cache, prefix_advance, prefix_forward
-from .medusa import first_hidden, observe_gate, topk_ids
+from .medusa import first_hidden, observe_gate, root_alone, topk_ids
 
 
 PREFIX_ROWS = 2                 # rows a proposer's timed proposal runs through Hydra++'s prefix layer
@@ -266,13 +266,9 @@ class HydraProposer:
     def propose(self, ctx):
         """Draft(tree, tokens [N]); tokens[0] = ctx.root. Before the first verification (ctx.hidden None), or when
         the gate says no draft pays (then no head runs and Hydra++'s prefix layer waits), the root alone."""
-        self.drafting, self.stats = False, ctx.stats
-        if ctx.hidden is None or (self.tree is not None and self.tree.N == 1):
-            return Draft(self.root_only, [ctx.root])
-        if self.gate is not None and not self.gate.should_draft():
-            count(ctx.stats, "gate.plain_steps", 1)
-            return Draft(self.root_only, [ctx.root])
-        self.drafting = True
+        plain = root_alone(self, ctx)
+        if plain is not None:
+            return plain
         self.catch_up()
         h = ctx.hidden if self.heads.prefix is None else self.h
         if self.dynamic is not None:

@@ -258,14 +258,8 @@ class MedusaProposer:
     def propose(self, ctx):
         """Draft(tree, tokens [N]) for the next step; tokens[0] = ctx.root. ctx.hidden: [D] at the last verified
         position, None before anything is verified (then only the root is proposed)."""
-        self.drafting, self.stats = False, ctx.stats
-        if ctx.hidden is None or (self.tree is not None and self.tree.N == 1):
-            return Draft(self.root_only, [ctx.root])
-        if self.gate is not None and not self.gate.should_draft():
-            count(ctx.stats, "gate.plain_steps", 1)
-            return Draft(self.root_only, [ctx.root])
-        self.drafting = True
-        return self.draft(ctx)
+        plain = root_alone(self, ctx)
+        return plain if plain is not None else self.draft(ctx)
 
     def draft(self, ctx):
         """The proposal itself (no gate): the dynamic tree grown, or the static tree filled from the heads."""
@@ -277,6 +271,20 @@ class MedusaProposer:
 
     def observe(self, step):
         observe_gate(self, step)
+
+
+def root_alone(proposer, ctx):
+    """A head proposer's plain step, or None when it drafts this step: the root alone before the first
+    verification (ctx.hidden None), with a root-only tree, or when its gate says no draft pays (no head runs; counted
+    in stats.counters["gate.plain_steps"]). Sets proposer.drafting and proposer.stats for `observe_gate`."""
+    proposer.drafting, proposer.stats = False, ctx.stats
+    if ctx.hidden is None or (proposer.tree is not None and proposer.tree.N == 1):
+        return Draft(proposer.root_only, [ctx.root])
+    if proposer.gate is not None and not proposer.gate.should_draft():
+        count(ctx.stats, "gate.plain_steps", 1)
+        return Draft(proposer.root_only, [ctx.root])
+    proposer.drafting = True
+    return None
 
 
 def observe_gate(proposer, step, extra=0.0):
