@@ -222,7 +222,7 @@ _DEPTH_COSTS = weakref.WeakKeyDictionary()          # heads -> {(max_nodes, max_
 def model_costs(model):
     """(curve {N: s(N)}, unit seconds): this model's whole-step curve on its backend,
     minispec.speculative.costs.step_curve (a real verify of N nodes over a plain step; CPU time on NumPy, wall
-    time on CuPy; medians of interleaved rounds against 200 cached tokens), measured once per model."""
+    time on CuPy; medians of interleaved rounds against 112 cached tokens), measured once per model."""
     curve = step_curve(model)
     return curve.costs, curve.unit
 
