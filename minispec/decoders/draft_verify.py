@@ -276,8 +276,7 @@ class DraftVerifyProposer:
 
     def propose(self, ctx):
         self.drafting, self.stats = False, ctx.stats
-        if self.gate is not None and not self.gate.should_draft():      # a plain step: nothing else to do
-            count(ctx.stats, "gate.plain_steps", 1)
+        if self.gate is not None and not self.gate.should_draft(ctx.stats):      # a plain step: nothing else to do
             ctx.stats.counters.setdefault("draft_verify.gamma", []).append(self.gamma)
             return Draft(self._chains[0], [int(ctx.root)])
         model, cache, xp = self.model, ctx.cache, self.model.xp
@@ -325,8 +324,7 @@ class DraftVerifyProposer:
             self.estimate.observe(step.drafted, len(step.path) - 1)
         if self.gate is not None:
             cost = self.gate.step_cost(step.drafted + 1, step.drafted * self.draft_cost) if self.drafting else None
-            self.gate.observe(len(step.tokens), cost)
-            count(self.stats, "model.step_cost", 1.0 if cost is None else cost)
+            self.gate.settle(self.stats, len(step.tokens), cost)
 
 
 def calibration_prior(skip, default=0.5):

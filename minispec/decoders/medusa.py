@@ -280,8 +280,7 @@ def root_alone(proposer, ctx):
     proposer.drafting, proposer.stats = False, ctx.stats
     if ctx.hidden is None or (proposer.tree is not None and proposer.tree.N == 1):
         return Draft(proposer.root_only, [ctx.root])
-    if proposer.gate is not None and not proposer.gate.should_draft():
-        count(ctx.stats, "gate.plain_steps", 1)
+    if proposer.gate is not None and not proposer.gate.should_draft(ctx.stats):
         return Draft(proposer.root_only, [ctx.root])
     proposer.drafting = True
     return None
@@ -302,8 +301,7 @@ def observe_gate(proposer, step, extra=0.0):
     if proposer.drafting:
         paid = proposer.dynamic.paid() if proposer.dynamic is not None else 0.0
         cost = gate.step_cost(step.drafted + 1, paid + extra)
-    gate.observe(len(step.tokens), cost)
-    count(proposer.stats, "model.step_cost", 1.0 if cost is None else cost)
+    gate.settle(proposer.stats, len(step.tokens), cost)
 
 
 def first_hidden(model):

@@ -42,6 +42,23 @@ from .tree import Tree, build_tree
 from .verify import Draft, verify
 
 
+def fit_context(cache, context, sizes=()):
+    """(context, sizes) of a timing that fit `cache`: unchanged for a rolling cache (it has a window); a cache
+    without a window holds at most half its positions as context, and only the sizes that fit after it."""
+    if cache.ring:
+        return context, list(sizes)
+    context = min(context, cache.W // 2)
+    return context, [T for T in sizes if context + T <= cache.W]
+
+
+def replay_step(model, cache, draft):
+    """One greedy `verify` of `draft` against `cache`, then the cache position set back: a step that can be
+    timed again and again against the same context."""
+    pos = cache.pos
+    verify(model, cache, draft, lambda d, logits: greedy_accept(d.tree, d.tokens, logits))
+    cache.pos = pos
+
+
 def measure_costs(model, sizes=(1, 2, 4, 8, 16, 32, 64), reps=15, context=200, clocks=(time.perf_counter,),
                   stat=statistics.median, propose=None, propose_tokens=1):
     """The verify cost curve of this model on this backend, against a cache holding `context` tokens.
@@ -52,10 +69,7 @@ def measure_costs(model, sizes=(1, 2, 4, 8, 16, 32, 64), reps=15, context=200, c
     proposal cost per drafted token in units of t1 or None) per clock, with c(T) = stat(T-token times) /
     stat(one-token times)."""
     cache = model.new_cache()
-    sizes = sorted(set(sizes) | {1})
-    if not getattr(cache, "ring", True):     # a cache without a window: the context and blocks must fit it
-        context = min(context, cache.W // 2)
-        sizes = [T for T in sizes if context + T <= cache.W]
+    context, sizes = fit_context(cache, context, sorted(set(sizes) | {1}))
     model.forward(np.arange(context) % model.config.vocab_size, cache)
     jobs = {T: np.arange(1, T + 1) % model.config.vocab_size for T in sizes}
     if propose is not None:
@@ -199,19 +213,13 @@ def measure_steps(model, sizes=STEP["sizes"], tree_of=Tree.chain, propose=None, 
     clock = clock or backend_clock(model)[0]
     V = model.config.vocab_size
     cache = model.new_cache()
-    sizes = sorted(set(sizes) | {1})
-    if not cache.ring:               # a cache without a window: the context and every step must fit its positions
-        context = min(context, cache.W // 2)
-        sizes = [N for N in sizes if context + N <= cache.W]
+    context, sizes = fit_context(cache, context, sorted(set(sizes) | {1}))
     model.forward(np.arange(context) % V, cache, warn_positions=False)
-    rule = lambda draft, logits: greedy_accept(draft.tree, draft.tokens, logits)      # noqa: E731
     drafts = {N: Draft(tree_of(N - 1) if N > 1 else Tree.from_choices([]), [int(t) for t in np.arange(1, N + 1) % V])
               for N in sizes}
 
     def step(draft):
-        pos = cache.pos
-        verify(model, cache, draft, rule)
-        cache.pos = pos
+        replay_step(model, cache, draft)
 
     def rounds(group):
         times = {key: [] for key in ["plain", "forward", "propose"] + group}

@@ -20,8 +20,7 @@ that stopped drafting (K* = 0) drifts back to its prior and tries again once the
 """
 import numpy as np
 
-from ..errors import check_int, check_real
-from ..errors import UserError
+from ..errors import UserError, check_int, check_real
 from .costs import interp_cost, step_curve
 
 

@@ -45,12 +45,11 @@ import numpy as np
 
 from ..backend import array_module, to_host
 from ..errors import UserError
-from .acceptance import greedy_accept
 from .calibration import Calibration, top1_run
-from .costs import backend_clock, interp_cost, step_curve
+from .costs import backend_clock, fit_context, interp_cost, replay_step, step_curve
 from .gate import make_gate
 from .tree import Tree
-from .verify import Draft, verify
+from .verify import Draft
 
 
 def check_dynamic(max_nodes, max_depth, top_k, width, n_heads, name):
@@ -346,15 +345,12 @@ def measure_depth_costs(model, trees, expand_at, hidden, step_extra=None, reps=9
     bookkeeping and tree building, and step_extra() when given."""
     clock = backend_clock(model)[0]
     cache = model.new_cache()
-    n = 32 if cache.ring else min(32, cache.W // 2)                                  # a cache without a window
+    n = fit_context(cache, 32)[0]
     model.forward(np.arange(1, n + 1) % model.config.vocab_size, cache, warn_positions=False)
-    rule = lambda draft, logits: greedy_accept(draft.tree, draft.tokens, logits)      # noqa: E731
     plain, chain = Draft(Tree.from_choices([]), [1]), Draft(Tree.chain(3), [1, 2, 3, 4])
 
     def step(draft):
-        pos = cache.pos
-        verify(model, cache, draft, rule)
-        cache.pos = pos
+        replay_step(model, cache, draft)
     D = trees.max_depth
     t1s, wide, narrow, rows, other = [], [[] for _ in range(D)], [[] for _ in range(D)], [1] * D, []
     for rep in range(reps + 1):

@@ -24,6 +24,7 @@ on the past, so every acceptance rule keeps its output law, and a seeded samplin
 """
 from ..errors import UserError, check_int, check_real
 from .costs import interp_cost
+from .verify import count
 
 
 class DraftGate:
@@ -65,8 +66,9 @@ class DraftGate:
             raise UserError("gate: no step cost curve (costs) to price a drafting step with")
         return float(interp_cost(self.costs, nodes)) + self.proposal + float(extra)
 
-    def should_draft(self):
-        """The decision for the step about to run (call once per step, before proposing)."""
+    def should_draft(self, stats=None):
+        """The decision for the step about to run (call once per step, before proposing); a plain step is counted
+        in stats.counters["gate.plain_steps"] when stats (the loop's Stats) are given."""
         self.probing = False
         if self.enabled and self.hopeless:
             self.drafting = False
@@ -78,6 +80,8 @@ class DraftGate:
         else:
             self.drafting = self.probing = True       # a probe: a proposer may make it its cheapest draft
         self.history.append(self.drafting)
+        if stats is not None and not self.drafting:
+            count(stats, "gate.plain_steps", 1)
         return self.drafting
 
     def rule_out(self, best_case, margin=0.1):
@@ -105,6 +109,12 @@ class DraftGate:
         else:
             self.open, self.wait = False, self.backoff
             self.backoff = min(2 * self.backoff, self.max_wait)
+
+    def settle(self, stats, tokens, cost=None):
+        """`observe` the step, and add its modelled cost (`cost`, or 1 for a plain step) to
+        stats.counters["model.step_cost"], the price bench decode's prediction reads."""
+        self.observe(tokens, cost)
+        count(stats, "model.step_cost", 1.0 if cost is None else cost)
 
     @property
     def plain_steps(self):
