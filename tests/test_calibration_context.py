@@ -213,7 +213,7 @@ def test_collect_labels_only_the_steps_that_drafted_when_a_gate_makes_some_steps
     class EveryOther(DraftGate):
         yes = no = 0
 
-        def should_draft(self):
+        def should_draft(self, stats=None):
             draft = (self.yes + self.no) % 2 == 0
             self.yes, self.no = self.yes + draft, self.no + (not draft)
             return draft

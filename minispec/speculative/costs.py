@@ -45,7 +45,7 @@ from .verify import Draft, verify
 def fit_context(cache, context, sizes=()):
     """(context, sizes) of a timing that fit `cache`: unchanged for a rolling cache (it has a window); a cache
     without a window holds at most half its positions as context, and only the sizes that fit after it."""
-    if cache.ring:
+    if getattr(cache, "ring", True):
         return context, list(sizes)
     context = min(context, cache.W // 2)
     return context, [T for T in sizes if context + T <= cache.W]
