@@ -17,7 +17,8 @@ from minispec.mistral.model import load
 from minispec.speculative.acceptance import make_rule
 from minispec.speculative.costs import measure_steps
 from minispec.speculative.exact_law import autoregressive_law, autoregressive_step, step_law, topk_tree, tv
-from minispec.speculative.gate import DraftGate
+from minispec.decoders.draft_verify import SkipSet
+from minispec.speculative.gate import DraftGate, best_schedule, replay_gate, trace_step
 from minispec.speculative.loop import Stats
 from minispec.speculative.tree import Tree
 from minispec.speculative.verify import Verified
@@ -56,6 +57,28 @@ def test_the_gate_closes_probes_and_reopens_as_worked_by_hand():
     assert gate.step_cost(3) == 2.5 and gate.step_cost(2, extra=0.25) == pytest.approx(2.25)
 
 
+def test_replaying_a_trace_decides_as_the_worked_example_above():
+    """The worked example's steps, laid out on positions: the drafting steps at positions 0 (1 token), 2 (3
+    tokens), 5, 7 and 10 (1 token each), plain steps at 1, 6, 8 and 9: 11 tokens for 5 x 2.5 + 4 = 16.5."""
+    gate = DraftGate(costs={1: 1.0, 3: 2.0}, proposal=0.5, decay=0.5, weight=1.0, prior=1.5, max_wait=4)
+    emits = {0: 1, 2: 3, 5: 1, 7: 1, 10: 1}
+    trace = [trace_step(emits.get(t, 1), 2.5) for t in range(11)]
+    assert replay_gate(trace, gate) == (16.5, 5, 4)
+    assert gate.history == [True, False, True, True, False, True, False, False, True]
+    assert gate.rate == pytest.approx(2.70703125 / 3.939453125)
+
+
+def test_the_best_schedule_drafts_only_where_it_pays_worked_by_hand():
+    """Positions 0..3: drafting at 0 emits 3 tokens for 2, at 1 one token for 2, at 2 two tokens for 1.5, at 3
+    nothing can be drafted. From the end: best(3) = 1, best(2) = min(1 + 1, 1.5 + 0) = 1.5, best(1) = min(1 +
+    1.5, 2 + 1.5) = 2.5, best(0) = min(1 + 2.5, 2 + best(3)) = 3: draft at 0, then a plain step."""
+    trace = [trace_step(3, 2.0), trace_step(1, 2.0), trace_step(2, 1.5), None]
+    assert best_schedule(trace) == (3.0, 1)
+    assert best_schedule(trace[2:]) == (1.5, 1)
+    always = DraftGate(costs={1: 1.0}, enabled=False)              # always drafts: 0 (3 tokens), then 3 (plain)
+    assert replay_gate(trace, always) == (3.0, 1, 1)
+
+
 def test_failing_probes_double_the_wait_up_to_max_wait_and_a_probe_that_pays_starts_again_from_one():
     gate = DraftGate(costs={1: 1.0, 8: 1.0}, proposal=4.0, decay=1.0, max_wait=4)    # 1 token for 5: never pays
     pattern = []
@@ -90,6 +113,23 @@ def test_draft_and_verify_never_drafts_where_even_a_fully_accepted_draft_would_n
         assert gate.hopeless == hopeless
         assert (sum(out.stats.drafted) == 0) == hopeless and out.stats.counters.get("draft_verify.forwards", 0) \
             == sum(out.stats.drafted)
+
+
+def test_draft_and_verify_never_drafts_where_no_draft_is_expected_to_pay_at_its_skip_sets_match_rate(model):
+    """K draft tokens accepted one after another with probability p each are expected to emit 1 + p + ... + p^K
+    tokens. With s = {1: 1, 2: 1.25, 9: 3} and r = 0.5, K = 1 costs 1.75 (it could emit 2: not ruled out at best).
+    p = 0.7: K = 1 expects 1.7 < 1.75, K = 2 expects 2.19 < s(3) + 1 = 2.5, K = 8 expects 3.19 < 3 + 4: no
+    length pays on average, so no step drafts. p = 0.8: K = 1 expects 1.8 > 1.75: drafting stays possible."""
+    ids = [1, 400, 17, 905, 33, 12, 700, 5]
+    costs = {1: 1.0, 2: 1.25, 9: 3.0}
+    shipped = make_proposer("draft_verify", model, gate=False).skip
+    for p, hopeless in ((0.7, True), (0.8, False)):
+        skip = SkipSet(shipped.attn, shipped.mlp, dict(shipped.meta, calibration={"match": p}))
+        gate = DraftGate(costs=costs)
+        out = generate(model, ids, decoder=make_proposer("draft_verify", model, skip=skip, gate=gate,
+                                                         draft_cost=0.5), max_new_tokens=40, eos_id=None)
+        assert gate.hopeless == hopeless
+        assert (sum(out.stats.drafted) == 0) == hopeless
 
 
 def test_a_disabled_gate_always_drafts_and_bad_options_are_refused():

@@ -226,7 +226,11 @@ class DraftVerifyProposer:
     gate: False (the class's default: draft at every step), True (the registry's default, decoder
     "draft_verify") or a DraftGate (minispec.speculative.gate): when the acceptance so far says no
     draft pays (a step of K draft tokens costing s(K + 1) + K r on the cost model), the step is a plain one
-    with no draft forward, re-probed now and then by a one-token draft.
+    with no draft forward, re-probed now and then by a one-token draft. When the skip set's calibration match
+    rate p (`calibration_prior`) says that no draft length is expected to pay even on average (K tokens accepted
+    one after another with probability p each: 1 + p + ... + p^K tokens for s(K + 1) + K r), the gate rules
+    drafting out (`DraftGate.rule_out`) and the decoder runs plain steps only: on this repository's CPU with the
+    shipped skip set, a one-token draft costs about 2 plain steps and is expected to emit 1.8 tokens.
 
     Counts in ctx.stats.counters: "draft_verify.forwards" (one-token draft forwards) and
     "draft_verify.gamma" (a list: the threshold in force at each step, before its update).
@@ -263,7 +267,11 @@ class DraftVerifyProposer:
         if self.gate is not None and not hasattr(self, "draft_cost"):       # a DraftGate given: r as given, or 0
             self.draft_cost = 0.0 if draft_cost is None else check_real("draft_verify: draft_cost", draft_cost, 0.0)
         if self.gate is not None:         # K tokens drafted emit at most K + 1 and cost s(K + 1) + K r
-            self.gate.rule_out([(K + 1, K + 1, K * self.draft_cost) for K in range(1, self.max_draft + 1)])
+            p = calibration_prior(self.skip, default=None)       # the skip set's match rate, when it was measured
+            expected = None if p is None else [(sum(p ** i for i in range(K + 1)), K + 1, K * self.draft_cost)
+                                               for K in range(1, self.max_draft + 1)]
+            self.gate.rule_out([(K + 1, K + 1, K * self.draft_cost) for K in range(1, self.max_draft + 1)],
+                               expected=expected)
         self.start(None, None)
 
     def start(self, ctx, prompt_hidden):
@@ -328,9 +336,9 @@ class DraftVerifyProposer:
 
 
 def calibration_prior(skip, default=0.5):
-    """The acceptance prior of sizing="cost": the skip set's calibration match rate (meta "calibration" "match":
-    how often the skipped model's greedy token equals the full model's on the search's calibration texts, stored
-    by `minispec search-skip`), else `default` (AcceptanceEstimate's 0.5)."""
+    """The acceptance prior of sizing="cost" and of the gate's rule-out: the skip set's calibration match rate
+    (meta "calibration" "match": how often the skipped model's greedy token equals the full model's on the
+    search's calibration texts, stored by `minispec search-skip`), else `default` (AcceptanceEstimate's 0.5)."""
     calib = skip.meta.get("calibration")
     if not isinstance(calib, dict) or "match" not in calib:
         return default

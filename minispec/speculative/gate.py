@@ -16,7 +16,8 @@ rate <= 1 the gate closes: the next `wait` steps are plain, then one step drafts
 outcome decides anew. Waits back off exponentially while probes keep failing (1, 2, 4, ... up to `max_wait`
 plain steps) and start again from 1 after a probe that pays, so a context where speculation pays is found
 again, at a cost of at most one probe per max_wait steps where it does not. A proposer whose every draft would
-gain less than 10% over plain steps even if every token were accepted (`rule_out`) never drafts at all.
+gain less than 10% over plain steps even if every token were accepted, or whose every draft is expected to emit
+fewer tokens than it costs (`rule_out`), never drafts at all.
 
 Deterministic and lossless: a step's cost is the cost model's number for the draft it ran (never a live
 timing), so the decisions are a function of the tokens emitted so far; they use no random draw and depend only
@@ -84,13 +85,20 @@ class DraftGate:
             count(stats, "gate.plain_steps", 1)
         return self.drafting
 
-    def rule_out(self, best_case, margin=0.1):
+    def rule_out(self, best_case, margin=0.1, expected=None):
         """best_case [(tokens, nodes, extra)]: every draft the proposer could make, with the most tokens it could
         emit if all were accepted. When none of them beats a plain step by more than `margin` even then
         (tokens <= (1 + margin) · its step cost: a draft that gains less at best cannot win back the probes that
-        fail), the gate never drafts, not even to probe (`hopeless`). Returns hopeless."""
-        self.hopeless = self.costs is not None and all(t <= (1 + margin) * self.step_cost(n, e)
-                                                       for t, n, e in best_case)
+        fail), the gate never drafts, not even to probe (`hopeless`). expected [(tokens, nodes, extra)], when the
+        proposer knows its acceptance in advance: the same drafts with the tokens they are expected to emit; when
+        none is expected to emit more than it costs, no draft pays on average either, and the gate never drafts.
+        Returns hopeless."""
+        if self.costs is None:
+            self.hopeless = False
+            return False
+        at_best = all(t <= (1 + margin) * self.step_cost(n, e) for t, n, e in best_case)
+        on_average = expected is not None and all(t <= self.step_cost(n, e) for t, n, e in expected)
+        self.hopeless = at_best or on_average
         return self.hopeless
 
     def observe(self, tokens, cost=None):
@@ -132,3 +140,59 @@ def make_gate(gate, name, costs=None, proposal=0.0):
     if gate is True:
         return DraftGate(costs, proposal)
     raise UserError(f"{name}: gate must be True, False or a DraftGate, got {gate!r}")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Replaying a gate, and the best any gate could do, on a trace of what drafting would have given
+# ---------------------------------------------------------------------------------------------------------
+def trace_step(tokens, cost, per_row=0.0, free_rows=0, probe=None):
+    """What drafting at one position of a greedy decode would have given (a record of `replay_gate`'s trace):
+    tokens emitted (the accepted draft tokens + the bonus), the modelled cost of the step (units of one plain
+    step), per_row: a further charge per position committed since the last drafting step began, beyond free_rows
+    (Hydra++'s prefix catch-up), probe: (tokens, cost) of the proposer's probe when it drafts less on a probe (Draft &
+    Verify's one-token draft), else None."""
+    return {"tokens": int(tokens), "cost": float(cost), "per_row": float(per_row), "free_rows": int(free_rows),
+            "probe": probe}
+
+
+def replay_gate(trace, gate, n_tokens=None, on_record=None):
+    """Decode along a trace as a gated decoder would, without a model: trace[t] is a `trace_step` (what drafting
+    at position t of the greedy output gives) or None (a position where the proposer drafts nothing, e.g. the
+    first step). Greedy output does not depend on the drafts, so the positions a gated decode visits, and every
+    decision of the gate, follow from the trace alone. on_record(trace[t]), when given, is called before each
+    step's decision (for a gate that reads more of the context than its own past). Returns (modelled cost of the n_tokens tokens in plain
+    steps, drafting steps, plain steps); n_tokens / cost is the gate's modelled speed-up."""
+    n = len(trace) if n_tokens is None else n_tokens
+    gate.reset()
+    t, cost, drafted, plain, last = 0, 0.0, 0, 0, 0
+    while t < n:
+        rec = trace[t]
+        if on_record is not None:
+            on_record(rec)
+        if rec is not None and gate.should_draft():
+            tokens, c = rec["probe"] if gate.probing and rec["probe"] is not None else (rec["tokens"], rec["cost"])
+            c += rec["per_row"] * max(0, t - last - rec["free_rows"])
+            tokens = min(tokens, n - t)
+            gate.observe(tokens, c)
+            cost, drafted, last, t = cost + c, drafted + 1, t, t + tokens
+        else:
+            if rec is not None:
+                gate.observe(1, None)
+            cost, plain, t = cost + 1.0, plain + 1, t + 1
+    return cost, drafted, plain
+
+
+def best_schedule(trace, n_tokens=None):
+    """The least modelled cost of decoding along the trace when each step may draft or not knowing the outcome in
+    advance (an oracle gate; a catch-up charge as after a drafting step): best[t] = min(1 + best[t + 1],
+    cost_t + best[t + tokens_t]) from the end. A bound no real gate reaches. Returns (cost, drafting steps)."""
+    n = len(trace) if n_tokens is None else n_tokens
+    best, steps = [0.0] * (n + 1), [0] * (n + 1)
+    for t in range(n - 1, -1, -1):
+        best[t], steps[t] = 1.0 + best[t + 1], steps[t + 1]
+        rec = trace[t]
+        if rec is not None:
+            nxt = min(n, t + rec["tokens"])
+            if rec["cost"] + best[nxt] < best[t]:
+                best[t], steps[t] = rec["cost"] + best[nxt], steps[nxt] + 1
+    return best[0], steps[0]
