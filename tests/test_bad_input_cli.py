@@ -38,7 +38,7 @@ def test_train_heads_out_naming_an_existing_file_fails_before_training(capsys, t
                                         ("--epochs", "0"), ("--lr", "-0.001"), ("--lr", "nan"), ("--batch", "0"),
                                         ("--budget", "-1"), ("--top-k", "0"), ("--seed", "-1"),
                                         ("--hydra-layers", "0"), ("--lm-weight", "-1"), ("--teacher-weight", "nan"),
-                                        ("--layers", "2"), ("--version", "v2")])
+                                        ("--layers", "2")])
 @pytest.mark.parametrize("kind", ["hydra", "hydra++"])
 def test_hydra_training_gets_every_check_medusa_training_gets(capsys, no_loading, text, kind, flag, value):
     user_error(["train-heads", "--kind", kind, "--text", text, flag, value], capsys, flag)
