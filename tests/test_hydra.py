@@ -204,6 +204,19 @@ def test_a_head_sharing_the_output_layer_gives_its_blocks_output_times_the_base_
     assert rel_err(head_forward(fresh.heads[0], a), logits) < 1e-12
 
 
+def test_heads_sharing_the_output_layer_restricted_to_some_tokens_share_one_slice_of_it():
+    model = tiny_model()
+    D = model.config.dim
+    heads = shared_output_heads(model, num_heads=3)
+    keep = np.array([0, 3, 4, 10, 23])
+    small = heads.restricted(keep)
+    assert small.shared_output and small.V == 5
+    assert all(p["proj_w"] is small.heads[0]["proj_w"] and "proj_b" not in p for p in small.heads)
+    a = np.random.default_rng(2).standard_normal((3, 4 * D))
+    for i in range(3):
+        assert rel_err(small.logits(i, a[:, :(i + 2) * D]), heads.logits(i, a[:, :(i + 2) * D])[:, keep]) < 1e-12
+
+
 def shared_oracle_heads(model, ids, n, corrupt=0.2, num_heads=4, seed=0):
     """Shared-output heads rigged from the model's own greedy continuation (oracle_heads' idea): head i's residual
     projection maps h_t to a y whose product with the base output layer is about 20·onehot(seq[t+i+2]) (least
