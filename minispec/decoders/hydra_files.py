@@ -303,9 +303,10 @@ def write_hydra(heads, folder):
     The heads' stored trees go into config.json as "hydra_choices" / "hydra_choices_cuda" (what Hydra's
     --hydra-choices takes), refused where Hydra would draft another tree (hydra_tree_problem)."""
     if heads.shared_output:
-        raise UserError(f"write_hydra: these {heads.kind} heads share the base model's output layer, but zankner/Hydra's "
-                         f"{heads.arch!r} heads each own an lm head (hydra_lm_head.i, with a bias) and it has no "
-                         f"option to share the base one; keep them in minispec's format (hydra_files.save)")
+        raise UserError(f"write_hydra: these {heads.kind} heads share the base model's output layer, but "
+                         f"zankner/Hydra's {heads.arch!r} heads each own an lm head (hydra_lm_head.i, with a bias) "
+                         f"and it has no option to share the base one; keep them in minispec's format "
+                         f"(hydra_files.save)")
     trees = {k: t for k, t in (("hydra_choices", heads.choices), ("hydra_choices_cuda", heads.choices_cuda)) if t}
     for key, tree in trees.items():
         why = hydra_tree_problem(tree)
