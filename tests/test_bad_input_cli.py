@@ -38,10 +38,21 @@ def test_train_heads_out_naming_an_existing_file_fails_before_training(capsys, t
                                         ("--epochs", "0"), ("--lr", "-0.001"), ("--lr", "nan"), ("--batch", "0"),
                                         ("--budget", "-1"), ("--top-k", "0"), ("--seed", "-1"),
                                         ("--hydra-layers", "0"), ("--lm-weight", "-1"), ("--teacher-weight", "nan"),
-                                        ("--layers", "2"), ("--version", "v2")])
+                                        ("--layers", "2")])
 @pytest.mark.parametrize("kind", ["hydra", "hydra++"])
 def test_hydra_training_gets_every_check_medusa_training_gets(capsys, no_loading, text, kind, flag, value):
     user_error(["train-heads", "--kind", kind, "--text", text, flag, value], capsys, flag)
+
+
+@pytest.mark.parametrize("version,shared", [("v1", False), ("v2", True)])
+@pytest.mark.parametrize("kind", ["hydra", "hydra++"])
+def test_train_heads_version_v2_trains_hydra_heads_that_share_the_output_layer(monkeypatch, no_loading, text,
+                                                                                tmp_path, kind, version, shared):
+    import minispec.cli as cli
+    got = {}
+    monkeypatch.setattr(cli, "train_hydra", lambda *a, **k: got.update(k))
+    cli.main(["train-heads", "--kind", kind, "--text", text, "--version", version, "--out", str(tmp_path / "h")])
+    assert got["kind"] == kind and got["shared_output"] is shared
 
 
 @pytest.mark.parametrize("flag,value", [("--hydra-layers", "2"), ("--lm-weight", "0.5"), ("--teacher-weight", "1"),

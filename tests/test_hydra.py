@@ -174,6 +174,79 @@ def test_a_head_batch_gives_the_reference_logits_and_an_untrained_head_gives_the
     assert rel_err(head_forward(fresh.heads[0], a), logits) < 1e-12
 
 
+def shared_output_heads(model, arch="mlp", num_heads=3, num_layers=2, seed=0, scale=0.3):
+    """Heads sharing the base output layer, every block parameter random (the model's output layer untouched)."""
+    heads = HydraHeads.create(model, num_heads, num_layers, arch, seed=seed, shared_output=True)
+    rng = np.random.default_rng(seed)
+    for p in heads.heads:
+        for k in ("res_w", "res_b", "w1", "b1", "ws", "bs"):
+            p[k] = p[k] + (0.1 if k.endswith("b") else scale) * rng.standard_normal(p[k].shape)
+    return heads
+
+
+def test_a_head_sharing_the_output_layer_gives_its_blocks_output_times_the_base_output_layer_without_a_bias():
+    model = tiny_model()
+    D = model.config.dim
+    W_out = np.asarray(model.output).copy()                                           # [D, V]
+    heads = shared_output_heads(model, num_heads=3, num_layers=3)
+    rng = np.random.default_rng(0)
+    for i, p in enumerate(heads.heads):
+        assert "proj_b" not in p
+        a = rng.standard_normal((5, (i + 2) * D))
+        y = a @ p["res_w"] + p["res_b"] + ref_silu(a @ p["w1"] + p["b1"])         # the blocks, naively
+        for W, b in zip(p["ws"], p["bs"]):
+            y = y + ref_silu(y @ W + b)
+        assert rel_err(head_forward(p, a), y @ W_out) < 1e-12
+        assert rel_err(head_forward(p, a[:1]), y[:1] @ W_out) < 1e-12               # gemv path
+    logits, hidden = model.forward([1, 2, 3, 4], return_hidden=True)                 # untrained: the base lm head
+    fresh = HydraHeads.create(model, 2, 2, shared_output=True)
+    a = np.concatenate([hidden, model.tok_embeddings[[5, 6, 7, 8]]], axis=1)         # [T, 2D]
+    assert rel_err(head_forward(fresh.heads[0], a), logits) < 1e-12
+
+
+def test_heads_sharing_the_output_layer_restricted_to_some_tokens_share_one_slice_of_it():
+    model = tiny_model()
+    D = model.config.dim
+    heads = shared_output_heads(model, num_heads=3)
+    keep = np.array([0, 3, 4, 10, 23])
+    small = heads.restricted(keep)
+    assert small.shared_output and small.V == 5
+    assert all(p["proj_w"] is small.heads[0]["proj_w"] and "proj_b" not in p for p in small.heads)
+    a = np.random.default_rng(2).standard_normal((3, 4 * D))
+    for i in range(3):
+        assert rel_err(small.logits(i, a[:, :(i + 2) * D]), heads.logits(i, a[:, :(i + 2) * D])[:, keep]) < 1e-12
+
+
+def shared_oracle_heads(model, ids, n, corrupt=0.2, num_heads=4, seed=0):
+    """Shared-output heads rigged from the model's own greedy continuation (oracle_heads' idea): head i's residual
+    projection maps h_t to a y whose product with the base output layer is about 20·onehot(seq[t+i+2]) (least
+    squares through pinv(W_out), V <= D), a `corrupt` fraction of the targets random."""
+    heads = HydraHeads.create(model, num_heads, 1, "mlp", seed=seed, shared_output=True)
+    seq = list(ids) + generate(model, list(ids), max_new_tokens=n + num_heads + 2, eos_id=None).tokens
+    _, hidden = model.forward(seq, return_hidden=True)
+    T, D, V = len(seq) - num_heads - 2, model.config.dim, model.config.vocab_size
+    pinv_out = np.linalg.pinv(np.asarray(model.output, np.float64))                  # [V, D]
+    rng = np.random.default_rng(seed)
+    for i, p in enumerate(heads.heads):
+        target = np.array(seq[i + 2:i + 2 + T])
+        bad = rng.random(T) < corrupt
+        target[bad] = rng.integers(0, V, int(bad.sum()))
+        M = np.linalg.lstsq(np.asarray(hidden)[:T], 20.0 * np.eye(V)[target] @ pinv_out, rcond=None)[0]   # [D, D]
+        p["res_w"][...] = 0
+        p["res_w"][:D] = M
+    return heads
+
+
+@pytest.mark.parametrize("shape", ["chain", "tree"])
+def test_greedy_hydra_with_heads_sharing_the_output_layer_emits_exactly_the_ar_tokens(shape):
+    model = tiny_model(W=6, seed=3, dim=64)
+    tree = Tree.chain(4) if shape == "chain" else Tree.from_choices(BRANCHING)
+    stats = assert_lossless(model, HydraProposer(model, heads=shared_oracle_heads(model, [1, 5, 3], 40), tree=tree))
+    steps = stats.accepted[1:-1]
+    assert max(steps) == tree.max_depth + 1 and min(steps) < tree.max_depth + 1, "no full accept or no reject"
+    assert_lossless(model, HydraProposer(model, heads=shared_output_heads(model, num_heads=4, seed=3), tree=tree))
+
+
 def sensitive_heads(model, arch, seed=5):
     """Random heads whose every input block and bias moves the top-k (unit-variance pre-activations, biases of
     std 1), so that a shifted input, a wrong parent row or a dropped bias changes the proposal."""

@@ -16,8 +16,9 @@ from minispec.decoders.hydra_heads import prefix_forward
 from minispec.decoders.hydra_files import load_heads, read_hydra, save, write_hydra
 from minispec.decoders.registry import make_proposer
 from minispec.mistral.model import Model
+from minispec.errors import UserError
 from minispec.mistral.weights import CheckpointError
-from test_hydra import ARCHS, BRANCHING, random_heads, tiny_model
+from test_hydra import ARCHS, BRANCHING, random_heads, shared_output_heads, tiny_model
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -90,6 +91,45 @@ def test_writing_hydras_format_refuses_independent_blocks_that_its_shared_module
     with pytest.raises(ValueError, match=r"head 0's blocks 2\.\.3 have different weights.*shared module"):
         write_hydra(heads, tmp_path)
     write_hydra(random_heads(model, num_heads=2, num_layers=2), tmp_path)      # one block after the first: fine
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_writing_hydras_format_refuses_heads_sharing_the_output_layer_and_writes_nothing(tmp_path, arch):
+    model = tiny_model()
+    with pytest.raises(UserError, match=r"share the base model's output layer.*own an lm head"):
+        write_hydra(shared_output_heads(model, arch, num_heads=2, num_layers=1), tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_a_file_of_heads_sharing_the_output_layer_loads_heads_whose_projection_is_the_models_output_layer(tmp_path,
+                                                                                                          arch):
+    model = tiny_model()
+    heads = shared_output_heads(model, arch, num_heads=3, num_layers=2)
+    save(heads, tmp_path)
+    assert json.loads((tmp_path / "hydra_config.json").read_text())["shared_output"] is True
+    names = set(load_file(str(tmp_path / "hydra_heads.safetensors")))
+    assert names and not any("lm_head" in n for n in names)             # the blocks only
+    back = load_heads(tmp_path, model)
+    D = model.config.dim
+    a = np.random.default_rng(0).standard_normal((4, 4 * D))
+    for i, p in enumerate(back.heads):
+        assert p["proj_w"] is model.output and "proj_b" not in p
+        assert rel_err(back.logits(i, a[:, :(i + 2) * D]), heads.logits(i, a[:, :(i + 2) * D])) < 1e-6
+    own = tmp_path / "own"                                              # heads with their own projections: as before
+    save(random_heads(model, arch, num_heads=2), own)
+    assert "shared_output" not in json.loads((own / "hydra_config.json").read_text())
+    assert all(p["proj_w"] is not model.output and "proj_b" in p for p in load_heads(own, model).heads)
+    cfg = json.loads((tmp_path / "hydra_config.json").read_text())      # blocks without lm heads, flag dropped
+    del cfg["shared_output"]
+    (tmp_path / "hydra_config.json").write_text(json.dumps(cfg))
+    lm = "hydra_lm_head.0.1" if arch == "prefix-mlp" else "hydra_lm_head.0"
+    with pytest.raises(CheckpointError, match=rf"missing tensor '{re.escape(lm)}\.weight'"):
+        load_heads(tmp_path, model)
+    cfg["shared_output"] = "yes"
+    (tmp_path / "hydra_config.json").write_text(json.dumps(cfg))
+    with pytest.raises(CheckpointError, match="shared_output"):
+        load_heads(tmp_path, model)
 
 
 def test_minispec_format_keeps_trees_and_accuracies_and_the_proposer_picks_the_cpu_tree(tmp_path):

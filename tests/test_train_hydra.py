@@ -196,6 +196,27 @@ def test_hydra_head_backward_equals_finite_differences(L):
         close(g[name], numgrad(f, p[name]))
 
 
+@pytest.mark.parametrize("L", [1, 2])
+def test_a_head_sharing_the_frozen_output_layer_gets_finite_difference_gradients_and_none_for_the_projection(L):
+    from minispec.decoders.hydra_heads import head_forward
+    rng = np.random.default_rng(8 + L)
+    T, D, V, width = 4, 3, 7, 9
+    p = random_head(width, D, V, L, rng)
+    del p["proj_b"]                                          # shared: the base output layer, no bias
+    W_out = p["proj_w"]
+    a, G = rng.standard_normal((T, width)), rng.standard_normal((T, V))
+    blocks = lambda: [(p["w1"], p["b1"])] + list(zip(p["ws"], p["bs"]))         # noqa: E731
+    ref = lambda: ref_head(a, p["res_w"], p["res_b"], blocks(), W_out, 0.0)     # noqa: E731
+    logits, saved = head_forward(p, a, keep=True)
+    close(logits, ref(), 1e-12)
+    da, g = bp.hydra_head_backward(G, p, saved)
+    f = lambda: float((ref() * G).sum())                                         # noqa: E731
+    close(da, numgrad(f, a))
+    assert set(g) == set(p) - {"proj_w"}
+    for name in g:
+        close(g[name], numgrad(f, p[name]))
+
+
 def test_label_and_teacher_cross_entropies_and_their_gradients():
     rng = np.random.default_rng(5)
     B, V = 5, 6
@@ -227,7 +248,7 @@ def test_label_and_teacher_cross_entropies_and_their_gradients():
 # ---------------------------------------------------------------------------------------------------------
 # The whole loss of a batch (Hydra and Hydra++) against finite differences of a naive loss
 # ---------------------------------------------------------------------------------------------------------
-def tiny_setup(kind, num_heads=2, num_layers=2, seed=0):
+def tiny_setup(kind, num_heads=2, num_layers=2, seed=0, shared_output=False):
     from conftest import random_tensors
     from minispec.decoders.hydra_heads import HydraHeads, KIND_ARCH
     from minispec.mistral.model import Model
@@ -237,10 +258,11 @@ def tiny_setup(kind, num_heads=2, num_layers=2, seed=0):
     rng = np.random.default_rng(seed + 1)
     seqs = [(rng.integers(0, 11, n).tolist(), f) for n, f in ((9, 2), (7, 0), (10, 3))]
     data = prepare(model, seqs, num_heads)
-    heads = HydraHeads.create(model, num_heads, num_layers, KIND_ARCH[kind], seed=seed)
+    heads = HydraHeads.create(model, num_heads, num_layers, KIND_ARCH[kind], seed=seed, shared_output=shared_output)
     for p in heads.heads + ([heads.prefix] if heads.prefix is not None else []):     # away from the init's zeros
         for k, v in p.items():
-            v += 0.3 * rng.standard_normal(v.shape)
+            if v is not model.output:                                  # (a shared output layer is the model's)
+                v += 0.3 * rng.standard_normal(v.shape)
     return model, heads, data, seqs
 
 
@@ -250,6 +272,7 @@ def ref_batch_loss(model, heads, seqs, rows_of_seq, lm_w, t_w):
     ref_decoder, the heads by ref_head, inputs concat(u_t, E(x_{t+1}) .. E(x_{t+i+1}))."""
     c, E = model.config, model.tok_embeddings
     per_head = [[[], []] for _ in heads.heads]
+    shared = heads.shared_output                    # then every head's projection is the model's, with no bias
     for j, (ids, first) in enumerate(seqs):
         _, h = model.forward(ids, return_hidden=True)
         u = h if heads.prefix is None else ref_decoder(h, heads.prefix, c.n_heads, c.n_kv_heads, c.norm_eps,
@@ -260,18 +283,20 @@ def ref_batch_loss(model, heads, seqs, rows_of_seq, lm_w, t_w):
                     continue
                 a = np.concatenate([u[t]] + [E[ids[t + m]] for m in range(1, i + 2)])[None]
                 blocks = [(p["w1"], p["b1"])] + list(zip(p["ws"], p["bs"]))
-                lq = ref_logsoftmax(ref_head(a, p["res_w"], p["res_b"], blocks, p["proj_w"], p["proj_b"]))[0]
+                proj, proj_b = (model.output, 0.0) if shared else (p["proj_w"], p["proj_b"])
+                lq = ref_logsoftmax(ref_head(a, p["res_w"], p["res_b"], blocks, proj, proj_b))[0]
                 pt = np.exp(ref_logsoftmax((h[t + i + 1] @ model.output)[None]))[0]
                 per_head[i][0].append(-lq[ids[t + i + 2]])
                 per_head[i][1].append(-(pt @ lq))
     return sum(lm_w * np.mean(a) + t_w * np.mean(b) for a, b in per_head if a)
 
 
-@pytest.mark.parametrize("kind,lm_w,t_w", [("hydra", 1.0, 0.0), ("hydra", 0.7, 0.4), ("hydra++", 0.0, 1.0),
-                                           ("hydra++", 1.0, 0.5)])
-def test_batch_loss_gradients_equal_finite_differences_of_a_naive_loss(kind, lm_w, t_w):
+@pytest.mark.parametrize("kind,lm_w,t_w,shared", [("hydra", 1.0, 0.0, False), ("hydra", 0.7, 0.4, False),
+                                                  ("hydra++", 0.0, 1.0, False), ("hydra++", 1.0, 0.5, False),
+                                                  ("hydra", 1.0, 0.0, True), ("hydra++", 0.6, 0.5, True)])
+def test_batch_loss_gradients_equal_finite_differences_of_a_naive_loss(kind, lm_w, t_w, shared):
     from minispec.training.train_hydra import HydraTrainConfig, batch_loss, param_dict
-    model, heads, data, seqs = tiny_setup(kind)
+    model, heads, data, seqs = tiny_setup(kind, shared_output=shared)
     cfg = HydraTrainConfig(lm_weight=lm_w, teacher_weight=t_w)
     starts = [s for s, _ in data["seqs"]]
     if kind == "hydra":                       # positions from two sequences, one row without any label
@@ -286,6 +311,7 @@ def test_batch_loss_gradients_equal_finite_differences_of_a_naive_loss(kind, lm_
     assert abs(loss - ref()) < 1e-10
     params = param_dict(heads)
     assert set(grads) == set(params)
+    assert not any(p is model.output for p in params.values()) if shared else "head.0.proj_w" in params
     rng = np.random.default_rng(7)
     for name, p in params.items():            # 6 random entries of every trained array
         entries = [tuple(rng.integers(0, n) for n in p.shape) for _ in range(6)]
@@ -316,6 +342,16 @@ def test_training_resumed_from_a_checkpoint_equals_uninterrupted_training(kind, 
     for name in pa:
         assert np.array_equal(pa[name], pc[name]), name
     assert hist_a[-1] < hist_a[0]             # and it learns
+
+
+def test_training_heads_that_share_the_output_layer_leaves_the_models_output_layer_as_it_was():
+    from minispec.training.train_hydra import HydraTrainConfig, train
+    model, heads, data, _ = tiny_setup("hydra", shared_output=True)
+    before = np.array(model.output)
+    hist = train(heads, data, HydraTrainConfig(epochs=3, batch=4, lr=1e-2, seed=3), progress=False)
+    assert hist[-1] < hist[0]                                   # it learns
+    assert np.array_equal(model.output, before)
+    assert all(p["proj_w"] is model.output for p in heads.heads)
 
 
 def test_the_fused_head_loss_is_the_weighted_sum_of_the_two_cross_entropies():

@@ -153,9 +153,8 @@ def check_train_heads(args):
                                     ("--checkpoint", args.checkpoint)) if v is not None]
     if not hydra and ignored:
         raise UserError(f"argument {ignored[0]}: applies to --kind hydra and hydra++ only, not {args.kind}")
-    if hydra and (args.layers != 1 or args.version != "v1"):
-        flag = "--layers" if args.layers != 1 else "--version"
-        raise UserError(f"argument {flag}: applies to --kind medusa only (Hydra's blocks per head: --hydra-layers)")
+    if hydra and args.layers != 1:
+        raise UserError("argument --layers: applies to --kind medusa only (Hydra's blocks per head: --hydra-layers)")
     flags = {"n_tokens": "--tokens", "num_layers": "--hydra-layers" if hydra else "--layers",
              "lm_weight": "--lm-weight", "teacher_weight": "--teacher-weight", "data_cache": "--data-cache",
              "checkpoint": "--checkpoint", "out": "--out"}
@@ -198,7 +197,7 @@ def cmd_train_hydra(args):
                 data=args.data, text=args.text, data_cache=args.data_cache, n_tokens=args.tokens,
                 seq_len=args.seq_len, epochs=args.epochs, lr=args.lr, batch=args.batch, lm_weight=args.lm_weight,
                 teacher_weight=args.teacher_weight, budget=args.budget, top_k=args.top_k, seed=args.seed,
-                device=args.device, dtype=args.dtype, checkpoint=args.checkpoint)
+                device=args.device, dtype=args.dtype, checkpoint=args.checkpoint, shared_output=args.version == "v2")
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -260,7 +259,8 @@ def build_parser():
     t.add_argument("--kind", default="medusa", choices=["medusa", "hydra", "hydra++"], help="which heads")
     _model_arg(t)
     t.add_argument("--version", default="v1", choices=list(VERSIONS),
-                   help="v1: each head owns a vocabulary projection; v2: heads share the model's output layer")
+                   help="v1: each head owns a vocabulary projection; v2: heads share the model's output layer "
+                        "(Medusa and Hydra alike)")
     t.add_argument("--heads", type=int, default=4, help="K heads (head k predicts the token k + 2 ahead)")
     t.add_argument("--layers", type=int, default=1, help="residual blocks per head")
     t.add_argument("--data", default="corpus", choices=["corpus", "self"],

@@ -1,6 +1,11 @@
 """Hydra head files: minispec's own format and zankner/Hydra's, both named like zankner/Hydra's modules.
 
 minispec's format, a folder:  hydra_config.json (kind, arch, sizes, trees, accuracies) + hydra_heads.safetensors.
+Heads that share the base model's output layer (minispec's own variant, hydra_heads.py) say so in the config,
+"shared_output": true, and their file has no hydra_lm_head tensors; without the key a file is read as before
+(every head owns a projection with a bias). The flag, not the absence of tensors, decides, so that a file that
+lost its lm-head tensors is refused (missing tensor) rather than silently read as another architecture, and the
+config says what the heads are, as medusa_config.json's "version" does for Medusa's v2 heads.
 zankner/Hydra's format, a folder:  config.json (HydraConfig: hydra_num_heads, hydra_num_layers, hydra_head_arch
 "mlp" | "prefix-mlp", grounded_heads, hidden_state_offset, base_model_name_or_path) + the state dict of its
 `hydra_head` module (HydraMLP or HydraPrefixMLP), which Hydra saves with torch.save as hydra_lm_head.pt; minispec
@@ -23,6 +28,8 @@ Tensor names ((out, in) orientation, as torch's nn.Linear stores them), head i, 
   [V, D] (the base embedding, registered as a submodule of the head), and for "prefix-mlp"
   prefix_embeding_layer.embed_tokens.weight [V, D] (unused: the layer is fed inputs_embeds) and
   prefix_embeding_layer.layers.0.self_attn.rotary_emb.inv_freq [Dh/2] (a persistent buffer).
+zankner/Hydra's "mlp" and "prefix-mlp" heads always own their lm heads (nn.Linear with a bias; only its other
+archs, "cross-attn" and "eagle-attn", call the base lm_head), so writing Hydra's format refuses shared heads.
 Blocks 2..L of zankner/Hydra share one module (a Python list product): reading gives equal independent blocks;
 writing Hydra's format refuses heads whose blocks 2..L differ (Hydra would keep only one of them).
 Writing also puts the heads' stored trees in config.json as "hydra_choices" / "hydra_choices_cuda" (the list
@@ -61,8 +68,9 @@ def lm_head_name(arch, i):
     return f"hydra_lm_head.{i}.1" if arch == "prefix-mlp" else f"hydra_lm_head.{i}"
 
 
-def state_dict_shapes(arch, num_heads, num_layers, config, hydra_extras=False):
-    """{zankner/Hydra tensor name: (out, in) shape}; hydra_extras: also the tensors only Hydra's modules hold."""
+def state_dict_shapes(arch, num_heads, num_layers, config, hydra_extras=False, shared_output=False):
+    """{zankner/Hydra tensor name: (out, in) shape}; hydra_extras: also the tensors only Hydra's modules hold;
+    shared_output: no lm-head tensors (the heads use the base output layer)."""
     if arch not in ARCHS:
         raise UserError(f"Hydra head arch must be one of {ARCHS}, not {arch!r}")
     D, V, H, Hkv, Dh, F = (config.dim, config.vocab_size, config.n_heads, config.n_kv_heads, config.head_dim,
@@ -75,7 +83,8 @@ def state_dict_shapes(arch, num_heads, num_layers, config, hydra_extras=False):
         for l in range(1, num_layers):
             bl = f"hydra_mlp.{i}.{block_index(arch, l)}"
             shapes.update({f"{bl}.linear.weight": (D, D), f"{bl}.linear.bias": (D,)})
-        shapes.update({f"{lm_head_name(arch, i)}.weight": (V, D), f"{lm_head_name(arch, i)}.bias": (V,)})
+        if not shared_output:
+            shapes.update({f"{lm_head_name(arch, i)}.weight": (V, D), f"{lm_head_name(arch, i)}.bias": (V,)})
     if arch == "prefix-mlp":
         shapes.update({LAYER + "self_attn.q_proj.weight": (H * Dh, D), LAYER + "self_attn.k_proj.weight": (Hkv * Dh, D),
                        LAYER + "self_attn.v_proj.weight": (Hkv * Dh, D), LAYER + "self_attn.o_proj.weight": (D, H * Dh),
@@ -99,7 +108,8 @@ def inv_freq(config):
 # state dict <-> HydraHeads
 # ---------------------------------------------------------------------------------------------------------
 def state_dict(heads, dtype=np.float32, hydra_extras=False):
-    """{zankner/Hydra name: host array, (out, in)}; hydra_extras: the extra tensors Hydra's modules need."""
+    """{zankner/Hydra name: host array, (out, in)}; hydra_extras: the extra tensors Hydra's modules need. Heads
+    with a shared output layer have no lm-head tensors (the layer is the base model's)."""
     arch, c = heads.arch, heads.model_config
     t = lambda a: np.ascontiguousarray(to_host(a).T, dtype=dtype)            # noqa: E731 (in, out) -> (out, in)
     v = lambda a: np.ascontiguousarray(to_host(a), dtype=dtype)              # noqa: E731
@@ -111,7 +121,9 @@ def state_dict(heads, dtype=np.float32, hydra_extras=False):
         for l in range(1, heads.L):
             bl = f"hydra_mlp.{i}.{block_index(arch, l)}"
             out.update({f"{bl}.linear.weight": t(p["ws"][l - 1]), f"{bl}.linear.bias": v(p["bs"][l - 1])})
-        out.update({f"{lm_head_name(arch, i)}.weight": t(p["proj_w"]), f"{lm_head_name(arch, i)}.bias": v(p["proj_b"])})
+        if not heads.shared_output:
+            out.update({f"{lm_head_name(arch, i)}.weight": t(p["proj_w"]),
+                        f"{lm_head_name(arch, i)}.bias": v(p["proj_b"])})
     if heads.prefix is not None:
         p, H, Hkv, Dh = heads.prefix, c.n_heads, c.n_kv_heads, c.head_dim
         wqkv, w13, F = to_host(p["wqkv"]), to_host(p["w13"]), c.hidden_dim
@@ -131,15 +143,17 @@ def state_dict(heads, dtype=np.float32, hydra_extras=False):
     return out
 
 
-def from_state_dict(model, tensors, arch, num_heads, num_layers, source="state dict"):
+def from_state_dict(model, tensors, arch, num_heads, num_layers, source="state dict", shared_output=False):
     """HydraHeads from zankner/Hydra-named host tensors (out, in), transposed once to (in, out), onto the model's
     device and dtype. Every expected tensor must be there with its shape; Hydra's extra tensors may be (the
-    rotary buffer must then match the model's rope_theta); anything else is an error."""
+    rotary buffer must then match the model's rope_theta); anything else is an error. shared_output: heads whose
+    projection is the model's output layer (no lm-head tensors expected, and one is an error)."""
     c, xp, dt = model.config, model.xp, model.dtype
-    expected = state_dict_shapes(arch, num_heads, num_layers, c)
-    optional = {k: s for k, s in state_dict_shapes(arch, num_heads, num_layers, c, True).items() if k not in expected}
-    check_tensors(tensors, expected, source, f"Hydra {arch}, {num_heads} heads x {num_layers} layers, D={c.dim}, "
-                  f"V={c.vocab_size}", optional)
+    expected = state_dict_shapes(arch, num_heads, num_layers, c, shared_output=shared_output)
+    optional = {k: s for k, s in state_dict_shapes(arch, num_heads, num_layers, c, True, shared_output).items()
+                if k not in expected}
+    what = f"Hydra {arch}{', shared output layer' if shared_output else ''}, {num_heads} heads x {num_layers} layers"
+    check_tensors(tensors, expected, source, f"{what}, D={c.dim}, V={c.vocab_size}", optional)
     rot = LAYER + "self_attn.rotary_emb.inv_freq"
     if rot in tensors and not np.allclose(np.asarray(tensors[rot], np.float64), inv_freq(c), rtol=1e-5):
         raise CheckpointError(f"{source}: {rot} does not match the base model's rope_theta = {c.rope_theta}")
@@ -159,10 +173,11 @@ def from_state_dict(model, tensors, arch, num_heads, num_layers, source="state d
             bl = f"hydra_mlp.{i}.{block_index(arch, l)}"
             ws[l - 1] = np.asarray(tensors[f"{bl}.linear.weight"], dt).T
             bs[l - 1] = np.asarray(tensors[f"{bl}.linear.bias"], dt)
-        heads.append({"res_w": T(f"{b0}.res_connection.weight"), "res_b": put(tensors[f"{b0}.res_connection.bias"]),
-                      "w1": T(f"{b0}.linear.weight"), "b1": put(tensors[f"{b0}.linear.bias"]), "ws": put(ws),
-                      "bs": put(bs), "proj_w": T(f"{lm_head_name(arch, i)}.weight"),
-                      "proj_b": put(tensors[f"{lm_head_name(arch, i)}.bias"])})
+        p = {"res_w": T(f"{b0}.res_connection.weight"), "res_b": put(tensors[f"{b0}.res_connection.bias"]),
+             "w1": T(f"{b0}.linear.weight"), "b1": put(tensors[f"{b0}.linear.bias"]), "ws": put(ws), "bs": put(bs)}
+        if not shared_output:          # (shared: HydraHeads puts the model's output layer in)
+            p.update(proj_w=T(f"{lm_head_name(arch, i)}.weight"), proj_b=put(tensors[f"{lm_head_name(arch, i)}.bias"]))
+        heads.append(p)
     prefix = None
     if arch == "prefix-mlp":
         g = lambda n: np.asarray(tensors[LAYER + n], dt)                                   # noqa: E731
@@ -174,15 +189,17 @@ def from_state_dict(model, tensors, arch, num_heads, num_layers, source="state d
                   "w13": put(np.concatenate([g("mlp.gate_proj.weight"), g("mlp.up_proj.weight")]).T),   # [D, 2F]
                   "w2": put(g("mlp.down_proj.weight").T),                                   # [F, D]
                   "norm": put(tensors[PREFIX + "norm.weight"])}
-    return HydraHeads(heads, prefix, model, arch)
+    return HydraHeads(heads, prefix, model, arch, shared_output=shared_output)
 
 
 # ---------------------------------------------------------------------------------------------------------
 # minispec's format
 # ---------------------------------------------------------------------------------------------------------
 def config(heads):
-    """The heads' hydra_config.json entries."""
-    return {"kind": heads.kind, "arch": heads.arch, "num_heads": heads.K, "num_layers": heads.L,
+    """The heads' hydra_config.json entries ("shared_output" only for heads that share the output layer, so
+    that other heads' files stay as they were)."""
+    shared = {"shared_output": True} if heads.shared_output else {}
+    return {"kind": heads.kind, "arch": heads.arch, **shared, "num_heads": heads.K, "num_layers": heads.L,
             "hidden_size": heads.D, "vocab_size": heads.V, "tree": heads.choices, "tree_cuda": heads.choices_cuda,
             "accuracies": heads.accuracies, "base_model": heads.base_model}
 
@@ -194,19 +211,22 @@ def save(heads, folder, extra=None, dtype=np.float32):
 
 def load(folder, model):
     """Heads saved by `save`, onto the model's device and dtype (sizes must match the model). Every key of
-    hydra_config.json is checked: kind "hydra" | "hydra++" and arch its own ("mlp" | "prefix-mlp"), num_heads
-    >= 1, num_layers >= 1, hidden_size and vocab_size the model's, the trees, accuracies and base_model."""
+    hydra_config.json is checked: kind "hydra" | "hydra++" and arch its own ("mlp" | "prefix-mlp"), shared_output
+    (optional, default false), num_heads >= 1, num_layers >= 1, hidden_size and vocab_size the model's, the trees,
+    accuracies and base_model."""
     folder = Path(folder)
     f = Fields(read_json(folder / CONFIG_NAME, expect=dict), folder / CONFIG_NAME, CheckpointError)
     kind = f.choice("kind", tuple(KIND_ARCH))
     arch = f.choice("arch", ARCHS)
     if arch != KIND_ARCH[kind]:
         raise CheckpointError(f"{folder / CONFIG_NAME}: kind {kind!r} has arch {KIND_ARCH[kind]!r}, not {arch!r}")
+    shared = f.flag("shared_output", default=False)
     num_heads, num_layers = f.int("num_heads", low=1), f.int("num_layers", low=1)
     check_head_sizes(f, model)
     tensors = read_safetensors(folder / WEIGHTS_NAME)
     check_fits(tensors, model, folder / WEIGHTS_NAME)
-    heads = from_state_dict(model, tensors, arch, num_heads, num_layers, source=str(folder / WEIGHTS_NAME))
+    heads = from_state_dict(model, tensors, arch, num_heads, num_layers, source=str(folder / WEIGHTS_NAME),
+                            shared_output=shared)
     return read_head_trees(heads, f)
 
 
@@ -278,9 +298,15 @@ def hydra_tree_problem(choices):
 
 def write_hydra(heads, folder):
     """zankner/Hydra's layout: config.json + hydra_lm_head.safetensors (float32, with the extra tensors its
-    modules hold, so that load_state_dict(strict=True) accepts it). Refuses heads whose blocks 2..L differ.
+    modules hold, so that load_state_dict(strict=True) accepts it). Refuses heads that share the base output
+    layer (Hydra's "mlp" / "prefix-mlp" heads own theirs) and heads whose blocks 2..L differ.
     The heads' stored trees go into config.json as "hydra_choices" / "hydra_choices_cuda" (what Hydra's
     --hydra-choices takes), refused where Hydra would draft another tree (hydra_tree_problem)."""
+    if heads.shared_output:
+        raise UserError(f"write_hydra: these {heads.kind} heads share the base model's output layer, but "
+                         f"zankner/Hydra's {heads.arch!r} heads each own an lm head (hydra_lm_head.i, with a bias) "
+                         f"and it has no option to share the base one; keep them in minispec's format "
+                         f"(hydra_files.save)")
     trees = {k: t for k, t in (("hydra_choices", heads.choices), ("hydra_choices_cuda", heads.choices_cuda)) if t}
     for key, tree in trees.items():
         why = hydra_tree_problem(tree)

@@ -8,11 +8,16 @@ already on the path (the paper's Hydra heads; section numbers are not cited here
     a_i = concat(h_t, E(x_{t+1}), ..., E(x_{t+i+1}))                        [(i+2)·D]
     y_1 = res_i(a_i) + silu(a_i W_1 + b_1)                                  [D]   block 1: width (i+2)D -> D
     y_l = y_{l-1} + silu(y_{l-1} W_l + b_l)      (l = 2 .. num_layers)      [D]
-    logits_i = y_L P_i + c_i                                                [V]
+    logits_i = y_L P_i + c_i                                                [V]   (shared output: y_L W_out)
 
 h_t is the base model's final-norm hidden state, E the base model's own embedding table, x_{t+1} the root
 (the base model's own next token, already chosen) and x_{t+2} ... the tokens drafted along the path. W_1 starts
 at zero, res_i is a learned Linear((i+2)D -> D), P_i starts as a copy of the base output layer.
+
+Shared output layer (minispec's own variant, like Medusa's "v2"; `HydraHeads(..., shared_output=True)`): every
+head's projection IS the base model's frozen output layer W_out [D, V] (the same array, not a copy) and there is
+no bias c_i, so a head owns only its blocks. One [D, V] matrix serves the heads and the verifier alike: on a CPU
+whose cache holds the model, a proposal no longer reads a private 192 x 4096 projection per head call.
 
 Hydra++ (the paper's tuned recipe with a prefix attention layer, zankner/Hydra's head arch "prefix-mlp")
 replaces h_t by the output of one extra decoder layer run over the base model's final-norm hidden states: here one Mistral
@@ -24,7 +29,8 @@ Head i (HydraHeads.heads[i], a dict), L = num_layers, I = (i+2)·D:
     "res_w" [I, D]   "res_b" [D]            res_i, block 1's residual projection
     "w1"    [I, D]   "b1"    [D]            block 1's linear (zero at init)
     "ws"    [L-1, D, D]  "bs" [L-1, D]      blocks 2..L, each its own weights (see "shared blocks" below)
-    "proj_w" [D, V]  "proj_b" [V]           the vocabulary projection with its bias
+    "proj_w" [D, V]  "proj_b" [V]           the vocabulary projection with its bias (shared output: "proj_w"
+                                            is the model's output layer itself and there is no "proj_b")
 Prefix layer (HydraHeads.prefix, a dict, None for plain Hydra), the layout of minispec.mistral.model's layers:
     "attention_norm" [D]   "wqkv" [D, (H + 2Hkv)·Dh] (q | k | v columns)   "wo" [H·Dh, D]
     "ffn_norm" [D]         "w13" [D, 2F] (w1 | w3 columns)                  "w2" [F, D]
@@ -75,14 +81,17 @@ def head_forward(p, a, keep=False):
         y = y + silu(z)                                                      # [B, D] blocks 2..L
         zs.append(z)
         ys.append(y)
-    logits = linear(y, p["proj_w"]) + p["proj_b"]                            # [B, V]
+    logits = linear(y, p["proj_w"])                                          # [B, V]
+    if "proj_b" in p:                                                        # no bias with a shared output layer
+        logits += p["proj_b"]
     return (logits, {"a": a, "r": r, "z": zs, "y": ys}) if keep else logits
 
 
-def init_head(model, i, num_layers, rng=None, scale=0.0):
+def init_head(model, i, num_layers, rng=None, scale=0.0, shared_output=False):
     """Head i before training: W_1 = 0 and blocks 2..L zero (silu(0) = 0: blocks 2..L are the identity), c_i = 0,
     P_i = the base output layer, res_i = [I_D; 0] (it passes h_t through; zankner/Hydra leaves res_i at torch's
-    random default init instead) plus `scale` times standard normal noise drawn from rng."""
+    random default init instead) plus `scale` times standard normal noise drawn from rng. shared_output: P_i is
+    the model's output layer itself (not a copy) and the head has no bias."""
     xp, dt, D, V = model.xp, model.dtype, model.config.dim, model.config.vocab_size
     I = head_input_width(i, D)
     res_w = np.zeros((I, D))
@@ -90,10 +99,12 @@ def init_head(model, i, num_layers, rng=None, scale=0.0):
     if scale:
         res_w += scale * (rng or np.random.default_rng(i)).standard_normal((I, D))
     put = lambda a: xp.asarray(np.asarray(a, dtype=dt))                      # noqa: E731
-    return {"res_w": put(res_w), "res_b": xp.zeros(D, dt),                   # [I, D], [D]
-            "w1": xp.zeros((I, D), dt), "b1": xp.zeros(D, dt),               # [I, D], [D]
-            "ws": xp.zeros((num_layers - 1, D, D), dt), "bs": xp.zeros((num_layers - 1, D), dt),
-            "proj_w": model.output.copy(), "proj_b": xp.zeros(V, dt)}        # [D, V], [V]
+    p = {"res_w": put(res_w), "res_b": xp.zeros(D, dt),                      # [I, D], [D]
+         "w1": xp.zeros((I, D), dt), "b1": xp.zeros(D, dt),                  # [I, D], [D]
+         "ws": xp.zeros((num_layers - 1, D, D), dt), "bs": xp.zeros((num_layers - 1, D), dt)}
+    if shared_output:
+        return dict(p, proj_w=model.output)                                  # [D, V], the model's own
+    return dict(p, proj_w=model.output.copy(), proj_b=xp.zeros(V, dt))      # [D, V], [V]
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -156,9 +167,12 @@ class HydraHeads:
     heads: list of K parameter dicts (module docstring); prefix: the prefix layer's dict or None; embed: the base
     model's embedding table [V, D] (shared, not owned); model_config: the base model's MistralConfig (its D, V, and
     the prefix layer's shapes); choices / choices_cuda: stored trees (Medusa's choices)
-    for the CPU and for GPUs; accuracies [K][k]: the measured top-k accuracies they were built from."""
+    for the CPU and for GPUs; accuracies [K][k]: the measured top-k accuracies they were built from.
+    shared_output: every head's projection is the model's output layer (set here: the head dicts must have no
+    "proj_b"; their "proj_w", if any, is replaced by model.output)."""
 
-    def __init__(self, heads, prefix, model, arch=None, choices=(), choices_cuda=None, accuracies=None):
+    def __init__(self, heads, prefix, model, arch=None, choices=(), choices_cuda=None, accuracies=None,
+                 shared_output=False):
         arch = arch or ("mlp" if prefix is None else "prefix-mlp")
         if arch not in ARCHS:
             raise UserError(f"Hydra head arch must be one of {ARCHS}, not {arch!r}")
@@ -166,6 +180,11 @@ class HydraHeads:
             raise UserError(f"Hydra arch {arch!r}: " + ("needs a prefix layer" if prefix is None
                                                          else "has no prefix layer"))
         self.heads, self.prefix, self.arch = list(heads), prefix, arch
+        self.shared_output = bool(shared_output)
+        if self.shared_output:
+            if any("proj_b" in p for p in self.heads):
+                raise UserError("Hydra heads with a shared output layer have no projection bias (proj_b)")
+            self.heads = [dict(p, proj_w=model.output) for p in self.heads]           # [D, V], the model's own
         self.model_config, self.embed, self.xp = model.config, model.tok_embeddings, model.xp
         self.choices = [list(map(int, c)) for c in choices]
         self.choices_cuda = [list(map(int, c)) for c in choices_cuda] if choices_cuda else None
@@ -194,22 +213,28 @@ class HydraHeads:
         return "hydra" if self.arch == "mlp" else "hydra++"
 
     @classmethod
-    def create(cls, model, num_heads=4, num_layers=1, arch="mlp", seed=0):
-        """Untrained heads (init_head for each head; a random prefix layer for "prefix-mlp")."""
+    def create(cls, model, num_heads=4, num_layers=1, arch="mlp", seed=0, shared_output=False):
+        """Untrained heads (init_head for each head; a random prefix layer for "prefix-mlp"); shared_output: heads
+        whose projection is the model's output layer."""
         if num_heads < 1 or num_layers < 1:
             raise UserError(f"Hydra: need num_heads >= 1 and num_layers >= 1, got {num_heads}, {num_layers}")
         rng = np.random.default_rng(seed)
-        heads = [init_head(model, i, num_layers) for i in range(num_heads)]
+        heads = [init_head(model, i, num_layers, shared_output=shared_output) for i in range(num_heads)]
         prefix = init_prefix(model, rng) if arch == "prefix-mlp" else None
-        return cls(heads, prefix, model, arch)
+        return cls(heads, prefix, model, arch, shared_output=shared_output)
 
     def restricted(self, keep):
         """These heads drafting only among the tokens keep [M] (host int64, sorted; head_vocab.py): every head's
-        projection [D, M] and bias [M] sliced to those columns; the blocks and the prefix layer are shared."""
+        projection [D, M] and bias [M] sliced to those columns; the blocks and the prefix layer are shared (a
+        shared output layer is sliced once, and the heads share the slice)."""
         out = object.__new__(HydraHeads)
         out.__dict__.update(self.__dict__)
-        out.heads = [dict(p, proj_w=slice_columns(self.xp, p["proj_w"], keep),
-                          proj_b=slice_columns(self.xp, p["proj_b"], keep)) for p in self.heads]
+        if self.shared_output:
+            w = slice_columns(self.xp, self.heads[0]["proj_w"], keep)                  # [D, M]
+            out.heads = [dict(p, proj_w=w) for p in self.heads]
+        else:
+            out.heads = [dict(p, proj_w=slice_columns(self.xp, p["proj_w"], keep),
+                              proj_b=slice_columns(self.xp, p["proj_b"], keep)) for p in self.heads]
         out.keep = keep
         return out
 

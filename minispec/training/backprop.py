@@ -211,11 +211,16 @@ def hydra_head_backward(dlogits, p, saved):
         block 1:  dz_1 = dy_1 ⊙ silu'(z_1),  dW_1 = aᵀ dz_1,  db_1 = sum dz_1,  dres_w = aᵀ dy_1,
                   dres_b = sum dy_1,  da = dy_1 res_wᵀ + dz_1 W_1ᵀ
 
-    dlogits [T, V] -> (da [T, (i+2)D], {name: gradient} with the shapes of p)."""
+    A head that shares the base output layer (no "proj_b" in p: hydra_heads.py) trains no projection: dP and dc
+    are neither computed nor returned, and dy_L = dlogits W_outᵀ all the same.
+    dlogits [T, V] -> (da [T, (i+2)D], {name: gradient} with the shapes of p's trained arrays)."""
     a, zs, ys = saved["a"], saved["z"], saved["y"]
+    own = "proj_b" in p
     # blocks L .. 2 and the output layer are a Medusa head's residual blocks (inputs y_1 .. y_{L-1}): its backward
-    g = {"proj_b": dlogits.sum(axis=0)}                                         # [V]
-    g["ws"], g["bs"], g["proj_w"], dy = head_backward(dlogits, (ys, zs[1:]), p["ws"], p["proj_w"])
+    g = {"proj_b": dlogits.sum(axis=0)} if own else {}                          # [V]
+    g["ws"], g["bs"], dP, dy = head_backward(dlogits, (ys, zs[1:]), p["ws"], p["proj_w"], grad_proj=own)
+    if own:
+        g["proj_w"] = dP                                                        # [D, V]
     dz = dy * silu_grad(zs[0])                                                  # [T, D]
     g["w1"], g["b1"] = a.T @ dz, dz.sum(axis=0)                                 # [(i+2)D, D], [D]
     g["res_w"], g["res_b"] = a.T @ dy, dy.sum(axis=0)

@@ -147,8 +147,10 @@ def batch_loss(heads, data, rows_h, seqs, cfg, rng=None):
 # ---------------------------------------------------------------------------------------------------------
 def param_dict(heads):
     """{"head.{i}.{name}": array, "prefix.{name}": array}: views of the heads' own arrays (updated in place);
-    arrays with no entries (ws/bs of 1-block heads) are left out."""
-    return named(heads.heads, heads.prefix)
+    arrays with no entries (ws/bs of 1-block heads) are left out, and so is a shared output layer (the base
+    model's, frozen: "proj_w" of heads.shared_output heads)."""
+    frozen = ("proj_w",) if heads.shared_output else ()
+    return named([{k: v for k, v in p.items() if k not in frozen} for p in heads.heads], heads.prefix)
 
 
 def named(head_dicts, prefix_dict):
@@ -287,13 +289,14 @@ def train_hydra(model_dir, kind="hydra", out=None, num_heads=4, num_layers=None,
                 data_cache=None, n_tokens=150_000, seq_len=512, epochs=2, lr=1e-3, batch=256, lm_weight=None,
                 teacher_weight=None, budget=10, gpu_budget=32, top_k=10, heldout=0.1, seed=0, device="auto",
                 dtype="float32", prompt_len=16, gen_len=112, checkpoint=None, weight_decay=0.0, dropout=0.0,
-                extra_data=(), progress=True):
+                extra_data=(), shared_output=False, progress=True):
     """Train Hydra (kind "hydra") or Hydra++ ("hydra++") heads for the model in model_dir and save them
     (default <model_dir>/<kind>/, float16), with trees built from their held-out accuracies (`budget` nodes
     for "tree", `gpu_budget` for "tree_cuda"). Defaults per kind: hydra 1 block, lm 1 / teacher 0; hydra++
     4 blocks, lm 0 / teacher 1 (zankner/Hydra's Hydra++ recipe). weight_decay, dropout: HydraTrainConfig's.
     extra_data: more .npz sequence caches (save_sequences' format), added to the training split only, so the
-    held-out sequences stay those of `data_cache` / the generated data. Returns (heads, report dict)."""
+    held-out sequences stay those of `data_cache` / the generated data. shared_output: heads whose projection is
+    the model's frozen output layer (hydra_heads.py), trained without it. Returns (heads, report dict)."""
 
     num_layers, lm_weight, teacher_weight, text = check_hydra_training(
         kind, num_heads, num_layers, data, text, data_cache, n_tokens, seq_len, epochs, lr, batch, lm_weight,
@@ -320,7 +323,7 @@ def train_hydra(model_dir, kind="hydra", out=None, num_heads=4, num_layers=None,
     train_d, held_d = prepare(model, train_seqs, num_heads), prepare(model, held_seqs, num_heads)
     t_data = time.time()
 
-    heads = HydraHeads.create(model, num_heads, num_layers, KIND_ARCH[kind], seed=seed)
+    heads = HydraHeads.create(model, num_heads, num_layers, KIND_ARCH[kind], seed=seed, shared_output=shared_output)
     heads.base_model = Path(model_dir).resolve().name
     _, before = heldout_ranks(heads, held_d, top_k)
     cfg = HydraTrainConfig(epochs=epochs, lr=lr, batch=batch, lm_weight=lm_weight, teacher_weight=teacher_weight,
@@ -343,7 +346,7 @@ def train_hydra(model_dir, kind="hydra", out=None, num_heads=4, num_layers=None,
     report = {"data": data, "text": text_record(text), "sequences": len(seqs),
               "train_tokens": int(train_d["hidden"].shape[0]), "heldout_tokens": int(held_d["hidden"].shape[0]),
               "epochs": epochs, "lr": lr, "batch": batch, "lm_weight": lm_weight, "teacher_weight": teacher_weight,
-              "weight_decay": weight_decay, "dropout": dropout,
+              "weight_decay": weight_decay, "dropout": dropout, **({"shared_output": True} if shared_output else {}),
               "seed": seed, "steps": steps, "final_train_loss": round(history[-1], 4) if history else None,
               "heldout_ce_before": np.round(before, 4).tolist(), "heldout_ce_after": np.round(after, 4).tolist(),
               "budget": budget, "expected_tau": round(tau, 4), "teacher_forced_tau": round(tf_tau, 4),
