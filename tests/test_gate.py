@@ -17,7 +17,11 @@ from minispec.mistral.model import load
 from minispec.speculative.acceptance import make_rule
 from minispec.speculative.costs import measure_steps
 from minispec.speculative.exact_law import autoregressive_law, autoregressive_step, step_law, topk_tree, tv
+from minispec.bench import heldout_prompts
+from minispec.bench.gate_trace import gate_like, gate_trace
+from minispec.mistral.tokenizer import Tokenizer
 from minispec.decoders.draft_verify import SkipSet
+from minispec.decoders.hydra import PrefixCost
 from minispec.speculative.gate import DraftGate, best_schedule, replay_gate, trace_step
 from minispec.speculative.loop import Stats
 from minispec.speculative.tree import Tree
@@ -77,6 +81,35 @@ def test_the_best_schedule_drafts_only_where_it_pays_worked_by_hand():
     assert best_schedule(trace[2:]) == (1.5, 1)
     always = DraftGate(costs={1: 1.0}, enabled=False)              # always drafts: 0 (3 tokens), then 3 (plain)
     assert replay_gate(trace, always) == (3.0, 1, 1)
+
+
+REPLAYED = [("medusa", {}), ("hydra++", {}), ("draft_verify", dict(adaptive=False, draft_cost=0.4, gamma0=0.3))]
+
+
+@pytest.mark.parametrize("name,opts", REPLAYED)
+def test_a_replayed_trace_decides_and_prices_as_the_gated_decoder_itself(model, name, opts):
+    """minispec.bench.gate_trace records, at every position of a plain greedy decode, what drafting there gives
+    and costs; replaying a gate over it must make the very decisions, and sum the very modelled costs, of a real
+    decode with that gate (Hydra++: with its per-row catch-up charge; Draft & Verify: with its one-token probes)."""
+    ids, n = heldout_prompts(MODEL, Tokenizer.from_dir(MODEL), 1)[0], 64
+    costs = {1: 1.0, 2: 1.2, 3: 1.35, 4: 1.5, 9: 2.5}
+
+    def build():
+        gate = DraftGate(costs=costs, proposal=0.0 if name == "draft_verify" else 0.3)
+        prop = make_proposer(name, model, gate=gate, **opts)
+        if name == "hydra++":
+            prop.prefix_cost = PrefixCost(0.1, 0.05, (1, 33))
+        return prop, gate
+    prop, gate = build()
+    real = generate(model, ids, decoder=prop, max_new_tokens=n, eos_id=None)
+    traced, traced_gate = build()
+    trace, tokens = gate_trace(model, traced, ids, n)
+    assert tokens == real.tokens
+    replayed = gate_like(traced_gate)
+    cost, drafted, plain = replay_gate(trace, replayed)
+    assert cost == pytest.approx(real.stats.counters["model.step_cost"], abs=1e-9)
+    assert drafted == sum(1 for k in real.stats.drafted if k > 0) and 0 < drafted < real.stats.steps - 1
+    assert [d for d in replayed.history] == gate.history[:len(replayed.history)]
 
 
 def test_failing_probes_double_the_wait_up_to_max_wait_and_a_probe_that_pays_starts_again_from_one():

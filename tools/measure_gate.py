@@ -9,7 +9,7 @@ steps only, and at every position the decoder's draft is also verified without b
 what drafting there would have emitted, and what the decoder's own cost model prices that step at (its gate's
 step_cost, with the dynamic tree's depth costs, Draft & Verify's draft tokens and Hydra++'s catch-up per row).
 Greedy output does not depend on the drafts, so a gated decode is the trace replayed
-(minispec.speculative.gate.replay_gate): the printed speed-ups are the cost model's, without timing noise, and
+(minispec.speculative.gate.replay_gate; the traces: minispec.bench.gate_trace): the printed speed-ups are the cost model's, without timing noise, and
 the gate's decisions are exactly those a real decode with the same gate makes. Two caveats: Draft & Verify's
 threshold stays at its initial value (a real run adapts it; the bench saw it within 0.59..0.61), and the oracle
 (best_schedule) charges Hydra++'s catch-up as after a drafting step.
@@ -23,84 +23,17 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from minispec.bench import heldout_prompts                          # noqa: E402
-from minispec.decoders.hydra import PREFIX_ROWS                     # noqa: E402
 from minispec.decoders.registry import generate, make_proposer, parse_setups  # noqa: E402
 from minispec.mistral.model import load                             # noqa: E402
 from minispec.mistral.tokenizer import Tokenizer                    # noqa: E402
-from minispec.backend import to_host                               # noqa: E402
-from minispec.speculative.acceptance import greedy_accept           # noqa: E402
-from minispec.speculative.gate import DraftGate, best_schedule, replay_gate, trace_step   # noqa: E402
-from minispec.speculative.loop import Context, Stats                # noqa: E402
-from minispec.speculative.sampling import SamplingParams            # noqa: E402
-from minispec.speculative.tree import Tree                          # noqa: E402
-from minispec.speculative.verify import Draft, verify               # noqa: E402
+from minispec.bench.gate_trace import gate_like, gate_trace         # noqa: E402
+from minispec.speculative.gate import best_schedule, replay_gate    # noqa: E402
 from minispec.training.calibrate import fit_prompts                 # noqa: E402
 
 from fit_calibration import training_texts                          # noqa: E402  (tools/)
 
 MODEL = Path(__file__).resolve().parent.parent / "weights" / "stdlib-mistral"
 DECODERS = "medusa,hydra,hydra++,draft_verify,medusa:tree=dynamic:max_nodes=auto,hydra:tree=dynamic:max_nodes=auto"
-
-
-def draft_price(prop, draft):
-    """(cost, per_row, probe) of drafting `draft` now, as the proposer's gate prices it."""
-    gate, N = prop.gate, draft.tree.N
-    if prop.name == "draft_verify":
-        K = N - 1
-        return gate.step_cost(N, K * prop.draft_cost), 0.0, gate.step_cost(2, prop.draft_cost)
-    dynamic = getattr(prop, "dynamic", None)
-    paid = dynamic.paid() if dynamic is not None else 0.0
-    pc = getattr(prop, "prefix_cost", None)
-    return gate.step_cost(N, paid), (pc.per_row if pc is not None else 0.0), None
-
-
-def trace(model, prop, ids, n_tokens):
-    """The trace of one prompt: plain greedy steps, and at each position the proposer's draft verified without
-    a commit (scratch rows discarded). Returns (trace, the tokens emitted)."""
-    prop.gate.enabled = False                                  # always draft: every position gets its record
-    params, rng, stats = SamplingParams(), np.random.default_rng(0), Stats()
-    seen = {}
-
-    def plain_rule(draft, logits):              # greedy, and the target's confidence in the token it picks
-        z = to_host(logits[0]).astype(np.float64)
-        e = np.exp(z - z.max())
-        seen["confidence"] = float(1.0 / e.sum())
-        return greedy_accept(draft.tree, draft.tokens, logits)
-    confidence = None
-    cache = model.new_cache()
-    _, prompt_hidden = model.forward(ids[:-1], cache, return_hidden=True, warn_positions=False)
-    prop.start(Context(ids[-1], None, model, cache, params, rng, stats, prompt=ids), prompt_hidden)
-    root, hidden, out, records, plain = ids[-1], None, [], [], Tree.from_choices([])
-    for t in range(n_tokens):
-        ctx = Context(root, hidden, model, cache, params, rng, stats, n_tokens - t, prompt=ids)
-        draft = prop.propose(ctx)
-        rec = None
-        if draft.tree.N > 1:
-            o = model.forward_block(draft.tokens, cache, depths=draft.tree.depths, parents_mask=draft.tree.mask)
-            path, _ = greedy_accept(draft.tree, draft.tokens, o.logits)
-            cache.discard()
-            cost, per_row, probe_cost = draft_price(prop, draft)
-            probe = None if probe_cost is None else (1 + int(len(path) > 1), probe_cost)
-            rec = trace_step(len(path), cost, per_row, PREFIX_ROWS, probe)
-        records.append(rec)
-        if rec is not None:
-            rec["confidence"] = confidence
-        step = verify(model, cache, Draft(plain, [root]), plain_rule)
-        prop.observe(step)
-        confidence = seen["confidence"]
-        out += step.tokens
-        root, hidden = step.bonus, step.hidden
-    return records, out
-
-
-def gate_like(gate, **changes):
-    """A fresh DraftGate on `gate`'s cost model, with its settings changed as given."""
-    kw = dict(costs=gate.costs, proposal=gate.proposal, decay=gate.decay, weight=gate.weight, prior=gate.prior,
-              max_wait=gate.max_wait, enabled=True)
-    kw.update(changes)
-    g = DraftGate(**kw)
-    g.hopeless = gate.hopeless
-    return g
 
 
 class BucketGate:
@@ -162,7 +95,7 @@ def main():
         for ids in prompts:
             prop = make_proposer(name, model, **options)
             gates = prop.gate
-            records, _ = trace(model, prop, ids, args.tokens)
+            records, _ = gate_trace(model, prop, ids, args.tokens)
             for r in records:
                 if r is not None:
                     r["cost"] *= args.factor

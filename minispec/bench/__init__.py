@@ -2,7 +2,8 @@
 
 Reading order: forward (`minispec bench forward`: plain decoding against the memory-bandwidth limit and, where
 installed, HF transformers) -> prompts (the prompt sets) -> decode (`minispec bench decode`: every decoder on the
-same prompts, with the cost model's prediction beside each measurement).
+same prompts, with the cost model's prediction beside each measurement) -> gate_trace (what drafting would give at
+every position of a greedy decode, to replay a draft gate against an oracle: tools/measure_gate.py).
 """
 from .decode import (bench_decode, depth_acceptance, draft_summary, prediction, print_draft_verify, print_lookup,
                      speculation_line, tree_of)

@@ -1,0 +1,79 @@
+"""What drafting would give at every position of a greedy decode, for replaying a draft gate without a model
+(minispec.speculative.gate: `trace_step`, `replay_gate`, `best_schedule`; tools/measure_gate.py; docs/costs.md,
+"What the gate earns").
+
+Greedy output does not depend on the drafts. So one decode that runs plain steps only, and at every position also
+verifies the decoder's draft without committing it (its scratch rows discarded), records what a drafting step
+there would emit and what the decoder's own cost model prices it at. A gated decode of the same prompt is that
+trace replayed: the same positions, the same decisions, the same modelled cost.
+"""
+import numpy as np
+
+from ..backend import to_host
+from ..decoders.hydra import PREFIX_ROWS
+from ..speculative.acceptance import greedy_accept
+from ..speculative.gate import DraftGate, trace_step
+from ..speculative.loop import Context, Stats
+from ..speculative.sampling import SamplingParams
+from ..speculative.tree import Tree
+from ..speculative.verify import Draft, verify
+
+
+def draft_price(prop, draft):
+    """(cost, per_row, probe cost or None) of drafting `draft` now, as the proposer's gate prices the step when it
+    drafts it: s(N) + proposal (its gate's step_cost), plus a dynamic tree's depth costs paid, or Draft &
+    Verify's K r (and its one-token probe's price); per_row: Hydra++'s catch-up charge per row (0 for others)."""
+    gate, N = prop.gate, draft.tree.N
+    if prop.name == "draft_verify":
+        return gate.step_cost(N, (N - 1) * prop.draft_cost), 0.0, gate.step_cost(2, prop.draft_cost)
+    dynamic = getattr(prop, "dynamic", None)
+    paid = dynamic.paid() if dynamic is not None else 0.0
+    pc = getattr(prop, "prefix_cost", None)
+    return gate.step_cost(N, paid), (pc.per_row if pc is not None else 0.0), None
+
+
+def gate_trace(model, prop, ids, n_tokens):
+    """The trace of one prompt (a list of `trace_step` records, None where the proposer drafts nothing) for a
+    gated proposer `prop` (its gate is switched to always draft, so every position gets a record); each record
+    also holds "confidence", the target's top probability where it chose that position's root (None at the
+    first). Greedy, n_tokens plain steps. Returns (trace, the tokens emitted: plain decoding's)."""
+    prop.gate.enabled = False
+    params, rng, stats, seen = SamplingParams(), np.random.default_rng(0), Stats(), {}
+
+    def plain_rule(draft, logits):              # greedy, and the target's confidence in the token it picks
+        z = to_host(logits[0]).astype(np.float64)
+        seen["confidence"] = float(1.0 / np.exp(z - z.max()).sum())
+        return greedy_accept(draft.tree, draft.tokens, logits)
+    cache = model.new_cache()
+    _, prompt_hidden = model.forward(ids[:-1], cache, return_hidden=True, warn_positions=False)
+    prop.start(Context(ids[-1], None, model, cache, params, rng, stats, prompt=ids), prompt_hidden)
+    root, hidden, confidence, out, records, plain = ids[-1], None, None, [], [], Tree.from_choices([])
+    for t in range(n_tokens):
+        draft = prop.propose(Context(root, hidden, model, cache, params, rng, stats, n_tokens - t, prompt=ids))
+        rec = None
+        if draft.tree.N > 1:
+            o = model.forward_block(draft.tokens, cache, depths=draft.tree.depths, parents_mask=draft.tree.mask)
+            path, _ = greedy_accept(draft.tree, draft.tokens, o.logits)
+            cache.discard()                                       # never committed: the ring is untouched
+            cost, per_row, probe_cost = draft_price(prop, draft)
+            probe = None if probe_cost is None else (1 + int(len(path) > 1), probe_cost)
+            rec = trace_step(len(path), cost, per_row, PREFIX_ROWS, probe)
+            rec["confidence"] = confidence
+        records.append(rec)
+        step = verify(model, cache, Draft(plain, [root]), plain_rule)
+        prop.observe(step)
+        confidence = seen["confidence"]
+        out += step.tokens
+        root, hidden = step.bonus, step.hidden
+    return records, out
+
+
+def gate_like(gate, **changes):
+    """A fresh, enabled DraftGate on `gate`'s cost model and settings, with the changes given (and its
+    rule-out kept)."""
+    kw = dict(costs=gate.costs, proposal=gate.proposal, decay=gate.decay, weight=gate.weight, prior=gate.prior,
+              max_wait=gate.max_wait, enabled=True)
+    kw.update(changes)
+    g = DraftGate(**kw)
+    g.hopeless = gate.hopeless
+    return g
