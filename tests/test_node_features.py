@@ -13,12 +13,14 @@ import numpy as np
 import pytest
 
 from conftest import assert_lossless, random_tensors, tiny_config
+from test_calibration import random_calibration
 from test_dynamic_tree import hand_q, random_q, table_expand
 from test_hydra import random_heads as hydra_random_heads, tiny_model
 from test_medusa import random_heads as medusa_random_heads
 from minispec.decoders.registry import make_proposer
 from minispec.mistral.model import Model
 from minispec.mistral.oracle import oracle_forward
+from minispec.speculative.calibration import Calibration
 from minispec.speculative.dynamic_tree import grow, rank_order
 from minispec.training.calibrate import collect, node_features, root_confidence
 
@@ -82,20 +84,25 @@ def test_collect_gives_each_step_the_confidence_of_the_oracles_logits_that_chose
 # ---------------------------------------------------------------------------------------------------------
 # The logistic values
 # ---------------------------------------------------------------------------------------------------------
-def random_values(seed, depths=3):
-    """NodeValues over every feature with random weights: the weight of logit q >= 0, the others of any sign."""
+def random_values(seed, depths=3, base=False):
+    """NodeValues over every feature with random weights: the weight of logit q >= 0, the others of any sign;
+    base=True: the features adjust random isotonic maps (test_calibration.random_calibration) instead of q."""
     rng = np.random.default_rng(seed)
     weights = []
     for d in range(1, depths + 1):
-        n = 4 if d == 1 else 5
-        weights.append([[np.concatenate([[rng.normal()], [abs(rng.normal())], rng.normal(size=n - 2)])
-                         for _ in range(3)] for _ in range(2)])
+        n = (4 if d == 1 else 5) - base
+        first = [rng.normal()] if base else [rng.normal(), abs(rng.normal())]
+        weights.append([[np.concatenate([first, rng.normal(size=n - len(first))]) for _ in range(3)]
+                        for _ in range(2)])
+    if base:
+        return features.NodeValues(weights, features.SETS["maps + all"], base=random_calibration(seed, depths))
     return features.NodeValues(weights, features.SETS["all"])
 
 
 @pytest.mark.parametrize("seed", range(4))
-def test_the_logistic_factors_are_monotone_in_q_fall_with_the_rank_and_lie_in_0_1(seed):
-    v = random_values(seed)
+@pytest.mark.parametrize("base", [False, True])
+def test_the_logistic_factors_are_monotone_in_q_fall_with_the_rank_and_lie_in_0_1(seed, base):
+    v = random_values(seed, base=base)
     rng = np.random.default_rng(seed)
     for d in range(3):
         for parent in (-1, 0, 3):
@@ -113,8 +120,9 @@ def test_the_logistic_factors_are_monotone_in_q_fall_with_the_rank_and_lie_in_0_
 
 
 @pytest.mark.parametrize("seed", range(4))
-def test_with_logistic_values_every_best_n_contains_each_nodes_parent_and_siblings_keep_rank_order(seed):
-    v = random_values(seed + 10)
+@pytest.mark.parametrize("base", [False, True])
+def test_with_logistic_values_every_best_n_contains_each_nodes_parent_and_siblings_keep_rank_order(seed, base):
+    v = random_values(seed + 10, base=base)
     v.conf = 0.3
     q = random_q(seed, 5, ties=True)
     g = grow(0, features.parent_q_expand(table_expand(q), v, 5), 60, 3, 5, calibrate=v)
@@ -157,6 +165,23 @@ def test_the_fit_recovers_a_known_logistic_acceptance_law_and_keeps_the_weight_o
     assert w[1] == 0.0 and w[0] == pytest.approx(0.0, abs=0.1)          # the mean rate, 1/2, without q
 
 
+def test_the_fit_adjusts_the_isotonic_maps_by_a_known_law_of_the_root_confidence():
+    """Maps q -> q (one knot pair) as the base; P(accepted) = sigmoid(logit q - 0.3 + 0.7 logit conf): the fit
+    with the root's confidence alone finds (-0.3, 0.7) within 0.15."""
+    rng = np.random.default_rng(2)
+    n = 40000
+    q, conf = rng.uniform(0.05, 0.95, n), rng.uniform(0.05, 0.95, n)
+    logit = features.logit
+    truth = 1 / (1 + np.exp(-(logit(q) - 0.3 + 0.7 * logit(conf))))
+    recs = dict(depth=np.ones(n, int), rank=np.zeros(n, int), parent_rank=-np.ones(n, int), q=q, root_conf=conf,
+                q1=q / 2, q0=q, parent_q=np.ones(n), accepted=rng.random(n) < truth)
+    base = Calibration([[[([0.0, 1.0], [0.0, 1.0])]]])
+    v = features.fit_values(recs, 1, ("conf",), n_ranks=1, n_parents=1, base=base)
+    assert v.weights[0][0][0] == pytest.approx([-0.3, 0.7], abs=0.15)
+    v.conf = 0.5                                                      # logit 0: the factor is sigmoid(logit q - 0.3)
+    assert v(0, np.array([[0.6]]))[0, 0] == pytest.approx(1 / (1 + np.exp(-(logit(0.6) + v.weights[0][0][0][0]))))
+
+
 def test_the_fit_borrows_a_cell_with_few_samples_from_the_rank_bucket_before_it_then_the_depth_before():
     rng = np.random.default_rng(1)
     n = 3000
@@ -173,12 +198,13 @@ def test_the_fit_borrows_a_cell_with_few_samples_from_the_rank_bucket_before_it_
 # Greedy: exactly AR's tokens
 # ---------------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("decoder", ["medusa", "hydra", "hydra++"])
-def test_greedy_with_the_logistic_values_emits_exactly_the_ar_tokens(decoder):
+@pytest.mark.parametrize("base", [False, True])
+def test_greedy_with_the_logistic_values_emits_exactly_the_ar_tokens(decoder, base):
     model = tiny_model(W=5, seed=3, dim=64)
     heads = medusa_random_heads(model, num_heads=3, seed=3) if decoder == "medusa" else \
         hydra_random_heads(model, "mlp" if decoder == "hydra" else "prefix-mlp", seed=3)
     for seed in range(2):
-        v = random_values(seed, depths=3)
+        v = random_values(seed, depths=3, base=base)
         prop = make_proposer(decoder, model, heads=heads, tree="dynamic", max_nodes=8, max_depth=3, calibrate=v,
                              gate=False)
         features.attach(prop, v, model)

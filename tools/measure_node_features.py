@@ -55,7 +55,8 @@ KEYS = ("depth", "q", "rank", "accepted", "parent_rank", "prev_run", "parent_q",
         "token")
 SETS = {"q only": ("lq",), "q + conf": ("lq", "conf"), "q + parent q": ("lq", "pq"), "q + sibling": ("lq", "sib"),
         "q + token": ("lq", "tok"), "all": ("lq", "conf", "pq", "sib"),
-        "all + token": ("lq", "conf", "pq", "sib", "tok")}
+        "all + token": ("lq", "conf", "pq", "sib", "tok"), "maps + all": ("conf", "pq", "sib")}
+BASED = ("maps + all",)                 # these adjust the isotonic maps fitted on the same records (an offset)
 EPS = 1e-6
 
 
@@ -90,16 +91,18 @@ def token_logits(recs, sel, V, prior=50):
     return logit((np.bincount(tok, acc, V) + prior * mean) / (np.bincount(tok, minlength=V) + prior))
 
 
-def fit_logistic(X, y, lam=1.0, iters=50):
-    """Weights w [F] maximising the Bernoulli log-likelihood of y [S] under sigmoid(X w) minus lam/2 |w[1:]|^2
-    (Newton's method), with w[1] (the weight of logit q) >= 0: refitted without that column when it comes out
-    negative."""
+def fit_logistic(X, y, lam=1.0, iters=50, offset=None):
+    """Weights w [F] maximising the Bernoulli log-likelihood of y [S] under sigmoid(offset + X w) minus
+    lam/2 |w[1:]|^2 (Newton's method; offset [S], default 0), with w[1] (the weight of logit q) >= 0 when there
+    is no offset: refitted without that column when it comes out negative."""
+    off = np.zeros(len(y)) if offset is None else offset
+
     def newton(X):
         w = np.zeros(X.shape[1])
         reg = np.full(X.shape[1], lam)
         reg[0] = 1e-6
         for _ in range(iters):
-            p = 1 / (1 + np.exp(-(X @ w)))
+            p = 1 / (1 + np.exp(-(off + X @ w)))
             g = X.T @ (p - y) + reg * w
             H = (X * (p * (1 - p))[:, None]).T @ X + np.diag(reg)
             step = np.linalg.solve(H, g)
@@ -108,7 +111,7 @@ def fit_logistic(X, y, lam=1.0, iters=50):
                 break
         return w
     w = newton(X)
-    if w[1] < 0:
+    if offset is None and w[1] < 0:
         w = np.insert(newton(np.delete(X, 1, axis=1)), 1, 0.0)
     return w
 
@@ -117,8 +120,8 @@ class NodeValues(Calibration):
     """The logistic values, called as a Calibration by DynamicTrees (run ignored). Per step the proposer wrapper
     (`attach`) sets conf (the root's confidence) and, per expansion, parent_q [B] (the rows' own raw q)."""
 
-    def __init__(self, weights, feats, n_parents=2, n_ranks=3, token_logit=None):
-        self.weights, self.feats, self.P, self.R = weights, feats, n_parents, n_ranks
+    def __init__(self, weights, feats, n_parents=2, n_ranks=3, token_logit=None, base=None):
+        self.weights, self.feats, self.P, self.R, self.base = weights, feats, n_parents, n_ranks, base
         self.maps, self.by_run, self.meta = [[[(np.zeros(1), np.zeros(1))]]], [], {}
         self.conf, self.parent_q, self.ids, self.token_logit = 0.5, None, None, token_logit
 
@@ -135,22 +138,25 @@ class NodeValues(Calibration):
         if self.token_logit is not None:
             c["tok"] = self.token_logit[np.asarray(self.ids)[:, :k]]
         g = np.empty_like(probs)
+        off = np.zeros_like(probs) if self.base is None else logit(self.base(d, probs, parent_ranks))
         for r in range(k):
             b = min(r, self.R - 1)
             for cell in range(self.P):
                 rows = a == cell
                 if rows.any():
                     X = design(self.feats, dd + 1, b, {key: v[rows, r] for key, v in c.items()})
-                    g[rows, r] = 1 / (1 + np.exp(-(X @ self.weights[dd][cell][b])))
+                    g[rows, r] = 1 / (1 + np.exp(-(off[rows, r] + X @ self.weights[dd][cell][b])))
         return np.minimum.accumulate(g, axis=1)             # siblings' factors fall with the rank
 
 
-def fit_values(recs, n_heads, feats, n_parents=2, n_ranks=3, min_samples=200, V=4096):
+def fit_values(recs, n_heads, feats, n_parents=2, n_ranks=3, min_samples=200, V=4096, base=None):
     """NodeValues fitted on records (collect's) per cell; a cell with fewer than min_samples samples borrows
     the cell of the rank bucket before it, then of parent bucket 0, then of the depth before. With "tok" the
     token rates are cross-fitted (a record of an even prompt gets the rates of the odd prompts' records and
-    the other way round) and the values keep the rates of every record."""
+    the other way round) and the values keep the rates of every record. base: a Calibration whose factor's logit
+    is each record's offset (the features then adjust the isotonic maps; feats without "lq")."""
     depth, q, acc = recs["depth"], recs["q"], recs["accepted"].astype(np.float64)
+    offset = None if base is None else logit(calibrated(base, recs))
     table = None
     if "tok" in feats:
         odd = recs["prompt"] % 2 == 1
@@ -168,7 +174,7 @@ def fit_values(recs, n_heads, feats, n_parents=2, n_ranks=3, min_samples=200, V=
                 sel = (depth == d) & (a_all == a) & (b_all == b)
                 if sel.sum() >= min_samples:
                     X = design(feats, d, b, {key: v[sel] for key, v in recs.items()})
-                    row.append(fit_logistic(X, acc[sel]))
+                    row.append(fit_logistic(X, acc[sel], offset=None if base is None else offset[sel]))
                 elif b:
                     row.append(row[-1])
                 elif a:
@@ -179,7 +185,20 @@ def fit_values(recs, n_heads, feats, n_parents=2, n_ranks=3, min_samples=200, V=
                     break
             rows.append(row)
         weights.append(rows)
-    return NodeValues(weights, feats, n_parents, n_ranks, table)
+    return NodeValues(weights, feats, n_parents, n_ranks, table, base)
+
+
+def calibrated(cal, recs):
+    """[S] each record's factor under the isotonic maps cal (its own q at its rank; elder siblings at q = 1,
+    so they do not lower it)."""
+    out = np.empty(len(recs["q"]))
+    for d in np.unique(recs["depth"]):
+        for r in np.unique(recs["rank"][recs["depth"] == d]):
+            s = (recs["depth"] == d) & (recs["rank"] == r)
+            grid = np.ones((s.sum(), int(r) + 1))
+            grid[:, int(r)] = recs["q"][s]
+            out[s] = cal(int(d) - 1, grid, recs["parent_rank"][s])[:, int(r)]
+    return out
 
 
 def log_loss(values, recs, sel):
@@ -196,7 +215,8 @@ def log_loss(values, recs, sel):
                     continue
                 dd = min(int(d), len(values.weights)) - 1
                 X = design(values.feats, dd + 1, b, {key: v[s] for key, v in recs.items()})
-                p = np.clip(1 / (1 + np.exp(-(X @ values.weights[dd][a][b]))), EPS, 1 - EPS)
+                off = 0.0 if values.base is None else logit(calibrated(values.base, {k: v[s] for k, v in recs.items()}))
+                p = np.clip(1 / (1 + np.exp(-(off + X @ values.weights[dd][a][b]))), EPS, 1 - EPS)
                 y = recs["accepted"][s]
                 total += -(y * np.log(p) + (1 - y) * np.log(1 - p)).sum()
     return total / sel.sum()
@@ -204,17 +224,9 @@ def log_loss(values, recs, sel):
 
 def isotonic_log_loss(cal, recs, sel):
     """The same score for the isotonic maps (minispec.training.calibrate.fit) on the records sel."""
-    total = 0.0
-    for d in np.unique(recs["depth"][sel]):
-        for r in np.unique(recs["rank"][sel]):
-            s = sel & (recs["depth"] == d) & (recs["rank"] == r)
-            grid = np.zeros((s.sum(), int(r) + 1))
-            grid[:, int(r)] = recs["q"][s]
-            grid[:, :int(r)] = 1.0                            # elder siblings do not lower the factor
-            p = np.clip(cal(int(d) - 1, grid, recs["parent_rank"][s])[:, int(r)], EPS, 1 - EPS)
-            y = recs["accepted"][s]
-            total += -(y * np.log(p) + (1 - y) * np.log(1 - p)).sum()
-    return total / sel.sum()
+    p = np.clip(calibrated(cal, {k: v[sel] for k, v in recs.items()}), EPS, 1 - EPS)
+    y = recs["accepted"][sel]
+    return float(-(y * np.log(p) + (1 - y) * np.log(1 - p)).mean())
 
 
 def attach(prop, values, model):
@@ -282,7 +294,8 @@ def main():
     ap.add_argument("--records", default=None, help="keep each decoder's records in <records>/<name>.npz")
     ap.add_argument("--decoders", default=",".join(DECODERS))
     ap.add_argument("--fits", default="48,96")
-    ap.add_argument("--kinds", default="q only,all,all + token", help="the feature sets measured as a tau")
+    ap.add_argument("--kinds", default="q only,all,all + token,maps + all", help="the feature sets measured as a "
+                    "tau")
     args = ap.parse_args()
     model = load(str(MODEL))
     tok = Tokenizer.from_dir(str(MODEL))
@@ -297,8 +310,9 @@ def main():
         K = make_proposer(name, model).heads.K
         first, second = recs["prompt"] < 48, recs["prompt"] >= 48
         sub = {k: v[first] for k, v in recs.items()}
-        fitted = {label: fit_values(sub, K, feats) for label, feats in SETS.items()}
         iso = fit(sub, K)
+        fitted = {label: fit_values(sub, K, feats, base=iso if label in BASED else None)
+                  for label, feats in SETS.items()}
         print(f"{name:>8}: {len(recs['q'])} records; log-loss on prompts 48..95 of a fit on prompts 0..47 (lower is "
               "better), over every record / over those with q >= 0.05:", flush=True)
         for sel in (second, second & (recs["q"] >= 0.05)):
@@ -307,8 +321,9 @@ def main():
         heads = make_proposer(name, model).heads
         for n_fit in (int(x) for x in args.fits.split(",")):
             part = {k: v[recs["prompt"] < n_fit] for k, v in recs.items()}
-            kinds = {"isotonic": None, **{k: fit_values(part, K, SETS[k]) for k in args.kinds.split(",")}}
             iso_cal = fit(part, K)
+            kinds = {"isotonic": None, **{k: fit_values(part, K, SETS[k], base=iso_cal if k in BASED else None)
+                                          for k in args.kinds.split(",")}}
             for budget in (4, 10, 32):
                 res = {"static": tau_of(model, name, prompts, ar,
                                         dict(tree=build_tree(heads.accuracies, budget)[0], gate=False))}
