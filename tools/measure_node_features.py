@@ -1,7 +1,7 @@
 """Per-node features for the dynamic trees' values: do they raise dynamic tau? (docs/dynamic_trees.md, "Per-node
-features" quotes what this prints.)
+features" quotes what this prints; nothing of it is shipped.)
 
-    OPENBLAS_NUM_THREADS=1 python tools/measure_node_features.py [--records DIR]
+    OPENBLAS_NUM_THREADS=1 python tools/measure_node_features.py [--records DIR] [--kinds K1,K2] [--decoders D]
 
 The calibrated values (minispec.speculative.calibration) see a node's depth, its rank, its parent's rank and its
 own q. This tool fits a richer model of P(edge accepted | parent accepted) on the same kind of training-split
@@ -17,16 +17,20 @@ The model, per cell (depth d, parent bucket: the root or a rank-0 parent / a par
     pq    logit of the parent's raw q (depth >= 2)
     sib   logit of the top-1 mass q0 of the distribution the node was drawn from (rank buckets >= 1), or of its
           runner-up q1 (rank bucket 0, where q0 is the node's own q): how peaked that distribution is
+    tok   the logit of the node's token's acceptance rate on the fit's records (cross-fitted between odd and
+          even prompts, shrunk to the mean rate)
 
 A node's factor is the running minimum of g over its elder siblings and itself, so the factors of siblings fall
 with the rank and lie in (0, 1): value(child) = value(parent) . factor <= value(parent), the closure argument of
-minispec.speculative.dynamic_tree holds as it does for the calibrated maps. "q only" is the same logistic model
-with lq alone (the control: a different fit of the same information as the shipped maps).
+minispec.speculative.dynamic_tree holds as it does for the calibrated maps. Kinds (SETS): "q only" (lq alone,
+the control: the maps' information in another form), "all" (lq, conf, pq, sib), "all + token", the single
+features added to lq, and "maps + all" (conf, pq, sib adjusting the isotonic maps fitted on the same records:
+the maps' logit is an offset, so the factor stays non-decreasing in q).
 
-It prints (1) held-out log-loss of each feature set on the training split (fitted on prompts 0..47, scored on
-prompts 48..95: records only, no held-out prompt), then (2) for fits on 48 and on 96 prompts, tau at 4 / 10 /
-32 nodes: static, the isotonic maps fitted on the same records (on 96 prompts: the shipped maps), the logistic
-model on q alone, and on every feature.
+It prints (1) held-out log-loss of each kind on the training split (fitted on prompts 0..47, scored on prompts
+48..95: records only, no held-out prompt), then (2) for fits on 48 and on 96 prompts, tau at 4 / 10 / 32
+nodes: static, the isotonic maps fitted on the same records (on 96 prompts: the shipped maps) and each kind of
+--kinds.
 """
 import argparse
 import sys
