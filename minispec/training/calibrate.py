@@ -18,6 +18,7 @@ Shapes: S samples (grown nodes whose parent was on the true path), K heads (dept
 """
 import numpy as np
 
+from ..backend import to_host
 from ..decoders.registry import generate
 from ..errors import UserError, check_int
 from ..speculative.calibration import Calibration
@@ -77,15 +78,36 @@ def top1_run(grown, on):
         run, node = run + 1, int(kids[0])
 
 
+def node_features(grown, nodes):
+    """Per-node features of a step's grown nodes [S] that the draft knew before the verify: (parent_q, q0, q1),
+    each [S]: the parent's own raw q (1.0 for the root), and the raw q of the node's rank-0 and rank-1 siblings
+    (itself included; the top-1 mass and the runner-up of the distribution it was drawn from; 0 without one)."""
+    par = grown.parents[nodes]
+    first = nodes - grown.ranks[nodes]                                  # siblings are numbered by rank
+    second = np.minimum(first + 1, len(grown.tokens) - 1)
+    has_second = (second > first) & (grown.parents[second] == par)
+    return grown.probs[par], grown.probs[first], np.where(has_second, grown.probs[second], 0.0)
+
+
+def root_confidence(logits):
+    """The largest softmax probability of each row of logits [..., V] (host floats [...]): how sure the target
+    was of the token these logits chose."""
+    x = np.asarray(logits, np.float64)
+    return 1.0 / np.exp(x - x.max(axis=-1, keepdims=True)).sum(axis=-1)
+
+
 def collect(model, make_proposer, prompts, n_tokens):
     """Decode each prompt greedily with a fresh make_proposer() (a dynamic Medusa or Hydra proposer) and label
     every step's grown nodes (`label_step`). Returns {"depth", "q", "rank", "accepted", "parent_rank"}: arrays
     [S] (depth 1..K, q the raw draft probability, rank among siblings, the parent's rank, -1 for the root),
-    plus "steps": per step (accepted tokens, deepest grown node on the true continuation) and "tokens": the
-    outputs. The outputs must be AR's; it is checked."""
-    out = {"depth": [], "q": [], "rank": [], "accepted": [], "parent_rank": [], "prev_run": [], "steps": [],
-           "tokens": []}
-    for ids in prompts:
+    what else was known of each node before the verify, arrays [S] ("parent_q", "q0", "q1": `node_features`;
+    "root_conf": the target's largest softmax probability at the step's root, i.e. of the logits that chose the
+    root, `root_confidence`; "token": the node's token), "prompt" [S] the prompt's index, plus "steps": per
+    step (accepted tokens, deepest grown node on the true continuation) and "tokens": the outputs. The outputs
+    must be AR's; it is checked."""
+    out = {"depth": [], "q": [], "rank": [], "accepted": [], "parent_rank": [], "prev_run": [], "parent_q": [],
+           "q0": [], "q1": [], "root_conf": [], "prompt": [], "token": [], "steps": [], "tokens": []}
+    for index, ids in enumerate(prompts):
         prop = make_proposer()
         if getattr(prop, "dynamic", None) is None:
             raise UserError("calibration: make_proposer must build a proposer with tree='dynamic'")
@@ -102,6 +124,7 @@ def collect(model, make_proposer, prompts, n_tokens):
         if o.tokens != ar:
             raise AssertionError("calibration: the dynamic proposer's greedy output is not AR's")
         full = list(ids) + o.tokens
+        conf = root_confidence(to_host(model.forward(full[:-1], warn_positions=False)))   # [len(full) - 1]
         run = -1                                        # the previous step's top-1 run (-1: no previous draft)
         for (pos, grown), acc in zip(steps, o.stats.accepted):
             if grown is None:
@@ -116,9 +139,15 @@ def collect(model, make_proposer, prompts, n_tokens):
             out["accepted"].append(accepted)
             par = grown.parents[nodes]
             out["parent_rank"].append(np.where(par > 0, grown.ranks[np.maximum(par, 0)], -1))
+            for key, f in zip(("parent_q", "q0", "q1"), node_features(grown, nodes)):
+                out[key].append(f)
+            out["root_conf"].append(np.full(len(nodes), conf[pos - 1]))      # the logits at pos - 1 chose the root
+            out["prompt"].append(np.full(len(nodes), index, np.int64))
+            out["token"].append(grown.tokens[nodes])
             out["steps"].append((acc, int(grown.depths[on].max())))
         out["tokens"].append(o.tokens)
-    for k in ("depth", "q", "rank", "accepted", "parent_rank", "prev_run"):
+    for k in ("depth", "q", "rank", "accepted", "parent_rank", "prev_run", "parent_q", "q0", "q1", "root_conf",
+              "prompt", "token"):
         out[k] = np.concatenate(out[k]) if out[k] else np.zeros(0)
     return out
 
