@@ -307,7 +307,7 @@ def test_the_step_curve_prices_whole_verify_steps_in_plain_steps_and_times_the_p
     assert sorted(bare.costs) == sorted(curve.costs) == [1, 2, 4]
     assert bare.costs[1] == 1.0 and bare.proposal is None                   # no proposal: scaled to s(1) = 1
     assert len(calls) == 3 * 3                                              # one per size per round, warm-up too
-    assert curve.proposal > 0 and 0 < curve.unit < 1 and 0.3 < curve.forward < 3
+    assert curve.proposal > 0 and 0 < curve.unit < 1 and 0.1 < curve.forward < 10   # units (about 1), not a timing claim
     assert curve.clock == "CPU time" and curve.reps == 2 and curve.context == 112    # where bench decode runs
     cache = model.new_cache()
     assert cache.pos == 0
