@@ -62,6 +62,31 @@ def test_an_option_the_decoder_does_not_take_is_refused_naming_it(model):
         generate(model, [1, 5, 7], decoder="ar", tree_size=3)
 
 
+def test_docs_errors_md_quotes_the_messages_generate_gives(model):
+    """Every row of docs/errors.md's Python API table that calls generate(m, ids, ...) with literal arguments and a
+    decoder that needs no files (no heads, no skip set), run on the tiny model: the doc quotes the real message, so
+    a list in it (the decoders, a decoder's options) cannot go stale unnoticed."""
+    import ast
+    from pathlib import Path
+    doc = (Path(__file__).resolve().parent.parent / "docs" / "errors.md").read_text().split("## Python API")[1]
+    rows = re.findall(r"^\| `generate\(m, ids, ([^`]*)\)` \| `(\w+): (.*)` \|$", doc, re.M)
+    checked = 0
+    for args, kind, message in rows:
+        call = ast.parse(f"f({args})", mode="eval").body
+        try:
+            kwargs = {k.arg: ast.literal_eval(k.value) for k in call.keywords}
+        except ValueError:                                  # a name (a skip set built in the row): not literal
+            continue
+        if kwargs.get("decoder") in ("medusa", "hydra", "hydra++", "draft_verify"):
+            continue                                        # needs heads or a skip set next to the model
+        kwargs.setdefault("max_new_tokens", 4)
+        with pytest.raises(Exception) as e:
+            generate(model, [1, 5, 7], **kwargs)
+        assert f"{type(e.value).__name__}: {e.value}" == f"{kind}: {message}", args
+        checked += 1
+    assert checked >= 9, checked
+
+
 # ---- token ids --------------------------------------------------------------------------------------------------------
 BAD_IDS = [([1, -1, 3], ["-1", "[0, 61)"]), ([1, 61], ["61", "[0, 61)"]), ([[1, 2], [3, 4]], ["1-D", "(2, 2)"]),
            ([1.0, 2.0], ["integer", "float"]), ([], ["empty"]), ([True, False], ["integer", "bool"]),
