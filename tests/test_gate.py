@@ -110,6 +110,12 @@ def test_a_replayed_trace_decides_and_prices_as_the_gated_decoder_itself(model, 
     assert cost == pytest.approx(real.stats.counters["model.step_cost"], abs=1e-9)
     assert drafted == sum(1 for k in real.stats.drafted if k > 0) and 0 < drafted < real.stats.steps - 1
     assert [d for d in replayed.history] == gate.history[:len(replayed.history)]
+    text = list(ids) + tokens                                     # the trace's "match": prompt lookup's, naively
+    for t, rec in enumerate(trace):
+        if rec is not None:
+            seen = text[:len(ids) + t]                            # the prompt and output up to the root
+            longest = [k for k in (3, 2, 1) if any(seen[i:i + k] == seen[-k:] for i in range(len(seen) - k))]
+            assert rec["match"] == (longest[0] if longest else 0), t
 
 
 def test_failing_probes_double_the_wait_up_to_max_wait_and_a_probe_that_pays_starts_again_from_one():

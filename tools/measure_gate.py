@@ -37,20 +37,22 @@ DECODERS = "medusa,hydra,hydra++,draft_verify,medusa:tree=dynamic:max_nodes=auto
 
 
 class BucketGate:
-    """One DraftGate (as `gate`) per bucket of the target's confidence in the root (edges: the buckets'
-    boundaries): each step asks, and tells, the gate of its own bucket. For replay_gate, which hands it the
-    trace's records through `record` (its on_record)."""
+    """One DraftGate (as `gate`) per bucket of a feature of the trace's records ("confidence": the target's in the
+    root; "match": prompt lookup's match length) (edges: the buckets' boundaries): each step asks, and tells, the
+    gate of its own bucket. For replay_gate, which hands it the trace's records through `record` (its
+    on_record)."""
 
-    def __init__(self, gate, edges):
-        self.edges, self.gates, self.current = list(edges), [gate_like(gate) for _ in range(len(edges) + 1)], None
+    def __init__(self, gate, edges, feature="confidence"):
+        self.edges, self.feature = list(edges), feature
+        self.gates, self.current = [gate_like(gate) for _ in range(len(edges) + 1)], None
 
     def reset(self):
         for g in self.gates:
             g.reset()
 
     def record(self, rec):
-        conf = rec.get("confidence") if rec is not None else None
-        self.current = self.gates[0 if conf is None else int(np.searchsorted(self.edges, conf, side="right"))]
+        x = rec.get(self.feature) if rec is not None else None
+        self.current = self.gates[0 if x is None else int(np.searchsorted(self.edges, x, side="right"))]
 
     def should_draft(self):
         return self.current.should_draft()
@@ -73,9 +75,12 @@ def main():
     ap.add_argument("--buckets", action="append", default=[], type=lambda v: [float(x) for x in v.split(",")],
                     help="also replay one gate per bucket of the target's confidence in the root (edges, e.g. "
                     "0.5,0.99; may be repeated)")
+    ap.add_argument("--match-buckets", action="append", default=[], type=lambda v: [float(x) for x in v.split(",")],
+                    help="also replay one gate per bucket of prompt lookup's match length at the root (edges, e.g. "
+                    "1 for no match / a match, or 1,2,3; may be repeated)")
     ap.add_argument("--save", default=None, help="write every decoder's traces and its gate's cost model to this "
                     "JSON file")
-    ap.add_argument("--features", action="store_true", help="drafting's rate by the target's confidence")
+    ap.add_argument("--features", action="store_true", help="drafting's rate by the target's confidence in the root and by prompt lookup's match length")
     ap.add_argument("--check", action="store_true", help="also decode each prompt with the decoder itself (gate "
                     "as shipped) and print its modelled cost beside the replay's")
     ap.add_argument("--factor", type=float, default=1.0, help="price every drafting step at this multiple of "
@@ -134,6 +139,10 @@ def main():
                     cells.append(f"[{lo:.2f},{hi:.2f}) n {m.sum()} tokens {tok[m].mean():.2f} cost {cst[m].mean():.2f} "
                                  f"rate {tok[m].sum() / cst[m].sum():.2f}")
             print("    by the target's confidence in the root: " + "; ".join(cells))
+            match = np.array([r["match"] for r in recs])
+            cells = [f"{label} n {m.sum()} rate {tok[m].sum() / cst[m].sum():.2f}" for label, m in
+                     (("no match", match == 0), ("1", match == 1), ("2", match == 2), ("3", match == 3)) if m.any()]
+            print("    by prompt lookup's match length at the root: " + "; ".join(cells))
         settings = [{}]
         if args.grid:
             settings += [dict(max_wait=w, decay=d) for d in (0.8, 0.9, 0.95) for w in (32, 128)]
@@ -145,6 +154,11 @@ def main():
         for edges in args.buckets:
             res = [replay_gate(tr, bg, on_record=bg.record) for tr in traces for bg in [BucketGate(gates, edges)]]
             print(f"    one gate per bucket of the target's confidence in the root, edges {list(edges)}: "
+                  f"{n / sum(c for c, _, _ in res):.3f}x  ({sum(d for _, d, _ in res)} drafting steps)")
+        for edges in args.match_buckets:
+            res = [replay_gate(tr, bg, on_record=bg.record) for tr in traces
+                   for bg in [BucketGate(gates, edges, "match")]]
+            print(f"    one gate per bucket of prompt lookup's match length, edges {list(edges)}: "
                   f"{n / sum(c for c, _, _ in res):.3f}x  ({sum(d for _, d, _ in res)} drafting steps)")
     if args.save:
         Path(args.save).write_text(json.dumps(saved))

@@ -11,6 +11,7 @@ import numpy as np
 
 from ..backend import to_host
 from ..decoders.hydra import PREFIX_ROWS
+from ..decoders.lookup import NgramIndex
 from ..speculative.acceptance import greedy_accept
 from ..speculative.gate import DraftGate, trace_step
 from ..speculative.loop import Context, Stats
@@ -35,8 +36,11 @@ def draft_price(prop, draft):
 def gate_trace(model, prop, ids, n_tokens):
     """The trace of one prompt (a list of `trace_step` records, None where the proposer drafts nothing) for a
     gated proposer `prop` (its gate is switched to always draft, so every position gets a record); each record
-    also holds "confidence", the target's top probability where it chose that position's root (None at the
-    first). Greedy, n_tokens plain steps. Returns (trace, the tokens emitted: plain decoding's)."""
+    also holds two cheap features of the context a gate could read before deciding: "confidence", the target's
+    top probability where it chose that position's root (None at the first), and "match", the length of the
+    longest suffix of the text (prompt and output, root included) of 1 to 3 tokens that occurs earlier in it
+    (prompt lookup's match, minispec.decoders.lookup; 0 when none). Greedy, n_tokens plain steps. Returns (trace,
+    the tokens emitted: plain decoding's)."""
     prop.gate.enabled = False
     params, rng, stats, seen = SamplingParams(), np.random.default_rng(0), Stats(), {}
 
@@ -48,6 +52,8 @@ def gate_trace(model, prop, ids, n_tokens):
     _, prompt_hidden = model.forward(ids[:-1], cache, return_hidden=True, warn_positions=False)
     prop.start(Context(ids[-1], None, model, cache, params, rng, stats, prompt=ids), prompt_hidden)
     root, hidden, confidence, out, records, plain = ids[-1], None, None, [], [], Tree.from_choices([])
+    text = NgramIndex(1, 3)
+    text.extend(ids)
     for t in range(n_tokens):
         draft = prop.propose(Context(root, hidden, model, cache, params, rng, stats, n_tokens - t, prompt=ids))
         rec = None
@@ -58,12 +64,13 @@ def gate_trace(model, prop, ids, n_tokens):
             cost, per_row, probe_cost = draft_price(prop, draft)
             probe = None if probe_cost is None else (1 + int(len(path) > 1), probe_cost)
             rec = trace_step(len(path), cost, per_row, PREFIX_ROWS, probe)
-            rec["confidence"] = confidence
+            rec["confidence"], rec["match"] = confidence, text.match()[0]
         records.append(rec)
         step = verify(model, cache, Draft(plain, [root]), plain_rule)
         prop.observe(step)
         confidence = seen["confidence"]
         out += step.tokens
+        text.extend(step.tokens)
         root, hidden = step.bonus, step.hidden
     return records, out
 
