@@ -18,19 +18,18 @@ from ..speculative.loop import Context, Stats
 from ..speculative.sampling import SamplingParams
 from ..speculative.tree import Tree
 from ..speculative.verify import Draft, verify
+from ..training.calibrate import root_confidence
 
 
-def draft_price(prop, draft):
-    """(cost, per_row, probe cost or None) of drafting `draft` now, as the proposer's gate prices the step when it
-    drafts it: s(N) + proposal (its gate's step_cost), plus a dynamic tree's depth costs paid, or Draft &
-    Verify's K r (and its one-token probe's price); per_row: Hydra++'s catch-up charge per row (0 for others)."""
-    gate, N = prop.gate, draft.tree.N
-    if prop.name == "draft_verify":
-        return gate.step_cost(N, (N - 1) * prop.draft_cost), 0.0, gate.step_cost(2, prop.draft_cost)
-    dynamic = getattr(prop, "dynamic", None)
-    paid = dynamic.paid() if dynamic is not None else 0.0
+def draft_price(prop, path, drafted):
+    """(tokens, cost, per_row, probe) of the drafting step just proposed, `drafted` draft tokens of which the
+    greedy walk accepted `path` (root included): its modelled cost as the proposer's gate prices it
+    (`drafting_cost`); per_row: Hydra++'s catch-up charge per row (0 for others); probe: (tokens, cost) of a
+    probe, for a proposer whose probe drafts only its first PROBE tokens (Draft & Verify), else None."""
+    k = getattr(prop, "PROBE", None)
+    probe = None if k is None else (1 + min(len(path) - 1, k), prop.drafting_cost(k))
     pc = getattr(prop, "prefix_cost", None)
-    return gate.step_cost(N, paid), (pc.per_row if pc is not None else 0.0), None
+    return len(path), prop.drafting_cost(drafted), (pc.per_row if pc is not None else 0.0), probe
 
 
 def gate_trace(model, prop, ids, n_tokens):
@@ -45,8 +44,7 @@ def gate_trace(model, prop, ids, n_tokens):
     params, rng, stats, seen = SamplingParams(), np.random.default_rng(0), Stats(), {}
 
     def plain_rule(draft, logits):              # greedy, and the target's confidence in the token it picks
-        z = to_host(logits[0]).astype(np.float64)
-        seen["confidence"] = float(1.0 / np.exp(z - z.max()).sum())
+        seen["confidence"] = float(root_confidence(to_host(logits[0])))
         return greedy_accept(draft.tree, draft.tokens, logits)
     cache = model.new_cache()
     _, prompt_hidden = model.forward(ids[:-1], cache, return_hidden=True, warn_positions=False)
@@ -61,9 +59,8 @@ def gate_trace(model, prop, ids, n_tokens):
             o = model.forward_block(draft.tokens, cache, depths=draft.tree.depths, parents_mask=draft.tree.mask)
             path, _ = greedy_accept(draft.tree, draft.tokens, o.logits)
             cache.discard()                                       # never committed: the ring is untouched
-            cost, per_row, probe_cost = draft_price(prop, draft)
-            probe = None if probe_cost is None else (1 + int(len(path) > 1), probe_cost)
-            rec = trace_step(len(path), cost, per_row, PREFIX_ROWS, probe)
+            tokens, cost, per_row, probe = draft_price(prop, path, draft.tree.N - 1)
+            rec = trace_step(tokens, cost, per_row, PREFIX_ROWS, probe)
             rec["confidence"], rec["match"] = confidence, text.match()[0]
         records.append(rec)
         step = verify(model, cache, Draft(plain, [root]), plain_rule)

@@ -236,6 +236,7 @@ class DraftVerifyProposer:
     "draft_verify.gamma" (a list: the threshold in force at each step, before its update).
     """
     name = "draft_verify"
+    PROBE = 1                                              # the draft tokens of a probe (gate closed)
 
     def __init__(self, model, skip=None, max_draft=None, gamma0=None, adaptive=True, rule=None, sizing="threshold",
                  costs=None, draft_cost=None, gate=False):
@@ -297,7 +298,7 @@ class DraftVerifyProposer:
         k_max = self.cap if ctx.left is None else max(0, min(self.cap, int(ctx.left) - 1))
         self.drafting = k_max > 0
         if self.gate is not None and self.gate.probing:     # a probe drafts one token: the cheapest evidence
-            k_max = min(k_max, 1)
+            k_max = min(k_max, self.PROBE)
         if not cache.ring:
             k_max = max(0, min(k_max, cache.W - cache.pos - 1))
         q = xp.empty((k_max, model.config.vocab_size), dtype=model.dtype) if sampled else None   # [K, V]
@@ -324,6 +325,10 @@ class DraftVerifyProposer:
             self._chains[K] = Tree.chain(K)
         return Draft(self._chains[K], tokens, q=q)
 
+    def drafting_cost(self, drafted):
+        """The modelled cost of a drafting step of `drafted` draft tokens (gate on): s(drafted + 1) + drafted r."""
+        return self.gate.step_cost(drafted + 1, drafted * self.draft_cost)
+
     def observe(self, step):
         if self.adaptive and step.drafted:
             self.gamma, self.m = update_threshold(self.gamma, self.m, len(step.path) - 1, step.drafted,
@@ -331,7 +336,7 @@ class DraftVerifyProposer:
         if self.sizing == "cost" and (self.gate is None or self.drafting):
             self.estimate.observe(step.drafted, len(step.path) - 1)
         if self.gate is not None:
-            cost = self.gate.step_cost(step.drafted + 1, step.drafted * self.draft_cost) if self.drafting else None
+            cost = self.drafting_cost(step.drafted) if self.drafting else None
             self.gate.settle(self.stats, len(step.tokens), cost)
 
 

@@ -23,7 +23,7 @@ from ..speculative.tree import Tree, proposer_tree
 from ..speculative.verify import Draft, count
 from .head_vocab import token_ids, vocab_heads
 from .hydra_heads import head_forward, new_prefix_cache, prefix_advance, prefix_forward
-from .medusa import first_hidden, observe_gate, root_alone, topk_ids
+from .medusa import first_hidden, head_step_cost, observe_gate, root_alone, topk_ids
 
 
 PREFIX_ROWS = 2                 # rows a proposer's timed proposal runs through Hydra++'s prefix layer
@@ -290,4 +290,9 @@ class HydraProposer:
             self.pending.append(step.path_hidden)                                           # [len(path), D]
             if self.gate is None:
                 self.catch_up()
-        observe_gate(self, step, self.prefix_paid() if self.drafting else 0.0)
+        observe_gate(self, step)
+
+    def drafting_cost(self, drafted):
+        """The modelled cost of the drafting step just proposed, verifying `drafted` draft tokens (gate on): with
+        Hydra++'s catch-up of this step charged per row beyond what the proposal prices (`prefix_paid`)."""
+        return head_step_cost(self, drafted, self.prefix_paid())

@@ -269,6 +269,10 @@ class MedusaProposer:
         count(ctx.stats, "head_calls", self.tree.max_depth)
         return Draft(self.tree, self.tree.candidates(ctx.root, ids))
 
+    def drafting_cost(self, drafted):
+        """The modelled cost of the drafting step just proposed, verifying `drafted` draft tokens (gate on)."""
+        return head_step_cost(self, drafted)
+
     def observe(self, step):
         observe_gate(self, step)
 
@@ -286,22 +290,25 @@ def root_alone(proposer, ctx):
     return None
 
 
-def observe_gate(proposer, step, extra=0.0):
+def observe_gate(proposer, step):
     """Tell a head proposer's gate what the step emitted and, when it drafted, what the cost model says it cost
-    (the verified nodes, plus a dynamic tree's depth costs paid, plus `extra`: the proposer's other modelled
-    work of this step, e.g. Hydra++'s prefix catch-up); the modelled cost of every step (1 for a plain one) is
-    summed in stats.counters["model.step_cost"] for bench decode's prediction. A dynamic tree is told the step
-    too (its top-1 run picks the next step's calibrated maps; DynamicTrees.observe)."""
+    (`head_step_cost` through the proposer's own `drafting_cost`); the modelled cost of every step (1 for a plain
+    one) is summed in stats.counters["model.step_cost"] for bench decode's prediction. A dynamic tree is told
+    the step too (its top-1 run picks the next step's calibrated maps; DynamicTrees.observe)."""
     if proposer.dynamic is not None:
         proposer.dynamic.observe(step, proposer.drafting)
     gate = proposer.gate
     if gate is None:
         return
-    cost = None
-    if proposer.drafting:
-        paid = proposer.dynamic.paid() if proposer.dynamic is not None else 0.0
-        cost = gate.step_cost(step.drafted + 1, paid + extra)
-    gate.settle(proposer.stats, len(step.tokens), cost)
+    gate.settle(proposer.stats, len(step.tokens), proposer.drafting_cost(step.drafted) if proposer.drafting else None)
+
+
+def head_step_cost(proposer, drafted, extra=0.0):
+    """The modelled cost of a head proposer's drafting step that verified `drafted` draft tokens, as its gate
+    prices it: s(drafted + 1) + proposal, plus a dynamic tree's depth costs paid for its last growth, plus
+    `extra` (the proposer's other modelled work of the step, e.g. Hydra++'s prefix catch-up)."""
+    paid = proposer.dynamic.paid() if proposer.dynamic is not None else 0.0
+    return proposer.gate.step_cost(drafted + 1, paid + extra)
 
 
 def first_hidden(model):

@@ -148,9 +148,9 @@ def make_gate(gate, name, costs=None, proposal=0.0):
 def trace_step(tokens, cost, per_row=0.0, free_rows=0, probe=None):
     """What drafting at one position of a greedy decode would have given (a record of `replay_gate`'s trace):
     tokens emitted (the accepted draft tokens + the bonus), the modelled cost of the step (units of one plain
-    step), per_row: a further charge per position committed since the last drafting step began, beyond free_rows
-    (Hydra++'s prefix catch-up), probe: (tokens, cost) of the proposer's probe when it drafts less on a probe (Draft &
-    Verify's one-token draft), else None."""
+    step), per_row: a further charge per position committed since the last drafting step began, beyond
+    free_rows (Hydra++'s prefix catch-up), probe: (tokens, cost) of the proposer's probe when it drafts less on
+    a probe (Draft & Verify's one-token draft), else None."""
     return {"tokens": int(tokens), "cost": float(cost), "per_row": float(per_row), "free_rows": int(free_rows),
             "probe": probe}
 
@@ -160,8 +160,9 @@ def replay_gate(trace, gate, n_tokens=None, on_record=None):
     at position t of the greedy output gives) or None (a position where the proposer drafts nothing, e.g. the
     first step). Greedy output does not depend on the drafts, so the positions a gated decode visits, and every
     decision of the gate, follow from the trace alone. on_record(trace[t]), when given, is called before each
-    step's decision (for a gate that reads more of the context than its own past). Returns (modelled cost of the n_tokens tokens in plain
-    steps, drafting steps, plain steps); n_tokens / cost is the gate's modelled speed-up."""
+    step's decision (for a gate that reads more of the context than its own past). Returns (modelled cost of
+    the n_tokens tokens in plain steps, drafting steps, plain steps); n_tokens / cost is the gate's modelled
+    speed-up."""
     n = len(trace) if n_tokens is None else n_tokens
     gate.reset()
     t, cost, drafted, plain, last = 0, 0.0, 0, 0, 0
