@@ -118,6 +118,37 @@ def test_a_replayed_trace_decides_and_prices_as_the_gated_decoder_itself(model, 
             assert rec["match"] == (longest[0] if longest else 0), t
 
 
+def test_a_gated_sized_dynamic_tree_is_charged_its_verify_and_the_depth_costs_its_growth_paid(model):
+    """Medusa, tree="dynamic", max_nodes="auto", a given cost model: each drafting step costs s(N) (linear between
+    the given sizes) + the fixed and per-row cost of every depth it expanded (also when it kept no node: the
+    heads ran), a plain step 1; their sum over the decode, computed here from the trees the proposer grew, is
+    what it summed in model.step_cost."""
+    costs = {1: 1.0, 2: 1.1, 4: 1.3, 8: 1.7, 16: 2.5}
+    depth_costs = [(0.05, 0.01)] * 4
+    prop = make_proposer("medusa", model, tree="dynamic", max_nodes="auto", costs=costs, depth_costs=depth_costs,
+                         gate=DraftGate(costs=costs))
+    grown, propose = [], prop.propose
+
+    def recording(ctx):
+        draft = propose(ctx)
+        grown.append(list(prop.dynamic.last.depth_rows) if prop.drafting else None)    # heads ran: charged
+        return draft
+    prop.propose = recording
+    out = generate(model, heldout_prompts(MODEL, Tokenizer.from_dir(MODEL), 1)[0], decoder=prop, max_new_tokens=48,
+                   eos_id=None)
+    want = 0.0
+    for rows, k in zip(grown, out.stats.drafted):
+        if rows is None:
+            want += 1.0
+            continue
+        N = k + 1
+        lo, hi = max(n for n in costs if n <= N), min(n for n in costs if n >= N)
+        s_N = costs[lo] if lo == hi else costs[lo] + (costs[hi] - costs[lo]) * (N - lo) / (hi - lo)
+        want += s_N + sum(a + b * r for (a, b), r in zip(depth_costs, rows))
+    assert sum(1 for r in grown if r is not None) > 3
+    assert out.stats.counters["model.step_cost"] == pytest.approx(want, abs=1e-9)
+
+
 def test_failing_probes_double_the_wait_up_to_max_wait_and_a_probe_that_pays_starts_again_from_one():
     gate = DraftGate(costs={1: 1.0, 8: 1.0}, proposal=4.0, decay=1.0, max_wait=4)    # 1 token for 5: never pays
     pattern = []
@@ -313,7 +344,7 @@ def test_the_step_curve_prices_whole_verify_steps_in_plain_steps_and_times_the_p
     assert sorted(bare.costs) == sorted(curve.costs) == [1, 2, 4]
     assert bare.costs[1] == 1.0 and bare.proposal is None                   # no proposal: scaled to s(1) = 1
     assert len(calls) == 3 * 3                                              # one per size per round, warm-up too
-    assert curve.proposal > 0 and 0 < curve.unit < 1 and 0.1 < curve.forward < 10   # units (about 1), not a timing claim
+    assert curve.proposal > 0 and 0 < curve.unit < 1 and 0.1 < curve.forward < 10   # units (about 1), not timing
     assert curve.clock == "CPU time" and curve.reps == 2 and curve.context == 112    # where bench decode runs
     cache = model.new_cache()
     assert cache.pos == 0
