@@ -229,8 +229,7 @@ class DraftVerifyProposer:
     with no draft forward, re-probed now and then by a one-token draft. When the skip set's calibration match
     rate p (`calibration_prior`) says that no draft length is expected to pay even on average (K tokens accepted
     one after another with probability p each: 1 + p + ... + p^K tokens for s(K + 1) + K r), the gate rules
-    drafting out (`DraftGate.rule_out`) and the decoder runs plain steps only: on this repository's CPU with the
-    shipped skip set, a one-token draft costs about 2 plain steps and is expected to emit 1.8 tokens.
+    drafting out (`DraftGate.rule_out`) and the decoder runs plain steps only (docs/costs.md, "Ruled out").
 
     Counts in ctx.stats.counters: "draft_verify.forwards" (one-token draft forwards) and
     "draft_verify.gamma" (a list: the threshold in force at each step, before its update).
