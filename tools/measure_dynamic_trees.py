@@ -6,6 +6,7 @@
     OPENBLAS_NUM_THREADS=1 python tools/measure_dynamic_trees.py expected # what the calibrated values expect
     OPENBLAS_NUM_THREADS=1 python tools/measure_dynamic_trees.py context [n]  # maps per previous top-1 run
                                                                           # or not, fitted on n prompts (48)
+    OPENBLAS_NUM_THREADS=1 python tools/measure_dynamic_trees.py lookup   # tau with prompt lookup in the trees
 
 Greedy, the held-out prompts of minispec.bench.heldout_prompts (8 prompts), 128 new tokens each. "static" is
 the tree build_tree makes from the heads' own stored top-k accuracies at that budget; "dynamic" is
@@ -235,6 +236,36 @@ def context_table(model, tok, prompts, n_tokens, n_fit=48, n_runs=3):
                 for k in ("without", "with")) + "  (all identical to AR: yes)", flush=True)
 
 
+def lookup_table(model, prompts, n_tokens, max_draft=8):
+    """Prompt lookup inside the dynamic trees (option lookup): tau at equal node budgets of the static tree, the
+    calibrated dynamic tree, the same with lookup's chain of up to max_draft tokens joined (lookup=max_draft), and
+    lookup alone (decoder "lookup", its chain of min(budget, max_draft) tokens all verified: sizing="max");
+    ungated, every output checked against AR's."""
+    ar = [generate(model, p, max_new_tokens=n_tokens, eos_id=None).tokens for p in prompts]
+    for name in DECODERS:
+        heads = make_proposer(name, model).heads
+        for budget in (4, 10, 32):
+            setups = {"static": (name, dict(tree=build_tree(heads.accuracies, budget)[0], gate=False)),
+                      "dynamic": (name, dict(tree="dynamic", max_nodes=budget, gate=False)),
+                      "dynamic + lookup": (name, dict(tree="dynamic", max_nodes=budget, gate=False,
+                                                      lookup=max_draft)),
+                      "lookup alone": ("lookup", dict(max_draft=min(budget, max_draft), sizing="max"))}
+            tau = {}
+            for kind, (dec, opts) in setups.items():
+                new = steps = 0
+                for p, want in zip(prompts, ar):
+                    o = generate(model, p, decoder=make_proposer(dec, model, **opts), max_new_tokens=n_tokens,
+                                 eos_id=None)
+                    assert o.tokens == want, f"{name} {kind} {budget}: not AR's tokens"
+                    new, steps = new + o.stats.new_tokens, steps + o.stats.steps
+                tau[kind] = new / steps
+            s = tau["static"]
+            print(f"{name:>8} budget {budget:2d}: tau static {s:.3f}  dynamic {tau['dynamic']:.3f} (ratio "
+                  f"{tau['dynamic'] / s:.3f})  dynamic + lookup {tau['dynamic + lookup']:.3f} (ratio "
+                  f"{tau['dynamic + lookup'] / s:.3f})  lookup alone {tau['lookup alone']:.3f}  (all identical to "
+                  f"AR: yes)", flush=True)
+
+
 def speed_table(model, prompts, n_tokens, runs):
     print("whole-step curve:", step_curve(model).describe(), flush=True)
     setups = [("ar", "ar", {})]
@@ -332,6 +363,8 @@ def main():
         context_table(model, tok, prompts, 128, int(sys.argv[2]) if len(sys.argv) > 2 else 48)
     elif what == "phases":
         phases(model, prompts, 128)
+    elif what == "lookup":
+        lookup_table(model, prompts, 128)
     else:
         speed_table(model, prompts, 128, runs=int(sys.argv[2]) if len(sys.argv) > 2 else 3)
 

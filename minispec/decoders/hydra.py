@@ -23,7 +23,7 @@ from ..speculative.tree import Tree, proposer_tree
 from ..speculative.verify import Draft, count
 from .head_vocab import token_ids, vocab_heads
 from .hydra_heads import head_forward, new_prefix_cache, prefix_advance, prefix_forward
-from .medusa import first_hidden, head_step_cost, observe_gate, root_alone, topk_ids
+from .medusa import context_chain, first_hidden, head_step_cost, observe_gate, plain_or_lookup, topk_ids
 
 
 PREFIX_ROWS = 2                 # rows a proposer's timed proposal runs through Hydra++'s prefix layer
@@ -172,16 +172,21 @@ class HydraProposer:
     hidden states are run through it and committed before the next draft (so it never sees a rejected token, and
     after plain steps it catches up on all of them in one batch), and the prefix output at the last committed
     position replaces h_t.
-    gate: False (default here), True (the registry's default) or a DraftGate, as for medusa.MedusaProposer."""
+    gate: False (default here), True (the registry's default) or a DraftGate, as for medusa.MedusaProposer.
+    lookup=L (tree="dynamic" only): prompt lookup's continuation joins the trees, as for medusa.MedusaProposer
+    (a step that verifies it alone runs no head, and Hydra++'s prefix layer waits as on a plain step)."""
 
     def __init__(self, model, heads, tree=None, max_nodes=None, max_depth=None, top_k=None, width=None, costs=None,
-                 depth_costs=None, cap=None, head_vocab=None, token_counts=None, gate=False, calibrate=None):
+                 depth_costs=None, cap=None, head_vocab=None, token_counts=None, gate=False, calibrate=None,
+                 lookup=None):
         self.name = heads.kind
         heads = vocab_heads(model, heads, head_vocab, token_counts, self.name)
         self.model, self.heads, self.root_only = model, heads, Tree.from_choices([])
         self.cache, self.h, self.dynamic, self.gate, self.drafting, self.pending = None, None, None, None, False, []
         self.prefix_cost, self.caught = None, 0        # the catch-up's cost model (gated Hydra++); rows caught up
+        self.context = None                            # prompt lookup beside the heads (option lookup)
         if isinstance(tree, str) and tree == "dynamic":
+            self.context = context_chain(self.name, lookup)
             self.dynamic = DynamicTrees(self.name, heads.K, max_nodes, max_depth, top_k, width, costs, depth_costs,
                                         cap, choose_calibration(self.name, heads, calibrate))
             self.gate = self.dynamic.size_with(model, heads, self.expand_at, first_hidden(model),
@@ -191,7 +196,7 @@ class HydraProposer:
             self.tree = self.plan = None
             return
         refuse_dynamic_options(self.name, max_nodes=max_nodes, max_depth=max_depth, width=width, costs=costs,
-                               depth_costs=depth_costs, cap=cap, top_k=top_k, calibrate=calibrate)
+                               depth_costs=depth_costs, cap=cap, top_k=top_k, calibrate=calibrate, lookup=lookup)
         device = getattr(model, "device", None)
         self.tree = proposer_tree(tree, heads, device, self.name)
         self.plan = TreePlan(self.tree, heads.xp)
@@ -233,6 +238,8 @@ class HydraProposer:
         self.h, self.pending = None, []
         if self.gate is not None:
             self.gate.reset()
+        if self.context is not None:
+            self.context.start(ctx.prompt)
         if self.heads.prefix is not None:
             self.cache = new_prefix_cache(ctx.model)
             if prompt_hidden.shape[0]:
@@ -266,13 +273,13 @@ class HydraProposer:
     def propose(self, ctx):
         """Draft(tree, tokens [N]); tokens[0] = ctx.root. Before the first verification (ctx.hidden None), or when
         the gate says no draft pays (then no head runs and Hydra++'s prefix layer waits), the root alone."""
-        plain = root_alone(self, ctx)
+        plain, chain = plain_or_lookup(self, ctx)
         if plain is not None:
             return plain
         self.catch_up()
         h = ctx.hidden if self.heads.prefix is None else self.h
         if self.dynamic is not None:
-            return Draft(*self.dynamic.grow(ctx.root, self.expand_at(h, ctx.stats)))
+            return Draft(*self.dynamic.grow(ctx.root, self.expand_at(h, ctx.stats), chain))
         return Draft(self.tree, grounded_proposal(self.heads, self.plan, h, ctx.root, ctx.stats))
 
     def catch_up(self):
@@ -286,6 +293,8 @@ class HydraProposer:
         self.h = prefix_advance(self.heads.prefix, self.heads.model_config, x, self.cache)[-1]
 
     def observe(self, step):
+        if self.context is not None:
+            self.context.observe(step.tokens)
         if self.heads.prefix is not None:
             self.pending.append(step.path_hidden)                                           # [len(path), D]
             if self.gate is None:

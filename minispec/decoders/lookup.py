@@ -70,6 +70,63 @@ class NgramIndex:
         return 0, None
 
 
+class ContextChain:
+    """Prompt lookup as a second drafter inside a head decoder's dynamic tree (option `lookup=L` of medusa, hydra
+    and hydra++ with tree="dynamic"; minispec.speculative.dynamic_tree.add_chain joins the chain to the grown
+    tree): the continuation of the context's longest matching suffix n-gram (1 to 3 tokens, the latest earlier
+    occurrence), up to L tokens, with the values its own acceptance estimate gives them.
+
+    values: token j's value is a_1 · ... · a_{j+1}, the estimated probability that the chain's first j + 1
+    tokens are all accepted, from one AcceptanceEstimate per match length (prior 0.5, weight 2, decay 0.98, as
+    LookupProposer's). After each step the whole chain is judged against the tokens the step emitted (the
+    accepted path and the bonus, which are the target's own choices): its first min(L, len(emitted)) tokens
+    were reached, and accepted up to the first that differs, whether or not the tree kept them. Under greedy
+    decoding that is exactly whether the verifier would have accepted them."""
+
+    def __init__(self, max_draft, min_ngram=1, max_ngram=3, prior=0.5, weight=2.0, decay=0.98):
+        self.max_draft = check_int("lookup", max_draft, low=1)
+        self.min_ngram, self.max_ngram = min_ngram, max_ngram
+        self.estimates = {n: AcceptanceEstimate(self.max_draft, prior, weight, decay)
+                          for n in range(min_ngram, max_ngram + 1)}
+        self.index, self.pending = None, None
+
+    def start(self, prompt):
+        """A fresh index over the prompt (ending with the first root), the estimates back to their prior."""
+        if prompt is None:
+            raise UserError("lookup: the decoding loop gave no prompt ids (Context.prompt) to look up in")
+        self.index, self.pending = NgramIndex(self.min_ngram, self.max_ngram), None
+        self.index.extend(prompt)
+        for e in self.estimates.values():
+            e.reset()
+
+    def propose(self):
+        """(tokens [L'], values [L']) for the text so far (it ends with this step's root), or None with no match."""
+        n, start = self.index.match("last")
+        if not n:
+            self.pending = None
+            return None
+        tokens = self.index.continuation(start, self.max_draft)
+        values, reach = [], 1.0
+        for a in self.estimates[n].acc:
+            reach *= a
+            values.append(reach)
+        self.pending = (n, tokens)
+        return tokens, values
+
+    def observe(self, emitted):
+        """After a step that emitted `emitted` (accepted draft tokens, then the bonus): judge this step's chain
+        against them, then add them to the text."""
+        if self.pending is not None:
+            n, tokens = self.pending
+            reached = min(len(tokens), len(emitted))
+            same = 0
+            while same < reached and tokens[same] == emitted[same]:
+                same += 1
+            self.estimates[n].observe(reached, same)
+            self.pending = None
+        self.index.extend(emitted)
+
+
 class LookupProposer:
     """Decoder "lookup": n-gram lookup in the context (prompt + generated text) proposes a chain.
 

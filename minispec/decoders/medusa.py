@@ -30,13 +30,14 @@ from ..backend import array_module, to_host
 from ..errors import UserError, check_int
 from ..mistral.layers import linear, silu
 from ..speculative.costs import step_curve
-from ..speculative.dynamic_tree import DynamicTrees, choose_calibration, refuse_dynamic_options, top_probs
+from ..speculative.dynamic_tree import DynamicTrees, best_size, choose_calibration, refuse_dynamic_options, top_probs
 from ..speculative.gate import make_gate
 from ..speculative.loop import Context, Stats
 from ..speculative.sampling import SamplingParams
 from ..speculative.tree import Tree, proposer_tree
 from ..speculative.verify import Draft, count
 from .head_vocab import slice_columns, token_ids, vocab_heads
+from .lookup import ContextChain
 
 VERSIONS = ("v1", "v2")
 
@@ -205,22 +206,27 @@ class MedusaProposer:
     decoder "medusa") or a DraftGate (minispec.speculative.gate): when the acceptance so far says no
     draft pays on this backend's cost model, the step is a plain one and the heads do not run; True measures the
     cost model once per heads and tree (`step_curve` with this proposal).
+    lookup=L (tree="dynamic" only): prompt lookup drafts beside the heads (`join_lookup`): the context's own
+    continuation, up to L tokens, joins every grown tree before the best nodes are kept, and a step whose heads
+    the gate skips verifies that continuation alone, sized by the rate rule.
     """
     name = "medusa"
 
     def __init__(self, model, heads, tree=None, top_k=None, max_nodes=None, max_depth=None, width=None, costs=None,
-                 depth_costs=None, cap=None, head_vocab=None, token_counts=None, gate=False, calibrate=None):
+                 depth_costs=None, cap=None, head_vocab=None, token_counts=None, gate=False, calibrate=None,
+                 lookup=None):
         heads = vocab_heads(model, heads, head_vocab, token_counts, "medusa")
         self.heads, self.root_only = heads, Tree.from_choices([])
-        self.dynamic, self.gate, self.drafting = None, None, False
+        self.dynamic, self.gate, self.drafting, self.context = None, None, False, None
         if isinstance(tree, str) and tree == "dynamic":
+            self.context = context_chain("medusa", lookup)
             self.dynamic = DynamicTrees("medusa", heads.K, max_nodes, max_depth, top_k, width, costs, depth_costs, cap,
                                         choose_calibration("medusa", heads, calibrate))
             self.gate = self.dynamic.size_with(model, heads, self.expand_at, first_hidden(model), gate=gate)
             self.tree = None
             return
         refuse_dynamic_options("medusa", max_nodes=max_nodes, max_depth=max_depth, width=width, costs=costs,
-                               depth_costs=depth_costs, cap=cap, calibrate=calibrate)
+                               depth_costs=depth_costs, cap=cap, calibrate=calibrate, lookup=lookup)
         device = getattr(model, "device", None)
         tree = proposer_tree(tree, heads, device, "medusa")
         need = int(tree.rank.max()) + 1 if tree.N > 1 else 1
@@ -239,6 +245,8 @@ class MedusaProposer:
     def start(self, ctx, prompt_hidden):
         if self.gate is not None:
             self.gate.reset()
+        if self.context is not None:
+            self.context.start(ctx.prompt)
 
     def expand_at(self, hidden, stats=None):
         """expand(d, rows, ...) for dynamic_tree.grow: head d runs once, on hidden [D] (Medusa's heads do not read
@@ -258,13 +266,14 @@ class MedusaProposer:
     def propose(self, ctx):
         """Draft(tree, tokens [N]) for the next step; tokens[0] = ctx.root. ctx.hidden: [D] at the last verified
         position, None before anything is verified (then only the root is proposed)."""
-        plain = root_alone(self, ctx)
-        return plain if plain is not None else self.draft(ctx)
+        plain, chain = plain_or_lookup(self, ctx)
+        return plain if plain is not None else self.draft(ctx, chain)
 
-    def draft(self, ctx):
-        """The proposal itself (no gate): the dynamic tree grown, or the static tree filled from the heads."""
+    def draft(self, ctx, chain=None):
+        """The proposal itself (no gate): the dynamic tree grown (with prompt lookup's chain joined, when given),
+        or the static tree filled from the heads."""
         if self.dynamic is not None:
-            return Draft(*self.dynamic.grow(ctx.root, self.expand_at(ctx.hidden, ctx.stats)))
+            return Draft(*self.dynamic.grow(ctx.root, self.expand_at(ctx.hidden, ctx.stats), chain))
         ids = self.heads.topk(ctx.hidden, self.top_k, num_heads=self.tree.max_depth)   # [depth, top_k] host
         count(ctx.stats, "head_calls", self.tree.max_depth)
         return Draft(self.tree, self.tree.candidates(ctx.root, ids))
@@ -274,6 +283,8 @@ class MedusaProposer:
         return head_step_cost(self, drafted)
 
     def observe(self, step):
+        if self.context is not None:
+            self.context.observe(step.tokens)
         observe_gate(self, step)
 
 
@@ -290,6 +301,42 @@ def root_alone(proposer, ctx):
     return None
 
 
+def context_chain(name, lookup):
+    """The ContextChain of a dynamic tree's `lookup` option (an int >= 1: the most lookup tokens a tree takes),
+    or None when it is None."""
+    return None if lookup is None else ContextChain(check_int(f"{name}: lookup", lookup, low=1))
+
+
+def plain_or_lookup(proposer, ctx):
+    """(draft, chain) of a head proposer's step before any head runs: (a plain step or prompt lookup's chain
+    alone, None) when the heads do not run this step, else (None, the chain to join to their tree, or None).
+
+    Without option lookup: `root_alone`. With it, prompt lookup's chain (tokens, values) for the context, and
+    the heads do not run when `root_alone` says so, or when the chain alone is expected to earn at least what
+    the gate estimates a drafting step earns (its best rate by the rate rule, no proposal paid, against the
+    gate's rate; the gate counts the step plain, DraftGate.forgo). The chain alone is then sized by the rate
+    rule on the sized tree's cost curve, or else the gate's (unsized without either: at most max_nodes tokens;
+    counted in stats.counters["lookup.alone_steps"] when it drafts)."""
+    plain = root_alone(proposer, ctx)
+    if proposer.context is None:
+        return plain, None
+    chain = proposer.context.propose()
+    if chain is None:
+        return plain, None
+    dyn, gate = proposer.dynamic, proposer.gate
+    costs = dyn.costs if dyn.sized else (gate.costs if gate is not None else None)
+    if plain is None and gate is not None and costs is not None:
+        if best_size(chain[1][:dyn.max_nodes], costs)[1] >= gate.rate:
+            gate.forgo(ctx.stats)
+            proposer.drafting, plain = False, True
+    if plain is None:
+        return None, chain
+    tree, tokens = dyn.chain_only(ctx.root, chain, costs)
+    if tree.N > 1:
+        count(ctx.stats, "lookup.alone_steps")
+    return Draft(tree, tokens), None
+
+
 def observe_gate(proposer, step):
     """Tell a head proposer's gate what the step emitted and, when it drafted, what the cost model says it cost
     (`head_step_cost` through the proposer's own `drafting_cost`); the modelled cost of every step (1 for a plain
@@ -300,7 +347,11 @@ def observe_gate(proposer, step):
     gate = proposer.gate
     if gate is None:
         return
-    gate.settle(proposer.stats, len(step.tokens), proposer.drafting_cost(step.drafted) if proposer.drafting else None)
+    if proposer.drafting:
+        gate.settle(proposer.stats, len(step.tokens), proposer.drafting_cost(step.drafted))
+    else:                   # a plain step, or prompt lookup's chain alone: priced s(N), and the heads' estimate fades
+        gate.settle(proposer.stats, len(step.tokens),
+                    plain_cost=gate.verify_cost(step.drafted + 1) if step.drafted else 1.0)
 
 
 def head_step_cost(proposer, drafted, extra=0.0):

@@ -112,7 +112,8 @@ def depth_cost(cost, rows):
     return float(cost[0]) + float(cost[1]) * rows
 
 
-def grow(root, expand, max_nodes, max_depth, top_k, width=None, costs=None, depth_costs=None, calibrate=None):
+def grow(root, expand, max_nodes, max_depth, top_k, width=None, costs=None, depth_costs=None, calibrate=None,
+         chain=None):
     """Grow a draft tree depth by depth (module docstring) and keep its best nodes.
 
     expand(d, rows, tokens, parents) -> (ids int [B, k'], probs float [B, k']), k' >= top_k: the draft's top
@@ -124,7 +125,9 @@ def grow(root, expand, max_nodes, max_depth, top_k, width=None, costs=None, dept
     size the tree by the rate rule instead (module docstring); then only the depth-d nodes that the best tree
     so far keeps are expanded. calibrate(d, probs [B, k'], parent ranks [B]) -> factors [B, k'] in [0, 1] (a
     minispec.speculative.calibration.Calibration): the children's values are values[rows[b]] · factors instead
-    (non-increasing in rank among siblings, so every argument above still holds). Returns a Grown."""
+    (non-increasing in rank among siblings, so every argument above still holds). chain (tokens, values): a
+    chain from another drafter joined to the grown nodes before the best are kept (`add_chain`; prompt lookup's
+    continuation). Returns a Grown."""
     tokens, parents = np.array([int(root)], np.int64), np.array([-1], np.int64)
     depths, ranks, values, qs = np.zeros(1, np.int64), np.array([-1], np.int64), np.ones(1), np.ones(1)
     depth_rows, rates, paid, prev, n = [], [], 0.0, 1.0, max_nodes
@@ -156,9 +159,56 @@ def grow(root, expand, max_nodes, max_depth, top_k, width=None, costs=None, dept
             if rate <= prev:                                             # stop when it falls
                 break
             prev = rate
-    order = rank_order(values)[:max_nodes]
-    n = best_size(values[order], costs, paid)[0] if costs is not None else len(order)
-    return Grown(tokens, parents, depths, ranks, values, order[:n], depth_rows, rates, qs)
+    grown = Grown(tokens, parents, depths, ranks, values, None, depth_rows, rates, qs)
+    if chain is not None:
+        grown = add_chain(grown, *chain)
+    order = rank_order(grown.values)[:max_nodes]
+    n = best_size(grown.values[order], costs, paid)[0] if costs is not None else len(order)
+    grown.kept = order[:n]
+    return grown
+
+
+def add_chain(grown, tokens, values):
+    """The Grown with a chain of another drafter joined to it (its `kept` left None): tokens [L] continue the
+    root, token j with value values[j] (non-increasing, each in [0, 1]: the probability that the chain's first
+    j + 1 tokens are all accepted, as that drafter estimates it). Walking down from the root, a chain token
+    that a grown node at that place already holds (a child of the chain's node so far, with the same token)
+    raises that node's value to the larger of the two estimates; from the first one that none holds, the
+    rest of the chain becomes new nodes, numbered after every grown node, each the child of the one before
+    (rank: one past its parent's highest child rank; probs: NaN, no draft probability of their own).
+
+    Order is kept: a node on the chain has value >= values[j] >= the next chain value, so a raised node still
+    ranks after its parent and a new node (a larger number, a value no larger) after its own; the best n
+    nodes stay a tree for every n. A raised node's grown children keep their values (their heads' estimate
+    given the parent, which the raise does not change)."""
+    tokens = [int(t) for t in tokens]
+    values = np.asarray(values, dtype=np.float64)
+    if len(values) != len(tokens) or np.any(np.diff(values) > 0) or np.any((values < 0) | (values > 1)):
+        raise ValueError(f"add_chain: values must be one per token, non-increasing, in [0, 1]: {values}")
+    g = grown
+    t, par, dep, rk, val = (list(x) for x in (g.tokens, g.parents, g.depths, g.ranks, g.values))
+    qs = list(g.probs) if g.probs is not None else None
+    children = {}
+    for n in range(1, len(t)):
+        children.setdefault(par[n], []).append(n)
+    node = 0
+    for token, v in zip(tokens, values):
+        same = [c for c in children.get(node, []) if t[c] == token]
+        if same:
+            node = same[0]
+            val[node] = max(val[node], float(v))
+            continue
+        t.append(token)
+        par.append(node)
+        dep.append(dep[node] + 1)
+        rk.append(max((rk[c] for c in children.get(node, [])), default=-1) + 1)
+        val.append(min(float(v), val[node]))
+        if qs is not None:
+            qs.append(float("nan"))
+        children.setdefault(node, []).append(len(t) - 1)
+        node = len(t) - 1
+    return Grown(np.array(t, np.int64), np.array(par, np.int64), np.array(dep, np.int64), np.array(rk, np.int64),
+                 np.array(val), None, g.depth_rows, g.rates, None if qs is None else np.array(qs))
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -295,12 +345,22 @@ class DynamicTrees:
             return 0.0
         return sum(depth_cost(c, b) for c, b in zip(self.depth_costs, self.last.depth_rows))
 
-    def grow(self, root, expand):
+    def grow(self, root, expand, chain=None):
+        """(tree, tokens [N]) of this step's tree: grown from the root with expand (`grow`), and with `chain`
+        (tokens, values) of another drafter joined to it before the best nodes are kept (`add_chain`)."""
         costs = self.costs if self.sized else None
         cal, run = self.calibration, self.run
         calibrate = None if cal is None else (lambda d, probs, parents: cal(d, probs, parents, run=run))
         self.last = grow(root, expand, self.max_nodes, self.max_depth, self.top_k, self.width, costs,
-                         self.depth_costs, calibrate)
+                         self.depth_costs, calibrate, chain)
+        self.tree, tokens, self.values = to_tree(self.last, self.trees)
+        return self.tree, tokens
+
+    def chain_only(self, root, chain, costs):
+        """(tree, tokens [N]) of a step whose draft runs no head: the chain (tokens, values) of another drafter
+        alone, its best prefix by the rate rule on costs {T: c(T)} with nothing paid for a proposal (at most
+        max_nodes tokens; `grow` with no depth grown). The next `paid()` is 0."""
+        self.last = grow(root, None, self.max_nodes, 0, self.top_k, costs=costs, chain=chain)
         self.tree, tokens, self.values = to_tree(self.last, self.trees)
         return self.tree, tokens
 

@@ -63,9 +63,13 @@ class DraftGate:
 
     def step_cost(self, nodes, extra=0.0):
         """The modelled cost of a drafting step that verified `nodes` tokens (root included) and paid `extra`."""
+        return self.verify_cost(nodes) + self.proposal + float(extra)
+
+    def verify_cost(self, nodes):
+        """s(nodes) alone: the modelled cost of a step that verified `nodes` tokens and ran no proposal."""
         if self.costs is None:
             raise UserError("gate: no step cost curve (costs) to price a drafting step with")
-        return float(interp_cost(self.costs, nodes)) + self.proposal + float(extra)
+        return float(interp_cost(self.costs, nodes))
 
     def should_draft(self, stats=None):
         """The decision for the step about to run (call once per step, before proposing); a plain step is counted
@@ -84,6 +88,16 @@ class DraftGate:
         if stats is not None and not self.drafting:
             count(stats, "gate.plain_steps", 1)
         return self.drafting
+
+    def forgo(self, stats=None):
+        """After `should_draft` said draft: the proposer drafts something cheaper this step instead (prompt
+        lookup's chain alone, expected to earn more than the gate's estimate), so for the gate it is a plain
+        step (counted in stats.counters["gate.plain_steps"] when stats are given)."""
+        if self.drafting:
+            self.drafting = self.probing = False
+            self.history[-1] = False
+            if stats is not None:
+                count(stats, "gate.plain_steps", 1)
 
     def rule_out(self, best_case, margin=0.1, expected=None):
         """best_case [(tokens, nodes, extra)]: every draft the proposer could make, with the most tokens it could
@@ -118,11 +132,12 @@ class DraftGate:
             self.open, self.wait = False, self.backoff
             self.backoff = min(2 * self.backoff, self.max_wait)
 
-    def settle(self, stats, tokens, cost=None):
-        """`observe` the step, and add its modelled cost (`cost`, or 1 for a plain step) to
+    def settle(self, stats, tokens, cost=None, plain_cost=1.0):
+        """`observe` the step, and add its modelled cost (`cost`, or plain_cost for a step that did not draft: 1,
+        or s(N) for one that verified a chain drafted for free, without the proposal) to
         stats.counters["model.step_cost"], the price bench decode's prediction reads."""
         self.observe(tokens, cost)
-        count(stats, "model.step_cost", 1.0 if cost is None else cost)
+        count(stats, "model.step_cost", plain_cost if cost is None else cost)
 
     @property
     def plain_steps(self):
