@@ -112,12 +112,19 @@ def path_of(g, n):
     return out[::-1]
 
 
-def test_a_chain_alone_is_sized_by_the_rate_rule_with_nothing_paid():
-    """Values [0.9, 0.8, 0.1] on c(T) = 1, 1.2, 1.4, 2.0 (T = 1..4): rates 1, 1.9/1.2 = 1.583, 2.7/1.4 = 1.929,
-    2.8/2 = 1.4 -> two tokens."""
-    trees = DynamicTrees("test", 3, max_nodes=8)
-    tree, tokens = trees.chain_only(5, ([3, 4, 5], [0.9, 0.8, 0.1]), {1: 1.0, 2: 1.2, 3: 1.4, 4: 2.0})
-    assert tree.N == 3 and [int(t) for t in tokens] == [5, 3, 4] and trees.paid() == 0.0
+def test_a_chain_alone_is_sized_by_the_cost_rule_with_nothing_paid():
+    """Cumulative values 0.9, 0.8, 0.1 on c(T) = 1, 1.2, 1.4, 2.0 (T = 1..4): rates 1, 1.9/1.2 = 1.583,
+    2.7/1.4 = 1.929, 2.8/2 = 1.4 -> two tokens; with limit 1, one token at 1.583; without a curve all of them."""
+    c = ContextChain(3)
+    c.price({1: 1.0, 2: 1.2, 3: 1.4, 4: 2.0})
+    c.acc = [0.9, 0.8 / 0.9, 0.1 / 0.8]
+    K, rate, draft = c.alone(5, [3, 4, 5], 8)
+    assert (K, draft.tree.N, draft.tokens) == (2, 3, [5, 3, 4]) and rate == pytest.approx(2.7 / 1.4)
+    K, rate, draft = c.alone(5, [3, 4, 5], 1)
+    assert (K, draft.tokens) == (1, [5, 3]) and rate == pytest.approx(1.9 / 1.2)
+    c.price(None)
+    K, rate, draft = c.alone(5, [3, 4, 5], 8)
+    assert (K, rate, draft.tokens) == (3, None, [5, 3, 4, 5]) and draft.tree.max_depth == 3
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -231,7 +238,7 @@ def test_the_heads_run_only_where_no_chain_alone_is_expected_to_earn_what_the_ga
 
     def chain():
         out = propose()
-        steps.append((None if out is None else 1.0 + sum(out[1]), prop.gate.drafting, prop.gate.rate))
+        steps.append((None if out is None else 1.0 + sum(out[1]), prop.gate.drafting, prop.gate.rate))   # flat
         heads_ran.append(False)
         return out
 

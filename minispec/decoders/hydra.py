@@ -23,7 +23,8 @@ from ..speculative.tree import Tree, proposer_tree
 from ..speculative.verify import Draft, count
 from .head_vocab import token_ids, vocab_heads
 from .hydra_heads import head_forward, new_prefix_cache, prefix_advance, prefix_forward
-from .medusa import context_chain, first_hidden, head_step_cost, observe_gate, plain_or_lookup, topk_ids
+from .medusa import (context_chain, first_hidden, head_step_cost, observe_gate, plain_or_lookup, price_chain,
+                     topk_ids)
 
 
 PREFIX_ROWS = 2                 # rows a proposer's timed proposal runs through Hydra++'s prefix layer
@@ -193,6 +194,7 @@ class HydraProposer:
                                                self.prefix_step(model), gate=gate)
             if self.gate is not None:           # its proposal prices PREFIX_ROWS rows; the rest is charged per row
                 self.prefix_cost = prefix_cost(model, heads, step_curve(model).forward)
+            price_chain(self, model, costs)
             self.tree = self.plan = None
             return
         refuse_dynamic_options(self.name, max_nodes=max_nodes, max_depth=max_depth, width=width, costs=costs,

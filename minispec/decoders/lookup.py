@@ -81,14 +81,32 @@ class ContextChain:
     LookupProposer's). After each step the whole chain is judged against the tokens the step emitted (the
     accepted path and the bonus, which are the target's own choices): its first min(L, len(emitted)) tokens
     were reached, and accepted up to the first that differs, whether or not the tree kept them. Under greedy
-    decoding that is exactly whether the verifier would have accepted them."""
+    decoding that is exactly whether the verifier would have accepted them.
+
+    The chain alone (a step that runs no head): `alone` sizes it by the cost rule of the lookup decoder
+    (draft_length.best_length: K tokens for c(K + 1), nothing paid for a proposal) on the curve given to
+    `price` (step_cost: [L + 1] times of a step verifying K = 0..L tokens, or None: all L tokens, no rate)."""
 
     def __init__(self, max_draft, min_ngram=1, max_ngram=3, prior=0.5, weight=2.0, decay=0.98):
         self.max_draft = check_int("lookup", max_draft, low=1)
         self.min_ngram, self.max_ngram = min_ngram, max_ngram
         self.estimates = {n: AcceptanceEstimate(self.max_draft, prior, weight, decay)
                           for n in range(min_ngram, max_ngram + 1)}
-        self.index, self.pending = None, None
+        self.index, self.pending, self.acc, self.step_cost = None, None, None, None
+        self.chains = [Tree.chain(K) for K in range(self.max_draft + 1)]
+
+    def price(self, costs):
+        """The verify cost curve {T: c(T)} (or a function) that sizes and prices the chain alone, or None."""
+        self.step_cost = None if costs is None else step_costs(costs, self.max_draft)
+
+    def alone(self, root, tokens, limit):
+        """(K, rate, Draft of the root and the chain's first K tokens): K by the cost rule, at most limit (rate
+        its tokens per unit of time), or K = min(L, limit) and rate None without a curve."""
+        if self.step_cost is None:
+            K, rate = min(len(tokens), limit), None
+        else:
+            K, rate = best_length(self.acc, self.step_cost[:min(len(tokens), limit) + 1])
+        return K, rate, Draft(self.chains[K], [int(root)] + tokens[:K])
 
     def start(self, prompt):
         """A fresh index over the prompt (ending with the first root), the estimates back to their prior."""
@@ -106,8 +124,8 @@ class ContextChain:
             self.pending = None
             return None
         tokens = self.index.continuation(start, self.max_draft)
-        values, reach = [], 1.0
-        for a in self.estimates[n].acc:
+        values, reach, self.acc = [], 1.0, self.estimates[n].acc
+        for a in self.acc:
             reach *= a
             values.append(reach)
         self.pending = (n, tokens)

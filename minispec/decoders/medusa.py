@@ -30,7 +30,8 @@ from ..backend import array_module, to_host
 from ..errors import UserError, check_int
 from ..mistral.layers import linear, silu
 from ..speculative.costs import step_curve
-from ..speculative.dynamic_tree import DynamicTrees, best_size, choose_calibration, refuse_dynamic_options, top_probs
+from ..speculative.dynamic_tree import DynamicTrees, choose_calibration, refuse_dynamic_options, top_probs
+from ..speculative.draft_length import verify_costs
 from ..speculative.gate import make_gate
 from ..speculative.loop import Context, Stats
 from ..speculative.sampling import SamplingParams
@@ -223,6 +224,7 @@ class MedusaProposer:
             self.dynamic = DynamicTrees("medusa", heads.K, max_nodes, max_depth, top_k, width, costs, depth_costs, cap,
                                         choose_calibration("medusa", heads, calibrate))
             self.gate = self.dynamic.size_with(model, heads, self.expand_at, first_hidden(model), gate=gate)
+            price_chain(self, model, costs)
             self.tree = None
             return
         refuse_dynamic_options("medusa", max_nodes=max_nodes, max_depth=max_depth, width=width, costs=costs,
@@ -307,34 +309,41 @@ def context_chain(name, lookup):
     return None if lookup is None else ContextChain(check_int(f"{name}: lookup", lookup, low=1))
 
 
+def price_chain(proposer, model, costs):
+    """Give a proposer's ContextChain (option lookup) the curve that sizes and prices its chain alone: `costs`
+    when given (a sized tree's), else, with a gate, this model's plain whole-step curve (the lookup decoder's,
+    draft_length.verify_costs: no head runs before such a verify); none without a gate (only a step with no
+    hidden state yet drafts the chain alone then, all of it up to max_nodes)."""
+    if proposer.context is not None:
+        L = proposer.context.max_draft
+        proposer.context.price(costs if costs is not None else
+                               verify_costs(model, L + 1) if proposer.gate is not None else None)
+
+
 def plain_or_lookup(proposer, ctx):
     """(draft, chain) of a head proposer's step before any head runs: (a plain step or prompt lookup's chain
     alone, None) when the heads do not run this step, else (None, the chain to join to their tree, or None).
 
     Without option lookup: `root_alone`. With it, prompt lookup's chain (tokens, values) for the context, and
     the heads do not run when `root_alone` says so, or when the chain alone is expected to earn at least what
-    the gate estimates a drafting step earns (its best rate by the rate rule, no proposal paid, against the
-    gate's rate; the gate counts the step plain, DraftGate.forgo). The chain alone is then sized by the rate
-    rule on the sized tree's cost curve, or else the gate's (unsized without either: at most max_nodes tokens;
-    counted in stats.counters["lookup.alone_steps"] when it drafts)."""
+    the gate estimates a drafting step earns (its best rate by the cost rule, ContextChain.alone, against the
+    gate's rate; the gate counts the step plain, DraftGate.forgo). The chain alone then drafts its best K
+    tokens (at most max_nodes; counted in stats.counters["lookup.alone_steps"] when K > 0)."""
     plain = root_alone(proposer, ctx)
-    if proposer.context is None:
-        return plain, None
-    chain = proposer.context.propose()
+    context = proposer.context
+    chain = context.propose() if context is not None else None
     if chain is None:
         return plain, None
-    dyn, gate = proposer.dynamic, proposer.gate
-    costs = dyn.costs if dyn.sized else (gate.costs if gate is not None else None)
-    if plain is None and gate is not None and costs is not None:
-        if best_size(chain[1][:dyn.max_nodes], costs)[1] >= gate.rate:
-            gate.forgo(ctx.stats)
-            proposer.drafting, plain = False, True
+    K, rate, alone = context.alone(ctx.root, chain[0], proposer.dynamic.max_nodes)
+    gate = proposer.gate
+    if plain is None and gate is not None and rate is not None and rate >= gate.rate:
+        gate.forgo(ctx.stats)
+        proposer.drafting, plain = False, alone
     if plain is None:
         return None, chain
-    tree, tokens = dyn.chain_only(ctx.root, chain, costs)
-    if tree.N > 1:
+    if K:
         count(ctx.stats, "lookup.alone_steps")
-    return Draft(tree, tokens), None
+    return alone, None
 
 
 def observe_gate(proposer, step):
@@ -349,9 +358,9 @@ def observe_gate(proposer, step):
         return
     if proposer.drafting:
         gate.settle(proposer.stats, len(step.tokens), proposer.drafting_cost(step.drafted))
-    else:                   # a plain step, or prompt lookup's chain alone: priced s(N), and the heads' estimate fades
+    else:            # a plain step, or prompt lookup's chain alone (its curve's price); the heads' estimate fades
         gate.settle(proposer.stats, len(step.tokens),
-                    plain_cost=gate.verify_cost(step.drafted + 1) if step.drafted else 1.0)
+                    plain_cost=proposer.context.step_cost[step.drafted] if step.drafted else 1.0)
 
 
 def head_step_cost(proposer, drafted, extra=0.0):

@@ -356,14 +356,6 @@ class DynamicTrees:
         self.tree, tokens, self.values = to_tree(self.last, self.trees)
         return self.tree, tokens
 
-    def chain_only(self, root, chain, costs):
-        """(tree, tokens [N]) of a step whose draft runs no head: the chain (tokens, values) of another drafter
-        alone, its best prefix by the rate rule on costs {T: c(T)} with nothing paid for a proposal (at most
-        max_nodes tokens; `grow` with no depth grown). The next `paid()` is 0."""
-        self.last = grow(root, None, self.max_nodes, 0, self.top_k, costs=costs, chain=chain)
-        self.tree, tokens, self.values = to_tree(self.last, self.trees)
-        return self.tree, tokens
-
     def observe(self, step, drafted):
         """After a verification: `run` becomes the step's top-1 run (calibration.top1_run of its accepted path
         in the tree grown for it) when `drafted` (this step's draft was that tree), None otherwise."""
