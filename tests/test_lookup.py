@@ -145,6 +145,20 @@ def test_the_cost_rule_drafts_nothing_where_no_draft_pays_and_everything_found_w
     assert set(flat.drafted) <= {0, 5} and flat.drafted.count(5) == flat.counters["lookup.matched"]
 
 
+def test_the_estimate_learns_from_the_emitted_tokens_even_while_nothing_is_drafted():
+    """c(T) = 1 + 0.6 (T - 1): at the prior (0.5 at every depth) no draft pays (1.5 / 1.6 < 1, and longer ones
+    earn less still), so every step starts plain. The chain found is judged against the emitted tokens all
+    the same (ContextChain), and on a text that repeats itself the estimate rises until drafts pay: drafting
+    starts. An estimate fed only by drafted tokens would stay at its prior and never draft."""
+    _, _, m = tiny(W=6, V=5, seed=4)
+    costs = {1: 1.0, 9: 5.8}
+    prompt = [1, 3, 2, 1, 3, 2, 1, 3]
+    stats = assert_lossless(m, LookupProposer(m, costs=costs), ids=prompt, n=40)
+    first = next(i for i, d in enumerate(stats.drafted) if d)
+    assert first > 1 and sum(stats.drafted) > 10 and stats.counters["lookup.accepted"] > 5
+    assert stats.drafted[:first] == [0] * first
+
+
 def test_lookup_runs_under_the_host_guard_with_the_same_tokens():
     cfg = tiny_config(sliding_window=5, vocab_size=24)
     t = random_tensors(cfg, seed=6)

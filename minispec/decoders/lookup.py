@@ -71,42 +71,38 @@ class NgramIndex:
 
 
 class ContextChain:
-    """Prompt lookup as a second drafter inside a head decoder's dynamic tree (option `lookup=L` of medusa, hydra
-    and hydra++ with tree="dynamic"; minispec.speculative.dynamic_tree.add_chain joins the chain to the grown
-    tree): the continuation of the context's longest matching suffix n-gram (1 to 3 tokens, the latest earlier
-    occurrence), up to L tokens, with the values its own acceptance estimate gives them.
+    """Prompt lookup's drafter: the continuation of the context's longest matching suffix n-gram (min_ngram to
+    max_ngram tokens; its latest earlier occurrence, or its first with match="first"), up to L = max_draft tokens,
+    with the values its own acceptance estimate gives them. The decoder "lookup" drafts it alone
+    (LookupProposer); medusa, hydra and hydra++ with tree="dynamic" and lookup=L join it to their trees
+    (minispec.speculative.dynamic_tree.add_chain).
 
     values: token j's value is a_1 · ... · a_{j+1}, the estimated probability that the chain's first j + 1
-    tokens are all accepted, from one AcceptanceEstimate per match length (prior 0.5, weight 2, decay 0.98, as
-    LookupProposer's). After each step the whole chain is judged against the tokens the step emitted (the
-    accepted path and the bonus, which are the target's own choices): its first min(L, len(emitted)) tokens
-    were reached, and accepted up to the first that differs, whether or not the tree kept them. Under greedy
-    decoding that is exactly whether the verifier would have accepted them.
+    tokens are all accepted, from one AcceptanceEstimate per match length (prior, weight, decay). After each
+    step the whole chain found for it is judged against the tokens the step emitted (the accepted path and the
+    bonus: the target's own choices): its first min(L, len(emitted)) tokens were reached, and accepted up to
+    the first that differs, whether they were drafted or not. Greedy: exactly whether the verifier would have
+    accepted them. Sampling: a drafted point mass x is accepted with probability p(x), and the emitted token is
+    x with probability p(x) too (the output law is the target's), so the estimate learns the same rate. A step
+    that drafted less than it found still teaches the estimate about the rest, so the cost rule can leave a
+    stretch of short drafts as soon as the text repeats again.
 
-    The chain alone (a step that runs no head): `alone` sizes it by the cost rule of the lookup decoder
-    (draft_length.best_length: K tokens for c(K + 1), nothing paid for a proposal) on the curve given to
-    `price` (step_cost: [L + 1] times of a step verifying K = 0..L tokens, or None: all L tokens, no rate)."""
+    The chain alone: `alone` sizes it by the cost rule (draft_length.best_length: K tokens for c(K + 1), no
+    proposal paid) on the curve given to `price` (step_cost: [L + 1] times of a step verifying K = 0..L tokens,
+    or None: all of them, no rate)."""
 
-    def __init__(self, max_draft, min_ngram=1, max_ngram=3, prior=0.5, weight=2.0, decay=0.98):
+    def __init__(self, max_draft, min_ngram=1, max_ngram=3, match="last", prior=0.5, weight=2.0, decay=0.98):
         self.max_draft = check_int("lookup", max_draft, low=1)
-        self.min_ngram, self.max_ngram = min_ngram, max_ngram
+        self.min_ngram, self.max_ngram, self.match = min_ngram, max_ngram, match
         self.estimates = {n: AcceptanceEstimate(self.max_draft, prior, weight, decay)
                           for n in range(min_ngram, max_ngram + 1)}
         self.index, self.pending, self.acc, self.step_cost = None, None, None, None
+        self.matched, self.start_at = 0, None
         self.chains = [Tree.chain(K) for K in range(self.max_draft + 1)]
 
     def price(self, costs):
         """The verify cost curve {T: c(T)} (or a function) that sizes and prices the chain alone, or None."""
         self.step_cost = None if costs is None else step_costs(costs, self.max_draft)
-
-    def alone(self, root, tokens, limit):
-        """(K, rate, Draft of the root and the chain's first K tokens): K by the cost rule, at most limit (rate
-        its tokens per unit of time), or K = min(L, limit) and rate None without a curve."""
-        if self.step_cost is None:
-            K, rate = min(len(tokens), limit), None
-        else:
-            K, rate = best_length(self.acc, self.step_cost[:min(len(tokens), limit) + 1])
-        return K, rate, Draft(self.chains[K], [int(root)] + tokens[:K])
 
     def start(self, prompt):
         """A fresh index over the prompt (ending with the first root), the estimates back to their prior."""
@@ -118,18 +114,28 @@ class ContextChain:
             e.reset()
 
     def propose(self):
-        """(tokens [L'], values [L']) for the text so far (it ends with this step's root), or None with no match."""
-        n, start = self.index.match("last")
-        if not n:
+        """(tokens [L], values [L]) for the text so far (it ends with this step's root), or None with no match;
+        `matched` is the match's length (0: none) and `start_at` the text index its continuation starts at."""
+        self.matched, self.start_at = self.index.match(self.match)
+        if not self.matched:
             self.pending = None
             return None
-        tokens = self.index.continuation(start, self.max_draft)
-        values, reach, self.acc = [], 1.0, self.estimates[n].acc
+        tokens = self.index.continuation(self.start_at, self.max_draft)
+        values, reach, self.acc = [], 1.0, self.estimates[self.matched].acc
         for a in self.acc:
             reach *= a
             values.append(reach)
-        self.pending = (n, tokens)
+        self.pending = (self.matched, tokens)
         return tokens, values
+
+    def alone(self, root, tokens, limit):
+        """(K, rate, Draft of the root and the chain's first K tokens): K by the cost rule, at most limit (rate
+        its tokens per unit of time), or K = min(L, limit) and rate None without a curve."""
+        if self.step_cost is None:
+            K, rate = min(len(tokens), limit), None
+        else:
+            K, rate = best_length(self.acc, self.step_cost[:min(len(tokens), limit) + 1])
+        return K, rate, Draft(self.chains[K], [int(root)] + tokens[:K])
 
     def observe(self, emitted):
         """After a step that emitted `emitted` (accepted draft tokens, then the bonus): judge this step's chain
@@ -146,12 +152,13 @@ class ContextChain:
 
 
 class LookupProposer:
-    """Decoder "lookup": n-gram lookup in the context (prompt + generated text) proposes a chain.
+    """Decoder "lookup": n-gram lookup in the context (prompt + generated text) proposes a chain (ContextChain).
 
     max_ngram / min_ngram: the suffix lengths tried, longest first; max_draft: the most tokens taken from a
     match; match: "last" or "first" occurrence; sizing: "cost" (the cost rule) or "max" (all of them); costs: a
     verify cost curve {T: c(T)} or a function (None: measured once for this model, draft_length.verify_costs);
-    prior / weight / decay: the acceptance estimate's (draft_length.AcceptanceEstimate).
+    prior / weight / decay: the acceptance estimate's (draft_length.AcceptanceEstimate; judged on every step's
+    emitted tokens, ContextChain).
 
     Counts in ctx.stats.counters: "lookup.matched" (steps whose suffix matched earlier text), "lookup.accepted"
     (draft tokens accepted), and of them "lookup.prompt_matched" / "lookup.prompt_accepted": those whose draft
@@ -162,57 +169,43 @@ class LookupProposer:
 
     def __init__(self, model, max_ngram=3, min_ngram=1, max_draft=8, match="last", sizing="cost", costs=None,
                  prior=0.5, weight=2.0, decay=0.98):
-        self.min_ngram = check_int("min_ngram", min_ngram, low=1)
-        self.max_ngram = check_int("max_ngram", max_ngram, low=self.min_ngram, what=" (and >= min_ngram)")
-        self.max_draft = check_int("max_draft", max_draft, low=1)
+        min_ngram = check_int("min_ngram", min_ngram, low=1)
+        max_ngram = check_int("max_ngram", max_ngram, low=min_ngram, what=" (and >= min_ngram)")
+        max_draft = check_int("max_draft", max_draft, low=1)
         if match not in MATCHES:
             raise UserError(f"lookup: match must be one of {MATCHES}, not {match!r}")
         if sizing not in SIZINGS:
             raise UserError(f"lookup: sizing must be one of {SIZINGS}, not {sizing!r}")
-        self.match, self.sizing = match, sizing
+        self.max_draft, self.sizing = max_draft, sizing
         if sizing == "cost" and costs is None:
-            costs = verify_costs(model, self.max_draft + 1)
+            costs = verify_costs(model, max_draft + 1)
         if costs is not None and not callable(costs) and (not isinstance(costs, dict) or 1 not in costs):
             raise UserError(f"lookup: costs must be a verify cost curve {{T: c(T)}} with c(1), or a function, "
                             f"not {costs!r}")
         self.costs = costs
-        self.step_cost = step_costs(costs, self.max_draft) if sizing == "cost" else None    # [max_draft + 1]
         # one estimate per matched n-gram length: a 3-token match predicts far better than a 1-token one
-        self.estimates = {n: AcceptanceEstimate(self.max_draft, prior, weight, decay)
-                          for n in range(self.min_ngram, self.max_ngram + 1)}
-        self.matched, self.from_prompt, self.stats = 0, False, None
-        self.chains = [Tree.chain(K) for K in range(self.max_draft + 1)]
-        self.index = None
+        self.context = ContextChain(max_draft, min_ngram, max_ngram, match, prior, weight, decay)
+        self.context.price(costs if sizing == "cost" else None)
+        self.from_prompt, self.stats = False, None
 
     def start(self, ctx, prompt_hidden):
         """A fresh index over the prompt (it ends with the first root); the acceptance estimate back to its prior."""
-        if ctx.prompt is None:
-            raise UserError("lookup: the decoding loop gave no prompt ids (Context.prompt) to look up in")
-        self.index = NgramIndex(self.min_ngram, self.max_ngram)
-        self.index.extend(ctx.prompt)
+        self.context.start(ctx.prompt)
         self.prompt_len, self.stats = len(ctx.prompt), ctx.stats       # observe() counts into this run's stats
-        for e in self.estimates.values():
-            e.reset()
 
     def propose(self, ctx):
-        n, start = self.index.match(self.match)
-        self.matched = n
-        if not n:
-            return Draft(self.chains[0], [int(ctx.root)])
-        found = self.index.continuation(start, self.max_draft)
-        self.from_prompt = start < self.prompt_len
+        chain = self.context.propose()
+        if chain is None:
+            return Draft(self.context.chains[0], [int(ctx.root)])
+        self.from_prompt = self.context.start_at < self.prompt_len
         count(ctx.stats, "lookup.matched")
         if self.from_prompt:
             count(ctx.stats, "lookup.prompt_matched")
-        K = len(found)
-        if self.sizing == "cost":
-            K, _ = best_length(self.estimates[n].acc, self.step_cost[:K + 1])
-        return Draft(self.chains[K], [int(ctx.root)] + found[:K])
+        return self.context.alone(ctx.root, chain[0], self.max_draft)[2]
 
     def observe(self, step):
-        if self.matched:            # a step whose match was not worth drafting only fades its estimate
-            self.estimates[self.matched].observe(step.drafted, len(step.path) - 1)
+        if self.context.matched:
             count(self.stats, "lookup.accepted", len(step.path) - 1)
             if self.from_prompt:
                 count(self.stats, "lookup.prompt_accepted", len(step.path) - 1)
-        self.index.extend(step.tokens)
+        self.context.observe(step.tokens)
