@@ -14,9 +14,11 @@ picks the K (up to what the proposer has to offer) that maximises tokens per uni
 
     K* = argmax_K  E(K) / (c(K + 1) + K r + p)          K = 0 (plain decoding) when no draft pays.
 
-The a_d come from what the verifier accepted so far (`AcceptanceEstimate`): per depth, accepted / reached, with a
-prior of `weight` pseudo-observations at `prior`, and old observations fading by `decay` every step, so a proposer
-that stopped drafting (K* = 0) drifts back to its prior and tries again once the context may have changed.
+The a_d come from what was accepted so far (`AcceptanceEstimate`): per depth, accepted / reached, with a prior of
+`weight` pseudo-observations at `prior`, and old observations fading by `decay` every step. A proposer fed only by
+its drafted tokens (Draft & Verify) drifts back to its prior once it stops drafting (K* = 0) and tries again once
+the context may have changed; prompt lookup judges every chain it finds against the emitted tokens, drafted or
+not (minispec.decoders.lookup.ContextChain), so it keeps learning while it drafts nothing.
 """
 import numpy as np
 
