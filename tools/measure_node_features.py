@@ -244,8 +244,8 @@ def attach(prop, values, model):
             values.conf = float(root_confidence(to_host(linear(ctx.hidden[None], model.output)))[0])
         return propose(ctx)
 
-    def attached_grow(root, expand):
-        return grow(root, parent_q_expand(expand, values, dyn.top_k))
+    def attached_grow(root, expand, chain=None):
+        return grow(root, parent_q_expand(expand, values, dyn.top_k), chain)
     prop.propose, dyn.grow = attached_propose, attached_grow
     return prop
 
