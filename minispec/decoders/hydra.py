@@ -274,7 +274,8 @@ class HydraProposer:
 
     def propose(self, ctx):
         """Draft(tree, tokens [N]); tokens[0] = ctx.root. Before the first verification (ctx.hidden None), or when
-        the gate says no draft pays (then no head runs and Hydra++'s prefix layer waits), the root alone."""
+        the gate says no draft pays (then no head runs and Hydra++'s prefix layer waits), the root alone, or with
+        option lookup prompt lookup's chain alone (`plain_or_lookup`)."""
         plain, chain = plain_or_lookup(self, ctx)
         if plain is not None:
             return plain

@@ -77,8 +77,8 @@ class ContextChain:
     (LookupProposer); medusa, hydra and hydra++ with tree="dynamic" and lookup=L join it to their trees
     (minispec.speculative.dynamic_tree.add_chain).
 
-    values: token j's value is a_1 · ... · a_{j+1}, the estimated probability that the chain's first j + 1
-    tokens are all accepted, from one AcceptanceEstimate per match length (prior, weight, decay). After each
+    values: the j-th token's value (j = 1..L) is a_1 · ... · a_j, the estimated probability that the chain's
+    first j tokens are all accepted, from one AcceptanceEstimate per match length (prior, weight, decay). After each
     step the whole chain found for it is judged against the tokens the step emitted (the accepted path and the
     bonus: the target's own choices): its first min(L, len(emitted)) tokens were reached, and accepted up to
     the first that differs, whether they were drafted or not. Greedy: exactly whether the verifier would have

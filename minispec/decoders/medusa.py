@@ -207,9 +207,10 @@ class MedusaProposer:
     decoder "medusa") or a DraftGate (minispec.speculative.gate): when the acceptance so far says no
     draft pays on this backend's cost model, the step is a plain one and the heads do not run; True measures the
     cost model once per heads and tree (`step_curve` with this proposal).
-    lookup=L (tree="dynamic" only): prompt lookup drafts beside the heads (`join_lookup`): the context's own
-    continuation, up to L tokens, joins every grown tree before the best nodes are kept, and a step whose heads
-    the gate skips verifies that continuation alone, sized by the rate rule.
+    lookup=L (tree="dynamic" only): prompt lookup drafts beside the heads (minispec.decoders.lookup.ContextChain,
+    `plain_or_lookup`): the context's own continuation, up to L tokens, joins every grown tree before the best
+    nodes are kept, and a step whose heads do not run verifies that continuation alone, sized by lookup's cost
+    rule.
     """
     name = "medusa"
 
