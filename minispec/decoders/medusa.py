@@ -327,8 +327,8 @@ def plain_or_lookup(proposer, ctx):
 
     Without option lookup: `root_alone`. With it, prompt lookup's chain (tokens, values) for the context, and
     the heads do not run when `root_alone` says so, or when the chain alone is expected to earn at least what
-    the gate estimates a drafting step earns (its best rate by the cost rule, ContextChain.alone, against the
-    gate's rate; the gate counts the step plain, DraftGate.forgo). The chain alone then drafts its best K
+    an enabled gate estimates a drafting step earns (its best rate by the cost rule, ContextChain.alone, against
+    the gate's rate; the gate counts the step plain, DraftGate.forgo). The chain alone then drafts its best K
     tokens (at most max_nodes; counted in stats.counters["lookup.alone_steps"] when K > 0)."""
     plain = root_alone(proposer, ctx)
     context = proposer.context
@@ -337,7 +337,7 @@ def plain_or_lookup(proposer, ctx):
         return plain, None
     K, rate, alone = context.alone(ctx.root, chain[0], proposer.dynamic.max_nodes)
     gate = proposer.gate
-    if plain is None and gate is not None and rate is not None and rate >= gate.rate:
+    if plain is None and gate is not None and gate.enabled and rate is not None and rate >= gate.rate:
         gate.forgo(ctx.stats)
         proposer.drafting, plain = False, alone
     if plain is None:
