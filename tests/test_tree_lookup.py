@@ -289,3 +289,31 @@ def test_trees_with_a_lookup_chain_verified_by_the_real_rules_emit_the_targets_e
     got = decoder_law(prefix, H, step)
     want = autoregressive_law(prefix, H, lambda pre: oracle_probs(target(pre), params))
     assert tv(got, want) <= EXACT, (i, tv(got, want))
+
+
+@pytest.mark.parametrize("decoder", ["medusa", "hydra++"])
+def test_trees_with_lookup_run_without_implicit_host_conversions_and_match_numpy(decoder):
+    """Under tests/hostguard.py's CuPy-strict namespace (no GPU needed), fixed and sized trees with the chain."""
+    from conftest import random_tensors, tiny_config
+    from hostguard import GUARD
+    from minispec.decoders.hydra_heads import HydraHeads
+    from minispec.mistral.model import Model
+    cfg = tiny_config(sliding_window=5, vocab_size=6)
+    t = random_tensors(cfg, seed=2)
+    outs, drafted = [], []
+    for model in (Model(cfg, t, device=GUARD), Model(cfg, t, device="cpu")):
+        if decoder == "medusa":
+            heads = medusa_random_heads(model, 3, seed=2)
+        else:                                    # random heads, their noise uploaded explicitly
+            heads = HydraHeads.create(model, 3, 2, "prefix-mlp", seed=2)
+            rng = np.random.default_rng(2)
+            for p in heads.heads + [heads.prefix]:
+                for k in p:
+                    p[k] = p[k] + model.xp.asarray(0.3 * rng.standard_normal(p[k].shape).astype(model.dtype))
+        for opts in (dict(max_nodes=6, gate=False), dict(max_nodes="auto", costs={1: 1.0, 8: 1.2},
+                                                         depth_costs=[0.05] * 3)):
+            prop = make_proposer(decoder, model, heads=heads, tree="dynamic", lookup=4, **opts)
+            o = generate(model, list(REPEATS), decoder=prop, max_new_tokens=16, eos_id=None)
+            outs.append(o.tokens)
+            drafted.append(o.stats.counters.get("lookup.alone_steps", 0))    # the chain was found and drafted
+    assert outs[:2] == outs[2:] and min(drafted) > 0
