@@ -9,7 +9,7 @@ Expected values come from hand computations, a naive parent walk, AR decoding an
 import numpy as np
 import pytest
 
-from conftest import assert_lossless
+from conftest import assert_lossless, rel_err
 from test_dynamic_tree import hand_q, random_q, table_expand
 from test_exact_law import EXACT, oracle_probs, table
 from test_hydra import random_heads as hydra_random_heads, tiny_model
@@ -317,3 +317,38 @@ def test_trees_with_lookup_run_without_implicit_host_conversions_and_match_numpy
             outs.append(o.tokens)
             drafted.append(o.stats.counters.get("lookup.alone_steps", 0))    # the chain was found and drafted
     assert outs[:2] == outs[2:] and min(drafted) > 0
+
+
+def test_hydra_pp_heads_read_the_prefix_output_over_every_committed_state_also_after_chain_alone_steps():
+    """Steps that verify lookup's chain alone run no head and leave their committed hidden states pending for
+    Hydra++'s prefix layer, as plain steps do. Each time the heads run, the h they read must be the prefix layer's
+    output at the last committed position over ALL committed states (test_hydra.ref_prefix, from scratch over
+    the model's own hidden states of the committed sequence); some of those head steps follow chain-alone steps."""
+    from test_hydra import ref_prefix
+    model = tiny_model(W=5, V=5, seed=7, dim=64)
+    heads = hydra_random_heads(model, "prefix-mlp", num_heads=3, seed=7)
+    prop = make_proposer("hydra++", model, heads=heads, tree="dynamic", max_nodes="auto",
+                         costs={1: 1.0, 4: 1.3, 16: 2.5}, depth_costs=[0.1] * 3, lookup=4)
+    seen, kinds = [], []                     # per heads step: (committed positions, h); per step: heads or chain
+    expand_at, propose = prop.expand_at, prop.propose
+
+    def expand(h, stats=None):
+        seen.append((prop.cache.pos, np.array(h)))
+        kinds[-1] = "heads"
+        return expand_at(h, stats)
+
+    def step(ctx):
+        kinds.append("other")
+        d = propose(ctx)
+        if kinds[-1] == "other" and d.tree.N > 1:
+            kinds[-1] = "chain"
+        return d
+    prop.expand_at, prop.propose = expand, step
+    ids = list(REPEATS)
+    out = generate(model, ids, decoder=prop, max_new_tokens=30, eos_id=None)
+    seq = ids + out.tokens
+    _, H = model.forward(seq, return_hidden=True)
+    ref, _, _ = ref_prefix(prop.heads.prefix, model.config, np.asarray(H))          # [T, D]
+    assert seen and any(a == "chain" and b == "heads" for a, b in zip(kinds, kinds[1:]))
+    for pos, h in seen:
+        assert rel_err(h, ref[pos - 1]) < 1e-10, pos
