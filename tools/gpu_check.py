@@ -1,5 +1,7 @@
-"""One call on a GPU machine: CuPy vs NumPy logits on every fixture, the GPU tests, and decode timings,
-including float16 decoding of a Mistral-7B-shaped checkpoint against the bandwidth roofline.
+"""One call on a GPU machine: CuPy vs NumPy logits on every fixture, the GPU tests, and decode timings: the
+shipped model's speculative decoders against AR on the GPU (`bench decode --device cuda`, dynamic trees and
+prompt lookup's chain in them included), and float16 decoding of a Mistral-7B-shaped checkpoint against the
+bandwidth roofline.
 
     python tools/gpu_check.py            # prints a report; exit status 1 if any comparison fails
     python tools/gpu_check.py --no-7b    # skip the 7B-shaped part (it writes 14.5 GB to a temporary folder)
@@ -74,12 +76,31 @@ def main():
                 out = generate(m, [1, 100, 200], max_new_tokens=64, eos_id=None)
                 t.append(out.stats.tokens_per_s)
             print(f"shipped model decode on {device}: {np.median(t):.1f} tokens/s (median of 3 x 64 tokens)")
+        ok &= bench_decoders()
     if "--no-7b" not in sys.argv:
         ok &= check_7b()
     t0 = time.time()
     r = subprocess.run([sys.executable, "-m", "pytest", "-q", str(ROOT / "tests"), "-x"], cwd=ROOT)
     print(f"pytest exit {r.returncode} in {time.time() - t0:.0f} s")
     return 0 if ok and r.returncode == 0 else 1
+
+
+GPU_DECODERS = ("ar,medusa,hydra,hydra++,draft_verify,lookup,medusa:tree=dynamic:max_nodes=auto,"
+                "hydra:tree=dynamic:max_nodes=auto,medusa:tree=dynamic:max_nodes=auto:lookup=8,"
+                "hydra:tree=dynamic:max_nodes=auto:lookup=8,hydra++:tree=dynamic:max_nodes=auto:lookup=8")
+
+
+def bench_decoders(decoders=GPU_DECODERS, n=64, prompts=4, runs=2):
+    """Every decoder of the shipped model on the GPU against AR, with their GPU trees and the hardware-sized
+    dynamic trees (prompt lookup's chain joined or not): `minispec bench decode --device cuda`, its report
+    printed as it runs. On a GPU s(N) stays near 1, so the sized trees should grow large and the gates stay
+    open (docs/costs.md)."""
+    cmd = [sys.executable, "-m", "minispec", "bench", "decode", "--device", "cuda", "--decoders", decoders,
+           "-n", str(n), "--prompts", str(prompts), "--runs", str(runs)]
+    t0 = time.time()
+    r = subprocess.run(cmd, cwd=ROOT)
+    print(f"bench decode on cuda: exit {r.returncode} in {time.time() - t0:.0f} s")
+    return r.returncode == 0
 
 
 def gpu_bandwidth(cupy, gb=4):
