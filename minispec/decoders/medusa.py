@@ -331,17 +331,18 @@ def plain_or_lookup(proposer, ctx):
     the gate's rate; the gate counts the step plain, DraftGate.forgo). The chain alone then drafts its best K
     tokens (at most max_nodes; counted in stats.counters["lookup.alone_steps"] when K > 0)."""
     plain = root_alone(proposer, ctx)
-    context = proposer.context
+    context, gate = proposer.context, proposer.gate
     chain = context.propose() if context is not None else None
     if chain is None:
         return plain, None
-    K, rate, alone = context.alone(ctx.root, chain[0], proposer.dynamic.max_nodes)
-    gate = proposer.gate
-    if plain is None and gate is not None and gate.enabled and rate is not None and rate >= gate.rate:
-        gate.forgo(ctx.stats)
-        proposer.drafting, plain = False, alone
-    if plain is None:
+    if plain is None and (gate is None or not gate.enabled):       # the heads draft: no chain alone to weigh
         return None, chain
+    K, rate, alone = context.alone(ctx.root, chain[0], proposer.dynamic.max_nodes)
+    if plain is None:
+        if rate is None or rate < gate.rate:
+            return None, chain
+        gate.forgo(ctx.stats)
+        proposer.drafting = False
     if K:
         count(ctx.stats, "lookup.alone_steps")
     return alone, None
