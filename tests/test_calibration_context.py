@@ -172,18 +172,19 @@ def test_after_a_step_that_drafted_nothing_the_next_growth_uses_the_maps_of_ever
 # ---------------------------------------------------------------------------------------------------------
 def test_collect_counts_the_true_paths_top1_run_as_by_hand():
     """label_step's example (test_calibration.py): the true continuation 7, 8, 9 runs through nodes 1, 3, 6, all
-    rank 0: run 3. With node 3 made rank 1 (and node 4 rank 0), the run stops after node 1: run 1; with node 1
-    made rank 1, run 0."""
+    rank 0: ranks (0, 0, 0), run 3. With node 3 made rank 1 (and node 4 rank 0): ranks (0, 1, 0), the run stops
+    after node 1: run 1; with node 1 made rank 1: ranks (1, 0, 0), run 0."""
     def grown(ranks):
         return Grown(tokens=np.array([5, 7, 3, 8, 6, 8, 9, 2]), parents=np.array([-1, 0, 0, 1, 1, 2, 3, 6]),
                      depths=np.array([0, 1, 1, 2, 2, 2, 3, 4]), ranks=np.array(ranks), values=np.ones(8),
                      kept=np.arange(1, 8), depth_rows=[], rates=[])
     full = [1, 4, 5, 7, 8, 9]
-    for ranks, run in (([-1, 0, 1, 0, 1, 0, 0, 0], 3), ([-1, 0, 1, 1, 0, 0, 0, 0], 1),
-                       ([-1, 1, 0, 0, 1, 0, 0, 0], 0)):
+    for ranks, path, run in (([-1, 0, 1, 0, 1, 0, 0, 0], (0, 0, 0), 3), ([-1, 0, 1, 1, 0, 0, 0, 0], (0, 1, 0), 1),
+                             ([-1, 1, 0, 0, 1, 0, 0, 0], (1, 0, 0), 0)):
         g = grown(ranks)
         on = training.label_step(g, full, 2)[2]
-        assert training.top1_run(g, on) == run
+        assert training.true_path_ranks(g, on) == path
+        assert top1_run(training.true_path_ranks(g, on)) == run
 
 
 def test_fit_by_run_gives_each_run_bucket_its_own_maps_and_lends_the_pooled_ones_where_samples_are_few():

@@ -21,7 +21,7 @@ import numpy as np
 from ..backend import to_host
 from ..decoders.registry import generate
 from ..errors import UserError, check_int
-from ..speculative.calibration import Calibration
+from ..speculative.calibration import Calibration, top1_run
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -67,15 +67,17 @@ def label_step(grown, full, pos):
     return nodes, on[nodes], on
 
 
-def top1_run(grown, on):
-    """How many draft tokens of the step's top-1 chain (rank 0 at every depth) were right: the number of leading
-    depths at which the node on the true continuation (`on`, from label_step) has rank 0."""
-    run, node = 0, 0
+def true_path_ranks(grown, on):
+    """The ranks of the grown nodes on the true continuation, depth by depth from the root's child (`on`, from
+    label_step: at most one child of a node is on it, siblings holding distinct tokens); the step's top-1 run is
+    calibration.top1_run of them."""
+    ranks, node = [], 0
     while True:
         kids = np.flatnonzero((grown.parents == node) & on)
-        if not len(kids) or int(grown.ranks[kids[0]]) != 0:
-            return run
-        run, node = run + 1, int(kids[0])
+        if not len(kids):
+            return tuple(ranks)
+        node = int(kids[0])
+        ranks.append(int(grown.ranks[node]))
 
 
 def node_features(grown, nodes):
@@ -132,7 +134,7 @@ def collect(model, make_proposer, prompts, n_tokens):
                 continue
             nodes, accepted, on = label_step(grown, full, pos)
             out["prev_run"].append(np.full(len(nodes), run, np.int64))
-            run = top1_run(grown, on)
+            run = top1_run(true_path_ranks(grown, on))
             out["depth"].append(grown.depths[nodes])
             out["q"].append(grown.probs[nodes])
             out["rank"].append(grown.ranks[nodes])
