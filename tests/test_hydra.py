@@ -12,7 +12,8 @@ from test_sampling import SAME, chi2_test
 from minispec import generate
 from minispec.speculative.loop import Context, Stats
 from minispec.decoders.hydra import HydraProposer
-from minispec.decoders.hydra_heads import HydraHeads, head_forward, prefix_forward
+from minispec.decoders.hydra_heads import (HydraHeads, head_forward, new_prefix_cache, prefix_advance,
+                                          prefix_forward)
 from minispec.mistral.model import Model
 from minispec.speculative.sampling import SamplingParams
 from minispec.speculative.tree import Tree
@@ -302,6 +303,27 @@ def test_the_prefix_layer_over_a_sequence_equals_the_naive_reference(W):
     out = prefix_forward(heads.prefix, model.config, X)
     assert out.shape == X.shape and out.dtype == np.float64
     assert rel_err(out, ref) < 1e-12
+
+
+@pytest.mark.parametrize("W", [4, 7])
+def test_the_prefix_layer_run_for_its_last_row_alone_gives_the_naive_references_last_row_and_caches_every_row(W):
+    """last=True runs attention, Wo and the FFN for the last query only: the output must be the naive
+    reference's last row (a shifted row, or the first row's mask, must fail), without a cache and as the catch-up
+    (prefix_advance) of rows 6..10 after rows 0..5, whose cache must still hold every row's keys and values."""
+    model = tiny_model(W=W)
+    heads = random_heads(model, "prefix-mlp")
+    X = np.random.default_rng(2).standard_normal((11, model.config.dim))
+    ref, k, v = ref_prefix(heads.prefix, model.config, X)                  # [11, D], [Hkv, 11, Dh] x 2
+    out = prefix_forward(heads.prefix, model.config, X, last=True)
+    assert out.shape == (1, model.config.dim)
+    assert rel_err(out[0], ref[-1]) < 1e-12
+    cache = new_prefix_cache(model)
+    assert rel_err(prefix_advance(heads.prefix, model.config, X[:6], cache), ref[5]) < 1e-12
+    h = prefix_advance(heads.prefix, model.config, X[6:], cache)
+    assert h.shape == (model.config.dim,) and rel_err(h, ref[10]) < 1e-12
+    for pos in range(11 - W, 11):                                         # the ring: the last W positions
+        assert rel_err(cache.keys[0, :, pos % W], k[:, pos]) < 1e-12
+        assert rel_err(cache.values[0, :, pos % W], v[:, pos]) < 1e-12
 
 
 @pytest.mark.parametrize("W", [4, 5, 8])

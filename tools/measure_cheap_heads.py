@@ -97,7 +97,7 @@ def profile(model):
         ("  the same, head_vocab=1024", lambda: grounded_proposal(hyd1k.heads, hyd1k.plan, h, 5)),
         ("Hydra++, shipped tree: grounded proposal", lambda: grounded_proposal(hpp.heads, hpp.plan, h, 5)),
         ("Hydra++ prefix layer on 2 committed rows (observe, every step)",
-         lambda: prefix_forward(hpp.heads.prefix, hpp.heads.model_config, X[32:], pc)),
+         lambda: prefix_forward(hpp.heads.prefix, hpp.heads.model_config, X[32:], pc, last=True)),
     ]
     print(f"one plain decoding step: {step * 1e6:.0f} us CPU time ({model.dtype.__name__}); each part in us and in "
           f"steps (median of 5 rounds)")

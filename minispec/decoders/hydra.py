@@ -82,7 +82,7 @@ def prefix_cost(model, heads, forward, rows=(1, 33), reps=STEP["reps"], context=
                     to_host(model.forward_block([1], base).logits[-1, :1])
                     base.discard()
                 pos, a = cache.pos, clock()
-                to_host(prefix_advance(heads.prefix, heads.model_config, x[context:context + n], cache)[-1, :1])
+                to_host(prefix_advance(heads.prefix, heads.model_config, x[context:context + n], cache)[:1])
                 if rep:
                     times[n].append(clock() - a)
                 cache.pos = pos
@@ -226,7 +226,7 @@ class HydraProposer:
         n, r = (32 if cache.ring else min(32, cache.W - PREFIX_ROWS)), PREFIX_ROWS     # a cache without a window
         x = model.xp.zeros((n + r, self.heads.D), dtype=model.dtype)                     # [n + r, D]
         prefix_advance(self.heads.prefix, self.heads.model_config, x[:n], cache)
-        return lambda: prefix_forward(self.heads.prefix, self.heads.model_config, x[n:], cache)
+        return lambda: prefix_forward(self.heads.prefix, self.heads.model_config, x[n:], cache, last=True)
 
     def prefix_paid(self):
         """The modelled cost of this step's prefix catch-up beyond what the proposal already prices: the proposal
@@ -293,7 +293,7 @@ class HydraProposer:
         xp = self.heads.xp
         x = self.pending[0] if len(self.pending) == 1 else xp.concatenate(self.pending, axis=0)   # [n, D]
         self.pending, self.caught = [], x.shape[0]
-        self.h = prefix_advance(self.heads.prefix, self.heads.model_config, x, self.cache)[-1]
+        self.h = prefix_advance(self.heads.prefix, self.heads.model_config, x, self.cache)
 
     def observe(self, step):
         if self.context is not None:

@@ -125,7 +125,7 @@ def new_prefix_cache(model, chunk=None):
     return new_cache(model.config, 1, model.xp, model.dtype, chunk)
 
 
-def prefix_forward(p, config, x, cache=None, keep=False):
+def prefix_forward(p, config, x, cache=None, keep=False, last=False):
     """The prefix layer over base final-norm hidden states x [T, D] -> [T, D] (Hydra++'s prefix attention): the
     base model's own decoder-layer functions (minispec.mistral.model attention_sublayer, mlp_sublayer,
     block_mask) on the prefix layer's weights, then its final RMSNorm.
@@ -133,8 +133,10 @@ def prefix_forward(p, config, x, cache=None, keep=False):
     Without a cache: the whole sequence at positions 0 .. T-1 under the causal sliding-window mask.
     With a cache: positions cache.pos .. cache.pos + T - 1 against the committed slots; the block's keys and
     values wait in scratch, as in Model.forward_block: call cache.commit() to keep them (`prefix_advance` does).
-    keep=True also returns the intermediates a backward needs: attention_sublayer's and mlp_sublayer's, and
-    "x1" (after attention), "x2" (after the FFN, before the final norm).
+    last=True: the output of the last row alone, [1, D] (every row's keys and values are still made); the
+    heads read the layer at the last committed position only, and it is the only layer, so nothing else reads
+    the other rows' outputs. keep=True also returns the intermediates a backward needs: attention_sublayer's and
+    mlp_sublayer's, and "x1" (after attention), "x2" (after the FFN, before the final norm).
     """
     c, xp = config, array_module(x)
     pos = (cache.pos if cache is not None else 0) + np.arange(x.shape[0])       # [T]
@@ -142,20 +144,21 @@ def prefix_forward(p, config, x, cache=None, keep=False):
     cos, sin = rope_tables(pos, c.head_dim, c.rope_theta, xp, x.dtype)           # [T, Dh/2]
     if cache is not None:
         cache.begin_block(x.shape[0])
-    x1, att = attention_sublayer(p, c, x, cos, sin, mask, cache, 0, keep=True)   # [T, D]
-    x2, ffn = mlp_sublayer(p, c, x1, keep=True)                                  # [T, D]
-    out = rms_norm(x2, p["norm"], c.norm_eps)                                    # [T, D]
+    x1, att = attention_sublayer(p, c, x, cos, sin, mask, cache, 0, keep=True, last=last)   # [T or 1, D]
+    x2, ffn = mlp_sublayer(p, c, x1, keep=True)                                  # [T or 1, D]
+    out = rms_norm(x2, p["norm"], c.norm_eps)                                    # [T or 1, D]
     return (out, dict(att, **ffn, x1=x1, x2=x2)) if keep else out
 
 
 def prefix_advance(p, config, x, cache):
     """Run committed positions x [T, D] through the prefix layer and commit them all, chunk by chunk as the
-    model's prefill does (minispec.mistral.model.prefill_chunks). Returns the outputs [T, D]."""
-    out = cache.xp.empty_like(x)                                                 # [T, D]
+    model's prefill does (minispec.mistral.model.prefill_chunks). Returns the output at the last position, [D]:
+    the only one the heads read (so each chunk runs `prefix_forward(..., last=True)`: every row's keys and
+    values, and the rest of the layer for its last row alone)."""
     for s, e in prefill_chunks(x.shape[0], cache):
-        out[s:e] = prefix_forward(p, config, x[s:e], cache)
+        out = prefix_forward(p, config, x[s:e], cache, last=True)                # [1, D]
         cache.commit()
-    return out
+    return out[0]
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -179,13 +179,16 @@ class Model:
 
 
 # ---- one decoder layer, for the model's layers and any layer built like them (Hydra++'s prefix layer) -------
-def attention_sublayer(lw, config, x, cos, sin, mask, cache=None, layer=0, keep=False):
+def attention_sublayer(lw, config, x, cos, sin, mask, cache=None, layer=0, keep=False, last=False):
     """x + attention: RMSNorm, q/k/v with RoPE, the block's keys/values into the cache's scratch (with a cache:
     attention then reads layer `layer`'s ring + the block), attention under mask, Wo.   [T, D] -> [T, D]
 
     lw: one layer's weights {"attention_norm" [D], "wqkv" [D, (H+2Hkv)Dh], "wo" [H·Dh, D], ...}. keep=True also
     returns what a backward pass needs: {"x", "h1" (the normed input), "q", "k", "v" (after RoPE; with a cache
-    k, v include the committed slots), "mask", "o" [H, T, Dh], "cos", "sin"}."""
+    k, v include the committed slots), "mask", "o" [H, T, Dh], "cos", "sin"}.
+    last=True: the output of the last row alone, [1, D]. Every row's keys and values are still made (and
+    written), but attention and Wo run for the last query only: what a stack's last layer needs when only its
+    last row is read (Hydra++'s prefix layer), since a row's output feeds nothing but the layers above it."""
     c, T = config, x.shape[0]
     H, Hkv, Dh = c.n_heads, c.n_kv_heads, c.head_dim
     h = rms_norm(x, lw["attention_norm"], c.norm_eps)                                        # [T, D]
@@ -193,6 +196,8 @@ def attention_sublayer(lw, config, x, cos, sin, mask, cache=None, layer=0, keep=
     if cache is not None:
         cache.write_block(layer, k, v)
         k, v = cache.layer_kv(layer, T)                                                      # [Hkv, C + T, Dh]
+    if last:
+        x, q, mask, T = x[-1:], q[:, -1:], mask[-1:], 1                      # [1, D], [H, 1, Dh], [1, S]
     o = attention(q, k, v, mask)                                                             # [H, T, Dh]
     out = x + linear(o.transpose(1, 0, 2).reshape(T, H * Dh), lw["wo"])                     # [T, D]
     return (out, dict(x=x, h1=h, q=q, k=k, v=v, mask=mask, o=o, cos=cos, sin=sin)) if keep else out
