@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from minispec.speculative.acceptance import make_rule
-from minispec.speculative.dynamic_tree import DynamicTrees
+from minispec.speculative.dynamic_tree_sizing import DynamicTrees
 from minispec.speculative.exact_law import autoregressive_law, decoder_law, memoised, step_law, tv
 from minispec.speculative.sampling import SamplingParams
 from minispec.speculative.verify import Draft

@@ -20,7 +20,8 @@ from minispec.decoders.registry import make_proposer
 from minispec.errors import UserError
 from minispec.speculative.acceptance import make_rule
 from minispec.speculative.costs import interp_cost
-from minispec.speculative.dynamic_tree import DynamicTrees, Grown, TreeCache, add_chain, grow, rank_order, to_tree
+from minispec.speculative.dynamic_tree import Grown, TreeCache, add_chain, grow, rank_order, to_tree
+from minispec.speculative.dynamic_tree_sizing import DynamicTrees
 from minispec.speculative.exact_law import autoregressive_law, decoder_law, memoised, step_law, tv
 from minispec.speculative.gate import DraftGate
 from minispec.speculative.sampling import SamplingParams

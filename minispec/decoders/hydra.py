@@ -15,7 +15,8 @@ import numpy as np
 
 from ..backend import to_host
 from ..speculative.costs import STEP, backend_clock, step_curve
-from ..speculative.dynamic_tree import DynamicTrees, choose_calibration, refuse_dynamic_options, top_probs
+from ..speculative.dynamic_tree import top_probs
+from ..speculative.dynamic_tree_sizing import DynamicTrees, choose_calibration, refuse_dynamic_options
 from ..speculative.gate import make_gate
 from ..speculative.loop import Context, Stats
 from ..speculative.sampling import SamplingParams

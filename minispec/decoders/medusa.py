@@ -30,7 +30,8 @@ from ..backend import array_module, to_host
 from ..errors import UserError, check_int
 from ..mistral.layers import linear, silu
 from ..speculative.costs import step_curve
-from ..speculative.dynamic_tree import DynamicTrees, choose_calibration, refuse_dynamic_options, top_probs
+from ..speculative.dynamic_tree import top_probs
+from ..speculative.dynamic_tree_sizing import DynamicTrees, choose_calibration, refuse_dynamic_options
 from ..speculative.draft_length import verify_costs
 from ..speculative.gate import make_gate
 from ..speculative.loop import Context, Stats
