@@ -6,6 +6,7 @@ plain steps in one batch against the layer run over the whole sequence at once; 
 sampling decoder on tiny models against the target's own; and the shape and units of the whole-step curve.
 """
 import copy
+import inspect
 from types import SimpleNamespace
 
 import numpy as np
@@ -348,3 +349,14 @@ def test_the_step_curve_prices_whole_verify_steps_in_plain_steps_and_times_the_p
     assert curve.clock == "CPU time" and curve.reps == 2 and curve.context == 112    # where bench decode runs
     cache = model.new_cache()
     assert cache.pos == 0
+
+
+def test_a_gates_settings_name_every_constructor_argument_and_rebuild_an_equal_gate():
+    """gate_like (the replays) rebuilds gates from settings(): a constructor argument it left out would be
+    silently reset to its default in every replay."""
+    params = set(inspect.signature(DraftGate.__init__).parameters) - {"self"}
+    g = DraftGate(costs={1: 1.0, 4: 1.5}, proposal=0.3, decay=0.8, weight=2.0, prior=1.2, max_wait=16, enabled=False)
+    assert set(g.settings()) == params
+    h = DraftGate(**g.settings())
+    assert all(getattr(h, k) == getattr(g, k) for k in params)
+    assert gate_like(g, max_wait=4).max_wait == 4 and gate_like(g).enabled and gate_like(g).prior == 1.2

@@ -75,8 +75,7 @@ def gate_trace(model, prop, ids, n_tokens):
 def gate_like(gate, **changes):
     """A fresh, enabled DraftGate on `gate`'s cost model and settings, with the changes given (and its
     rule-out kept)."""
-    kw = dict(costs=gate.costs, proposal=gate.proposal, decay=gate.decay, weight=gate.weight, prior=gate.prior,
-              max_wait=gate.max_wait, enabled=True)
+    kw = dict(gate.settings(), enabled=True)
     kw.update(changes)
     g = DraftGate(**kw)
     g.hopeless = gate.hopeless

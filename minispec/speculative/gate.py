@@ -56,6 +56,11 @@ class DraftGate:
         self.drafting = self.probing = False          # the decision of the step under way; a probe (gate closed)
         self.history = []                             # per step: True drafted, False plain (for tests and bench)
 
+    def settings(self):
+        """The constructor's arguments that made this gate: DraftGate(**gate.settings()) is a fresh gate like it."""
+        return dict(costs=self.costs, proposal=self.proposal, decay=self.decay, weight=self.weight,
+                    prior=self.prior, max_wait=self.max_wait, enabled=self.enabled)
+
     @property
     def rate(self):
         """Tokens per unit of time the drafting steps earn, as estimated now."""
@@ -85,9 +90,14 @@ class DraftGate:
         else:
             self.drafting = self.probing = True       # a probe: a proposer may make it its cheapest draft
         self.history.append(self.drafting)
-        if stats is not None and not self.drafting:
-            count(stats, "gate.plain_steps", 1)
+        if not self.drafting:
+            self._count_plain(stats)
         return self.drafting
+
+    def _count_plain(self, stats):
+        """One more plain step in stats.counters["gate.plain_steps"] (stats: the loop's Stats, or None)."""
+        if stats is not None:
+            count(stats, "gate.plain_steps", 1)
 
     def forgo(self, stats=None):
         """After `should_draft` said draft: the proposer drafts something cheaper this step instead (prompt
@@ -96,8 +106,7 @@ class DraftGate:
         if self.drafting:
             self.drafting = self.probing = False
             self.history[-1] = False
-            if stats is not None:
-                count(stats, "gate.plain_steps", 1)
+            self._count_plain(stats)
 
     def rule_out(self, best_case, margin=0.1, expected=None):
         """best_case [(tokens, nodes, extra)]: every draft the proposer could make, with the most tokens it could
