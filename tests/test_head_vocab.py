@@ -2,6 +2,7 @@
 frequent tokens, their probabilities a softmax over those M, and the decoders stay exact (greedy == AR) and
 lossless (sampling)."""
 import json
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -11,7 +12,7 @@ from test_dynamic_tree import context, softmax
 from test_hydra import (ARCHS, assert_two_token_joint, bigram_heads, random_heads as hydra_random_heads, ref_head,
                         tiny_model)
 from test_medusa import random_heads as medusa_random_heads, ref_head_logits
-from minispec.decoders.head_vocab import kept_ids
+from minispec.decoders.head_vocab import CPU_HEAD_VOCAB, auto_head_vocab, kept_ids
 from minispec.decoders.hydra import HydraProposer
 from minispec.decoders.medusa import MedusaProposer, topk_ids
 from minispec.decoders.registry import make_proposer
@@ -184,3 +185,47 @@ def test_the_shipped_frequency_table_loads_and_a_restricted_shipped_decoder_is_a
     for name in ("medusa", "hydra", "hydra++"):
         assert generate(model, prompt, decoder=make_proposer(name, model, head_vocab=512), max_new_tokens=24,
                         eos_id=None).tokens == ar
+
+
+# ---------------------------------------------------------------------------------------------------------
+# head_vocab="auto", the registry decoders' default
+# ---------------------------------------------------------------------------------------------------------
+def test_auto_is_1024_only_for_a_static_tree_on_numpy_with_a_frequency_table_and_a_larger_vocabulary(tmp_path):
+    """A fake model (its array module, folder and vocabulary are all auto_head_vocab reads): each condition
+    taken away in turn gives the full vocabulary (None); values other than "auto" pass through unchanged."""
+    (tmp_path / "token_counts.json").write_text("{}")
+    FULL = SimpleNamespace(keep=None)                                             # heads not yet restricted
+
+    def fake(xp=np, path=tmp_path, V=4096):
+        return SimpleNamespace(xp=xp, path=path, config=SimpleNamespace(vocab_size=V))
+    assert CPU_HEAD_VOCAB == 1024
+    assert auto_head_vocab(fake(), FULL, "auto", None, None) == 1024              # the stored static tree
+    assert auto_head_vocab(fake(), FULL, "auto", None, [[0], [0, 0]]) == 1024     # a static tree given
+    assert auto_head_vocab(fake(path=None), FULL, "auto", np.ones(4096), None) == 1024  # a table given, no folder
+    assert auto_head_vocab(fake(), FULL, "auto", None, "dynamic") is None         # calibrated on the full one
+    assert auto_head_vocab(fake(xp=object()), FULL, "auto", None, None) is None   # CuPy: a GPU
+    assert auto_head_vocab(fake(path=None), FULL, "auto", None, None) is None     # no frequency table
+    assert auto_head_vocab(fake(path=tmp_path / "elsewhere"), FULL, "auto", None, None) is None
+    assert auto_head_vocab(fake(V=1024), FULL, "auto", None, None) is None        # nothing to cut
+    assert auto_head_vocab(fake(), SimpleNamespace(keep=np.arange(8)), "auto", None, None) is None   # cut already
+    for given in (None, 512, 4096, "12"):
+        assert auto_head_vocab(fake(), FULL, given, None, None) == given
+
+
+def test_the_registry_decoders_draft_among_the_1024_most_frequent_tokens_by_default_on_the_cpu():
+    """The shipped model on NumPy: medusa, hydra and hydra++ made by name restrict their heads to exactly the
+    1024 most frequent tokens of token_counts.json; tree="dynamic", head_vocab=None and the proposer classes
+    (whose head_vocab defaults to None) keep the full vocabulary, and heads already restricted are not cut again."""
+    from minispec.decoders.head_vocab import token_counts
+    from minispec.mistral.model import load
+    model = load(SHIPPED, device="cpu")
+    want = kept_ids(token_counts(model), 1024)
+    for name in ("medusa", "hydra", "hydra++"):
+        heads = make_proposer(name, model).heads
+        assert heads.keep is not None and np.array_equal(heads.keep, want), name
+        assert make_proposer(name, model, head_vocab=None).heads.keep is None, name
+        assert getattr(make_proposer(name, model, tree="dynamic", gate=False).heads, "keep", None) is None, name
+    full = make_proposer("hydra", model, head_vocab=None).heads
+    assert HydraProposer(model, full).heads.keep is None
+    cut = make_proposer("hydra", model).heads
+    assert make_proposer("hydra", model, heads=cut).heads is cut

@@ -108,7 +108,7 @@ def hydra_proposal_cost(model, heads, tree, reps=31):
 
 def prefix_forward_uncommitted(heads, x, cache):
     from minispec.decoders.hydra_heads import prefix_forward
-    return prefix_forward(heads.prefix, heads.model_config, x, cache, last=True)   # block waits in scratch, never committed
+    return prefix_forward(heads.prefix, heads.model_config, x, cache, last=True)   # waits in scratch, never committed
 
 
 def choose_hydra(args):

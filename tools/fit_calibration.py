@@ -77,7 +77,7 @@ def main():
                 saved.parent.mkdir(parents=True, exist_ok=True)
                 np.savez(saved, **{k: recs[k] for k in ("depth", "q", "rank", "accepted", "parent_rank",
                                                         "prev_run")})
-        K = make_proposer(kind, model).heads.K
+        K = make_proposer(kind, model, head_vocab=None).heads.K
         cal = fit_by_run(recs, K, n_runs=args.runs) if args.runs > 1 else fit(recs, K)
         cal.meta.update(kind=kind, data=f"{len(prompts)} prompts of {len(prompts[0])} tokens cut from stdlib files of "
                         f"the training split (not heldout_files.txt), seed {args.seed}, {args.tokens} greedy tokens "

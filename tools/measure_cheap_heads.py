@@ -68,7 +68,7 @@ def profile(model):
     h = model.forward([1, 2, 3], model.new_cache(), return_hidden=True)[1][-1]          # [D]
     x = h[None]                                                                        # [1, D]
     keep = kept_ids(token_counts(model), 1024)
-    med, hyd, hpp = (make_proposer(n, model) for n in ("medusa", "hydra", "hydra++"))
+    med, hyd, hpp = (make_proposer(n, model, head_vocab=None) for n in ("medusa", "hydra", "hydra++"))
     med1k, hyd1k = make_proposer("medusa", model, head_vocab=1024), make_proposer("hydra", model, head_vocab=1024)
     v1 = v1_copies(med.heads)
     P, P1k = med.heads.base_output, np.ascontiguousarray(med.heads.base_output[:, keep])  # [D, V], [D, 1024]
@@ -110,7 +110,8 @@ def speed(model, runs):
     tok = Tokenizer.from_dir(MODEL)
     prompts, n_tokens = heldout_prompts(MODEL, tok), 128
     setups = [("ar", "ar", {})]
-    setups.append(("medusa v1 copies", "medusa", dict(heads=v1_copies(make_proposer("medusa", model).heads))))
+    v1 = v1_copies(make_proposer("medusa", model, head_vocab=None).heads)
+    setups.append(("medusa v1 copies", "medusa", dict(heads=v1, head_vocab=None)))
     for name in ("medusa", "hydra", "hydra++"):
         for hv in (None, 1024, 512):
             setups.append((f"{name} static M={hv or 'all'}", name, dict(head_vocab=hv)))

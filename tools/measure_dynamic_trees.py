@@ -13,6 +13,8 @@ the tree build_tree makes from the heads' own stored top-k accuracies at that bu
 tree="dynamic" with max_nodes = that budget, "raw" ranking by the heads' own probabilities (calibrate=False),
 "calibrated" by the heads' calibration.json (tools/fit_calibration.py); "oracle" keeps, of a wide growth's
 candidates, the true continuation's chain (`oracle_proposer`). Every run's tokens are checked against AR's.
+Static trees run the heads' full vocabulary (head_vocab=None), as the dynamic ones do, so the two compare the
+trees alone (on a CPU the decoders' default for a static tree drafts among 1024 tokens: docs/medusa.md).
 """
 import statistics
 import sys
@@ -104,8 +106,8 @@ def tau_table(model, prompts, n_tokens):
             for kind in kinds:
                 log = {"nodes": [], "steps": []}
                 if kind == "static":
-                    heads = make_proposer(name, model).heads
-                    opts = dict(tree=build_tree(heads.accuracies, budget)[0], gate=False)
+                    heads = make_proposer(name, model, head_vocab=None).heads
+                    opts = dict(tree=build_tree(heads.accuracies, budget)[0], gate=False, head_vocab=None)
                 else:
                     opts = dict(tree="dynamic", max_nodes=budget, gate=False, calibrate=kind == "calibrated")
                 new = steps = 0
@@ -165,7 +167,7 @@ def expected_table(model, prompts, n_tokens):
     ar = [generate(model, p, max_new_tokens=n_tokens, eos_id=None).tokens for p in prompts]
     for name in DECODERS:
         for budget in (4, 10, 32):
-            heads = make_proposer(name, model).heads
+            heads = make_proposer(name, model, head_vocab=None).heads
             static = [tuple(c) for c in build_tree(heads.accuracies, budget)[0].choices if len(c)]
             dyn, sta, missing, new, steps = [], [], 0, 0, 0
             for p, want in zip(prompts, ar):
@@ -213,12 +215,13 @@ def context_table(model, tok, prompts, n_tokens, n_fit=48, n_runs=3):
     for name in DECODERS:
         recs = collect(model, lambda: make_proposer(name, model, tree="dynamic", max_nodes=64, top_k=16,
                                                     calibrate=False, gate=False), fit_on, n_tokens)
-        heads = make_proposer(name, model).heads
+        heads = make_proposer(name, model, head_vocab=None).heads
         cals = {"without": fit(recs, heads.K), "with": fit_by_run(recs, heads.K, n_runs=n_runs)}
         for budget in (4, 10, 32):
             res = {}
             for kind in ("static", "without", "with"):
-                opts = dict(tree=build_tree(heads.accuracies, budget)[0], gate=False) if kind == "static" else \
+                static = dict(tree=build_tree(heads.accuracies, budget)[0], gate=False, head_vocab=None)
+                opts = static if kind == "static" else \
                     dict(tree="dynamic", max_nodes=budget, gate=False, calibrate=cals[kind])
                 new = steps = 0
                 log = {"nodes": [], "steps": []}
@@ -243,9 +246,9 @@ def lookup_table(model, prompts, n_tokens, max_draft=8):
     ungated, every output checked against AR's."""
     ar = [generate(model, p, max_new_tokens=n_tokens, eos_id=None).tokens for p in prompts]
     for name in DECODERS:
-        heads = make_proposer(name, model).heads
+        heads = make_proposer(name, model, head_vocab=None).heads
         for budget in (4, 10, 32):
-            setups = {"static": (name, dict(tree=build_tree(heads.accuracies, budget)[0], gate=False)),
+            setups = {"static": (name, dict(tree=build_tree(heads.accuracies, budget)[0], gate=False, head_vocab=None)),
                       "dynamic": (name, dict(tree="dynamic", max_nodes=budget, gate=False)),
                       "dynamic + lookup": (name, dict(tree="dynamic", max_nodes=budget, gate=False,
                                                       lookup=max_draft)),
@@ -270,7 +273,7 @@ def speed_table(model, prompts, n_tokens, runs):
     print("whole-step curve:", step_curve(model).describe(), flush=True)
     setups = [("ar", "ar", {})]
     for name in DECODERS:
-        setups.append((f"{name} static", name, {}))
+        setups.append((f"{name} static", name, dict(head_vocab=None)))
         setups.append((f"{name} auto", name, dict(tree="dynamic", max_nodes="auto")))
         setups.append((f"{name} auto, no gate", name, dict(tree="dynamic", max_nodes="auto", gate=False)))
     props = {}
@@ -332,7 +335,7 @@ def phases(model, prompts, n_tokens):
     unit = step_curve(model).unit
     clock, loop.time.perf_counter = loop.time.perf_counter, time.process_time
     try:
-        kinds = ({}, dict(tree="dynamic", max_nodes="auto"))
+        kinds = (dict(head_vocab=None), dict(tree="dynamic", max_nodes="auto"))
         for name, opts in [("ar", {})] + [(n, o) for n in DECODERS for o in kinds]:
             prop = name if name == "ar" else make_proposer(name, model, **opts)
             st = [generate(model, p, decoder=prop, max_new_tokens=n_tokens, eos_id=None).stats for p in prompts[:4]]

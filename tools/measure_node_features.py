@@ -311,7 +311,7 @@ def main():
     ar = [generate(model, p, max_new_tokens=128, eos_id=None).tokens for p in prompts]
     for name in args.decoders.split(","):
         recs = records_for(model, name, fit_on, 128, args.records)
-        K = make_proposer(name, model).heads.K
+        K = make_proposer(name, model, head_vocab=None).heads.K
         first, second = recs["prompt"] < 48, recs["prompt"] >= 48
         sub = {k: v[first] for k, v in recs.items()}
         iso = fit(sub, K)
@@ -322,7 +322,7 @@ def main():
         for sel in (second, second & (recs["q"] >= 0.05)):
             print(f"    isotonic maps {isotonic_log_loss(iso, recs, sel):.4f}  " + "  ".join(
                 f"{label} {log_loss(v, recs, sel):.4f}" for label, v in fitted.items()), flush=True)
-        heads = make_proposer(name, model).heads
+        heads = make_proposer(name, model, head_vocab=None).heads
         for n_fit in (int(x) for x in args.fits.split(",")):
             part = {k: v[recs["prompt"] < n_fit] for k, v in recs.items()}
             iso_cal = fit(part, K)
@@ -330,7 +330,8 @@ def main():
                                           for k in args.kinds.split(",")}}
             for budget in (4, 10, 32):
                 res = {"static": tau_of(model, name, prompts, ar,
-                                        dict(tree=build_tree(heads.accuracies, budget)[0], gate=False))}
+                                        dict(tree=build_tree(heads.accuracies, budget)[0], gate=False,
+                                             head_vocab=None))}
                 for label, values in kinds.items():
                     opts = dict(tree="dynamic", max_nodes=budget, gate=False,
                                 calibrate=iso_cal if values is None else values)

@@ -96,14 +96,15 @@ def main():
     if len(sys.argv) > 1 and sys.argv[1] == "profile":
         model = load(MODEL, device="cpu")
         shared = Path(sys.argv[2]) if len(sys.argv) > 2 else SHARED
-        return profile(model, {"own": make_proposer("hydra", model).heads,
-                               "shared": make_proposer("hydra", model, heads=shared).heads})
+        return profile(model, {"own": make_proposer("hydra", model, head_vocab=None).heads,
+                               "shared": make_proposer("hydra", model, heads=shared, head_vocab=None).heads})
     shared = Path(sys.argv[1]) if len(sys.argv) > 1 else SHARED
     runs = int(sys.argv[2]) if len(sys.argv) > 2 else 1
     model = load(MODEL, device="cpu")
     tok = Tokenizer.from_dir(MODEL)
     prompts, n_tokens = heldout_prompts(MODEL, tok), 128
-    heads = {"own": make_proposer("hydra", model).heads, "shared": make_proposer("hydra", model, heads=shared).heads}
+    heads = {"own": make_proposer("hydra", model, head_vocab=None).heads,
+             "shared": make_proposer("hydra", model, heads=shared, head_vocab=None).heads}
     assert heads["shared"].shared_output and not heads["own"].shared_output
     trees = {"chain 3": CHAIN}
     for b in (10, 32):
@@ -124,7 +125,7 @@ def main():
                     dec = "ar"
                 else:
                     _, h, tree, gate = next(s for s in setups if s[0] == label)
-                    dec = make_proposer("hydra", model, heads=heads[h], tree=tree, gate=gate)
+                    dec = make_proposer("hydra", model, heads=heads[h], tree=tree, gate=gate, head_vocab=None)
                 o = generate(model, p, decoder=dec, max_new_tokens=n_tokens, eos_id=None)
                 if label == "ar" and r == 0:
                     ar.append(o.tokens)

@@ -163,6 +163,11 @@ def bench_decode(model_dir, decoders=("ar", "medusa"), n_tokens=128, n_prompts=8
             expected = expected_tau(props[name].heads.accuracies, choices)
             print(f"{name} tree of {len(choices)} nodes: expected tau {expected:.2f} (from the heads' stored top-k "
                   f"accuracies, assumed independent) vs measured {results_tau[name]:.2f}")
+    for name in [n for n in decoders[1:] if kinds[n] in ("medusa", "hydra", "hydra++")]:
+        keep = getattr(props[name].heads, "keep", None)                # restricted heads (head_vocab)
+        if keep is not None:
+            print(f"{name}: the heads draft among the {len(keep)} most frequent of the model's "
+                  f"{model.config.vocab_size} tokens (head_vocab; 'auto', the default, on a CPU with a static tree)")
     for name in [n for n in decoders if kinds[n] == "lookup"]:
         if name != "lookup":
             print(f"{name}:")

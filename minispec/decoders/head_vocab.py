@@ -26,6 +26,7 @@ import numpy as np
 from ..errors import Fields, MissingFileError, UserError, check_int, read_json
 
 COUNTS_FILE = "token_counts.json"
+CPU_HEAD_VOCAB = 1024      # head_vocab="auto" on a CPU (docs/medusa.md, "A cheaper head": the M measured there)
 
 _RESTRICTED = weakref.WeakKeyDictionary()         # heads -> {kept ids as bytes: restricted heads}
 
@@ -70,6 +71,24 @@ def kept_ids(counts, m):
     return np.sort(order[:m]).astype(np.int64)
 
 
+def auto_head_vocab(model, heads, head_vocab, counts, tree):
+    """head_vocab itself, except "auto" (the registry decoders' default): CPU_HEAD_VOCAB for a static tree on
+    NumPy, i.e. a CPU, where the heads' [D, V] projection is most of a head's time, when the model has a frequency
+    table (counts given, or token_counts.json next to it) and more tokens than that; None, the heads as given, on
+    a GPU, for tree="dynamic" (its values are calibrated on the full vocabulary), without a table, or for heads
+    already restricted (heads.keep set)."""
+    if not (isinstance(head_vocab, str) and head_vocab == "auto"):
+        return head_vocab
+    if getattr(heads, "keep", None) is not None:
+        return None
+    path = getattr(model, "path", None)
+    table = counts is not None or bool(path and (Path(path) / COUNTS_FILE).exists())
+    dynamic = isinstance(tree, str) and tree == "dynamic"
+    if dynamic or getattr(model, "xp", np) is not np or not table or model.config.vocab_size <= CPU_HEAD_VOCAB:
+        return None
+    return CPU_HEAD_VOCAB
+
+
 def vocab_heads(model, heads, head_vocab, counts, name):
     """heads itself when head_vocab is None, else heads restricted to the head_vocab most frequent tokens
     (heads.restricted(keep), built once per heads and kept set). head_vocab: an int in 1..V."""
@@ -78,7 +97,8 @@ def vocab_heads(model, heads, head_vocab, counts, name):
             raise UserError(f"{name}: token_counts is used only with head_vocab")
         return heads
     V = model.config.vocab_size
-    m = check_int(f"{name}: head_vocab", head_vocab, low=1, what=f" (the tokens a head may draft, at most {V})")
+    m = check_int(f"{name}: head_vocab", head_vocab, low=1, what=f" (the tokens a head may draft, at most {V}) or "
+                  f"'auto'")
     if m > V:
         raise UserError(f"{name}: head_vocab must be at most the vocabulary's {V} tokens, got {m}")
     keep = kept_ids(token_counts(model, counts), m)

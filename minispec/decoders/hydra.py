@@ -22,7 +22,7 @@ from ..speculative.loop import Context, Stats
 from ..speculative.sampling import SamplingParams
 from ..speculative.tree import Tree, proposer_tree
 from ..speculative.verify import Draft, count
-from .head_vocab import token_ids, vocab_heads
+from .head_vocab import auto_head_vocab, token_ids, vocab_heads
 from .hydra_heads import head_forward, new_prefix_cache, prefix_advance, prefix_forward
 from .medusa import (context_chain, first_hidden, head_step_cost, observe_gate, plain_or_lookup, price_chain,
                      topk_ids)
@@ -169,7 +169,8 @@ class HydraProposer:
     product along its path of head d's softmax probability of the node's token given the path (Hydra's heads are
     conditioned on it), each mapped through the calibration when there is one.
     head_vocab=M: the heads draft only among the M most frequent tokens (FR-Spec; minispec.decoders.head_vocab),
-    counted in token_counts (default the model folder's token_counts.json).
+    counted in token_counts (default the model folder's token_counts.json); "auto" (the registry's default): 1024
+    for a static tree on a CPU, else the full vocabulary (head_vocab.auto_head_vocab).
     Hydra++: start() fills the prefix layer's cache with the prompt's hidden states; every committed path's
     hidden states are run through it and committed before the next draft (so it never sees a rejected token, and
     after plain steps it catches up on all of them in one batch), and the prefix output at the last committed
@@ -182,6 +183,7 @@ class HydraProposer:
                  depth_costs=None, cap=None, head_vocab=None, token_counts=None, gate=False, calibrate=None,
                  lookup=None):
         self.name = heads.kind
+        head_vocab = auto_head_vocab(model, heads, head_vocab, token_counts, tree)
         heads = vocab_heads(model, heads, head_vocab, token_counts, self.name)
         self.model, self.heads, self.root_only = model, heads, Tree.from_choices([])
         self.cache, self.h, self.dynamic, self.gate, self.drafting, self.pending = None, None, None, None, False, []

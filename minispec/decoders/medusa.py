@@ -38,7 +38,7 @@ from ..speculative.loop import Context, Stats
 from ..speculative.sampling import SamplingParams
 from ..speculative.tree import Tree, proposer_tree
 from ..speculative.verify import Draft, count
-from .head_vocab import slice_columns, token_ids, vocab_heads
+from .head_vocab import auto_head_vocab, slice_columns, token_ids, vocab_heads
 from .lookup import ContextChain
 
 VERSIONS = ("v1", "v2")
@@ -197,7 +197,8 @@ class MedusaProposer:
     the CPU's cost curve c(T)), the chain of K tokens when none is stored; top_k: candidates read per head,
     default what the tree needs (its largest rank + 1).
     head_vocab=M: the heads draft only among the M most frequent tokens (FR-Spec; minispec.decoders.head_vocab),
-    counted in token_counts (default the model folder's token_counts.json).
+    counted in token_counts (default the model folder's token_counts.json); "auto" (the registry's default): 1024
+    for a static tree on a CPU, else the full vocabulary (head_vocab.auto_head_vocab).
     tree="dynamic": max_nodes (an int, or "auto": sized per step from costs {T: c(T)} and depth_costs, measured
     once when not given, at most `cap` nodes), max_depth (default K), top_k (children per node), width (nodes
     expanded per depth), calibrate (None: the heads' calibration.json when they have one; False: off; True: it
@@ -218,6 +219,7 @@ class MedusaProposer:
     def __init__(self, model, heads, tree=None, top_k=None, max_nodes=None, max_depth=None, width=None, costs=None,
                  depth_costs=None, cap=None, head_vocab=None, token_counts=None, gate=False, calibrate=None,
                  lookup=None):
+        head_vocab = auto_head_vocab(model, heads, head_vocab, token_counts, tree)
         heads = vocab_heads(model, heads, head_vocab, token_counts, "medusa")
         self.heads, self.root_only = heads, Tree.from_choices([])
         self.dynamic, self.gate, self.drafting, self.context = None, None, False, None

@@ -47,12 +47,13 @@ class Autoregressive:
 
 
 def medusa(model, heads=None, tree=None, top_k=None, max_nodes=None, max_depth=None, width=None, costs=None,
-           depth_costs=None, cap=None, head_vocab=None, token_counts=None, gate=True, calibrate=None, lookup=None):
+           depth_costs=None, cap=None, head_vocab="auto", token_counts=None, gate=True, calibrate=None, lookup=None):
     """Decoder "medusa": K independent heads on the last hidden state. heads: MedusaHeads, a folder, or None for
     <model>/medusa/. tree: a static tree (Tree or choices; default the stored one) or "dynamic" (grown at every
     step from the heads' probabilities: max_nodes an int or "auto", max_depth, top_k, width, costs, depth_costs,
     cap, calibrate; minispec.speculative.dynamic_tree). head_vocab=M: draft only among the M most frequent tokens
-    of token_counts (default <model>/token_counts.json; minispec.decoders.head_vocab). gate: True (default: a step
+    of token_counts (default <model>/token_counts.json; minispec.decoders.head_vocab); "auto" (default): M = 1024
+    for a static tree on a CPU, None (the full vocabulary) on a GPU or for tree="dynamic". gate: True (default: a step
     drafts only while the acceptance so far says drafting pays on this backend's cost model;
     minispec.speculative.gate), False, or a DraftGate. lookup=L (dynamic trees): prompt lookup's continuation of
     the context, up to L tokens, joins every tree (minispec.decoders.lookup.ContextChain)."""
@@ -73,7 +74,7 @@ def hydra_heads(model, heads, kind):
 
 
 def hydra(model, heads=None, tree=None, max_nodes=None, max_depth=None, top_k=None, width=None, costs=None,
-          depth_costs=None, cap=None, head_vocab=None, token_counts=None, gate=True, calibrate=None, lookup=None):
+          depth_costs=None, cap=None, head_vocab="auto", token_counts=None, gate=True, calibrate=None, lookup=None):
     """Decoder "hydra": sequentially dependent heads (heads at <model>/hydra/ unless given). tree: static (default
     the stored one) or "dynamic" with the options of `medusa` (lookup included); head_vocab and token_counts as
     for `medusa`."""
@@ -84,7 +85,7 @@ def hydra(model, heads=None, tree=None, max_nodes=None, max_depth=None, top_k=No
 
 
 def hydra_pp(model, heads=None, tree=None, max_nodes=None, max_depth=None, top_k=None, width=None, costs=None,
-             depth_costs=None, cap=None, head_vocab=None, token_counts=None, gate=True, calibrate=None,
+             depth_costs=None, cap=None, head_vocab="auto", token_counts=None, gate=True, calibrate=None,
              lookup=None):
     """Decoder "hydra++": Hydra's heads after a prefix attention layer (heads at <model>/hydra++/ unless given).
     tree: static (default the stored one) or "dynamic" with the options of `medusa` (lookup included); head_vocab
