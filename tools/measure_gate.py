@@ -23,7 +23,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from minispec.bench import heldout_prompts                          # noqa: E402
-from minispec.decoders.registry import generate, make_proposer, parse_setups  # noqa: E402
+from minispec.decoders.registry import generate, make_proposer, parse_setups, split_outside  # noqa: E402
 from minispec.mistral.model import load                             # noqa: E402
 from minispec.mistral.tokenizer import Tokenizer                    # noqa: E402
 from minispec.bench.gate_trace import gate_like, gate_trace         # noqa: E402
@@ -93,7 +93,7 @@ def main():
         prompts = fit_prompts(tok, training_texts(MODEL), args.prompts, seed=11)
     print(f"model {MODEL.name}, {len(prompts)} {args.prompt_set} prompts, {args.tokens} greedy tokens each; "
           f"speed-ups are the cost model's (units of one plain step), drafting steps priced x{args.factor}")
-    setups = parse_setups(args.decoders.split(","))
+    setups = parse_setups(split_outside(args.decoders, ","))
     saved = {}
     for label, (name, options) in setups.items():
         traces, gates = [], None
