@@ -59,6 +59,17 @@ def test_the_prediction_prices_each_step_at_the_proposers_modelled_cost_when_it_
     assert "proposal 0.25 plain steps/step (modelled)" in line
 
 
+def test_the_prediction_adds_the_chains_cpu_time_per_step_to_a_modelled_proposal():
+    """With prompt lookup's chain in the trees, the chain's CPU time (lookup.chain_cpu_s) is work no modelled
+    price holds. The two steps of the test above, with 0.02 s of chain work: proposal 0.25 + 0.02 / 2 / 0.1 =
+    0.35, predicted 2 / (1.5 + 0.35)."""
+    s = Stats(steps=2, accepted=[1, 3], drafted=[0, 2], propose_cpu_time=9.0,
+              counters={"model.step_cost": 3.5, "lookup.chain_cpu_s": 0.02})
+    pred = prediction([s], {1: 1.0, 2: 1.5, 4: 2.5}, 0.1)
+    assert pred["modelled"] and abs(pred["proposal"] - 0.35) < 1e-12
+    assert abs(pred["predicted"] - 2 / 1.85) < 1e-12
+
+
 def test_the_decoder_line_ignores_a_proposer_counter_that_is_a_series_not_a_count():
     """Draft & Verify records its threshold gamma at every step (a list): the line sums counts only."""
     s = Stats(steps=2, accepted=[2, 3], drafted=[2, 3], propose_time=0.2, propose_cpu_time=0.2,

@@ -200,6 +200,35 @@ def test_greedy_with_lookup_in_the_trees_emits_exactly_the_ar_tokens_and_the_cha
     assert taus[(6, 6)] > taus[(None, 6)] and taus[(6, "auto")] > taus[(None, "auto")]
 
 
+@pytest.mark.parametrize("decoder", ["medusa", "hydra++"])
+def test_the_chains_own_cpu_time_is_counted_at_every_step_with_lookup_and_never_without(decoder, monkeypatch):
+    """Option lookup runs prompt lookup's chain (propose, and observe; alone where the chain may draft alone) at
+    every step: the CPU time of exactly those calls lands in stats.counters["lookup.chain_cpu_s"], for bench
+    decode's prediction. Here a fake clock ticks 1 per call to time.process_time, so each timed chain call adds
+    exactly 1: the counter is the number of chain calls, counted by wrapping ContextChain's methods."""
+    import minispec.decoders.medusa as medusa_module
+    model = tiny_model(W=6, V=5, seed=2, dim=64)
+    heads = (medusa_random_heads(model, num_heads=3, seed=2) if decoder == "medusa"
+             else hydra_random_heads(model, "prefix-mlp", num_heads=3, seed=2))
+    ticks = iter(range(10 ** 6))
+    monkeypatch.setattr(medusa_module.time, "process_time", lambda: float(next(ticks)))
+    calls = []
+    for name in ("propose", "alone", "observe"):
+        method = getattr(ContextChain, name)
+        monkeypatch.setattr(ContextChain, name,
+                            lambda self, *a, _m=method, _n=name: (calls.append(_n), _m(self, *a))[1])
+    for lookup in (None, 6):
+        calls.clear()
+        gate = DraftGate({1: 1.0, 4: 1.3, 16: 2.5}, proposal=0.1)
+        prop = make_proposer(decoder, model, heads=heads, tree="dynamic", max_nodes=6, lookup=lookup, gate=gate)
+        out = generate(model, list(REPEATS), decoder=prop, max_new_tokens=24, eos_id=None)
+        n = out.stats.counters.get("lookup.chain_cpu_s")
+        if lookup is None:
+            assert n is None and not calls
+        else:
+            assert n == len(calls) and calls.count("propose") == calls.count("observe") == out.stats.steps
+
+
 def test_a_step_whose_heads_the_gate_skips_verifies_the_chain_alone_priced_s_n_and_the_gate_learns_nothing():
     """A gate ruled out (hopeless): no head ever runs; every step that drafted verified lookup's chain alone, and
     stats' model.step_cost is the sum of s(drafted + 1) over the steps (1 for a plain step), computed here from

@@ -226,7 +226,9 @@ def prediction(stats_list, costs, t1):
     N_s = 1 + the tokens drafted at step s (interpolated on `costs`, the whole-step curve). The step's cost:
     where the proposer kept its cost model's price of every step (stats.counters["model.step_cost"]: the gated
     decoders, whose verify steps and proposals were timed together once, before decoding), their mean, and
-    proposal = that mean - c; else c + proposal with proposal = the proposer's CPU time per step in these runs
+    proposal = that mean - c, plus, with prompt lookup's chain in the trees (option lookup), the chain's CPU time
+    per step in these runs (stats.counters["lookup.chain_cpu_s"]) / t1, Python work every step pays that no
+    price of the gate includes; else c + proposal with proposal = the proposer's CPU time per step in these runs
     (Stats.propose_cpu_time) / t1 (lookup: its drafts are Python work with no cost model of their own).
     predicted = tau / (step cost). Returns {"tau", "nodes" (mean N_s), "c", "proposal", "predicted",
     "modelled" (True when the proposer's own step costs were used)}."""
@@ -237,6 +239,7 @@ def prediction(stats_list, costs, t1):
     modelled = all("model.step_cost" in s.counters for s in stats_list)
     if modelled:
         proposal = sum(s.counters["model.step_cost"] for s in stats_list) / steps - c
+        proposal += sum(s.counters.get("lookup.chain_cpu_s", 0.0) for s in stats_list) / steps / t1
     else:
         proposal = sum(s.propose_cpu_time for s in stats_list) / steps / t1
     return {"tau": tau, "nodes": float(N.mean()), "c": c, "proposal": proposal,

@@ -24,8 +24,8 @@ from ..speculative.tree import Tree, proposer_tree
 from ..speculative.verify import Draft, count
 from .head_vocab import auto_head_vocab, token_ids, vocab_heads
 from .hydra_heads import head_forward, new_prefix_cache, prefix_advance, prefix_forward
-from .medusa import (context_chain, first_hidden, head_step_cost, observe_gate, plain_or_lookup, price_chain,
-                     topk_ids)
+from .medusa import (chain_work, context_chain, first_hidden, head_step_cost, observe_gate, plain_or_lookup,
+                     price_chain, topk_ids)
 
 
 PREFIX_ROWS = 2                 # rows a proposer's timed proposal runs through Hydra++'s prefix layer
@@ -300,7 +300,7 @@ class HydraProposer:
 
     def observe(self, step):
         if self.context is not None:
-            self.context.observe(step.tokens)
+            chain_work(self.stats, self.context.observe, step.tokens)
         if self.heads.prefix is not None:
             self.pending.append(step.path_hidden)                                           # [len(path), D]
             if self.gate is None:

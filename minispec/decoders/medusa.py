@@ -22,6 +22,7 @@ tensor names in Hugging Face (out, in) orientation:
 Shapes: K heads, Lh = num_layers (residual blocks per head; L is the base model's layers), T tokens, D dim,
 V vocab.
 """
+import time
 from pathlib import Path
 
 import numpy as np
@@ -290,7 +291,7 @@ class MedusaProposer:
 
     def observe(self, step):
         if self.context is not None:
-            self.context.observe(step.tokens)
+            chain_work(self.stats, self.context.observe, step.tokens)
         observe_gate(self, step)
 
 
@@ -305,6 +306,16 @@ def root_alone(proposer, ctx):
         return Draft(proposer.root_only, [ctx.root])
     proposer.drafting = True
     return None
+
+
+def chain_work(stats, work, *args):
+    """work(*args), one of prompt lookup's ContextChain calls (propose, alone, observe) in a head proposer with
+    option lookup, its CPU time added to stats.counters["lookup.chain_cpu_s"]: Python work that every step pays,
+    drafting or not, so the gate's choices leave it out of their prices; bench decode's prediction adds it."""
+    t0 = time.process_time()
+    out = work(*args)
+    count(stats, "lookup.chain_cpu_s", time.process_time() - t0)
+    return out
 
 
 def context_chain(name, lookup):
@@ -335,12 +346,12 @@ def plain_or_lookup(proposer, ctx):
     tokens (at most max_nodes; counted in stats.counters["lookup.alone_steps"] when K > 0)."""
     plain = root_alone(proposer, ctx)
     context, gate = proposer.context, proposer.gate
-    chain = context.propose() if context is not None else None
+    chain = chain_work(ctx.stats, context.propose) if context is not None else None
     if chain is None:
         return plain, None
     if plain is None and (gate is None or not gate.enabled):       # the heads draft: no chain alone to weigh
         return None, chain
-    K, rate, alone = context.alone(ctx.root, chain[0], proposer.dynamic.max_nodes)
+    K, rate, alone = chain_work(ctx.stats, context.alone, ctx.root, chain[0], proposer.dynamic.max_nodes)
     if plain is None:
         if rate is None or rate < gate.rate:
             return None, chain
