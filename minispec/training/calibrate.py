@@ -21,6 +21,7 @@ import numpy as np
 from ..backend import to_host
 from ..decoders.registry import generate
 from ..errors import UserError, check_int
+from ..mistral.layers import softmax
 from ..speculative.calibration import Calibration, top1_run
 
 
@@ -94,8 +95,7 @@ def node_features(grown, nodes):
 def root_confidence(logits):
     """The largest softmax probability of each row of logits [..., V] (host floats [...]): how sure the target
     was of the token these logits chose."""
-    x = np.asarray(logits, np.float64)
-    return 1.0 / np.exp(x - x.max(axis=-1, keepdims=True)).sum(axis=-1)
+    return softmax(np.asarray(logits, np.float64)).max(axis=-1)
 
 
 def collect(model, make_proposer, prompts, n_tokens):
@@ -148,8 +148,7 @@ def collect(model, make_proposer, prompts, n_tokens):
             out["token"].append(grown.tokens[nodes])
             out["steps"].append((acc, int(grown.depths[on].max())))
         out["tokens"].append(o.tokens)
-    for k in ("depth", "q", "rank", "accepted", "parent_rank", "prev_run", "parent_q", "q0", "q1", "root_conf",
-              "prompt", "token"):
+    for k in [k for k in out if k not in ("steps", "tokens")]:                 # the per-node arrays [S]
         out[k] = np.concatenate(out[k]) if out[k] else np.zeros(0)
     return out
 
