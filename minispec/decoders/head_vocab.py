@@ -89,9 +89,11 @@ def auto_head_vocab(model, heads, head_vocab, counts, tree):
     return CPU_HEAD_VOCAB
 
 
-def vocab_heads(model, heads, head_vocab, counts, name):
+def vocab_heads(model, heads, head_vocab, counts, name, tree=None):
     """heads itself when head_vocab is None, else heads restricted to the head_vocab most frequent tokens
-    (heads.restricted(keep), built once per heads and kept set). head_vocab: an int in 1..V."""
+    (heads.restricted(keep), built once per heads and kept set). head_vocab: an int in 1..V, or "auto"
+    (`auto_head_vocab`, for the proposer's `tree` option)."""
+    head_vocab = auto_head_vocab(model, heads, head_vocab, counts, tree)
     if head_vocab is None:
         if counts is not None:
             raise UserError(f"{name}: token_counts is used only with head_vocab")

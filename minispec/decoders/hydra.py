@@ -22,7 +22,7 @@ from ..speculative.loop import Context, Stats
 from ..speculative.sampling import SamplingParams
 from ..speculative.tree import Tree, proposer_tree
 from ..speculative.verify import Draft, count
-from .head_vocab import auto_head_vocab, token_ids, vocab_heads
+from .head_vocab import token_ids, vocab_heads
 from .hydra_heads import head_forward, new_prefix_cache, prefix_advance, prefix_forward
 from .medusa import (chain_work, context_chain, first_hidden, head_step_cost, observe_gate, plain_or_lookup,
                      price_chain, topk_ids)
@@ -183,8 +183,7 @@ class HydraProposer:
                  depth_costs=None, cap=None, head_vocab=None, token_counts=None, gate=False, calibrate=None,
                  lookup=None):
         self.name = heads.kind
-        head_vocab = auto_head_vocab(model, heads, head_vocab, token_counts, tree)
-        heads = vocab_heads(model, heads, head_vocab, token_counts, self.name)
+        heads = vocab_heads(model, heads, head_vocab, token_counts, self.name, tree)
         self.model, self.heads, self.root_only = model, heads, Tree.from_choices([])
         self.cache, self.h, self.dynamic, self.gate, self.drafting, self.pending = None, None, None, None, False, []
         self.prefix_cost, self.caught = None, 0        # the catch-up's cost model (gated Hydra++); rows caught up

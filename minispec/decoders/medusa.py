@@ -39,7 +39,7 @@ from ..speculative.loop import Context, Stats
 from ..speculative.sampling import SamplingParams
 from ..speculative.tree import Tree, proposer_tree
 from ..speculative.verify import Draft, count
-from .head_vocab import auto_head_vocab, slice_columns, token_ids, vocab_heads
+from .head_vocab import slice_columns, token_ids, vocab_heads
 from .lookup import ContextChain
 
 VERSIONS = ("v1", "v2")
@@ -220,8 +220,7 @@ class MedusaProposer:
     def __init__(self, model, heads, tree=None, top_k=None, max_nodes=None, max_depth=None, width=None, costs=None,
                  depth_costs=None, cap=None, head_vocab=None, token_counts=None, gate=False, calibrate=None,
                  lookup=None):
-        head_vocab = auto_head_vocab(model, heads, head_vocab, token_counts, tree)
-        heads = vocab_heads(model, heads, head_vocab, token_counts, "medusa")
+        heads = vocab_heads(model, heads, head_vocab, token_counts, "medusa", tree)
         self.heads, self.root_only = heads, Tree.from_choices([])
         self.dynamic, self.gate, self.drafting, self.context = None, None, False, None
         if isinstance(tree, str) and tree == "dynamic":
