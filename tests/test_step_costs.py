@@ -81,8 +81,10 @@ def test_a_dynamic_hydra_pp_tree_is_charged_the_same_rows_past_the_two_its_timed
 
 
 def test_the_measured_prefix_cost_grows_with_the_rows_and_is_measured_once_per_heads(model):
+    """Measured with the decoders' own number of rounds: since the catch-up runs the layer's last row alone, a
+    row past the first costs about 0.004 of a forward, too little for medians of 2 rounds on a shared machine."""
     prop = make_proposer("hydra++", model, gate=False)
-    cost = prefix_cost(model, prop.heads, forward=1.0, reps=2)
+    cost = prefix_cost(model, prop.heads, forward=1.0)
     assert cost.fixed > 0 and cost.per_row > 0 and cost.rows == (1, 33)
     assert cost(33) > cost(1) > 0
     assert prefix_cost(model, prop.heads, forward=1.0) is cost
