@@ -1,9 +1,11 @@
 """Bad input to the public API: one clear error naming the thing (parameter, file, key, tensor) and what would be
 right, never a NumPy message and never a silently wrong answer. docs/errors.md lists the messages."""
+import ast
 import json
 import re
 import shutil
 import warnings
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -66,8 +68,6 @@ def test_docs_errors_md_quotes_the_messages_generate_gives(model):
     """Every row of docs/errors.md's Python API table that calls generate(m, ids, ...) with literal arguments and a
     decoder that needs no files (no heads, no skip set), run on the tiny model: the doc quotes the real message, so
     a list in it (the decoders, a decoder's options) cannot go stale unnoticed."""
-    import ast
-    from pathlib import Path
     doc = (Path(__file__).resolve().parent.parent / "docs" / "errors.md").read_text().split("## Python API")[1]
     rows = re.findall(r"^\| `generate\(m, ids, ([^`]*)\)` \| `(\w+): (.*)` \|$", doc, re.M)
     checked = 0

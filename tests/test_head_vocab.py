@@ -12,11 +12,12 @@ from test_dynamic_tree import context, softmax
 from test_hydra import (ARCHS, assert_two_token_joint, bigram_heads, random_heads as hydra_random_heads, ref_head,
                         tiny_model)
 from test_medusa import random_heads as medusa_random_heads, ref_head_logits
-from minispec.decoders.head_vocab import CPU_HEAD_VOCAB, auto_head_vocab, kept_ids
+from minispec.decoders.head_vocab import CPU_HEAD_VOCAB, auto_head_vocab, kept_ids, token_counts
 from minispec.decoders.hydra import HydraProposer
 from minispec.decoders.medusa import MedusaProposer, topk_ids
 from minispec.decoders.registry import make_proposer
 from minispec.errors import MissingFileError, UserError
+from minispec.mistral.model import load
 from minispec.speculative.acceptance import make_rule
 from minispec.speculative.loop import Context, Stats
 from minispec.speculative.sampling import SamplingParams
@@ -173,8 +174,6 @@ def test_bad_head_vocab_options_get_one_error_naming_them(tmp_path):
 def test_the_shipped_frequency_table_loads_and_a_restricted_shipped_decoder_is_ar():
     from minispec import generate
     from minispec.bench import heldout_prompts
-    from minispec.decoders.head_vocab import token_counts
-    from minispec.mistral.model import load
     from minispec.mistral.tokenizer import Tokenizer
     model = load(SHIPPED, device="cpu")
     counts = token_counts(model)
@@ -216,8 +215,6 @@ def test_the_registry_decoders_draft_among_the_1024_most_frequent_tokens_by_defa
     """The shipped model on NumPy: medusa, hydra and hydra++ made by name restrict their heads to exactly the
     1024 most frequent tokens of token_counts.json; tree="dynamic", head_vocab=None and the proposer classes
     (whose head_vocab defaults to None) keep the full vocabulary, and heads already restricted are not cut again."""
-    from minispec.decoders.head_vocab import token_counts
-    from minispec.mistral.model import load
     model = load(SHIPPED, device="cpu")
     want = kept_ids(token_counts(model), 1024)
     for name in ("medusa", "hydra", "hydra++"):

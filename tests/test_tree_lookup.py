@@ -9,15 +9,19 @@ Expected values come from hand computations, a naive parent walk, AR decoding an
 import numpy as np
 import pytest
 
-from conftest import assert_lossless, rel_err
+import minispec.decoders.medusa as medusa_module
+from conftest import assert_lossless, random_tensors, rel_err, tiny_config
+from hostguard import GUARD
 from test_dynamic_tree import hand_q, random_q, table_expand
 from test_exact_law import EXACT, oracle_probs, table
-from test_hydra import random_heads as hydra_random_heads, tiny_model
+from test_hydra import random_heads as hydra_random_heads, ref_prefix, tiny_model
 from test_medusa import random_heads as medusa_random_heads
 from minispec import generate
+from minispec.decoders.hydra_heads import HydraHeads
 from minispec.decoders.lookup import ContextChain, NgramIndex
 from minispec.decoders.registry import make_proposer
 from minispec.errors import UserError
+from minispec.mistral.model import Model
 from minispec.speculative.acceptance import make_rule
 from minispec.speculative.costs import interp_cost
 from minispec.speculative.dynamic_tree import Grown, TreeCache, add_chain, grow, rank_order, to_tree
@@ -206,7 +210,6 @@ def test_the_chains_own_cpu_time_is_counted_at_every_step_with_lookup_and_never_
     every step: the CPU time of exactly those calls lands in stats.counters["lookup.chain_cpu_s"], for bench
     decode's prediction. Here a fake clock ticks 1 per call to time.process_time, so each timed chain call adds
     exactly 1: the counter is the number of chain calls, counted by wrapping ContextChain's methods."""
-    import minispec.decoders.medusa as medusa_module
     model = tiny_model(W=6, V=5, seed=2, dim=64)
     heads = (medusa_random_heads(model, num_heads=3, seed=2) if decoder == "medusa"
              else hydra_random_heads(model, "prefix-mlp", num_heads=3, seed=2))
@@ -324,10 +327,6 @@ def test_trees_with_a_lookup_chain_verified_by_the_real_rules_emit_the_targets_e
 @pytest.mark.parametrize("decoder", ["medusa", "hydra++"])
 def test_trees_with_lookup_run_without_implicit_host_conversions_and_match_numpy(decoder):
     """Under tests/hostguard.py's CuPy-strict namespace (no GPU needed), fixed and sized trees with the chain."""
-    from conftest import random_tensors, tiny_config
-    from hostguard import GUARD
-    from minispec.decoders.hydra_heads import HydraHeads
-    from minispec.mistral.model import Model
     cfg = tiny_config(sliding_window=5, vocab_size=6)
     t = random_tensors(cfg, seed=2)
     outs, drafted = [], []
@@ -354,7 +353,6 @@ def test_hydra_pp_heads_read_the_prefix_output_over_every_committed_state_also_a
     Hydra++'s prefix layer, as plain steps do. Each time the heads run, the h they read must be the prefix layer's
     output at the last committed position over ALL committed states (test_hydra.ref_prefix, from scratch over
     the model's own hidden states of the committed sequence); some of those head steps follow chain-alone steps."""
-    from test_hydra import ref_prefix
     model = tiny_model(W=5, V=5, seed=7, dim=64)
     heads = hydra_random_heads(model, "prefix-mlp", num_heads=3, seed=7)
     prop = make_proposer("hydra++", model, heads=heads, tree="dynamic", max_nodes="auto",
