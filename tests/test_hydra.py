@@ -7,14 +7,15 @@ forward pass, AR decoding), never from minispec.decoders.hydra or hydra_heads.
 import numpy as np
 import pytest
 
-from conftest import assert_lossless, random_tensors, rel_err, tiny_config
+from conftest import SHIPPED, assert_lossless, random_tensors, rel_err, tiny_config
 from test_sampling import SAME, chi2_test
 from minispec import generate
 from minispec.speculative.loop import Context, Stats
 from minispec.decoders.hydra import HydraProposer
 from minispec.decoders.hydra_heads import (HydraHeads, head_forward, new_prefix_cache, prefix_advance,
                                           prefix_forward)
-from minispec.mistral.model import Model
+from minispec.decoders.registry import make_proposer
+from minispec.mistral.model import Model, load
 from minispec.speculative.sampling import SamplingParams
 from minispec.speculative.tree import Tree
 
@@ -175,6 +176,71 @@ def test_a_head_batch_gives_the_reference_logits_and_an_untrained_head_gives_the
     assert rel_err(head_forward(fresh.heads[0], a), logits) < 1e-12
 
 
+def path_rows(model, h, paths):
+    """The rows a head reads for paths [B, i+1] of token ids: concat(h, E(path)), built naively."""
+    E = np.asarray(model.tok_embeddings)
+    return np.stack([np.concatenate([h] + [E[t] for t in path]) for path in paths])
+
+
+@pytest.mark.parametrize("tables", [True, False])
+def test_a_head_on_its_paths_gives_the_reference_logits_with_block_one_tables_and_without(tables):
+    model = tiny_model()
+    heads = random_heads(model, "prefix-mlp", num_heads=4, num_layers=3)
+    heads.table_budget = heads.table_budget if tables else 0
+    assert (heads.tables() is not None) == tables
+    rng = np.random.default_rng(3)
+    h = rng.standard_normal(model.config.dim)
+    for i in range(4):
+        paths = rng.integers(0, model.config.vocab_size, (5, i + 1))
+        out = heads.path_logits(i, h, paths)
+        assert out.shape == (5, model.config.vocab_size)
+        assert rel_err(out, ref_head(heads.heads[i], path_rows(model, h, paths))) < 1e-12
+        assert rel_err(heads.path_logits(i, h, paths[:1]), ref_head(heads.heads[i], path_rows(model, h, paths[:1]))
+                       ) < 1e-12                                                  # one row, the gemv path
+
+
+def test_block_one_tables_are_remade_when_a_heads_weights_change_in_place_or_are_replaced():
+    model = tiny_model()
+    heads = random_heads(model, num_heads=3)
+    rng = np.random.default_rng(4)
+    h, paths = rng.standard_normal(model.config.dim), rng.integers(0, 24, (4, 3))
+    heads.path_logits(2, h, paths)                                   # the tables of head 2 are made now
+    p = heads.heads[2]
+    p["w1"] -= 0.5 * rng.standard_normal(p["w1"].shape)              # trained further in place (an Adam step)
+    assert rel_err(heads.path_logits(2, h, paths), ref_head(p, path_rows(model, h, paths))) < 1e-12
+    p["res_b"] = p["res_b"] + 1.0                                    # an array replaced
+    assert rel_err(heads.path_logits(2, h, paths), ref_head(p, path_rows(model, h, paths))) < 1e-12
+
+
+def test_restricted_heads_share_the_block_one_tables_and_give_the_kept_columns():
+    model = tiny_model()
+    heads = random_heads(model, num_heads=3)
+    keep = np.array([0, 3, 4, 10, 23])
+    small = heads.restricted(keep)
+    rng = np.random.default_rng(5)
+    h, paths = rng.standard_normal(model.config.dim), rng.integers(0, 24, (4, 2))
+    full = ref_head(heads.heads[1], path_rows(model, h, paths))                   # [4, V]
+    assert rel_err(small.path_logits(1, h, paths), full[:, keep]) < 1e-12
+    assert small.tables() is heads.tables()
+
+
+def test_block_one_tables_are_made_only_within_their_budget():
+    model = tiny_model()                                             # V = 24, D = 32, float64
+    heads = random_heads(model, num_heads=4)
+    need = 10 * 24 * (2 * 32) * 8                  # K(K+1)/2 = 10 tables of [V, 2D], 8 bytes an entry
+    heads.table_budget = need
+    assert heads.tables() is not None
+    heads.table_budget = need - 1
+    assert heads.tables() is None
+
+
+def test_the_shipped_hydra_heads_draft_through_block_one_tables():
+    model = load(SHIPPED)
+    for kind in ("hydra", "hydra++"):
+        heads = make_proposer(kind, model).heads
+        assert heads.tables() is not None            # 4 heads: 10 x [4096, 384] float32, about 63 MB
+
+
 def shared_output_heads(model, arch="mlp", num_heads=3, num_layers=2, seed=0, scale=0.3):
     """Heads sharing the base output layer, every block parameter random (the model's output layer untouched)."""
     heads = HydraHeads.create(model, num_heads, num_layers, arch, seed=seed, shared_output=True)
@@ -261,12 +327,14 @@ def sensitive_heads(model, arch, seed=5):
     return heads
 
 
+@pytest.mark.parametrize("tables", [True, False])
 @pytest.mark.parametrize("arch", ARCHS)
 @pytest.mark.parametrize("choices", [BRANCHING, [[0], [0, 0], [0, 0, 0]], [[0], [1], [2], [0, 0], [2, 0], [2, 1]],
                                      [[0], [1], [2], [0, 0], [1, 0], [2, 0], [0, 0, 0], [1, 0, 0], [2, 0, 0]]])
-def test_the_grounded_proposal_gives_each_node_rank_r_of_its_head_on_its_own_path(arch, choices):
+def test_the_grounded_proposal_gives_each_node_rank_r_of_its_head_on_its_own_path(arch, choices, tables):
     model = tiny_model()
     heads = sensitive_heads(model, arch)
+    heads.table_budget = heads.table_budget if tables else 0
     tree = Tree.from_choices(choices)
     prop = HydraProposer(model, heads=heads, tree=tree)
     rng = np.random.default_rng(1)

@@ -55,7 +55,7 @@ def profile(model, heads, rounds=300, phases=4):
     cache = model.new_cache()
     _, hidden = model.forward(np.arange(1, 113) % V, cache, return_hidden=True)
     h = hidden[-1]                                                                     # [D]
-    plan = TreePlan(Tree.from_choices(CHAIN), model.xp)
+    plan = TreePlan(Tree.from_choices(CHAIN))
     own, shared = heads["own"].heads, heads["shared"].heads
     a2 = np.concatenate([h, model.tok_embeddings[5], model.tok_embeddings[6], model.tok_embeddings[7]])[None]
     y = np.ones((1, D), model.dtype)                                                   # [1, D]

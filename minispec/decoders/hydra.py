@@ -23,7 +23,7 @@ from ..speculative.sampling import SamplingParams
 from ..speculative.tree import Tree, proposer_tree
 from ..speculative.verify import Draft, count
 from .head_vocab import token_ids, vocab_heads
-from .hydra_heads import head_forward, new_prefix_cache, prefix_advance, prefix_forward
+from .hydra_heads import new_prefix_cache, prefix_advance, prefix_forward
 from .medusa import (chain_work, context_chain, first_hidden, head_step_cost, observe_gate, plain_or_lookup,
                      price_chain, topk_ids)
 
@@ -102,11 +102,10 @@ class TreePlan:
 
     For depth d = 0 .. max_depth - 1: parents[d] = node ids at depth d that have children (head d runs once on
     all of them), k[d] = the largest rank any of their children takes + 1, and for every node at depth d + 1
-    its parent's row in that batch (row[d]) and its rank (rank[d]), with the node ids (nodes[d]). xp: the heads'
-    array module; the index arrays the walk uses on the device are copied there once (`on_device`), not at
-    every step."""
+    its parent's row in that batch (row[d]) and its rank (rank[d]), with the node ids (nodes[d]). All host
+    arrays: the walk indexes the paths on the host."""
 
-    def __init__(self, tree, xp=np):
+    def __init__(self, tree):
         self.tree = tree
         self.parents, self.k, self.rows, self.ranks, self.nodes = [], [], [], [], []
         for d in range(tree.max_depth):
@@ -118,34 +117,29 @@ class TreePlan:
             self.rows.append(np.array([where[int(tree.parents[n])] for n in kids], np.int64))
             self.ranks.append(tree.rank[kids].astype(np.int64))
             self.k.append(int(tree.rank[kids].max()) + 1)
-        # per depth: the parents' node ids, the children's node ids, and each child's parent's node id
-        self.on_device = [(xp.asarray(p), xp.asarray(n), xp.asarray(p[r]))
-                          for p, n, r in zip(self.parents, self.nodes, self.rows)]
 
 
 def grounded_proposal(heads, plan, h, root, stats=None):
     """Tokens [N] (host int64) of the tree, tokens[0] = root: walk the tree depth by depth; at depth d, head d
-    runs ONCE on every parent at depth d that has children (a batch of rows concat(h, E(root), E(path))), and
-    a parent's rank-r child takes that parent's rank-r token. h [D]: h_t (Hydra) or the prefix layer's output
-    at the last committed position (Hydra++). Counts head calls, rows and seconds in stats.counters."""
-    tree, E, xp = plan.tree, heads.embed, heads.xp
-    D, N = heads.D, tree.N
-    tokens = np.empty(N, dtype=np.int64)                                         # [N]
+    runs ONCE on every parent at depth d that has children (a batch of rows, each the path root .. parent:
+    `HydraHeads.path_logits`), and a parent's rank-r child takes that parent's rank-r token. h [D]: h_t (Hydra)
+    or the prefix layer's output at the last committed position (Hydra++). Counts head calls, rows and seconds
+    in stats.counters."""
+    tree = plan.tree
+    tokens = np.empty(tree.N, dtype=np.int64)                                    # [N]
     tokens[0] = int(root)
     depth = len(plan.parents)
-    feats = xp.empty((N, (depth + 1) * D), dtype=h.dtype)                        # [N, (max_depth+1)·D] a_i rows
-    feats[0, :D] = h
-    feats[0, D:2 * D] = E[int(root)]
+    paths = np.empty((tree.N, depth + 1), dtype=np.int64)                        # [N, max_depth + 1] host ids
+    paths[0, 0] = int(root)
     for d in range(depth):
         t0 = time.perf_counter()
         par, kids = plan.parents[d], plan.nodes[d]
-        par_d, kids_d, kid_par_d = plan.on_device[d]
-        logits = head_forward(heads.heads[d], feats[par_d, :(d + 2) * D])       # [B, V]
+        logits = heads.path_logits(d, h, paths[par, :d + 1])                     # [B, V]
         top = to_host(topk_ids(logits, plan.k[d]))                               # [B, k]
         tokens[kids] = token_ids(heads, top[plan.rows[d], plan.ranks[d]])
-        if d + 1 < depth:                    # a child's row: its parent's row, then E(child token)
-            feats[kids_d, :(d + 2) * D] = feats[kid_par_d, :(d + 2) * D]
-            feats[kids_d, (d + 2) * D:(d + 3) * D] = E[xp.asarray(tokens[kids])]
+        if d + 1 < depth:                    # a child's path: its parent's, then its own token
+            paths[kids, :d + 1] = paths[par[plan.rows[d]], :d + 1]
+            paths[kids, d + 1] = tokens[kids]
         if stats is not None:
             count(stats, "head_calls", 1)
             count(stats, "head_rows", len(par))
@@ -203,7 +197,7 @@ class HydraProposer:
                                depth_costs=depth_costs, cap=cap, top_k=top_k, calibrate=calibrate, lookup=lookup)
         device = getattr(model, "device", None)
         self.tree = proposer_tree(tree, heads, device, self.name)
-        self.plan = TreePlan(self.tree, heads.xp)
+        self.plan = TreePlan(self.tree)
         if self.tree.N > 1 and gate is True:
             hidden, extra = first_hidden(model), self.prefix_step(model)
             ctx = Context(1, hidden, model, None, SamplingParams(), None, Stats())
@@ -250,22 +244,22 @@ class HydraProposer:
                 prefix_advance(self.heads.prefix, self.heads.model_config, prompt_hidden, self.cache)
 
     def expand_at(self, h, stats=None):
-        """expand(d, rows, tokens, parents) for dynamic_tree.grow: head d runs once on the rows
-        concat(h, E(root), E(path)) of the nodes `rows` at depth d (a row: its parent's row, from the previous
-        depth's batch, then E(its token)) -> their top-k ids and probabilities. h [D]: h_t or the prefix output."""
-        E, xp, dyn = self.heads.embed, self.heads.xp, self.dynamic
-        batch = {}                                           # the previous depth's rows: node number -> row, feats
+        """expand(d, rows, tokens, parents) for dynamic_tree.grow: head d runs once on the nodes `rows` at depth
+        d, each row the node's path root .. node (its parent's path, from the previous depth's batch, then its
+        own token; `HydraHeads.path_logits`) -> their top-k ids and probabilities. h [D]: h_t or the prefix
+        output."""
+        dyn, batch = self.dynamic, {}                        # the previous depth's rows: node number -> row, paths
 
         def expand(d, rows, tokens, parents):
             t0 = time.perf_counter()
             if d == 0:
-                feats = xp.concatenate([h, E[int(tokens[0])]])[None]                      # [1, 2D]
+                paths = np.array([[int(tokens[0])]], np.int64)                            # [1, 1]
             else:
-                where, prev = batch["where"], batch["feats"]
-                up = xp.asarray(np.array([where[int(parents[n])] for n in rows], np.int64))
-                feats = xp.concatenate([prev[up], E[xp.asarray(tokens[rows])]], axis=1)   # [B, (d+2)·D]
-            batch["where"], batch["feats"] = {int(n): i for i, n in enumerate(rows)}, feats
-            ids, probs = top_probs(head_forward(self.heads.heads[d], feats), dyn.top_k)   # [B, k] x 2
+                where, prev = batch["where"], batch["paths"]
+                up = np.array([where[int(parents[n])] for n in rows], np.int64)
+                paths = np.concatenate([prev[up], np.asarray(tokens)[rows, None]], axis=1)  # [B, d + 1]
+            batch["where"], batch["paths"] = {int(n): i for i, n in enumerate(rows)}, paths
+            ids, probs = top_probs(self.heads.path_logits(d, h, paths), dyn.top_k)         # [B, k] x 2
             out = token_ids(self.heads, ids), probs
             if stats is not None:
                 count(stats, "head_calls", 1)

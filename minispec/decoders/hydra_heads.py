@@ -37,6 +37,9 @@ Prefix layer (HydraHeads.prefix, a dict, None for plain Hydra), the layout of mi
     "norm" [D]             the final RMSNorm
 The file formats (minispec's and zankner/Hydra's, both with zankner/Hydra's tensor names) are in hydra_files.py.
 
+Decoding on a CPU, block 1 is looked up instead (`BlockOneTables`): the path's embeddings enter it linearly, so
+what each token adds to it is a row of a table made once, and a head call reads only block 1's h part.
+
 Shared blocks. zankner/Hydra builds blocks 2..L of a head as `[ResBlock(D)] * (L - 1)`: one module object
 repeated, so those blocks share a single weight matrix. minispec gives every block its own weights, the
 ordinary reading of an L-layer MLP (and what 4 layers buy in capacity); a shared-weight file from zankner/Hydra
@@ -76,15 +79,23 @@ def head_forward(p, a, keep=False):
     z = linear(a, p["w1"]) + p["b1"]                                         # [B, D]
     y = r + silu(z)                                                          # [B, D] block 1
     zs, ys = [z], [y]
+    logits = head_tail(p, y, zs, ys)                                         # [B, V]
+    return (logits, {"a": a, "r": r, "z": zs, "y": ys}) if keep else logits
+
+
+def head_tail(p, y, zs=None, ys=None):
+    """Blocks 2..L and the projection of a head, from block 1's output y [B, D] -> logits [B, V]; zs, ys: lists
+    that get each block's pre-activation and output appended (for a backward pass)."""
     for W, b in zip(p["ws"], p["bs"]):
         z = linear(y, W) + b                                                 # [B, D]
         y = y + silu(z)                                                      # [B, D] blocks 2..L
-        zs.append(z)
-        ys.append(y)
+        if zs is not None:
+            zs.append(z)
+            ys.append(y)
     logits = linear(y, p["proj_w"])                                          # [B, V]
     if "proj_b" in p:                                                        # no bias with a shared output layer
         logits += p["proj_b"]
-    return (logits, {"a": a, "r": r, "z": zs, "y": ys}) if keep else logits
+    return logits
 
 
 def init_head(model, i, num_layers, rng=None, scale=0.0, shared_output=False):
@@ -105,6 +116,80 @@ def init_head(model, i, num_layers, rng=None, scale=0.0, shared_output=False):
     if shared_output:
         return dict(p, proj_w=model.output)                                  # [D, V], the model's own
     return dict(p, proj_w=model.output.copy(), proj_b=xp.zeros(V, dt))      # [D, V], [V]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Block 1 as a lookup: what the path's tokens add to it depends on the tokens alone (a CPU's fast path)
+# ---------------------------------------------------------------------------------------------------------
+TABLE_BUDGET = 128 * 2**20     # bytes the tables of one set of heads may take (all heads); larger: no tables
+
+
+class BlockOneTables:
+    """Block 1 of every head without reading its [(i+2)·D, D] matrices at each call.
+
+    Block 1 reads a = concat(h, E(x_1), ..., E(x_{i+1})) through res_i and W_1. Put their matrices side by side,
+    U_i = ["res_w" | "w1"] [(i+2)·D, 2D] with bias ["res_b" | "b1"] [2D], and cut U_i into its D-row slices
+    U_i^0 .. U_i^(i+1):
+
+        a U_i = h U_i^0 + sum_j E(x_j) U_i^j          (j = 1 .. i+1: the root, then the drafted tokens)
+
+    E(x) U_i^j depends on the token x alone, so it is a row of a table T_i^j = E U_i^j [V, 2D], made once. A head
+    call then reads U_i^0 [D, 2D] and i + 1 table rows, not all of U_i: 1 / (i + 2) of block 1's weights. The sum
+    runs in another order than the matmul, so the pre-activations agree to rounding (tests/test_hydra.py), not
+    bit for bit; the verifier decides what is emitted either way. The price is memory: one [V, 2D] table per
+    (head, slot), 10 for 4 heads, made for a head the first time it runs (the shipped model's 4 heads would take
+    62.9 MB; its CPU tree, a chain of 3, runs heads 0-2, 6 tables, 37.7 MB). `HydraHeads.tables()` gives them
+    on NumPy when all would fit TABLE_BUDGET, else None (a GPU, a large vocabulary: the matmuls run as written).
+
+    Weights that change after the tables were made (a head trained further in place, an array replaced) would
+    leave them stale, so each call compares the head's block-1 arrays (which arrays, and SAMPLES of their
+    entries, spread over each) with those the tables were made from, and remakes that head's tables if any
+    differ."""
+
+    SAMPLES = 16
+
+    def __init__(self, embed, D):
+        self.embed, self.D, self.built = embed, D, {}          # built: head i -> (key, U_i^0, bias, tables)
+        self.spots = {}                                         # array size -> the positions sampled in it
+
+    @staticmethod
+    def nbytes(heads):
+        """The bytes all heads' tables would take: K(K+1)/2 tables of [V, 2D] in the heads' dtype."""
+        K, D = heads.K, heads.D
+        return K * (K + 1) // 2 * heads.model_config.vocab_size * 2 * D * heads.embed.dtype.itemsize
+
+    def samples(self, p):
+        """SAMPLES entries of each of head p's block-1 arrays, evenly spread over it.   -> [4 · SAMPLES]"""
+        arrays = (p["res_w"], p["w1"], p["res_b"], p["b1"])
+        return np.concatenate([a.reshape(-1)[self.where(a.size)] for a in arrays])
+
+    def where(self, size):
+        """The flat positions sampled in an array of `size` entries (computed once per size)."""
+        if size not in self.spots:
+            self.spots[size] = np.linspace(0, size - 1, self.SAMPLES).astype(np.int64)
+        return self.spots[size]
+
+    def head(self, i, p):
+        """Head i's (U_i^0 [D, 2D], bias [2D], [T_i^1 .. T_i^(i+1)] each [V, 2D]) for its parameters p, made on
+        first use and again when p's block-1 weights are not those they were made from."""
+        ids, picks = (id(p["res_w"]), id(p["w1"]), id(p["res_b"]), id(p["b1"])), self.samples(p)
+        have = self.built.get(i)
+        if have is None or have[0][0] != ids or not (have[0][1] == picks).all():
+            E, D, xp = self.embed, self.D, array_module(p["w1"])
+            U = xp.concatenate([p["res_w"], p["w1"]], axis=1)                                 # [(i+2)D, 2D]
+            slots = [xp.ascontiguousarray(E @ U[j * D:(j + 1) * D]) for j in range(1, i + 2)]  # i+1 x [V, 2D]
+            self.built[i] = ((ids, picks), xp.ascontiguousarray(U[:D]), xp.concatenate([p["res_b"], p["b1"]]),
+                             slots)
+        return self.built[i][1:]
+
+    def block1(self, i, p, h, paths):
+        """Block 1's output y_1 = res_i(a) + silu(a W_1 + b_1) [B, D] of head i (parameters p) on the rows whose
+        paths are paths [B, i+1] (host int64 token ids: the root, then the i drafted tokens), all reading h [D]."""
+        Uh, bias, slots = self.head(i, p)
+        u = linear(h[None], Uh) + bias                                          # [1, 2D] the part all rows share
+        for j, table in enumerate(slots):
+            u = u + table[paths[:, j]]                                          # [B, 2D]
+        return u[:, :self.D] + silu(u[:, self.D:])                              # [B, D]
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -194,6 +279,8 @@ class HydraHeads:
         self.accuracies = accuracies
         self.base_model = Path(model.path).name if getattr(model, "path", None) else None
         self.keep = None                # restricted heads (head_vocab.py): the token id of each logit [M], host
+        self.table_budget = TABLE_BUDGET                # `tables`: the most bytes the first-block tables may take
+        self._shared = {}               # what restricted copies share with these heads: their tables
 
     @property
     def K(self):
@@ -244,3 +331,23 @@ class HydraHeads:
     def logits(self, i, a):
         """Head i on a batch a [B, (i+2)·D] -> [B, V]."""
         return head_forward(self.heads[i], a)
+
+    def tables(self):
+        """The heads' BlockOneTables (shared with their restricted copies), or None: on a GPU, or where all of
+        them would take more than `table_budget` bytes (TABLE_BUDGET; 0 turns them off)."""
+        if self.xp is not np or BlockOneTables.nbytes(self) > self.table_budget:
+            return None
+        if "tables" not in self._shared:
+            self._shared["tables"] = BlockOneTables(self.embed, self.D)
+        return self._shared["tables"]
+
+    def path_logits(self, i, h, paths):
+        """Head i on the rows whose paths are paths [B, i+1] (host int64 token ids: the root, then the i tokens
+        drafted before it on the row's path), all reading h [D] (h_t, or Hydra++'s prefix output) -> [B, V].
+        Block 1 through the `tables` where there are any, else through the rows a = concat(h, E(path))."""
+        tables = self.tables()
+        if tables is not None:
+            return head_tail(self.heads[i], tables.block1(i, self.heads[i], h, paths))       # [B, V]
+        xp, B = self.xp, paths.shape[0]
+        E = self.embed[xp.asarray(paths)].reshape(B, -1)                                     # [B, (i+1)·D]
+        return head_forward(self.heads[i], xp.concatenate([xp.broadcast_to(h, (B, self.D)), E], axis=1))
