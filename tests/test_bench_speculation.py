@@ -1,7 +1,12 @@
 """bench decode's decoder-agnostic columns, on hand-worked numbers, and its predicted-vs-measured line end to end."""
 import re
 
-from minispec.bench import depth_acceptance, prediction, speculation_line
+from conftest import random_tensors, tiny_config
+from minispec import bench, generate
+from minispec.bench import decode, depth_acceptance, prediction, speculation_line
+from minispec.decoders.registry import make_proposer
+from minispec.mistral.model import Model
+from minispec.speculative import costs
 from minispec.speculative.costs import tree_speedup
 from minispec.speculative.loop import Stats
 
@@ -82,19 +87,26 @@ def test_the_decoder_line_ignores_a_proposer_counter_that_is_a_series_not_a_coun
 def test_bench_decode_prints_the_canonical_curve_and_each_decoders_prediction_beside_its_measurement(
         cli_model, capsys, monkeypatch):
     """End to end on a tiny model: the curve is measured once (lookup's cost rule and the bench share it), printed
-    with its statistic, and the lookup line's prediction is tau / (c(N) + proposal) of its own printed numbers."""
-    from minispec import bench
-    from minispec.speculative import costs
+    with its statistic, and the lookup line's prediction is tau / (c(N) + proposal) of its own printed numbers.
+    The decoders take turns going first, prompt after prompt."""
     calls, real = [], costs.measure_steps
+    timed, real_generate = [], decode.generate
 
     def spy(*args, **kw):
         calls.append(args[1])
         return real(*args, **kw)
+
+    def spy_generate(model, ids, decoder, max_new_tokens, **kw):
+        if "eos_id" in kw:                                               # a timed decode (not the warm-up)
+            timed.append(decoder)
+        return real_generate(model, ids, decoder=decoder, max_new_tokens=max_new_tokens, **kw)
     monkeypatch.setattr(costs, "measure_steps", spy)
+    monkeypatch.setattr(decode, "generate", spy_generate)
     folder, _, _ = cli_model
-    results, curve = bench.bench_decode(str(folder), decoders=("ar", "lookup"), n_tokens=12, n_prompts=2, runs=1,
+    results, curve = bench.bench_decode(str(folder), decoders=("ar", "lookup"), n_tokens=12, n_prompts=2, runs=2,
                                         device="cpu", prompt_set="copy")
     text = capsys.readouterr().out
+    assert timed == ["ar", "lookup", "lookup", "ar"] * 2                 # 2 runs of 2 prompts, the order rotating
     assert len(calls) == 1 and sorted(curve) == list(costs.STEP["sizes"])           # one curve, measured once
     assert re.search(r"whole-step cost curve on cpu .*: s\(N\) = median CPU time of a whole verify step of N "
                      r"nodes / that of a plain step, over 11 interleaved rounds against 112 cached tokens, N > 8 "
@@ -118,10 +130,6 @@ def test_the_loop_times_the_proposal_in_cpu_time_too():
     import time
 
     import numpy as np
-    from conftest import random_tensors, tiny_config
-    from minispec import generate
-    from minispec.decoders.registry import make_proposer
-    from minispec.mistral.model import Model
     cfg = tiny_config(sliding_window=8, vocab_size=40)
     m = Model(cfg, random_tensors(cfg, seed=3), dtype="float64", device="cpu")
     plain = make_proposer("ar", m)

@@ -74,7 +74,8 @@ def print_lookup(stats_list):
 
 def bench_decode(model_dir, decoders=("ar", "medusa"), n_tokens=128, n_prompts=8, runs=2, device="auto",
                  dtype="float32", prompt_set="heldout"):
-    """Every decoder on the same prompts, interleaved prompt by prompt over `runs` runs, greedy: tokens/s (median
+    """Every decoder on the same prompts, interleaved prompt by prompt over `runs` runs (the decoders' order rotating
+    from one prompt to the next), greedy: tokens/s (median
     of the runs), tau, the speed-up over the first decoder (the baseline, plain decoding) and whether its tokens
     are the baseline's. Then, per decoder, the cost model's PREDICTED speed-up beside the MEASURED one:
 
@@ -106,14 +107,16 @@ def bench_decode(model_dir, decoders=("ar", "medusa"), n_tokens=128, n_prompts=8
           f"of {runs} interleaved runs after a warm-up")
     for name in decoders:
         generate(model, prompts[0], decoder=setups[name][0], max_new_tokens=16, **setups[name][1])  # warm-up
-    # runs interleave the decoders (prompt by prompt), so that a slow phase of a shared machine hits all alike
+    # runs interleave the decoders (prompt by prompt), so that a slow phase of a shared machine hits all alike,
+    # and the order rotates from one prompt to the next, so that no decoder always runs first or after the same one
     times = {name: [0.0] * runs for name in decoders}
     cpu = {name: 0.0 for name in decoders}                              # CPU seconds of the decodes, all runs
     outs = {name: [] for name in decoders}
     stats = {name: [] for name in decoders}
     for r in range(runs):
-        for p in prompts:
-            for name in decoders:
+        for i, p in enumerate(prompts):
+            turn = (r * len(prompts) + i) % len(decoders)
+            for name in decoders[turn:] + decoders[:turn]:
                 o = generate(model, p, decoder=setups[name][0], max_new_tokens=n_tokens, eos_id=None,
                              **setups[name][1])
                 times[name][r] += o.stats.decode_time
