@@ -2,6 +2,7 @@
 frequent tokens, their probabilities a softmax over those M, and the decoders stay exact (greedy == AR) and
 lossless (sampling)."""
 import json
+import os
 from types import SimpleNamespace
 
 import numpy as np
@@ -12,12 +13,16 @@ from test_dynamic_tree import context, softmax
 from test_hydra import (ARCHS, assert_two_token_joint, bigram_heads, random_heads as hydra_random_heads, ref_head,
                         tiny_model)
 from test_medusa import random_heads as medusa_random_heads, ref_head_logits
-from minispec.decoders.head_vocab import CPU_HEAD_VOCAB, auto_head_vocab, kept_ids, token_counts
+from minispec import generate
+from minispec.bench import heldout_prompts
+from minispec.decoders import head_vocab
+from minispec.decoders.head_vocab import CPU_HEAD_VOCAB, auto_head_vocab, kept_ids, read_token_counts, token_counts
 from minispec.decoders.hydra import HydraProposer
 from minispec.decoders.medusa import MedusaProposer, topk_ids
 from minispec.decoders.registry import make_proposer
 from minispec.errors import MissingFileError, UserError
 from minispec.mistral.model import load
+from minispec.mistral.tokenizer import Tokenizer
 from minispec.speculative.acceptance import make_rule
 from minispec.speculative.loop import Context, Stats
 from minispec.speculative.sampling import SamplingParams
@@ -137,7 +142,6 @@ def test_rejection_sampling_of_a_reduced_vocabulary_draft_reproduces_the_models_
     """As test_hydra's static test (10000 draws, V = 5, T = 1), the heads drafting among 3 of the 5 tokens."""
     model = tiny_model(W=6, V=5, seed=11)
     ids = [1, 3, 2]
-    from minispec import generate
     ar = generate(model, ids, max_new_tokens=20, eos_id=None).tokens
     prop = HydraProposer(model, heads=bigram_heads(model, "mlp", [2] + ar, num_heads=2, corrupt=0.3, seed=1),
                          tree=[[0], [1], [0, 0], [1, 0]], head_vocab=3, token_counts=[0, 9, 1, 8, 7])
@@ -166,15 +170,31 @@ def test_bad_head_vocab_options_get_one_error_naming_them(tmp_path):
             (dict(head_vocab=4, token_counts=good[:-1]), UserError, "token_counts must be 24 integer counts"),
             (dict(head_vocab=4, token_counts=-good), UserError, "token_counts must be 24 integer counts"),
             (dict(head_vocab=4, token_counts=bad_file), UserError, "key 'vocab_size' is 25"),
+            (dict(head_vocab=4, token_counts=tmp_path / "none.json"), MissingFileError, "none.json: no such file"),
             (dict(head_vocab=4), MissingFileError, "no token_counts.json next to the model")]:
         with pytest.raises(err, match=msg):
             make_proposer("hydra", model, heads=heads, **opts)
 
 
+def test_a_frequency_file_is_read_once_while_it_stays_the_same_and_read_again_when_it_changes(tmp_path,
+                                                                                               monkeypatch):
+    path, reads = tmp_path / "token_counts.json", []
+    real = head_vocab.read_json
+
+    def spy(p, *args):
+        reads.append(p)
+        return real(p, *args)
+    monkeypatch.setattr(head_vocab, "read_json", spy)
+    path.write_text(json.dumps({"vocab_size": V, "counts": list(range(V))}))
+    first = read_token_counts(path, V)
+    assert read_token_counts(path, V) is first and len(reads) == 1              # the same file: not read again
+    assert first.tolist() == list(range(V)) and not first.flags.writeable      # nobody can change what is kept
+    path.write_text(json.dumps({"vocab_size": V, "counts": list(range(V, 0, -1))}))
+    os.utime(path, ns=(1, 1))                                                   # a new modification time for sure
+    assert read_token_counts(path, V).tolist() == list(range(V, 0, -1)) and len(reads) == 2
+
+
 def test_the_shipped_frequency_table_loads_and_a_restricted_shipped_decoder_is_ar():
-    from minispec import generate
-    from minispec.bench import heldout_prompts
-    from minispec.mistral.tokenizer import Tokenizer
     model = load(SHIPPED, device="cpu")
     counts = token_counts(model)
     assert counts.shape == (model.config.vocab_size,)

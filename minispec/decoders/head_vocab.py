@@ -29,11 +29,28 @@ COUNTS_FILE = "token_counts.json"
 CPU_HEAD_VOCAB = 1024      # head_vocab="auto" on a CPU (docs/medusa.md, "A cheaper head": the M measured there)
 
 _RESTRICTED = weakref.WeakKeyDictionary()         # heads -> {kept ids as bytes: restricted heads}
+_COUNTS = {}                                      # (file, size, mtime, V) -> its checked counts
 
 
 def read_token_counts(path, vocab_size):
-    """The counts [V] (host int64) in a token_counts.json file, checked: a list of vocab_size ints >= 0, not all
-    zero, and vocab_size the model's."""
+    """The counts [V] (host int64, read-only) in a token_counts.json file, checked: a list of vocab_size ints >= 0,
+    not all zero, and vocab_size the model's. A file is read and checked once while it stays the same (its size
+    and modification time): every generate() call builds its decoder afresh, and checking 4096 counts took about
+    as long as decoding a few tokens."""
+    try:
+        st = Path(path).stat()
+    except OSError:                          # read_json says what is wrong with the file, naming it
+        return check_token_counts(path, vocab_size)
+    key = (str(Path(path).resolve()), st.st_size, st.st_mtime_ns, vocab_size)
+    if key not in _COUNTS:
+        counts = check_token_counts(path, vocab_size)
+        counts.flags.writeable = False
+        _COUNTS[key] = counts
+    return _COUNTS[key]
+
+
+def check_token_counts(path, vocab_size):
+    """`read_token_counts` without the memory: read and check the file now."""
     f = Fields(read_json(path), str(path))
     v = f.int("vocab_size", low=1)
     if v != vocab_size:
