@@ -14,7 +14,7 @@ import pytest
 
 from minispec import generate
 from minispec.decoders.registry import make_proposer
-from minispec.mistral.model import load
+from minispec.mistral.model import Model, load
 from minispec.speculative.acceptance import make_rule
 from minispec.speculative.costs import measure_steps
 from minispec.speculative.exact_law import autoregressive_law, autoregressive_step, step_law, topk_tree, tv
@@ -22,6 +22,7 @@ from minispec.bench import heldout_prompts
 from minispec.bench.gate_trace import gate_like, gate_trace
 from minispec.mistral.tokenizer import Tokenizer
 from minispec.decoders.draft_verify import SkipSet
+from minispec.decoders import hydra
 from minispec.decoders.hydra import PrefixCost
 from minispec.speculative.gate import DraftGate, best_schedule, replay_gate, trace_step
 from minispec.speculative.loop import Stats
@@ -360,3 +361,20 @@ def test_a_gates_settings_name_every_constructor_argument_and_rebuild_an_equal_g
     h = DraftGate(**g.settings())
     assert all(getattr(h, k) == getattr(g, k) for k in params)
     assert gate_like(g, max_wait=4).max_wait == 4 and gate_like(g).enabled and gate_like(g).prior == 1.2
+
+
+def test_a_gated_decoder_built_again_for_the_same_model_runs_nothing_through_the_model_or_the_prefix_layer(
+        monkeypatch):
+    """generate() builds its decoder afresh at every call: once a model's costs are measured, building one again
+    must not run a forward to time a proposal it will never time (that cost about 4 ms a call)."""
+    model = load(MODEL)
+    for kind in ("medusa", "hydra", "hydra++"):
+        make_proposer(kind, model)                                   # the first build measures its cost model
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a forward while building a decoder whose costs are known")
+    monkeypatch.setattr(Model, "forward_block", refuse)
+    monkeypatch.setattr(hydra, "prefix_advance", refuse)
+    monkeypatch.setattr(hydra, "prefix_forward", refuse)
+    for kind in ("medusa", "hydra", "hydra++"):
+        assert make_proposer(kind, model).gate is not None

@@ -215,14 +215,21 @@ class HydraProposer:
     def prefix_step(self, model):
         """Hydra++'s prefix layer on PREFIX_ROWS (2) committed positions against a cache of 32 (the proposal of a
         proposer's curve is timed with it, so its verify steps pay what the layer evicts; nothing is committed),
-        or None for plain Hydra."""
+        or None for plain Hydra. The cache is filled at the first call (a warm-up round, untimed): a proposer
+        whose curve is already known never calls it."""
         if self.heads.prefix is None:
             return None
-        cache = new_prefix_cache(model)
-        n, r = (32 if cache.ring else min(32, cache.W - PREFIX_ROWS)), PREFIX_ROWS     # a cache without a window
-        x = model.xp.zeros((n + r, self.heads.D), dtype=model.dtype)                     # [n + r, D]
-        prefix_advance(self.heads.prefix, self.heads.model_config, x[:n], cache)
-        return lambda: prefix_forward(self.heads.prefix, self.heads.model_config, x[n:], cache, last=True)
+        heads, ready = self.heads, {}
+
+        def step():
+            if not ready:
+                cache = new_prefix_cache(model)
+                n = 32 if cache.ring else min(32, cache.W - PREFIX_ROWS)                # a cache without a window
+                x = model.xp.zeros((n + PREFIX_ROWS, heads.D), dtype=model.dtype)      # [n + rows, D]
+                prefix_advance(heads.prefix, heads.model_config, x[:n], cache)
+                ready.update(cache=cache, x=x[n:])
+            return prefix_forward(heads.prefix, heads.model_config, ready["x"], ready["cache"], last=True)
+        return step
 
     def prefix_paid(self):
         """The modelled cost of this step's prefix catch-up beyond what the proposal already prices: the proposal

@@ -23,6 +23,7 @@ Shapes: K heads, Lh = num_layers (residual blocks per head; L is the base model'
 V vocab.
 """
 import time
+import weakref
 from pathlib import Path
 
 import numpy as np
@@ -386,6 +387,12 @@ def head_step_cost(proposer, drafted, extra=0.0):
     return proposer.gate.step_cost(drafted + 1, paid + extra)
 
 
+_FIRST_HIDDEN = weakref.WeakKeyDictionary()      # model -> first_hidden(model)
+
+
 def first_hidden(model):
-    """A final hidden state [D] to time a proposal on: the model's, after a short fixed prompt."""
-    return model.forward([1, 2, 3], model.new_cache(), return_hidden=True)[1][-1]
+    """A final hidden state [D] to time a proposal on: the model's, after a short fixed prompt (computed once per
+    model: every generate() call builds its proposer afresh)."""
+    if model not in _FIRST_HIDDEN:
+        _FIRST_HIDDEN[model] = model.forward([1, 2, 3], model.new_cache(), return_hidden=True)[1][-1]
+    return _FIRST_HIDDEN[model]
