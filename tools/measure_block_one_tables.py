@@ -30,7 +30,7 @@ MODEL = Path(__file__).resolve().parent.parent / "weights" / "stdlib-mistral"
 def without_tables(heads):
     """A copy of heads (the same arrays) whose heads run block 1 as matmuls."""
     out = copy.copy(heads)
-    out.table_budget, out._shared = 0, {}
+    out.table_budget = 0
     return out
 
 
