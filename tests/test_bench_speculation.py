@@ -1,9 +1,13 @@
 """bench decode's decoder-agnostic columns, on hand-worked numbers, and its predicted-vs-measured line end to end."""
 import re
 
+import pytest
+
 from conftest import random_tensors, tiny_config
 from minispec import bench, generate
 from minispec.bench import decode, depth_acceptance, prediction, speculation_line
+from minispec.bench.decode import speedup_interval
+from minispec.errors import UserError
 from minispec.decoders.registry import make_proposer
 from minispec.mistral.model import Model
 from minispec.speculative import costs
@@ -114,14 +118,33 @@ def test_bench_decode_prints_the_canonical_curve_and_each_decoders_prediction_be
                      r"step = [\d.]+ ms, bare one-token forward [\d.]+\): s\(1\)=1\.00, s\(2\)=", text)
     assert re.search(r"ar: one step costs [\d.]+ plain steps of the curve in CPU time", text)
     line = next(ln for ln in text.splitlines() if ln.strip().startswith("lookup: per-depth"))
-    c, p, pred, meas, ratio, wall = map(float, re.search(
+    c, p, pred, meas, lo, hi, ratio, wall = map(float, re.search(
         r"s\(N\) = ([\d.]+) .*proposal ([\d.]+) plain steps/step \(measured in this run\); speedup predicted "
-        r"tau / \(s\(N\) \+ proposal\) = "
-        r"([\d.]+)x, measured ([\d.]+)x in CPU time \(measured / predicted ([\d.]+)\), ([\d.]+)x in wall time",
+        r"tau / \(s\(N\) \+ proposal\) = ([\d.]+)x, measured ([\d.]+)x in CPU time \[95% over the decodes: "
+        r"([\d.]+)-([\d.]+)\] \(measured / predicted ([\d.]+)\), ([\d.]+)x in wall time",
         line).groups())
+    assert lo <= hi
     tau = float(re.search(r"lookup: +[\d.]+ tokens/s  tau = ([\d.]+)", text).group(1))
     assert abs(pred - tau / (c + p)) < 0.02 and abs(ratio - meas / pred) < 0.02
     assert abs(wall - results["lookup"] / results["ar"]) < 0.006
+
+
+def test_the_speedup_interval_is_a_paired_bootstrap_over_the_decodes():
+    # every decode twice as fast: every resample says 2, however uneven the decodes' lengths
+    assert speedup_interval([(2, 1), (4, 2)], [(1, 1), (2, 2)]) == (2.0, 2.0)
+    # paired: a slow decode is slow for both (10 s against 5 s), so the ratio stays 2 in every resample; drawn
+    # independently, the two sums would not move together and the interval would be wide
+    assert speedup_interval([(1, 1), (10, 1)], [(0.5, 1), (5, 1)]) == (2.0, 2.0)
+    # by hand: two decodes, the second 3x faster and the first equal; a resample of both decodes holds the first
+    # twice (ratio 1, p = 1/4), the second twice (3, p = 1/4) or one of each (4 / 2 = 2, p = 1/2)
+    assert speedup_interval([(1, 1), (3, 1)], [(1, 1), (1, 1)]) == (1.0, 3.0)
+    assert speedup_interval([(1, 1), (3, 1)], [(1, 1), (1, 1)], level=0.6) == (1.0, 3.0)    # 20% in each tail
+    assert speedup_interval([(1, 1), (3, 1)], [(1, 1), (1, 1)], level=0.4) == (2.0, 2.0)    # 30%: inside the 1/2
+
+
+def test_a_speedup_interval_of_mismatched_decodes_is_refused():
+    with pytest.raises(UserError, match=r"speedup_interval: .* got \[2, 2\] and \[1, 2\]"):
+        speedup_interval([(1, 1), (2, 1)], [(1, 1)])
 
 
 def test_the_loop_times_the_proposal_in_cpu_time_too():

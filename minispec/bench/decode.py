@@ -88,7 +88,8 @@ def bench_decode(model_dir, decoders=("ar", "medusa"), n_tokens=128, n_prompts=8
     or for lookup its drafting time per step in this bench's runs (Stats.propose_cpu_time, on the clock of the
     curve) over t1, the curve's plain step. Measured: the baseline's CPU seconds per token over the decoder's, the
     CPU time of the same interleaved decodes (Stats.decode_cpu_time; the curve's clock, run with
-    OPENBLAS_NUM_THREADS=1), with the wall-time speed-up of the table beside it. The prediction prices a plain
+    OPENBLAS_NUM_THREADS=1), with a 95% interval for it (a paired bootstrap over the decodes, `speedup_interval`)
+    and the wall-time speed-up of the table beside it. The prediction prices a plain
     step at exactly t1: what the loop adds around the forward shows as the baseline's own step cost in t1.
     decoders: names, each with options if wanted, NAME[:KEY=VALUE]... ("hydra:tree=dynamic:max_nodes=auto",
     minispec.decoders.registry.parse_setup), labelled so in the table.
@@ -111,6 +112,7 @@ def bench_decode(model_dir, decoders=("ar", "medusa"), n_tokens=128, n_prompts=8
     # and the order rotates from one prompt to the next, so that no decoder always runs first or after the same one
     times = {name: [0.0] * runs for name in decoders}
     cpu = {name: 0.0 for name in decoders}                              # CPU seconds of the decodes, all runs
+    blocks = {name: [] for name in decoders}        # per (run, prompt), in the same order: (CPU seconds, tokens)
     outs = {name: [] for name in decoders}
     stats = {name: [] for name in decoders}
     for r in range(runs):
@@ -121,6 +123,7 @@ def bench_decode(model_dir, decoders=("ar", "medusa"), n_tokens=128, n_prompts=8
                              **setups[name][1])
                 times[name][r] += o.stats.decode_time
                 cpu[name] += o.stats.decode_cpu_time
+                blocks[name].append((o.stats.decode_cpu_time, o.stats.new_tokens))
                 if r == 0:
                     outs[name].append(o.tokens)
                     stats[name].append(o.stats)
@@ -157,7 +160,7 @@ def bench_decode(model_dir, decoders=("ar", "medusa"), n_tokens=128, n_prompts=8
         measured_cpu = base_cpu / (cpu[name] / sum(s.new_tokens for s in stats[name]) / runs)
         line, predictions[name] = speculation_line(
             name, stats[name], costs, t1, measured_cpu, results[name] / results[b],
-            None if tree is None else tree.max_depth, base_step)
+            None if tree is None else tree.max_depth, base_step, speedup_interval(blocks[b], blocks[name]))
         print(line)
     kinds = {name: setups[name][0] for name in decoders}
     for name in [n for n in decoders[1:] if kinds[n] in ("hydra", "hydra++")]:
@@ -201,6 +204,24 @@ def tree_of(proposer):
     """A proposer's static tree, or None (a chain drafter, or dynamic trees)."""
     tree = getattr(proposer, "tree", None)
     return tree if getattr(tree, "choices", None) is not None else None
+
+
+def speedup_interval(base, other, level=0.95, draws=2000, seed=0):
+    """How far the measured speed-up could move with other prompts like these: a paired bootstrap over the
+    bench's decodes. base, other: per decode (one prompt of one run, in the same order for both) (CPU seconds,
+    tokens). The speed-up is base's seconds per token over other's, both summed over the decodes. Each draw
+    resamples the decodes with replacement, the same ones for both (a slow moment of the machine hits the
+    pair alike), and recomputes it. Returns (lo, hi), the central `level` of `draws` draws (a fixed seed: the
+    same numbers give the same interval)."""
+    b, o = np.asarray(base, np.float64), np.asarray(other, np.float64)          # [n, 2] each
+    if b.shape != o.shape or b.ndim != 2 or b.shape[1] != 2 or len(b) == 0:
+        raise UserError(f"speedup_interval: base and other must be the same non-empty [n, 2] (seconds, tokens), "
+                        f"got {list(b.shape)} and {list(o.shape)}")
+    pick = np.random.default_rng(seed).integers(0, len(b), (draws, len(b)))     # [draws, n] decodes drawn
+    sb, so = b[pick].sum(axis=1), o[pick].sum(axis=1)                            # [draws, 2] each
+    ratio = (sb[:, 0] / sb[:, 1]) / (so[:, 0] / so[:, 1])                        # [draws]
+    tail = (1 - level) / 2
+    return float(np.quantile(ratio, tail)), float(np.quantile(ratio, 1 - tail))
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -249,12 +270,14 @@ def prediction(stats_list, costs, t1):
             "predicted": speedup(tau, c, proposal), "modelled": modelled}
 
 
-def speculation_line(name, stats_list, costs, t1, measured, measured_wall=None, max_depth=None, base_step=None):
+def speculation_line(name, stats_list, costs, t1, measured, measured_wall=None, max_depth=None, base_step=None,
+                     interval=None):
     """One decoder's line and its `prediction`: per-depth acceptance, tokens verified per step and their mean
     c(N) (and, given base_step, the baseline's wall seconds per step in the same interleaved runs, the verify
     time per step as this run measured it), head calls, the proposal cost per step (CPU time over t1; with the
     share of it the heads took, from the wall times the proposer counted), and the predicted speed-up beside
-    the measured one (`measured`: in CPU time; `measured_wall`: in wall time)."""
+    the measured one (`measured`: in CPU time, with its 95% bootstrap interval (lo, hi) over the decodes when
+    given, `speedup_interval`; `measured_wall`: in wall time)."""
     pred = prediction(stats_list, costs, t1)
     steps = sum(s.steps for s in stats_list)
     counters = draft_summary(stats_list)["counters"]       # counts and times summed (lists, e.g. gamma: not)
@@ -269,8 +292,9 @@ def speculation_line(name, stats_list, costs, t1, measured, measured_wall=None, 
     plain = counters.get("gate.plain_steps", 0)
     gated = f", {plain} of {steps} steps plain (the gate)" if plain else ""
     source = "modelled" if pred["modelled"] else "measured in this run"
+    spread = f" [95% over the decodes: {interval[0]:.2f}-{interval[1]:.2f}]" if interval is not None else ""
     line = (f"{name:>8}: per-depth acceptance [{acc}]; {pred['nodes']:.1f} nodes verified/step{gated}, s(N) = "
             f"{pred['c']:.2f}{c_run}{calls}; proposal {pred['proposal']:.2f} plain steps/step ({source}){heads}; "
             f"speedup predicted tau / (s(N) + proposal) = {pred['predicted']:.2f}x, measured {measured:.2f}x in CPU "
-            f"time (measured / predicted {measured / pred['predicted']:.2f}){wall_text}")
+            f"time{spread} (measured / predicted {measured / pred['predicted']:.2f}){wall_text}")
     return line, pred
