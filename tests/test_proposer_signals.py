@@ -331,10 +331,10 @@ def test_the_thresholds_whole_trajectory_follows_the_authors_update_recomputed_b
 @pytest.mark.parametrize("name", ALL)
 def test_each_proposers_counters_equal_the_work_it_did(name, monkeypatch):
     """Medusa: head_calls = heads run (counted in MedusaHeads.logits) = the tree's depth per drafting step.
-    Hydra / Hydra++: head_calls = calls of the head forward = the tree's non-leaf depths per drafting step,
-    head_rows = the rows those calls ran on = the tree's nodes with children. Draft & Verify: forwards = its
-    skipped one-token forward_block calls = the tokens it drafted."""
-    from minispec.decoders import hydra as hydra_mod
+    Hydra / Hydra++: head_calls = calls of a head on its rows' paths (HydraHeads.path_logits, the way every head
+    call goes) = the tree's non-leaf depths per drafting step, head_rows = the rows those calls ran on = the
+    tree's nodes with children. Draft & Verify: forwards = its skipped one-token forward_block calls = the tokens
+    it drafted."""
     model = tiny_model(W=5, seed=10)
     inner = any_proposer(model, name, seed=10, tree=BRANCHING[:5], max_draft=4, gamma0=0.2)   # 2 deep, 4 heads
     work = {"heads": 0, "rows": 0, "calls": 0}
@@ -343,9 +343,9 @@ def test_each_proposers_counters_equal_the_work_it_did(name, monkeypatch):
         inner.heads.logits = lambda h, num_heads=None: work.update(
             heads=work["heads"] + (num_heads or inner.heads.K)) or f(h, num_heads)
     elif name.startswith("hydra"):
-        f = hydra_mod.head_forward
-        monkeypatch.setattr(hydra_mod, "head_forward", lambda p, a, keep=False: work.update(
-            calls=work["calls"] + 1, rows=work["rows"] + a.shape[0]) or f(p, a, keep))
+        f = inner.heads.path_logits
+        monkeypatch.setattr(inner.heads, "path_logits", lambda i, h, paths: work.update(
+            calls=work["calls"] + 1, rows=work["rows"] + paths.shape[0]) or f(i, h, paths))
     else:
         f = model.forward_block
         model.forward_block = lambda ids, cache, **kw: work.update(calls=work["calls"] + (kw.get("skip") is not None)) \
