@@ -176,13 +176,12 @@ class LookupProposer:
             raise UserError(f"lookup: match must be one of {MATCHES}, not {match!r}")
         if sizing not in SIZINGS:
             raise UserError(f"lookup: sizing must be one of {SIZINGS}, not {sizing!r}")
-        self.max_draft, self.sizing = max_draft, sizing
+        self.max_draft = max_draft
         if sizing == "cost" and costs is None:
             costs = verify_costs(model, max_draft + 1)
         if costs is not None and not callable(costs) and (not isinstance(costs, dict) or 1 not in costs):
             raise UserError(f"lookup: costs must be a verify cost curve {{T: c(T)}} with c(1), or a function, "
                             f"not {costs!r}")
-        self.costs = costs
         # one estimate per matched n-gram length: a 3-token match predicts far better than a 1-token one
         self.context = ContextChain(max_draft, min_ngram, max_ngram, match, prior, weight, decay)
         self.context.price(costs if sizing == "cost" else None)
