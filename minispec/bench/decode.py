@@ -111,7 +111,6 @@ def bench_decode(model_dir, decoders=("ar", "medusa"), n_tokens=128, n_prompts=8
     # runs interleave the decoders (prompt by prompt), so that a slow phase of a shared machine hits all alike,
     # and the order rotates from one prompt to the next, so that no decoder always runs first or after the same one
     times = {name: [0.0] * runs for name in decoders}
-    cpu = {name: 0.0 for name in decoders}                              # CPU seconds of the decodes, all runs
     blocks = {name: [] for name in decoders}        # per (run, prompt), in the same order: (CPU seconds, tokens)
     outs = {name: [] for name in decoders}
     stats = {name: [] for name in decoders}
@@ -122,7 +121,6 @@ def bench_decode(model_dir, decoders=("ar", "medusa"), n_tokens=128, n_prompts=8
                 o = generate(model, p, decoder=setups[name][0], max_new_tokens=n_tokens, eos_id=None,
                              **setups[name][1])
                 times[name][r] += o.stats.decode_time
-                cpu[name] += o.stats.decode_cpu_time
                 blocks[name].append((o.stats.decode_cpu_time, o.stats.new_tokens))
                 if r == 0:
                     outs[name].append(o.tokens)
@@ -147,7 +145,7 @@ def bench_decode(model_dir, decoders=("ar", "medusa"), n_tokens=128, n_prompts=8
     print(f"whole-step cost curve on {model.device} (minispec.speculative.costs.step_curve): {curve.describe()}")
     base, b = stats[decoders[0]], decoders[0]
     base_step = sum(s.decode_time for s in base) / sum(s.steps for s in base)      # wall seconds per baseline step
-    base_cpu = cpu[b] / sum(s.new_tokens for s in base) / runs                     # CPU seconds per baseline token
+    base_cpu = cpu_per_token(blocks[b])                                             # CPU seconds per baseline token
     print(f"{b:>8}: one step costs {base_cpu * results_tau[b] / t1:.2f} plain steps of the curve in {curve.clock} "
           f"(the model prices it at 1.00); speed-ups below: predicted from the cost model (each proposer's "
           f"modelled step costs where it keeps them, else s(N) and the measured proposal), measured in "
@@ -157,7 +155,7 @@ def bench_decode(model_dir, decoders=("ar", "medusa"), n_tokens=128, n_prompts=8
     predictions = {}
     for name in decoders[1:]:
         tree = getattr(props[name], "tree", None)                      # a static tree's depth, if it has one
-        measured_cpu = base_cpu / (cpu[name] / sum(s.new_tokens for s in stats[name]) / runs)
+        measured_cpu = base_cpu / cpu_per_token(blocks[name])
         line, predictions[name] = speculation_line(
             name, stats[name], costs, t1, measured_cpu, results[name] / results[b],
             None if tree is None else tree.max_depth, base_step, speedup_interval(blocks[b], blocks[name]))
@@ -204,6 +202,12 @@ def tree_of(proposer):
     """A proposer's static tree, or None (a chain drafter, or dynamic trees)."""
     tree = getattr(proposer, "tree", None)
     return tree if getattr(tree, "choices", None) is not None else None
+
+
+def cpu_per_token(decodes):
+    """CPU seconds per token over decodes [(CPU seconds, tokens)], both summed."""
+    seconds, tokens = np.asarray(decodes, np.float64).sum(axis=0)
+    return seconds / tokens
 
 
 def speedup_interval(base, other, level=0.95, draws=2000, seed=0):
