@@ -52,3 +52,31 @@ def test_the_layout_check_catches_a_missing_row_a_missing_module_and_a_stale_pat
     assert layout_problems(no_costs, REPO) == ["the row of minispec/speculative/ does not list `costs.py`"]
     stale = readme.replace("| `docs/errors.md` |", "| `docs/errors.md`, `docs/gone.md` |")
     assert layout_problems(stale, REPO) == ["the table names docs/gone.md, which is not in the repository"]
+
+
+def import_order_problems(readme, repo):
+    """Within each package folder, the modules its layout row lists in reading order: one line for every
+    `from .module import` of a module listed later than the importer (the file tree is the reading order)."""
+    problems = []
+    for cell, desc in layout_rows(readme).items():
+        folder = re.fullmatch(r"`(minispec/\w+/)`", cell)
+        if not folder:
+            continue
+        order = list(dict.fromkeys(re.findall(r"`(\w+\.py)`", desc)))          # first mention, in order
+        for module in order:
+            for dep in re.findall(r"^from \.(\w+) import", (repo / folder.group(1) / module).read_text(), re.M):
+                if f"{dep}.py" in order and order.index(f"{dep}.py") > order.index(module):
+                    problems.append(f"{folder.group(1)}{module} imports {dep}.py, listed after it")
+    return problems
+
+
+def test_no_module_imports_one_its_folders_row_lists_after_it():
+    assert import_order_problems((REPO / "README.md").read_text(), REPO) == []
+
+
+def test_the_import_order_check_catches_a_module_listed_before_what_it_imports():
+    readme = (REPO / "README.md").read_text()
+    late = readme.replace(" → `lookup.py` (prompt lookup; its chain also joins the head decoders' dynamic trees)", "")
+    late = late.replace("`draft_verify.py` → `registry.py`", "`draft_verify.py` → `lookup.py` → `registry.py`")
+    assert late != readme
+    assert import_order_problems(late, REPO) == ["minispec/decoders/medusa.py imports lookup.py, listed after it"]
