@@ -6,7 +6,7 @@ import pytest
 from conftest import random_tensors, tiny_config
 from minispec import bench, generate
 from minispec.bench import decode, depth_acceptance, prediction, speculation_line
-from minispec.bench.decode import speedup_interval
+from minispec.bench.decode import speedup_interval, tree_tau_line, whole_tree_tau
 from minispec.errors import UserError
 from minispec.decoders.registry import make_proposer
 from minispec.mistral.model import Model
@@ -27,6 +27,20 @@ def test_a_wide_shallow_tree_reports_only_its_own_depths():
     # a tree of 2 root children: 2 nodes drafted per step, but only depth 1 exists
     s = Stats(steps=4, accepted=[1, 2, 1, 2], drafted=[0, 2, 2, 2])
     assert depth_acceptance([s], max_depth=1) == [2 / 3]
+
+
+def test_a_static_trees_tau_is_counted_over_the_steps_that_verified_the_whole_tree():
+    # two generations of a 3-node tree under a gate: plain steps (0), a probe (1), a step cut short at the end (2)
+    a = Stats(steps=5, accepted=[1, 4, 1, 2, 1], drafted=[0, 3, 0, 1, 2])
+    b = Stats(steps=3, accepted=[1, 2, 3], drafted=[0, 3, 3])
+    # the whole tree was verified at 3 steps, which emitted 4, 2 and 3 tokens: tau 3.0; the decoder's own tau
+    # over all 8 steps would be 15 / 8
+    assert whole_tree_tau([a, b], 3) == (3.0, 3)
+    assert whole_tree_tau([a, b], 4) == (None, 0)
+    line = tree_tau_line("hydra", 3, 2.5, "the heads' stored top-k accuracies", [a, b])
+    assert line == ("hydra tree of 3 draft nodes: expected tau 2.50 per step that verifies it (from the heads' "
+                    "stored top-k accuracies, assumed independent) vs measured 3.00 over the 3 of 8 steps that did")
+    assert tree_tau_line("hydra", 4, 2.5, "x", [a, b]).endswith("vs no step verified it")
 
 
 def test_the_cost_model_divides_tau_by_the_interpolated_verify_cost_plus_the_proposal():

@@ -165,8 +165,7 @@ def bench_decode(model_dir, decoders=("ar", "medusa"), n_tokens=128, n_prompts=8
         if tree_of(props[name]) is not None and props[name].heads.accuracies is not None:
             choices = [list(p) for p in props[name].tree.choices[1:]]
             expected = expected_tau(props[name].heads.accuracies, choices)
-            print(f"{name} tree of {len(choices)} nodes: expected tau {expected:.2f} (from the heads' stored top-k "
-                  f"accuracies, assumed independent) vs measured {results_tau[name]:.2f}")
+            print(tree_tau_line(name, len(choices), expected, "the heads' stored top-k accuracies", stats[name]))
     for name in [n for n in decoders[1:] if kinds[n] in ("medusa", "hydra", "hydra++")]:
         keep = getattr(props[name].heads, "keep", None)                # restricted heads (head_vocab)
         if keep is not None:
@@ -185,8 +184,7 @@ def bench_decode(model_dir, decoders=("ar", "medusa"), n_tokens=128, n_prompts=8
         if heads.accuracies is not None:
             choices = [list(p) for p in shipped.choices[1:]]
             expected = expected_tau(heads.accuracies, choices)
-            print(f"{name} tree of {len(choices)} nodes: expected tau {expected:.2f} (from "
-                  f"the heads' held-out top-k accuracies, assumed independent) vs measured {results_tau[name]:.2f}")
+            print(tree_tau_line(name, len(choices), expected, "the heads' held-out top-k accuracies", stats[name]))
             per_depth = [heads_cost(model, heads, t1, num_heads=d, clock=backend_clock(model)[0])
                          for d in range(1, heads.K + 1)]
             proposal = per_depth[shipped.max_depth - 1]           # the proposer runs tree.max_depth heads
@@ -196,6 +194,26 @@ def bench_decode(model_dir, decoders=("ar", "medusa"), n_tokens=128, n_prompts=8
                   f"speedup tau / (c(budget + 1) + heads) here is {budget} nodes (expected {ratio:.2f}x); the "
                   f"shipped tree has {len(choices)} nodes")
     return results, costs
+
+
+def whole_tree_tau(stats_list, drafted):
+    """Tokens per step over the steps that verified a whole static tree of `drafted` draft nodes, and how many such
+    steps there were: (tau, steps), tau None without any. The plain steps of a gate and shorter drafts (a step
+    cut short at the end of a generation, a gate's probe) are left out: they did not verify that tree."""
+    acc = np.concatenate([np.asarray(s.accepted, np.float64) for s in stats_list])          # [steps]
+    dr = np.concatenate([np.asarray(s.drafted, np.int64) for s in stats_list])              # [steps]
+    whole = dr == drafted
+    return (float(acc[whole].mean()) if whole.any() else None), int(whole.sum())
+
+
+def tree_tau_line(name, drafted, expected, source, stats_list):
+    """The line that sets a static tree's expected tau beside what the steps that verified it emitted. The
+    decoder's own tau (its table row) also counts the gate's plain steps, so it is not the tree's."""
+    tau, n = whole_tree_tau(stats_list, drafted)
+    steps = sum(s.steps for s in stats_list)
+    measured = "no step verified it" if tau is None else f"measured {tau:.2f} over the {n} of {steps} steps that did"
+    return (f"{name} tree of {drafted} draft nodes: expected tau {expected:.2f} per step that verifies it (from "
+            f"{source}, assumed independent) vs {measured}")
 
 
 def tree_of(proposer):
