@@ -143,6 +143,40 @@ def test_bench_decode_prints_the_canonical_curve_and_each_decoders_prediction_be
     assert abs(wall - results["lookup"] / results["ar"]) < 0.006
 
 
+def test_the_control_is_the_baseline_run_again_in_the_turns_and_its_speedup_is_printed_with_its_interval(
+        cli_model, capsys, monkeypatch):
+    """bench decode's A/A comparison: with control=True the baseline decodes twice in every prompt's turn (the
+    order rotating as for any decoder), and the control line's speed-up is the baseline's CPU seconds per token
+    over the control's, summed over the decodes."""
+    timed, real_generate = [], decode.generate
+    # 2 runs x 2 prompts, the turns rotating by one: (ar, control), (control, ar), (ar, control), (control, ar)
+    control = [1, 2, 5, 6]
+
+    def spy_generate(model, ids, decoder, max_new_tokens, **kw):
+        out = real_generate(model, ids, decoder=decoder, max_new_tokens=max_new_tokens, **kw)
+        if "eos_id" in kw:                                               # a timed decode (not the warm-up)
+            if len(timed) in control:                                    # the control's decodes made 1.5x dearer
+                out.stats.decode_cpu_time *= 1.5
+            timed.append((decoder, out.stats.decode_cpu_time, out.stats.new_tokens))
+        return out
+    monkeypatch.setattr(decode, "generate", spy_generate)
+    folder, _, _ = cli_model
+    results, _ = bench.bench_decode(str(folder), decoders=("ar",), n_tokens=8, n_prompts=2, runs=2, device="cpu",
+                                    control=True)
+    text = capsys.readouterr().out
+    assert [d for d, _, _ in timed] == ["ar"] * 8 and sorted(results) == ["ar", "ar (control)"]
+    ctl = [timed[i] for i in control]
+    base = [t for i, t in enumerate(timed) if i not in control]
+    per_token = lambda xs: sum(x[1] for x in xs) / sum(x[2] for x in xs)        # noqa: E731
+    same, lo, hi = map(float, re.search(
+        r"ar \(control\): the baseline once more, in the same turns: measured ([\d.]+)x in CPU time \[95% over the "
+        r"decodes: ([\d.]+)-([\d.]+)\]", text).groups())
+    assert abs(same - per_token(base) / per_token(ctl)) < 0.006 and lo <= hi
+    rows = [ln.split(":  ")[0].strip() for ln in text.splitlines() if "tokens/s  tau =" in ln]
+    assert rows == ["ar", "ar (control)"] and text.count("identical output: yes") == 2
+    assert "ar (control): per-depth" not in text                        # no decoder line of its own
+
+
 def test_the_speedup_interval_is_a_paired_bootstrap_over_the_decodes():
     # every decode twice as fast: every resample says 2, however uneven the decodes' lengths
     assert speedup_interval([(2, 1), (4, 2)], [(1, 1), (2, 2)]) == (2.0, 2.0)

@@ -8,6 +8,7 @@ import pytest
 
 from test_cli_errors import no_loading, run_cli, user_error                  # noqa: F401 (a fixture)
 
+import minispec.bench
 import minispec.cli
 from minispec.decoders import registry
 from minispec.decoders.registry import option_value, parse_setup, parse_setups, setup_label, split_outside
@@ -184,3 +185,12 @@ def test_bench_decode_runs_each_setup_with_its_options_under_its_label(cli_model
     assert rows == ["ar", "lookup", "lookup:max_draft=2"]
     assert out.count("identical output: yes") == 3
     assert "lookup:max_draft=2: per-depth acceptance" in out
+
+
+@pytest.mark.parametrize("flag,control", [([], False), (["--control"], True)])
+def test_bench_decodes_control_flag_reaches_the_bench(cli_model, monkeypatch, flag, control):
+    seen = {}
+    monkeypatch.setattr(minispec.bench, "bench_decode", lambda *a, **kw: seen.update(kw))
+    folder, _, _ = cli_model
+    minispec.cli.main(["bench", "decode", "--model", str(folder), "--device", "cpu", "--decoders", "ar"] + flag)
+    assert seen["control"] is control

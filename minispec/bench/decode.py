@@ -73,7 +73,7 @@ def print_lookup(stats_list):
 
 
 def bench_decode(model_dir, decoders=("ar", "medusa"), n_tokens=128, n_prompts=8, runs=2, device="auto",
-                 dtype="float32", prompt_set="heldout"):
+                 dtype="float32", prompt_set="heldout", control=False):
     """Every decoder on the same prompts, interleaved prompt by prompt over `runs` runs (the decoders' order rotating
     from one prompt to the next), greedy: tokens/s (median
     of the runs), tau, the speed-up over the first decoder (the baseline, plain decoding) and whether its tokens
@@ -93,10 +93,17 @@ def bench_decode(model_dir, decoders=("ar", "medusa"), n_tokens=128, n_prompts=8
     step at exactly t1: what the loop adds around the forward shows as the baseline's own step cost in t1.
     decoders: names, each with options if wanted, NAME[:KEY=VALUE]... ("hydra:tree=dynamic:max_nodes=auto",
     minispec.decoders.registry.parse_setup), labelled so in the table.
+    control=True: the baseline runs a second time in every prompt's turn, labelled "<baseline> (control)", and its
+    speed-up over the baseline is printed with its interval: it does the baseline's work, so its distance from
+    1.00x is what this run's noise does to identical work (an A/A comparison).
     Returns (tokens/s per decoder label, the whole-step curve {N: s(N)})."""
     check_bench(n_tokens, runs, n_prompts, decoders)
     setups = parse_setups(decoders)                 # {label: (decoder name, its options)}
     decoders = list(setups)
+    control = f"{decoders[0]} (control)" if control else None
+    if control is not None:
+        setups[control] = setups[decoders[0]]
+        decoders.append(control)
     if prompt_set not in PROMPT_SETS:
         raise UserError(f"prompt_set must be one of {', '.join(PROMPT_SETS)}, not {prompt_set!r}")
     print("environment:", environment())
@@ -150,6 +157,13 @@ def bench_decode(model_dir, decoders=("ar", "medusa"), n_tokens=128, n_prompts=8
           f"(the model prices it at 1.00); speed-ups below: predicted from the cost model (each proposer's "
           f"modelled step costs where it keeps them, else s(N) and the measured proposal), measured in "
           f"{curve.clock} (wall time beside it)")
+    if control is not None:
+        same, (lo, hi) = base_cpu / cpu_per_token(blocks[control]), speedup_interval(blocks[b], blocks[control])
+        print(f"{control}: the baseline once more, in the same turns: measured {same:.2f}x in {curve.clock} "
+              f"[95% over the decodes: {lo:.2f}-{hi:.2f}], {results[control] / results[b]:.2f}x in "
+              f"wall time; it does the baseline's work, so its distance from 1.00x is this run's noise on identical "
+              f"work")
+        decoders.remove(control)
     props = {name: make_proposer(setups[name][0], model, **setups[name][1])     # as generate made them (heads
              for name in decoders[1:]}                                          # cached on the model)
     predictions = {}

@@ -137,7 +137,8 @@ def cmd_bench(args):
                             compare_hf=not args.no_hf, weights=args.weights)
     else:
         bench.bench_decode(args.model, decoders=decoders, n_tokens=args.n, n_prompts=args.prompts,
-                           runs=args.runs, device=args.device, dtype=args.dtype, prompt_set=args.prompt_set)
+                           runs=args.runs, device=args.device, dtype=args.dtype, prompt_set=args.prompt_set,
+                           control=args.control)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -252,6 +253,9 @@ def build_parser():
     b.add_argument("--prompt-set", default="heldout", choices=sorted(bench.PROMPT_SETS),
                    help="bench decode: heldout (cut from held-out files) or copy (a held-out function, then its "
                         "def line again)")
+    b.add_argument("--control", action="store_true",
+                   help="bench decode: run the baseline a second time in every prompt's turn and print its speed-up "
+                        "over the baseline with its interval: the noise of this run on identical work")
     b.set_defaults(func=cmd_bench)
 
     t = sub.add_parser("train-heads", help="train speculative-decoding heads on the frozen model (NumPy)",
