@@ -6,7 +6,7 @@ import pytest
 from conftest import random_tensors, tiny_config
 from minispec import bench, generate
 from minispec.bench import decode, depth_acceptance, prediction, speculation_line
-from minispec.bench.decode import speedup_interval, tree_tau_line, whole_tree_tau
+from minispec.bench.decode import balanced_orders, speedup_interval, tree_tau_line, whole_tree_tau
 from minispec.errors import UserError
 from minispec.decoders.registry import make_proposer
 from minispec.mistral.model import Model
@@ -175,6 +175,23 @@ def test_the_control_is_the_baseline_run_again_in_the_turns_and_its_speedup_is_p
     rows = [ln.split(":  ")[0].strip() for ln in text.splitlines() if "tokens/s  tau =" in ln]
     assert rows == ["ar", "ar (control)"] and text.count("identical output: yes") == 2
     assert "ar (control): per-depth" not in text                        # no decoder line of its own
+
+
+@pytest.mark.parametrize("n", [1, 2, 3, 4, 5, 6, 7])
+def test_each_decoder_goes_first_and_follows_each_other_equally_often_in_the_benchs_orders(n):
+    orders = balanced_orders(list(range(n)))
+    assert all(sorted(o) == list(range(n)) for o in orders)                 # each order runs every decoder once
+    assert len(orders) == (2 * n if n % 2 else n)
+    firsts = [o[0] for o in orders]
+    assert all(firsts.count(i) == len(orders) // n for i in range(n))
+    pairs = [(a, b) for o in orders for a, b in zip(o, o[1:])]              # (before, right after), within orders
+    assert all(pairs.count((a, b)) == len(orders) // n for a in range(n) for b in range(n) if a != b)
+
+
+def test_the_benchs_orders_for_two_and_four_decoders_are_worked_by_hand():
+    assert balanced_orders(["a", "b"]) == [["a", "b"], ["b", "a"]]
+    # first 0, 1, 3, 2; then + 1, + 2, + 3 (mod 4)
+    assert balanced_orders("abcd") == [list("abdc"), list("bcad"), list("cdba"), list("dacb")]
 
 
 def test_the_speedup_interval_is_a_paired_bootstrap_over_the_decodes():

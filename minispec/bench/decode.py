@@ -74,8 +74,8 @@ def print_lookup(stats_list):
 
 def bench_decode(model_dir, decoders=("ar", "medusa"), n_tokens=128, n_prompts=8, runs=2, device="auto",
                  dtype="float32", prompt_set="heldout", control=False):
-    """Every decoder on the same prompts, interleaved prompt by prompt over `runs` runs (the decoders' order rotating
-    from one prompt to the next), greedy: tokens/s (median
+    """Every decoder on the same prompts, interleaved prompt by prompt over `runs` runs (the decoders' order changing
+    from one prompt to the next, `balanced_orders`), greedy: tokens/s (median
     of the runs), tau, the speed-up over the first decoder (the baseline, plain decoding) and whether its tokens
     are the baseline's. Then, per decoder, the cost model's PREDICTED speed-up beside the MEASURED one:
 
@@ -115,16 +115,17 @@ def bench_decode(model_dir, decoders=("ar", "medusa"), n_tokens=128, n_prompts=8
           f"of {runs} interleaved runs after a warm-up")
     for name in decoders:
         generate(model, prompts[0], decoder=setups[name][0], max_new_tokens=16, **setups[name][1])  # warm-up
-    # runs interleave the decoders (prompt by prompt), so that a slow phase of a shared machine hits all alike,
-    # and the order rotates from one prompt to the next, so that no decoder always runs first or after the same one
+    # runs interleave the decoders (prompt by prompt), so that a slow phase of a shared machine hits all alike, and
+    # the order changes from one prompt to the next (`balanced_orders`): every decoder goes first, and right after
+    # every other one, equally often
+    orders = balanced_orders(decoders)
     times = {name: [0.0] * runs for name in decoders}
     blocks = {name: [] for name in decoders}        # per (run, prompt), in the same order: (CPU seconds, tokens)
     outs = {name: [] for name in decoders}
     stats = {name: [] for name in decoders}
     for r in range(runs):
         for i, p in enumerate(prompts):
-            turn = (r * len(prompts) + i) % len(decoders)
-            for name in decoders[turn:] + decoders[:turn]:
+            for name in orders[(r * len(prompts) + i) % len(orders)]:
                 o = generate(model, p, decoder=setups[name][0], max_new_tokens=n_tokens, eos_id=None,
                              **setups[name][1])
                 times[name][r] += o.stats.decode_time
@@ -228,6 +229,23 @@ def tree_tau_line(name, drafted, expected, source, stats_list):
     measured = "no step verified it" if tau is None else f"measured {tau:.2f} over the {n} of {steps} steps that did"
     return (f"{name} tree of {drafted} draft nodes: expected tau {expected:.2f} per step that verifies it (from "
             f"{source}, assumed independent) vs {measured}")
+
+
+def balanced_orders(items):
+    """Orders of items in which each item comes first equally often and right after each other item equally often
+    (a Williams design, balanced for carry-over: what a decoder leaves in the caches hits every other one alike).
+    n items: n orders, 2n when n is odd (the orders and their reverses). The first order is 0, 1, n-1, 2, n-2, ...,
+    the k-th that one with every index + k (mod n); for n = 2 they are (a, b) and (b, a)."""
+    n = len(items)
+    first, lo, hi = [0], 1, n - 1
+    while len(first) < n:
+        first.append(lo)
+        lo += 1
+        if len(first) < n:
+            first.append(hi)
+            hi -= 1
+    orders = [[items[(j + k) % n] for j in first] for k in range(n)]
+    return orders + [o[::-1] for o in orders] if n % 2 else orders
 
 
 def tree_of(proposer):
