@@ -124,7 +124,7 @@ def test_bench_decode_prints_the_canonical_curve_and_each_decoders_prediction_be
     results, curve = bench.bench_decode(str(folder), decoders=("ar", "lookup"), n_tokens=12, n_prompts=2, runs=2,
                                         device="cpu", prompt_set="copy")
     text = capsys.readouterr().out
-    assert timed == ["ar", "lookup", "lookup", "ar"] * 2                 # 2 runs of 2 prompts, the order rotating
+    assert timed == ["ar", "lookup", "lookup", "ar"] * 2                 # 2 runs of 2 prompts, the orders alternating
     assert len(calls) == 1 and sorted(curve) == list(costs.STEP["sizes"])           # one curve, measured once
     assert re.search(r"whole-step cost curve on cpu .*: s\(N\) = median CPU time of a whole verify step of N "
                      r"nodes / that of a plain step, over 11 interleaved rounds against 112 cached tokens, N > 8 "
@@ -146,10 +146,10 @@ def test_bench_decode_prints_the_canonical_curve_and_each_decoders_prediction_be
 def test_the_control_is_the_baseline_run_again_in_the_turns_and_its_speedup_is_printed_with_its_interval(
         cli_model, capsys, monkeypatch):
     """bench decode's A/A comparison: with control=True the baseline decodes twice in every prompt's turn (the
-    order rotating as for any decoder), and the control line's speed-up is the baseline's CPU seconds per token
+    balanced orders, as for any decoder), and the control line's speed-up is the baseline's CPU seconds per token
     over the control's, summed over the decodes."""
     timed, real_generate = [], decode.generate
-    # 2 runs x 2 prompts, the turns rotating by one: (ar, control), (control, ar), (ar, control), (control, ar)
+    # 2 runs x 2 prompts, the two orders alternating: (ar, control), (control, ar), (ar, control), (control, ar)
     control = [1, 2, 5, 6]
 
     def spy_generate(model, ids, decoder, max_new_tokens, **kw):
